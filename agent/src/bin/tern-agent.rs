@@ -1,0 +1,63 @@
+//! tern-agent: the per-node daemon.
+
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use tern_agent::config::{AgentArgs, AgentConfig};
+use tern_agent::{cni_api, host, node::Node};
+use tracing::{error, info};
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(AgentArgs::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let config = AgentConfig::from_args(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mtu = match config.mtu {
+        Some(mtu) => mtu,
+        None => runtime
+            .block_on(host::default_route_mtu())?
+            .unwrap_or(host::FALLBACK_MTU),
+    };
+    let node = Node::start(&config, mtu)?;
+    info!(
+        node = %config.node_name,
+        pod_cidr = ?config.pod_cidr.map(|c| c.to_string()),
+        mtu,
+        socket = %config.socket.display(),
+        bpffs = %config.bpffs_dir.display(),
+        "tern-agent ready"
+    );
+    let node = Arc::new(Mutex::new(node));
+    runtime.block_on(async {
+        let listener = cni_api::bind(&config.socket)?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = cni_api::serve(listener, node) => {}
+            _ = terminate.recv() => info!("SIGTERM: stopping; the pinned datapath keeps forwarding"),
+            _ = tokio::signal::ctrl_c() => info!("interrupted: stopping; the pinned datapath keeps forwarding"),
+        }
+        let _ = std::fs::remove_file(&config.socket);
+        anyhow::Ok(())
+    })?;
+    runtime.shutdown_background();
+    Ok(())
+}

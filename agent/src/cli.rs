@@ -1,0 +1,216 @@
+//! `tern`, the operator CLI: asks the agent over its socket, and falls back
+//! to the pinned maps when the agent is down (the datapath still runs then).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tern_cni::agent_api::{self, Request, Response};
+
+use crate::datapath::{DatapathMaps, attached_pods};
+use crate::table;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Inspect a node's Tern agent and datapath"
+)]
+pub struct Cli {
+    /// The agent's CNI API socket.
+    #[arg(long, global = true, default_value = agent_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where the agent pins its maps (read when the agent is down).
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The agent's state: PodCIDR, addresses, endpoints, datapath counters.
+    Status,
+    /// Pod endpoints on this node.
+    Endpoint {
+        #[command(subcommand)]
+        command: EndpointCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// List the endpoints with their datapath state.
+    List,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<String> {
+    match cli.command {
+        Command::Status => status(&cli),
+        Command::Endpoint {
+            command: EndpointCommand::List,
+        } => endpoint_list(&cli),
+    }
+}
+
+fn ask(cli: &Cli, request: &Request) -> anyhow::Result<Response> {
+    Ok(agent_api::call(
+        &cli.socket,
+        request,
+        Duration::from_secs(5),
+    )?)
+}
+
+fn status(cli: &Cli) -> anyhow::Result<String> {
+    let counters = DatapathMaps::open_pinned(&cli.bpffs_dir).and_then(|m| m.metrics());
+    let agent = ask(cli, &Request::Status);
+    if cli.output == Output::Json {
+        let agent = match &agent {
+            Ok(Response::Status(s)) => serde_json::to_value(s)?,
+            Ok(other) => json!({ "error": format!("{other:?}") }),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        let counters: serde_json::Map<String, serde_json::Value> = counters
+            .map(|c| {
+                c.iter()
+                    .map(|(r, n)| (r.name().to_owned(), json!(n)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Ok(serde_json::to_string_pretty(
+            &json!({ "agent": agent, "datapath": counters }),
+        )?);
+    }
+    let mut rows = Vec::new();
+    match agent {
+        Ok(Response::Status(s)) => {
+            let used = format!("{}/{}", s.allocated, s.capacity);
+            rows.push(vec![
+                "agent".into(),
+                if s.ready {
+                    "ready".into()
+                } else {
+                    format!("not ready: {}", s.reason.unwrap_or_default())
+                },
+            ]);
+            rows.push(vec!["node".into(), s.node_name]);
+            rows.push(vec![
+                "podCIDR".into(),
+                s.pod_cidr.unwrap_or_else(|| "<none>".into()),
+            ]);
+            rows.push(vec!["addresses in use".into(), used]);
+            rows.push(vec!["endpoints".into(), s.endpoints.to_string()]);
+            rows.push(vec!["pod MTU".into(), s.mtu.to_string()]);
+            rows.push(vec!["bpffs".into(), s.bpffs_dir]);
+        }
+        Ok(other) => rows.push(vec!["agent".into(), format!("unexpected answer {other:?}")]),
+        Err(e) => rows.push(vec!["agent".into(), format!("unreachable: {e}")]),
+    }
+    match counters {
+        Ok(counters) => {
+            for (reason, n) in counters {
+                rows.push(vec![format!("packets {}", reason.name()), n.to_string()]);
+            }
+        }
+        Err(e) => rows.push(vec!["datapath".into(), format!("{e:#}")]),
+    }
+    Ok(table::render(&["FIELD", "VALUE"], &rows))
+}
+
+fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
+    let headers = [
+        "IP",
+        "CONTAINER",
+        "IFNAME",
+        "HOST-IF",
+        "IFINDEX",
+        "MAC",
+        "DATAPATH",
+    ];
+    match ask(cli, &Request::ListEndpoints) {
+        Ok(Response::Endpoints { endpoints }) => {
+            if cli.output == Output::Json {
+                return Ok(serde_json::to_string_pretty(&endpoints)?);
+            }
+            let rows: Vec<Vec<String>> = endpoints
+                .iter()
+                .map(|s| {
+                    let e = &s.endpoint;
+                    vec![
+                        e.ip.to_string(),
+                        short_id(&e.attachment.container_id),
+                        e.attachment.ifname.clone(),
+                        e.host_ifname.clone(),
+                        s.host_ifindex.to_string(),
+                        mac(&e.mac),
+                        if s.attached {
+                            "attached".into()
+                        } else {
+                            "NOT ATTACHED".into()
+                        },
+                    ]
+                })
+                .collect();
+            Ok(table::render(&headers, &rows))
+        }
+        Ok(Response::Error { message, .. }) => bail!("the agent refused: {message}"),
+        Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
+        Err(agent_error) => {
+            // The agent is down; the pinned datapath still shows what it serves.
+            let maps = DatapathMaps::open_pinned(&cli.bpffs_dir)
+                .map_err(|e| anyhow::anyhow!("{agent_error}; and {e:#}"))?;
+            let attached = attached_pods(&cli.bpffs_dir).unwrap_or_default();
+            let entries = maps.endpoints()?;
+            if cli.output == Output::Json {
+                let list: Vec<_> = entries
+                    .iter()
+                    .map(|(ip, i)| json!({"ip": ip, "ifindex": i.ifindex, "mac": mac(&i.pod_mac)}))
+                    .collect();
+                return Ok(serde_json::to_string_pretty(
+                    &json!({"source": "pinned maps", "endpoints": list}),
+                )?);
+            }
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|(ip, i)| {
+                    vec![
+                        ip.to_string(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        i.ifindex.to_string(),
+                        mac(&i.pod_mac),
+                        format!("pinned ({} links)", attached.len()),
+                    ]
+                })
+                .collect();
+            Ok(format!(
+                "agent unreachable ({agent_error}); showing the pinned ENDPOINTS map\n{}",
+                table::render(&headers, &rows)
+            ))
+        }
+    }
+}
+
+fn short_id(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+pub fn mac(bytes: &[u8; 6]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

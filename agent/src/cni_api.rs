@@ -1,0 +1,87 @@
+//! The CNI API: a unix socket where `tern-cni` (and the `tern` CLI) send one
+//! JSON request per connection. Connections are served concurrently; the
+//! node state is changed by one request at a time.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tern_cni::agent_api::{Request, Response};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::node::Node;
+
+/// Largest request accepted; a GC list of thousands of pods fits easily.
+const MAX_REQUEST_BYTES: u64 = 4 << 20;
+
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a previous run would make bind fail.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_one(stream, node.clone()));
+            }
+            Err(e) => {
+                warn!("accept on the CNI socket failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_one(stream: UnixStream, node: Arc<Mutex<Node>>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    let response = match reader.read_line(&mut line).await {
+        Ok(0) => return,
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                debug!(?request, "request");
+                let handled = tokio::task::spawn_blocking(move || {
+                    // A panic in a handler must not wedge every later request.
+                    let mut node = node.lock().unwrap_or_else(|p| p.into_inner());
+                    node.handle(request)
+                })
+                .await;
+                handled.unwrap_or_else(|e| Response::Error {
+                    message: format!("internal error: {e}"),
+                    try_again: true,
+                })
+            }
+            Err(e) => Response::Error {
+                message: format!("request not understood: {e}"),
+                try_again: false,
+            },
+        },
+        Err(e) => {
+            warn!("reading a request failed: {e}");
+            return;
+        }
+    };
+    if let Response::Error { message, .. } = &response {
+        warn!("request failed: {message}");
+    }
+    let mut bytes = serde_json::to_vec(&response).expect("responses always serialize");
+    bytes.push(b'\n');
+    if let Err(e) = write.write_all(&bytes).await {
+        warn!("writing a response failed: {e}");
+    }
+}

@@ -1,0 +1,147 @@
+//! Agent configuration: an optional JSON file, overridden by flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Parser;
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tern-agent",
+    version,
+    about = "Tern node agent: IPAM, CNI API and the eBPF datapath"
+)]
+pub struct AgentArgs {
+    /// JSON config file; flags given on the command line win over it.
+    #[arg(long, env = "TERN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "TERN_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The node's PodCIDR, e.g. 10.244.1.0/24. Without it the agent runs
+    /// but refuses to allocate (CNI "try again later").
+    #[arg(long)]
+    pub pod_cidr: Option<Ipv4Network>,
+    /// Pod interface MTU (default: the MTU of the node's default-route device, else 1500).
+    #[arg(long)]
+    pub mtu: Option<u32>,
+    /// Where IPAM and endpoint state are kept.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Where maps and links are pinned (must be on bpffs).
+    #[arg(long)]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Unix socket of the CNI API.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+/// The file form; keys are camelCase like Kubernetes objects.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileConfig {
+    node_name: Option<String>,
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<Ipv4Network>,
+    mtu: Option<u32>,
+    state_dir: Option<PathBuf>,
+    bpffs_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub pod_cidr: Option<Ipv4Network>,
+    /// `None`: detect from the node at start.
+    pub mtu: Option<u32>,
+    pub state_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tern";
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/tern";
+
+impl AgentConfig {
+    pub fn from_args(args: AgentArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node_name = match args.node_name.or(file.node_name) {
+            Some(name) => name,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
+        let mtu = args.mtu.or(file.mtu);
+        if let Some(mtu) = mtu
+            && !(576..=65535).contains(&mtu)
+        {
+            anyhow::bail!("mtu {mtu} is out of range (576..=65535)");
+        }
+        Ok(AgentConfig {
+            node_name,
+            pod_cidr: args.pod_cidr.or(file.pod_cidr),
+            mtu,
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            bpffs_dir: args
+                .bpffs_dir
+                .or(file.bpffs_dir)
+                .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+            socket: args
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| tern_cni::agent_api::DEFAULT_SOCKET.into()),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading config {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("config {} is not valid", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> AgentArgs {
+        AgentArgs::parse_from(std::iter::once("tern-agent").chain(extra.iter().copied()))
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(
+            &path,
+            r#"{"nodeName":"n1","podCIDR":"10.244.1.0/24","mtu":1400}"#,
+        )
+        .unwrap();
+        let config =
+            AgentConfig::from_args(args(&["--config", path.to_str().unwrap(), "--mtu", "1450"]))
+                .unwrap();
+        assert_eq!(config.node_name, "n1");
+        assert_eq!(config.pod_cidr, Some("10.244.1.0/24".parse().unwrap()));
+        assert_eq!(config.mtu, Some(1450));
+        assert_eq!(config.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"podCidr":"10.244.1.0/24"}"#).unwrap();
+        let err = AgentConfig::from_args(args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(format!("{err:#}").contains("podCidr"), "{err:#}");
+        assert!(AgentConfig::from_args(args(&["--mtu", "10"])).is_err());
+        assert!(AgentArgs::try_parse_from(["tern-agent", "--pod-cidr", "10.244.1.0/33"]).is_err());
+    }
+}

@@ -1,0 +1,151 @@
+//! The eBPF datapath: loads tern-ebpf, pins its maps and per-pod links under
+//! the bpffs dir, and attaches `from_pod` to pod veths.
+//!
+//! Everything is pinned, so the datapath keeps forwarding while the agent is
+//! down; a starting agent re-adopts the pins and swaps its freshly loaded
+//! program into each existing link atomically.
+
+mod maps;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+pub use maps::{DatapathMaps, ip_from_key, ip_to_key};
+use tern_common::programs;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-ebpf"));
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    bpffs_dir: PathBuf,
+    pub maps: DatapathMaps,
+}
+
+impl Datapath {
+    /// Loads the programs; maps already pinned in `bpffs_dir` are reused
+    /// with their content, missing ones are created and pinned.
+    pub fn load(bpffs_dir: &Path) -> anyhow::Result<Self> {
+        ensure_bpffs(bpffs_dir)?;
+        std::fs::create_dir_all(bpffs_dir.join("links"))
+            .with_context(|| format!("cannot create {}", bpffs_dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpffs_dir)
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+        let from_pod: &mut SchedClassifier = ebpf
+            .program_mut(programs::FROM_POD)
+            .context("program from_pod missing from the object")?
+            .try_into()?;
+        from_pod.load().context("the verifier refused from_pod")?;
+        let maps = DatapathMaps::open_pinned(bpffs_dir)?;
+        Ok(Datapath {
+            ebpf,
+            bpffs_dir: bpffs_dir.to_owned(),
+            maps,
+        })
+    }
+
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    fn link_pin(&self, host_ifname: &str) -> PathBuf {
+        link_pin_path(&self.bpffs_dir, host_ifname)
+    }
+
+    /// Attaches `from_pod` at tc ingress of `host_ifname`, replacing the
+    /// program in an existing pinned link atomically (agent restart or
+    /// upgrade) instead of adding a second one.
+    pub fn attach_pod(&mut self, host_ifname: &str) -> anyhow::Result<()> {
+        let pin = self.link_pin(host_ifname);
+        let from_pod: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::FROM_POD)
+            .context("program from_pod missing")?
+            .try_into()?;
+        let replaced = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let fd_link: FdLink = old.unpin().context("unpinning the old link")?;
+                let link = SchedClassifierLink::try_from(fd_link)?;
+                // A link whose device is gone cannot be updated: drop it and
+                // attach afresh below.
+                from_pod.attach_to_link(link).ok()
+            }
+            Err(_) => None,
+        };
+        let link_id = match replaced {
+            Some(id) => id,
+            None => from_pod
+                .attach_with_options(
+                    host_ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching from_pod to {host_ifname}"))?,
+        };
+        let link: FdLink = from_pod.take_link(link_id)?.try_into()?;
+        link.pin(&pin)
+            .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Detaches from `host_ifname`; nothing attached is not an error.
+    pub fn detach_pod(&mut self, host_ifname: &str) -> anyhow::Result<()> {
+        let pin = self.link_pin(host_ifname);
+        match PinnedLink::from_pin(&pin) {
+            // Dropping the last reference to the link detaches it.
+            Ok(link) => drop(link.unpin()?),
+            Err(_) if !pin.exists() => {}
+            Err(e) => bail!("cannot open pinned link {}: {e}", pin.display()),
+        }
+        Ok(())
+    }
+
+    /// Host interfaces that have a pinned link.
+    pub fn attached_pods(&self) -> anyhow::Result<Vec<String>> {
+        attached_pods(&self.bpffs_dir)
+    }
+}
+
+pub fn link_pin_path(bpffs_dir: &Path, host_ifname: &str) -> PathBuf {
+    bpffs_dir
+        .join("links")
+        .join(format!("from_pod_{host_ifname}"))
+}
+
+pub fn attached_pods(bpffs_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let dir = bpffs_dir.join("links");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(ifname) = name.strip_prefix("from_pod_") {
+            names.push(ifname.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The bpffs dir must live on a bpf filesystem, or pins would fail (or,
+/// worse, vanish with a tmpfs).
+fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let mut probe = dir.to_owned();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    let stat =
+        nix::sys::statfs::statfs(&probe).with_context(|| format!("statfs {}", probe.display()))?;
+    if stat.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`",
+            dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! Facts about the node the agent runs on, read over netlink.
+
+use futures::TryStreamExt;
+use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::RouteAttribute;
+
+/// MTU pods get when none is configured.
+pub const FALLBACK_MTU: u32 = 1500;
+
+/// MTU of the device that carries the node's IPv4 default route, so pod
+/// packets fit the node's own path out. `None` without a default route.
+pub async fn default_route_mtu() -> anyhow::Result<Option<u32>> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute();
+    let mut oif = None;
+    while let Some(route) = routes.try_next().await? {
+        if route.header.destination_prefix_length == 0
+            && route.header.table == rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
+        {
+            oif = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(index) => Some(*index),
+                _ => None,
+            });
+            if oif.is_some() {
+                break;
+            }
+        }
+    }
+    let mut mtu = None;
+    if let Some(index) = oif {
+        let mut links = handle.link().get().match_index(index).execute();
+        if let Some(link) = links.try_next().await? {
+            mtu = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            });
+        }
+    }
+    task.abort();
+    Ok(mtu)
+}

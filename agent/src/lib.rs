@@ -1,0 +1,15 @@
+//! tern-agent: the per-node half of Tern.
+//!
+//! Data flows one way: configuration and CNI requests (sources) change the
+//! node model (IPAM, endpoints), which is compiled into eBPF map entries and
+//! links (datapath).
+
+pub mod cli;
+pub mod cni_api;
+pub mod config;
+pub mod datapath;
+pub mod endpoints;
+pub mod host;
+pub mod ipam;
+pub mod node;
+pub mod table;

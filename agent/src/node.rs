@@ -1,0 +1,248 @@
+//! The node's state behind the CNI API: IPAM, endpoints and the datapath,
+//! kept consistent with each other. Requests are handled one at a time.
+
+use std::path::Path;
+
+use anyhow::Context;
+use tern_cni::agent_api::{AgentStatus, Attachment, Endpoint, EndpointStatus, Request, Response};
+use tern_cni::podnet;
+use tern_common::EndpointInfo;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::datapath::Datapath;
+use crate::endpoints::EndpointStore;
+use crate::ipam::Ipam;
+
+pub struct Node {
+    node_name: String,
+    mtu: u32,
+    /// `None` until the node has a PodCIDR.
+    ipam: Option<Ipam>,
+    endpoints: EndpointStore,
+    datapath: Datapath,
+}
+
+impl Node {
+    /// Opens the state dir, loads the datapath and reconciles the two.
+    pub fn start(config: &AgentConfig, mtu: u32) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+        let ipam = match config.pod_cidr {
+            Some(cidr) => Some(Ipam::open(cidr, &config.state_dir.join("ipam.json"))?),
+            None => {
+                warn!(node = %config.node_name, "no PodCIDR configured: pod ADDs will be refused with 'try again later'");
+                None
+            }
+        };
+        let endpoints = EndpointStore::open(&config.state_dir.join("endpoints.json"))?;
+        let datapath = Datapath::load(&config.bpffs_dir)?;
+        let mut node = Node {
+            node_name: config.node_name.clone(),
+            mtu,
+            ipam,
+            endpoints,
+            datapath,
+        };
+        node.reconcile()?;
+        Ok(node)
+    }
+
+    /// Brings pinned datapath state in line with the endpoint store: every
+    /// endpoint whose veth still exists gets the new program and a fresh
+    /// map entry; anything else pinned is removed.
+    fn reconcile(&mut self) -> anyhow::Result<()> {
+        let stored: Vec<Endpoint> = self.endpoints.iter().cloned().collect();
+        let mut kept = 0;
+        for endpoint in stored {
+            match self.publish(&endpoint) {
+                Ok(()) => kept += 1,
+                Err(e) => {
+                    warn!(ip = %endpoint.ip, host_if = %endpoint.host_ifname, "dropping endpoint at start: {e:#}");
+                    self.unpublish(&endpoint)?;
+                    self.endpoints.remove(&endpoint.attachment)?;
+                }
+            }
+        }
+        let wanted_ips: Vec<_> = self.endpoints.iter().map(|e| e.ip).collect();
+        for (ip, _) in self.datapath.maps.endpoints()? {
+            if !wanted_ips.contains(&ip) {
+                info!(%ip, "removing stale ENDPOINTS entry");
+                self.datapath.maps.remove_endpoint(ip)?;
+            }
+        }
+        let wanted_ifs: Vec<_> = self
+            .endpoints
+            .iter()
+            .map(|e| e.host_ifname.clone())
+            .collect();
+        for ifname in self.datapath.attached_pods()? {
+            if !wanted_ifs.contains(&ifname) {
+                info!(host_if = %ifname, "removing stale pinned link");
+                self.datapath.detach_pod(&ifname)?;
+            }
+        }
+        info!(endpoints = kept, "datapath reconciled with the state dir");
+        Ok(())
+    }
+
+    /// Attaches the datapath to the endpoint's veth and publishes it in the
+    /// ENDPOINTS map (map last, so traffic is only steered to a ready pod).
+    fn publish(&mut self, endpoint: &Endpoint) -> anyhow::Result<()> {
+        let (ifindex, host_mac) = podnet::host_link(&endpoint.host_ifname)?
+            .with_context(|| format!("host interface {} does not exist", endpoint.host_ifname))?;
+        self.datapath.attach_pod(&endpoint.host_ifname)?;
+        self.datapath.maps.upsert_endpoint(
+            endpoint.ip,
+            EndpointInfo {
+                ifindex,
+                flags: 0,
+                pod_mac: endpoint.mac,
+                host_mac,
+            },
+        )
+    }
+
+    /// The reverse of `publish`, in the reverse order.
+    fn unpublish(&mut self, endpoint: &Endpoint) -> anyhow::Result<()> {
+        self.datapath.maps.remove_endpoint(endpoint.ip)?;
+        self.datapath.detach_pod(&endpoint.host_ifname)
+    }
+
+    pub fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Allocate { attachment } => self.allocate(&attachment),
+            Request::Release { attachment } => self.release(&attachment),
+            Request::EndpointCreate { endpoint } => self.endpoint_create(endpoint),
+            Request::EndpointDelete { attachment } => self.endpoint_delete(&attachment),
+            Request::Gc { valid } => self.gc(&valid),
+            Request::Status => Ok(Response::Status(self.status())),
+            Request::ListEndpoints => self.list_endpoints(),
+        };
+        result.unwrap_or_else(|e| Response::Error {
+            message: format!("{e:#}"),
+            try_again: false,
+        })
+    }
+
+    fn allocate(&mut self, attachment: &Attachment) -> anyhow::Result<Response> {
+        let Some(ipam) = self.ipam.as_mut() else {
+            return Ok(Response::Error {
+                message: format!(
+                    "node {} has no PodCIDR yet; cannot give pods addresses",
+                    self.node_name
+                ),
+                try_again: true,
+            });
+        };
+        let ip = ipam.allocate(attachment)?;
+        info!(container = %attachment.container_id, ifname = %attachment.ifname, %ip, "allocated");
+        Ok(Response::Allocated {
+            ip,
+            pod_cidr: ipam.cidr().to_string(),
+            mtu: self.mtu,
+        })
+    }
+
+    fn release(&mut self, attachment: &Attachment) -> anyhow::Result<Response> {
+        let ip = match self.ipam.as_mut() {
+            Some(ipam) => ipam.release(attachment)?,
+            None => None,
+        };
+        if let Some(ip) = ip {
+            info!(container = %attachment.container_id, %ip, "released");
+        }
+        Ok(Response::Released { ip })
+    }
+
+    fn endpoint_create(&mut self, endpoint: Endpoint) -> anyhow::Result<Response> {
+        if let Some(old) = self.endpoints.get(&endpoint.attachment).cloned()
+            && old != endpoint
+        {
+            self.unpublish(&old)?;
+        }
+        if let Err(e) = self.publish(&endpoint) {
+            // Leave nothing half-published behind.
+            let _ = self.unpublish(&endpoint);
+            return Err(e);
+        }
+        info!(ip = %endpoint.ip, host_if = %endpoint.host_ifname, "endpoint created");
+        self.endpoints.insert(endpoint)?;
+        Ok(Response::Done)
+    }
+
+    fn endpoint_delete(&mut self, attachment: &Attachment) -> anyhow::Result<Response> {
+        if let Some(endpoint) = self.endpoints.get(attachment).cloned() {
+            self.unpublish(&endpoint)?;
+            self.endpoints.remove(attachment)?;
+            info!(ip = %endpoint.ip, "endpoint deleted");
+        }
+        Ok(Response::Done)
+    }
+
+    fn gc(&mut self, valid: &[Attachment]) -> anyhow::Result<Response> {
+        let stale: Vec<Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| !valid.contains(&e.attachment))
+            .cloned()
+            .collect();
+        for endpoint in &stale {
+            self.unpublish(endpoint)?;
+            podnet::delete(None, &endpoint.attachment.ifname, &endpoint.host_ifname)?;
+            self.endpoints.remove(&endpoint.attachment)?;
+        }
+        let mut released: Vec<Attachment> = match self.ipam.as_mut() {
+            Some(ipam) => ipam
+                .release_all_except(|a| valid.contains(a))?
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect(),
+            None => Vec::new(),
+        };
+        released.extend(stale.into_iter().map(|e| e.attachment));
+        released.sort();
+        released.dedup();
+        info!(released = released.len(), "garbage collected");
+        Ok(Response::GcDone { released })
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            node_name: self.node_name.clone(),
+            pod_cidr: self.ipam.as_ref().map(|i| i.cidr().to_string()),
+            mtu: self.mtu,
+            allocated: self.ipam.as_ref().map_or(0, |i| i.allocated()),
+            capacity: self.ipam.as_ref().map_or(0, |i| i.capacity()),
+            endpoints: self.endpoints.len(),
+            ready: self.ipam.is_some(),
+            reason: self
+                .ipam
+                .is_none()
+                .then(|| "node has no PodCIDR".to_owned()),
+            bpffs_dir: self.datapath.bpffs_dir().display().to_string(),
+        }
+    }
+
+    fn list_endpoints(&self) -> anyhow::Result<Response> {
+        let in_map = self.datapath.maps.endpoints()?;
+        let attached = self.datapath.attached_pods()?;
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| EndpointStatus {
+                endpoint: e.clone(),
+                host_ifindex: in_map
+                    .iter()
+                    .find(|(ip, _)| *ip == e.ip)
+                    .map_or(0, |(_, info)| info.ifindex),
+                attached: attached.contains(&e.host_ifname),
+            })
+            .collect();
+        Ok(Response::Endpoints { endpoints })
+    }
+
+    pub fn bpffs_dir(&self) -> &Path {
+        self.datapath.bpffs_dir()
+    }
+}

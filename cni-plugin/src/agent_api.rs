@@ -1,0 +1,179 @@
+//! The protocol between `tern-cni` and `tern-agent` on the agent's unix
+//! socket: one JSON request per connection, one JSON response back.
+//!
+//! The plugin owns this definition because it is the client; the agent
+//! depends on it so both sides always agree.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the agent's socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/tern/tern.sock";
+
+/// One pod attachment, as the runtime names it: (container id, interface).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// A pod's interface as the datapath needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub attachment: Attachment,
+    pub ip: Ipv4Addr,
+    /// MAC address of the pod-side interface.
+    pub mac: [u8; 6],
+    /// Name of the host-side veth in the node's namespace.
+    pub host_ifname: String,
+    /// Network namespace path the runtime gave (for operators only).
+    pub netns: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Give this attachment an address from the node PodCIDR (idempotent:
+    /// the same attachment gets the address it already has).
+    Allocate { attachment: Attachment },
+    /// Give the address back; releasing an unknown attachment is not an error.
+    Release { attachment: Attachment },
+    /// The pod's interface exists: attach the datapath and publish it.
+    EndpointCreate { endpoint: Endpoint },
+    /// Remove the endpoint from the datapath (idempotent).
+    EndpointDelete { attachment: Attachment },
+    /// Forget everything not in `valid`: addresses, endpoints, host veths.
+    Gc { valid: Vec<Attachment> },
+    /// Whether the agent can serve ADDs now.
+    Status,
+    /// Everything the agent holds about endpoints.
+    ListEndpoints,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Allocated {
+        ip: Ipv4Addr,
+        /// PodCIDR prefix length, for operators; the pod itself gets a /32.
+        pod_cidr: String,
+        mtu: u32,
+    },
+    Done,
+    Released {
+        ip: Option<Ipv4Addr>,
+    },
+    GcDone {
+        released: Vec<Attachment>,
+    },
+    Status(AgentStatus),
+    Endpoints {
+        endpoints: Vec<EndpointStatus>,
+    },
+    Error {
+        message: String,
+        /// The request may succeed later (e.g. the node has no PodCIDR yet):
+        /// the plugin answers CNI code 11, "try again later".
+        try_again: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node_name: String,
+    pub pod_cidr: Option<String>,
+    pub mtu: u32,
+    pub allocated: usize,
+    pub capacity: usize,
+    pub endpoints: usize,
+    /// Ready means ADDs can be served: PodCIDR known and datapath loaded.
+    pub ready: bool,
+    pub reason: Option<String>,
+    pub bpffs_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub endpoint: Endpoint,
+    pub host_ifindex: u32,
+    /// Whether the datapath program is attached to the host veth.
+    pub attached: bool,
+}
+
+/// Why a call to the agent failed; the plugin maps these to CNI codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The agent is not there (socket missing, refused, timed out).
+    #[error("cannot reach the tern agent at {path}: {source}")]
+    Unreachable {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The agent answered with something that is not a response.
+    #[error("the tern agent sent an answer that is not understood: {0}")]
+    Protocol(String),
+}
+
+/// Sends one request and waits for its response.
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, CallError> {
+    let unreachable = |source| CallError::Unreachable {
+        path: socket.display().to_string(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(unreachable)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(unreachable)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| CallError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(unreachable)?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(unreachable)?;
+    if answer.is_empty() {
+        return Err(CallError::Protocol(
+            "connection closed without an answer".into(),
+        ));
+    }
+    serde_json::from_str(&answer).map_err(|e| CallError::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_tagged_json() {
+        let req = Request::Allocate {
+            attachment: Attachment {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            },
+        };
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["op"], "allocate");
+        assert_eq!(json["attachment"]["container_id"], "c1");
+        let back: Request = serde_json::from_value(json).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn unreachable_socket_is_reported_as_such() {
+        let err = call(
+            Path::new("/nonexistent/tern-test.sock"),
+            &Request::Status,
+            Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CallError::Unreachable { .. }), "{err}");
+    }
+}

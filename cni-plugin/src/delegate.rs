@@ -1,0 +1,124 @@
+//! Running a delegated IPAM plugin (e.g. host-local) from CNI_PATH, the way
+//! every CNI plugin does: same environment, the network config on stdin.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::spec::{CniError, CniResult};
+
+pub struct Delegate<'a> {
+    pub plugin_type: &'a str,
+    pub cni_path: &'a [PathBuf],
+    pub netconf: &'a [u8],
+    pub cni_version: &'a str,
+}
+
+impl Delegate<'_> {
+    fn find(&self) -> Result<PathBuf, CniError> {
+        if self.cni_path.is_empty() {
+            return Err(CniError::invalid_env(format!(
+                "CNI_PATH is not set, but the ipam plugin {:?} must be found through it",
+                self.plugin_type
+            )));
+        }
+        if self.plugin_type.contains('/') {
+            return Err(CniError::invalid_config(format!(
+                "ipam type {:?} must be a plugin name, not a path",
+                self.plugin_type
+            )));
+        }
+        self.cni_path
+            .iter()
+            .map(|dir| dir.join(self.plugin_type))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                CniError::invalid_config(format!(
+                    "ipam plugin {:?} not found in CNI_PATH ({})",
+                    self.plugin_type,
+                    join(self.cni_path)
+                ))
+            })
+    }
+
+    /// Runs the plugin with `command`; returns its stdout on success and
+    /// its own error object (code and message kept) on failure.
+    fn run(&self, command: &str) -> Result<Vec<u8>, CniError> {
+        let binary = self.find()?;
+        let mut child = Command::new(&binary)
+            .env("CNI_COMMAND", command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| CniError::io_failure(format!("cannot run {}: {e}", binary.display())))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A plugin that exits without reading stdin is not our error.
+            let _ = stdin.write_all(self.netconf);
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| CniError::io_failure(format!("waiting for {}: {e}", binary.display())))?;
+        if output.status.success() {
+            return Ok(output.stdout);
+        }
+        Err(delegate_error(self.plugin_type, &output.stdout))
+    }
+
+    pub fn add(&self) -> Result<CniResult, CniError> {
+        let stdout = self.run("ADD")?;
+        let value: Value = serde_json::from_slice(&stdout).map_err(|e| {
+            CniError::decode_failure(format!(
+                "ipam plugin {} printed no valid result",
+                self.plugin_type
+            ))
+            .with_details(e.to_string())
+        })?;
+        let version = value
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(self.cni_version)
+            .to_owned();
+        CniResult::from_json(&version, &value)
+    }
+
+    pub fn del(&self) -> Result<(), CniError> {
+        self.run("DEL").map(drop)
+    }
+
+    pub fn gc(&self) -> Result<(), CniError> {
+        self.run("GC").map(drop)
+    }
+}
+
+/// The delegate's own error object, or a generic one when it printed none.
+fn delegate_error(plugin: &str, stdout: &[u8]) -> CniError {
+    let parsed: Option<Value> = serde_json::from_slice(stdout).ok();
+    let code = parsed
+        .as_ref()
+        .and_then(|v| v.get("code"))
+        .and_then(Value::as_u64)
+        .and_then(|c| u32::try_from(c).ok());
+    let msg = parsed
+        .as_ref()
+        .and_then(|v| v.get("msg"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    match (code, msg) {
+        (Some(code), Some(msg)) => CniError::new(code, format!("ipam plugin {plugin}: {msg}"), ""),
+        _ => CniError::io_failure(format!(
+            "ipam plugin {plugin} failed: {}",
+            String::from_utf8_lossy(stdout).trim()
+        )),
+    }
+}
+
+fn join(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -1,0 +1,424 @@
+//! The CNI commands: what ADD, DEL, CHECK, STATUS and GC do, on top of the
+//! spec layer (parsing, results, errors), the pod wiring and the agent.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde_json::Value;
+
+use crate::agent_api::{self, Attachment, CallError, Endpoint, Request, Response};
+use crate::delegate::Delegate;
+use crate::podnet::{self, GATEWAY, PodInterfaceSpec, PodNetError};
+use crate::spec::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
+
+/// Plugin-specific error codes (the spec leaves 100 and up to plugins).
+pub mod codes {
+    /// The agent answered but refused (e.g. PodCIDR exhausted).
+    pub const AGENT_REFUSED: u32 = 100;
+    /// CNI_IFNAME (or its host veth) already exists.
+    pub const INTERFACE_EXISTS: u32 = 101;
+    /// CHECK found the pod's networking differs from what ADD set up.
+    pub const CHECK_FAILED: u32 = 102;
+    /// A netlink operation failed.
+    pub const NETLINK: u32 = 103;
+}
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs one CNI command; `Ok(Some(json))` is printed on stdout.
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    if env.command == Command::Version {
+        let requested = crate::spec::requested_version(stdin)
+            .unwrap_or_else(|| crate::spec::LATEST_VERSION.to_owned());
+        return Ok(Some(crate::spec::version_json(&requested)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let ctx = Context::new(env, &conf, stdin);
+    match env.command {
+        Command::Add => ctx.add().map(Some),
+        Command::Del => ctx.del().map(|_| None),
+        Command::Check => ctx.check().map(|_| None),
+        Command::Status => ctx.status().map(|_| None),
+        Command::Gc => ctx.gc().map(|_| None),
+        Command::Version => unreachable!("handled above"),
+    }
+}
+
+struct Context<'a> {
+    env: &'a CniEnv,
+    conf: &'a NetConf,
+    stdin: &'a [u8],
+    socket: PathBuf,
+}
+
+impl<'a> Context<'a> {
+    fn new(env: &'a CniEnv, conf: &'a NetConf, stdin: &'a [u8]) -> Self {
+        let socket = conf
+            .agent_socket
+            .clone()
+            .unwrap_or_else(|| agent_api::DEFAULT_SOCKET.into());
+        Context {
+            env,
+            conf,
+            stdin,
+            socket,
+        }
+    }
+
+    fn attachment(&self) -> Attachment {
+        Attachment {
+            container_id: self.env.container_id.clone().unwrap_or_default(),
+            ifname: self.env.ifname.clone().unwrap_or_default(),
+        }
+    }
+
+    fn host_ifname(&self) -> String {
+        host_ifname(&self.attachment())
+    }
+
+    fn delegate(&self) -> Option<Delegate<'_>> {
+        self.conf.ipam.as_ref().map(|ipam| Delegate {
+            plugin_type: &ipam.plugin_type,
+            cni_path: &self.env.path,
+            netconf: self.stdin,
+            cni_version: &self.conf.cni_version,
+        })
+    }
+
+    fn agent(&self, request: &Request) -> Result<Response, CniError> {
+        match agent_api::call(&self.socket, request, AGENT_TIMEOUT) {
+            Ok(Response::Error { message, try_again }) => Err(if try_again {
+                CniError::try_again_later(format!("tern-agent: {message}"))
+            } else {
+                CniError::new(
+                    codes::AGENT_REFUSED,
+                    format!("tern-agent refused: {message}"),
+                    "",
+                )
+            }),
+            Ok(response) => Ok(response),
+            Err(e @ CallError::Unreachable { .. }) => Err(CniError::try_again_later(format!(
+                "{e}; is tern-agent running on this node?"
+            ))),
+            Err(e) => Err(CniError::io_failure(e.to_string())),
+        }
+    }
+
+    fn add(&self) -> Result<Value, CniError> {
+        let attachment = self.attachment();
+        let host_ifname = self.host_ifname();
+        // An existing interface means ADD already ran: refuse before
+        // touching anything, so the working pod keeps its address.
+        if podnet::host_link_exists(&host_ifname).map_err(netlink_error)? {
+            return Err(CniError::new(
+                codes::INTERFACE_EXISTS,
+                format!(
+                    "container {} already has interface {} (host side {host_ifname}); DEL it first",
+                    attachment.container_id, attachment.ifname
+                ),
+                "",
+            ));
+        }
+        let (address, ipam_result, agent_mtu) = self.add_address(&attachment)?;
+        let mtu = self.conf.mtu.or(agent_mtu).unwrap_or(1500);
+        let netns = self.env.netns.clone().unwrap_or_default();
+        let spec = PodInterfaceSpec {
+            netns: &netns,
+            ifname: &attachment.ifname,
+            host_ifname: &host_ifname,
+            address,
+            mtu,
+        };
+        let wired = podnet::create(&spec).map_err(pod_error);
+        let wired = match wired {
+            Ok(w) => w,
+            Err(e) => {
+                self.release_address(&attachment);
+                return Err(e);
+            }
+        };
+        let endpoint = Endpoint {
+            attachment: attachment.clone(),
+            ip: address,
+            mac: wired.pod_mac,
+            host_ifname: host_ifname.clone(),
+            netns: netns.display().to_string(),
+        };
+        if let Err(e) = self.agent(&Request::EndpointCreate { endpoint }) {
+            let _ = podnet::delete(Some(&netns), &attachment.ifname, &host_ifname);
+            self.release_address(&attachment);
+            return Err(e);
+        }
+        let result = self.result(ipam_result, address, &wired, &host_ifname, &netns, mtu);
+        Ok(result.to_json(&self.conf.cni_version))
+    }
+
+    /// The pod's address from the agent, or from the delegated IPAM plugin.
+    fn add_address(
+        &self,
+        attachment: &Attachment,
+    ) -> Result<(Ipv4Addr, Option<CniResult>, Option<u32>), CniError> {
+        match self.delegate() {
+            Some(delegate) => {
+                let result = delegate.add()?;
+                let ip = result.ips.iter().find_map(|ip| match ip.address {
+                    IpNetwork::V4(net) => Some(net.ip()),
+                    IpNetwork::V6(_) => None,
+                });
+                match ip {
+                    Some(ip) => Ok((ip, Some(result), None)),
+                    None => {
+                        let _ = delegate.del();
+                        Err(CniError::invalid_config(format!(
+                            "ipam plugin {} returned no IPv4 address",
+                            delegate.plugin_type
+                        )))
+                    }
+                }
+            }
+            None => match self.agent(&Request::Allocate {
+                attachment: attachment.clone(),
+            })? {
+                Response::Allocated { ip, mtu, .. } => Ok((ip, None, Some(mtu))),
+                other => Err(unexpected(other)),
+            },
+        }
+    }
+
+    /// Best effort, on the error path of ADD: the error already reported
+    /// matters more than a failed clean-up (which DEL retries).
+    fn release_address(&self, attachment: &Attachment) {
+        let released = match self.delegate() {
+            Some(delegate) => delegate.del(),
+            None => self
+                .agent(&Request::Release {
+                    attachment: attachment.clone(),
+                })
+                .map(drop),
+        };
+        if let Err(e) = released {
+            eprintln!("tern-cni: releasing the address of {attachment:?} failed: {e}");
+        }
+    }
+
+    fn result(
+        &self,
+        ipam_result: Option<CniResult>,
+        address: Ipv4Addr,
+        wired: &podnet::PodInterface,
+        host_ifname: &str,
+        netns: &Path,
+        mtu: u32,
+    ) -> CniResult {
+        // Extend what earlier plugins in the chain reported.
+        let mut result = self.conf.prev_result.clone().unwrap_or_default();
+        if let Some(ipam) = &ipam_result {
+            result.dns = ipam.dns.clone();
+        }
+        result.interfaces.push(Interface {
+            name: host_ifname.to_owned(),
+            mac: Some(format_mac(&wired.host_mac)),
+            mtu: Some(mtu),
+            ..Default::default()
+        });
+        result.interfaces.push(Interface {
+            name: self.env.ifname.clone().unwrap_or_default(),
+            mac: Some(format_mac(&wired.pod_mac)),
+            sandbox: Some(netns.display().to_string()),
+            mtu: Some(mtu),
+            ..Default::default()
+        });
+        let pod_if = result.interfaces.len() - 1;
+        result.ips.push(IpConfig {
+            address: IpNetwork::V4(Ipv4Network::new(address, 32).expect("/32 is valid")),
+            gateway: Some(IpAddr::V4(GATEWAY)),
+            interface: Some(pod_if),
+        });
+        let mut default = Route::new(IpNetwork::V4(
+            Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid"),
+        ));
+        default.gw = Some(IpAddr::V4(GATEWAY));
+        result.routes.push(default);
+        result
+    }
+
+    /// DEL succeeds when things are already gone; it releases the address
+    /// once (the allocator ignores a second release).
+    fn del(&self) -> Result<(), CniError> {
+        let attachment = self.attachment();
+        let host_ifname = self.host_ifname();
+        let netns = self
+            .env
+            .netns
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty());
+        podnet::delete(netns, &attachment.ifname, &host_ifname).map_err(pod_error)?;
+        self.agent(&Request::EndpointDelete {
+            attachment: attachment.clone(),
+        })?;
+        match self.delegate() {
+            Some(delegate) => delegate.del(),
+            None => self.agent(&Request::Release { attachment }).map(drop),
+        }
+    }
+
+    fn check(&self) -> Result<(), CniError> {
+        if !crate::spec::supports_check(&self.conf.cni_version) {
+            return Err(CniError::incompatible_version(format!(
+                "CHECK needs cniVersion 0.4.0 or later, got {}",
+                self.conf.cni_version
+            )));
+        }
+        let attachment = self.attachment();
+        let prev = self.conf.prev_result.as_ref().ok_or_else(|| {
+            CniError::invalid_config("CHECK needs prevResult (the result of ADD)")
+        })?;
+        let address = prev
+            .ips
+            .iter()
+            .find_map(|ip| match ip.address {
+                IpNetwork::V4(net) if net.prefix() == 32 => Some(net.ip()),
+                _ => None,
+            })
+            .ok_or_else(|| CniError::invalid_config("prevResult holds no IPv4 /32 address"))?;
+        let netns = self.env.netns.clone().unwrap_or_default();
+        let mtu = prev
+            .interfaces
+            .iter()
+            .find(|i| Some(&i.name) == self.env.ifname.as_ref())
+            .and_then(|i| i.mtu);
+        let host_ifname = self.host_ifname();
+        let current_mtu = self.conf.mtu.or(mtu);
+        let spec = PodInterfaceSpec {
+            netns: &netns,
+            ifname: &attachment.ifname,
+            host_ifname: &host_ifname,
+            address,
+            mtu: current_mtu.unwrap_or(0),
+        };
+        podnet::check(&spec).map_err(pod_error)?;
+        match self.agent(&Request::ListEndpoints)? {
+            Response::Endpoints { endpoints } => {
+                let found = endpoints
+                    .iter()
+                    .find(|s| s.endpoint.attachment == attachment);
+                match found {
+                    Some(s) if s.attached && s.endpoint.ip == address => Ok(()),
+                    Some(s) if !s.attached => Err(check_failed(format!(
+                        "the datapath is not attached to {host_ifname}"
+                    ))),
+                    Some(s) => Err(check_failed(format!(
+                        "the agent has {} for this pod, prevResult says {address}",
+                        s.endpoint.ip
+                    ))),
+                    None => Err(check_failed("the agent does not know this pod".into())),
+                }
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn status(&self) -> Result<(), CniError> {
+        match self.agent(&Request::Status) {
+            Ok(Response::Status(status)) if status.ready => Ok(()),
+            Ok(Response::Status(status)) => Err(CniError::plugin_unavailable(format!(
+                "tern-agent cannot serve pods yet: {}",
+                status.reason.unwrap_or_else(|| "not ready".into())
+            ))),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(CniError::plugin_unavailable(e.msg)),
+        }
+    }
+
+    fn gc(&self) -> Result<(), CniError> {
+        let valid: Vec<Attachment> = self
+            .conf
+            .valid_attachments
+            .iter()
+            .map(|(container_id, ifname)| Attachment {
+                container_id: container_id.clone(),
+                ifname: ifname.clone(),
+            })
+            .collect();
+        self.agent(&Request::Gc { valid })?;
+        if let Some(delegate) = self.delegate() {
+            delegate.gc()?;
+        }
+        Ok(())
+    }
+}
+
+/// Host-side veth name: stable for the attachment, so DEL finds it even
+/// when the agent has lost its state; "tern" + 11 hex digits = 15 bytes.
+pub fn host_ifname(attachment: &Attachment) -> String {
+    // FNV-1a: tiny, stable across releases and platforms.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in attachment
+        .container_id
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(attachment.ifname.bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("tern{:011x}", hash >> 20)
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn check_failed(msg: String) -> CniError {
+    CniError::new(codes::CHECK_FAILED, format!("CHECK failed: {msg}"), "")
+}
+
+fn unexpected(response: Response) -> CniError {
+    CniError::io_failure(format!("unexpected answer from tern-agent: {response:?}"))
+}
+
+fn netlink_error(e: PodNetError) -> CniError {
+    CniError::new(codes::NETLINK, e.to_string(), "")
+}
+
+fn pod_error(e: PodNetError) -> CniError {
+    match e {
+        PodNetError::NetnsMissing(path) => CniError::invalid_env(format!(
+            "CNI_NETNS {} is not a network namespace",
+            path.display()
+        )),
+        PodNetError::InterfaceExists(name) => CniError::new(
+            codes::INTERFACE_EXISTS,
+            format!("interface {name} already exists"),
+            "",
+        ),
+        PodNetError::Check(msg) => check_failed(msg),
+        other => netlink_error(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ifname_is_stable_short_and_distinct() {
+        let a = Attachment {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+        };
+        let b = Attachment {
+            container_id: "abc".into(),
+            ifname: "eth1".into(),
+        };
+        assert_eq!(host_ifname(&a), host_ifname(&a.clone()));
+        assert_eq!(host_ifname(&a).len(), 15);
+        assert!(host_ifname(&a).starts_with("tern"));
+        assert_ne!(host_ifname(&a), host_ifname(&b));
+    }
+}

@@ -1,0 +1,18 @@
+//! The CNI specification (1.1.0 and the older versions it still accepts)
+//! as pure data: environment, network configuration, results and errors.
+
+pub mod env;
+pub mod error;
+mod json;
+pub mod netconf;
+pub mod result;
+pub mod version;
+
+pub use env::{CniEnv, Command};
+pub use error::CniError;
+pub use netconf::{IpamConf, NetConf, requested_version};
+pub use result::{CniResult, Dns, Interface, IpConfig, Route};
+pub use version::{
+    LATEST_VERSION, SUPPORTED_VERSIONS, is_supported, supports_check, supports_status_gc,
+    version_json,
+};

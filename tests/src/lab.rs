@@ -1,0 +1,381 @@
+//! A one-node (for now) Kubernetes-like cluster made of network namespaces:
+//! a node namespace running the real `tern-agent`, pods wired by invoking
+//! the real `tern-cni` binary the way a container runtime does.
+//!
+//! Nothing is ever connected to the machine's root namespace: the node's
+//! underlay interface leads to a lab "switch" namespace. Every name is
+//! unique, and everything is removed on drop, also when a test fails.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::netns::{ChildGuard, Netns, unique_ifname, unique_name};
+
+/// The built binaries under test.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub cni: PathBuf,
+    pub tern: PathBuf,
+}
+
+impl Binaries {
+    /// `$TERN_BIN_DIR`, else the workspace's target/release, else target/debug.
+    pub fn locate() -> Result<Binaries> {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let candidates: Vec<PathBuf> = match std::env::var_os("TERN_BIN_DIR") {
+            Some(dir) => vec![PathBuf::from(dir)],
+            None => vec![
+                workspace.join("target/release"),
+                workspace.join("target/debug"),
+            ],
+        };
+        for dir in &candidates {
+            let bins = Binaries {
+                agent: dir.join("tern-agent"),
+                cni: dir.join("tern-cni"),
+                tern: dir.join("tern"),
+            };
+            if bins.agent.is_file() && bins.cni.is_file() && bins.tern.is_file() {
+                return Ok(bins);
+            }
+        }
+        bail!(
+            "tern-agent, tern-cni and tern not found in {candidates:?}: run `cargo build --release` (or `cargo xtask build`) first"
+        )
+    }
+}
+
+/// Fails clearly when bpffs is not mounted (`cargo xtask setup` mounts it).
+pub fn require_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        bail!("bpffs is not mounted at /sys/fs/bpf: run `cargo xtask setup`");
+    }
+    Ok(())
+}
+
+/// The switch every node's underlay interface is plugged into.
+pub struct Lab {
+    pub switch: Netns,
+    pub bins: Binaries,
+}
+
+impl Lab {
+    pub fn new() -> Result<Lab> {
+        require_bpffs()?;
+        Ok(Lab {
+            bins: Binaries::locate()?,
+            switch: Netns::new("sw")?,
+        })
+    }
+
+    /// A node with `pod_cidr` and underlay address `node_ip`/24, agent running.
+    pub fn node(&self, name: &str, pod_cidr: &str, node_ip: Ipv4Addr) -> Result<LabNode> {
+        let mut node = LabNode::create(self, name, Some(pod_cidr), node_ip)?;
+        node.start_agent()?;
+        Ok(node)
+    }
+}
+
+pub struct LabNode {
+    pub name: String,
+    pub ns: Netns,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: Option<String>,
+    pub dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub socket: PathBuf,
+    pub bins: Binaries,
+    agent: Option<ChildGuard>,
+}
+
+impl LabNode {
+    /// The node namespace and its underlay link; the agent is not started.
+    pub fn create(
+        lab: &Lab,
+        name: &str,
+        pod_cidr: Option<&str>,
+        node_ip: Ipv4Addr,
+    ) -> Result<LabNode> {
+        let ns = Netns::new(name)?;
+        let unique = unique_name(name);
+        let dir = std::env::temp_dir().join(&unique);
+        std::fs::create_dir_all(&dir)?;
+        let node = LabNode {
+            name: name.to_owned(),
+            node_ip,
+            pod_cidr: pod_cidr.map(str::to_owned),
+            bpffs_dir: Path::new("/sys/fs/bpf").join(&unique),
+            socket: dir.join("tern.sock"),
+            dir,
+            bins: lab.bins.clone(),
+            agent: None,
+            ns,
+        };
+        let port = unique_ifname("p");
+        node.ns.sh(&format!(
+            "ip link add eth0 type veth peer name {port} netns {sw}
+             ip addr add {node_ip}/24 dev eth0
+             ip link set eth0 up",
+            sw = lab.switch.name()
+        ))?;
+        lab.switch.sh(&format!("ip link set {port} up"))?;
+        Ok(node)
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// Starts tern-agent in the node namespace and waits until it answers.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.bins.agent);
+        cmd.arg("--node-name")
+            .arg(&self.name)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("TERN_LOG", "info");
+        if let Some(cidr) = &self.pod_cidr {
+            cmd.arg("--pod-cidr").arg(cidr);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.agent = Some(self.ns.spawn_guarded(cmd)?);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.agent_request(&json!({"op": "status"})).is_ok() {
+                return Ok(());
+            }
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(status) = agent.0.try_wait()?
+            {
+                bail!(
+                    "tern-agent exited ({status}) at start:\n{}",
+                    self.agent_log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "tern-agent did not answer within 15 s:\n{}",
+                    self.agent_log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the agent with SIGKILL (no clean-up chance at all) and waits.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut agent) = self.agent.take() {
+            agent.0.kill()?;
+            agent.0.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.0.id())
+    }
+
+    pub fn agent_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.agent_log()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// One raw request on the agent's socket (the protocol tern-cni speaks).
+    pub fn agent_request(&self, request: &Value) -> Result<Value> {
+        let mut stream = UnixStream::connect(&self.socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("{request}\n").as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// The network configuration a runtime would read from /etc/cni/net.d.
+    pub fn netconf(&self, cni_version: &str) -> Value {
+        json!({
+            "cniVersion": cni_version,
+            "name": "tern-lab",
+            "type": "tern-cni",
+            "agentSocket": self.socket,
+        })
+    }
+
+    /// Runs tern-cni exactly as a runtime does: in the node's namespace,
+    /// a clean environment holding only the CNI_* variables, config on stdin.
+    pub fn invoke_cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> Result<CniOutput> {
+        let mut cmd = Command::new(&self.bins.cni);
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.ns.spawn(cmd)?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(stdin)
+            .context("writing the netconf")?;
+        let out = child.wait_with_output()?;
+        Ok(CniOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// CNI call for `container_id`/eth0 in `netns` with this node's netconf.
+    pub fn cni(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: &Path,
+        cni_version: &str,
+    ) -> Result<CniOutput> {
+        let netns = netns.to_string_lossy();
+        self.invoke_cni(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", container_id),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/usr/lib/cni"),
+            ],
+            self.netconf(cni_version).to_string().as_bytes(),
+        )
+    }
+
+    /// A pod: its namespace made as a runtime makes it, then CNI ADD.
+    pub fn add_pod(&self, name: &str) -> Result<Pod> {
+        let ns = Netns::new(name)?;
+        let container_id = unique_name(name);
+        let out = self.cni("ADD", &container_id, ns.path(), "1.1.0")?;
+        let result = out
+            .success_json()
+            .with_context(|| format!("ADD of pod {name}"))?;
+        let ip = pod_ip(&result)?;
+        Ok(Pod {
+            ns,
+            container_id,
+            ip,
+            result,
+        })
+    }
+
+    pub fn del_pod(&self, pod: &Pod) -> Result<CniOutput> {
+        self.cni("DEL", &pod.container_id, pod.ns.path(), "1.1.0")
+    }
+
+    /// The `tern` CLI against this node's agent and pins.
+    pub fn tern(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bins.tern)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tern {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A datapath packet counter (e.g. "redirect_local_pod"), read from the
+    /// pinned METRICS map through `tern status -o json`.
+    pub fn counter(&self, reason: &str) -> Result<u64> {
+        let status: Value = serde_json::from_str(&self.tern(&["status", "-o", "json"])?)?;
+        status["datapath"][reason]
+            .as_u64()
+            .with_context(|| format!("no datapath counter {reason} in {status}"))
+    }
+}
+
+impl Drop for LabNode {
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Pod {
+    pub ns: Netns,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+    pub result: Value,
+}
+
+/// The first IPv4 address of a CNI result, without its prefix.
+pub fn pod_ip(result: &Value) -> Result<Ipv4Addr> {
+    let address = result["ips"][0]["address"]
+        .as_str()
+        .with_context(|| format!("no ips[0].address in {result}"))?;
+    let ip = address.split('/').next().unwrap_or_default();
+    ip.parse().with_context(|| format!("bad address {address}"))
+}
+
+#[derive(Debug)]
+pub struct CniOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOutput {
+    pub fn success_json(&self) -> Result<Value> {
+        if self.code != Some(0) {
+            bail!(
+                "tern-cni failed ({:?}): stdout {} stderr {}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("stdout is not JSON: {}", self.stdout))
+    }
+
+    /// The `code` of the CNI error object on stdout (the process must fail).
+    pub fn error_code(&self) -> Result<u64> {
+        if self.code == Some(0) {
+            bail!("expected a CNI error, tern-cni succeeded: {}", self.stdout);
+        }
+        let err: Value = serde_json::from_str(&self.stdout).with_context(|| {
+            format!(
+                "error is not JSON on stdout: {:?} / {}",
+                self.stdout, self.stderr
+            )
+        })?;
+        err["code"]
+            .as_u64()
+            .with_context(|| format!("no code in {err}"))
+    }
+}

@@ -1,0 +1,6 @@
+//! Root integration tests' support: network namespaces, the lab (a cluster
+//! made of namespaces running the real binaries) and real traffic.
+
+pub mod lab;
+pub mod netns;
+pub mod traffic;

@@ -1,0 +1,51 @@
+//! `cargo xtask <command>`: project tasks that are easier to keep in Rust than
+//! in shell scripts. One module per concern; `main` only parses and dispatches.
+//!
+//! xtask is built by the default (stable) toolchain and depends on none of the
+//! project's crates, so it works even when they do not build.
+
+mod build;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Tern project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what builds and tests need (idempotent; fast when done):
+    /// apt packages, bpffs mount, nightly + rust-src, bpf-linker.
+    Setup,
+    /// Setup, then build the release binaries of the workspace
+    /// (the agent's build.rs builds the eBPF object).
+    Build,
+    /// Setup, then fmt check, clippy, unit tests, release build and the root
+    /// integration tests (tern-tests, serially). The README/CI test command.
+    Test,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Build => build::run(),
+        Command::Test => test::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}`: the whole context chain on one line, without the
+            // backtrace anyhow would add under RUST_BACKTRACE=1.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `cargo xtask test`: the project's whole test suite, the command README and
+//! CI run. Stops at the first failing step.
+
+use anyhow::{Result, bail};
+
+use crate::util::{Workspace, cargo, exec, is_root};
+
+pub fn run() -> Result<()> {
+    crate::setup::run()?;
+    let ws = Workspace::load()?;
+
+    exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    exec(
+        cargo()
+            .args(["clippy", "--workspace", "--all-targets"])
+            .args(ws.ebpf_exclude())
+            .args(["--", "-D", "warnings"]),
+    )?;
+    // Unit tests: everything but the root integration tests.
+    exec(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "tern-tests"])
+            .args(ws.ebpf_exclude()),
+    )?;
+
+    if !is_root() {
+        bail!(
+            "the integration tests (tern-tests) need root: they create network \
+             namespaces, veths and eBPF programs. Run `cargo xtask test` as root."
+        );
+    }
+    crate::build::release_bins(&ws)?;
+    let bin_dir = ws.target_dir.join("release");
+    // They share the kernel (bpffs pins, namespaces): run them one at a time.
+    exec(cargo().env("TERN_BIN_DIR", &bin_dir).args([
+        "test",
+        "-p",
+        "tern-tests",
+        "--",
+        "--test-threads=1",
+    ]))?;
+    eprintln!("all tests passed");
+    Ok(())
+}
