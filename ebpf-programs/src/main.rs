@@ -38,7 +38,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 }
 
 fn route_from_pod(ctx: &TcContext) -> (Reason, i32) {
-    let pass = TC_ACT_OK as i32;
+    let pass = TC_ACT_OK;
     let Ok(eth) = ctx.load::<EthHdr>(0) else {
         return (Reason::NotIpv4, pass);
     };
@@ -51,7 +51,7 @@ fn route_from_pod(ctx: &TcContext) -> (Reason, i32) {
     let dst = u32::from_ne_bytes(ip.dst_addr);
     // SAFETY: the value is copied out at once; the map is only written by
     // the agent, never through this reference.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(&dst) }).copied() else {
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(dst) }).copied() else {
         return (Reason::PassToStack, pass);
     };
     // Routing semantics as if the node had forwarded the packet: the TTL

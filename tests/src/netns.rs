@@ -94,6 +94,8 @@ pub struct Netns {
     path: PathBuf,
     /// Open before any fork, so `pre_exec` only has to call setns().
     file: File,
+    /// Made by us (deleted on drop) or only entered (left alone).
+    owned: bool,
 }
 
 impl Netns {
@@ -116,9 +118,27 @@ impl Netns {
                 return Err(e).with_context(|| format!("opening {}", path.display()));
             }
         };
-        let ns = Self { name, path, file };
+        let ns = Self {
+            name,
+            path,
+            file,
+            owned: true,
+        };
         ns.sh("ip link set lo up")?;
         Ok(ns)
+    }
+
+    /// An existing namespace made by an earlier run (e.g. `lab up`), to
+    /// work in; it is not deleted on drop.
+    pub fn existing(name: &str) -> Result<Self> {
+        let path = Path::new(NETNS_DIR).join(name);
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            path,
+            file,
+            owned: false,
+        })
     }
 
     /// The name `ip netns` knows it by (`ip link ... netns <name>` works).
@@ -269,6 +289,9 @@ fn sysctl_path(key: &str) -> Result<PathBuf> {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // Processes still inside (e.g. a leaked agent) keep the namespace
         // alive after this; that is the ChildGuard's job.
         match Command::new("ip")

@@ -5,6 +5,7 @@
 //! project's crates, so it works even when they do not build.
 
 mod build;
+mod lab;
 mod setup;
 mod test;
 mod util;
@@ -31,6 +32,11 @@ enum Command {
     /// Setup, then fmt check, clippy, unit tests, release build and the root
     /// integration tests (tern-tests, serially). The README/CI test command.
     Test,
+    /// The lab: a node made of network namespaces running the real binaries.
+    Lab {
+        #[command(subcommand)]
+        command: lab::LabCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -38,6 +44,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::Build => build::run(),
         Command::Test => test::run(),
+        Command::Lab { command } => lab::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

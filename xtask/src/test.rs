@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::util::{Workspace, cargo, exec, is_root};
+use crate::util::{Workspace, cargo, exec, is_root, rustup_proxy, workspace_root};
 
 pub fn run() -> Result<()> {
     crate::setup::run()?;
@@ -16,10 +16,23 @@ pub fn run() -> Result<()> {
             .args(ws.ebpf_exclude())
             .args(["--", "-D", "warnings"]),
     )?;
+    // The eBPF programs, linted for the target they are built for.
+    exec(
+        rustup_proxy("cargo")
+            .current_dir(workspace_root().join("ebpf-programs"))
+            .args([
+                "+nightly",
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["-Z", "build-std=core", "--bins", "--", "-D", "warnings"]),
+    )?;
     // Unit tests: everything but the root integration tests.
     exec(
         cargo()
-            .args(["test", "--workspace", "--exclude", "tern-tests"])
+            .args(["test", "--workspace", "--tests", "--exclude", "tern-tests"])
             .args(ws.ebpf_exclude()),
     )?;
 
@@ -36,6 +49,8 @@ pub fn run() -> Result<()> {
         "test",
         "-p",
         "tern-tests",
+        // No doc tests: the run ends on the integration tests' own summary.
+        "--tests",
         "--",
         "--test-threads=1",
     ]))?;

@@ -1,0 +1,414 @@
+//! `cargo xtask lab`: a Kubernetes-like node built from network namespaces,
+//! running the real tern-agent, with pods wired by the real tern-cni.
+//!
+//! `up` leaves the lab running (state in /run/tern-lab/state.json), `status`
+//! shows it, `down` removes every namespace, process, pin and file it made.
+//! `demo` does up, proves pod networking with real traffic, and down.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::{Value, json};
+use tern_tests::lab::{Lab, LabNode, Pod};
+use tern_tests::netns::ChildGuard;
+use tern_tests::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
+
+const STATE_DIR: &str = "/run/tern-lab";
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const POD_CIDR: &str = "10.244.1.0/24";
+/// Port of the tiny echo server in every pod.
+const PORT: u16 = 8080;
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Build, then start a node with N pods and leave it running.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        pods: usize,
+    },
+    /// Show the running lab: agent status, endpoints, pod-to-pod probes.
+    Status,
+    /// Remove everything the lab made.
+    Down,
+    /// Up, prove pod networking with real traffic, print what was proved, down.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        pods: usize,
+    },
+    /// Measure CNI ADD and DEL latency (p50/p99) of the real binary over N pods.
+    CniLatency {
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+    },
+    /// (internal) The echo server run inside each pod.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+pub fn run(command: LabCommand) -> Result<()> {
+    if let LabCommand::Serve { name } = command {
+        return serve(&name);
+    }
+    crate::setup::run()?;
+    crate::build::release_bins(&crate::util::Workspace::load()?)?;
+    match command {
+        LabCommand::Up { pods } => up(pods),
+        LabCommand::Status => status(),
+        LabCommand::Down => down(),
+        LabCommand::Demo { pods } => demo(pods),
+        LabCommand::CniLatency { pods } => cni_latency(pods),
+        LabCommand::Serve { .. } => unreachable!("handled above"),
+    }
+}
+
+/// A running lab: the objects that clean up after themselves on drop,
+/// in field order (servers inside pods first, the switch last).
+struct Running {
+    servers: Vec<ChildGuard>,
+    pods: Vec<Pod>,
+    node: LabNode,
+    lab: Lab,
+}
+
+fn start(pods: usize) -> Result<Running> {
+    let lab = Lab::new()?;
+    let node = lab.node("node1", POD_CIDR, NODE_IP)?;
+    let mut running = Running {
+        servers: Vec::new(),
+        pods: Vec::new(),
+        node,
+        lab,
+    };
+    let me = std::env::current_exe()?;
+    for i in 0..pods {
+        let name = format!("pod{i}");
+        let pod = running.node.add_pod(&name)?;
+        let mut cmd = Command::new(&me);
+        cmd.args(["lab", "serve", "--name", &name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        running.servers.push(pod.ns.spawn_guarded(cmd)?);
+        running.pods.push(pod);
+    }
+    for pod in &running.pods {
+        wait_for_server(pod)?;
+    }
+    Ok(running)
+}
+
+fn wait_for_server(pod: &Pod) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let at = SocketAddr::from((pod.ip, PORT));
+    while pod
+        .ns
+        .run(|| std::net::TcpStream::connect_timeout(&at, Duration::from_millis(200)))
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the echo server in {} did not start", pod.ns.name());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn serve(name: &str) -> Result<()> {
+    let tcp = TcpListener::bind(("0.0.0.0", PORT))?;
+    let udp = UdpSocket::bind(("0.0.0.0", PORT))?;
+    let _server = EchoServer::serve(tcp, udp, name);
+    loop {
+        std::thread::park();
+    }
+}
+
+fn state_file() -> PathBuf {
+    Path::new(STATE_DIR).join("state.json")
+}
+
+fn up(pods: usize) -> Result<()> {
+    if state_file().exists() {
+        bail!(
+            "a lab is already up ({}); run `cargo xtask lab down` first",
+            state_file().display()
+        );
+    }
+    let running = start(pods)?;
+    let node = &running.node;
+    let mut netns = vec![
+        running.lab.switch.name().to_owned(),
+        node.ns.name().to_owned(),
+    ];
+    netns.extend(running.pods.iter().map(|p| p.ns.name().to_owned()));
+    let mut pids: Vec<u32> = node.agent_pid().into_iter().collect();
+    pids.extend(running.servers.iter().map(|s| s.id()));
+    let state = json!({
+        "netns": netns,
+        "pids": pids,
+        "dirs": [node.dir],
+        "bpffsDir": node.bpffs_dir,
+        "socket": node.socket,
+        "node": {"netns": node.ns.name(), "ip": node.node_ip, "podCIDR": POD_CIDR, "agentLog": node.agent_log()},
+        "pods": running.pods.iter().map(|p| json!({"netns": p.ns.name(), "ip": p.ip, "containerID": p.container_id})).collect::<Vec<_>>(),
+        "tern": node.bins.tern,
+    });
+    std::fs::create_dir_all(STATE_DIR)?;
+    std::fs::write(state_file(), serde_json::to_vec_pretty(&state)?)?;
+    println!(
+        "lab up: node {} ({NODE_IP}, PodCIDR {POD_CIDR}) with {pods} pods",
+        node.ns.name()
+    );
+    for pod in &running.pods {
+        println!(
+            "  pod {} ip {} (echo server on :{PORT})",
+            pod.ns.name(),
+            pod.ip
+        );
+    }
+    println!("agent log: {}", node.agent_log().display());
+    println!("next: `cargo xtask lab status`, then `cargo xtask lab down`");
+    // Leave it all running: `down` removes it from the state file.
+    std::mem::forget(running);
+    Ok(())
+}
+
+fn read_state() -> Result<Value> {
+    let bytes = std::fs::read(state_file())
+        .with_context(|| format!("no lab is up ({} missing)", state_file().display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+fn str_of(v: &Value) -> Result<&str> {
+    v.as_str()
+        .with_context(|| format!("lab state: expected a string, got {v}"))
+}
+
+fn tern_cli(state: &Value, args: &[&str]) -> Result<String> {
+    let out = Command::new(str_of(&state["tern"])?)
+        .arg("--socket")
+        .arg(str_of(&state["socket"])?)
+        .arg("--bpffs-dir")
+        .arg(str_of(&state["bpffsDir"])?)
+        .args(args)
+        .output()?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok(text)
+}
+
+fn status() -> Result<()> {
+    let state = read_state()?;
+    println!("{}", tern_cli(&state, &["status"])?);
+    println!("{}", tern_cli(&state, &["endpoint", "list"])?);
+    let pods: Vec<(tern_tests::netns::Netns, Ipv4Addr)> = state["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            Ok((
+                tern_tests::netns::Netns::existing(str_of(&p["netns"])?)?,
+                str_of(&p["ip"])?.parse()?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    println!("pod-to-pod probes (TCP echo on :{PORT}):");
+    for (from_ns, from_ip) in &pods {
+        for (_, to_ip) in pods.iter().filter(|(_, ip)| ip != from_ip) {
+            let result = tcp_roundtrip(from_ns, SocketAddr::from((*to_ip, PORT)), "probe");
+            let shown = match result {
+                Ok(answer) => format!("ok ({answer})"),
+                Err(e) => format!("FAILED: {e:#}"),
+            };
+            println!("  {from_ip} -> {to_ip}: {shown}");
+        }
+    }
+    Ok(())
+}
+
+fn down() -> Result<()> {
+    let state = match read_state() {
+        Ok(state) => state,
+        Err(_) => {
+            println!("no lab is up");
+            return Ok(());
+        }
+    };
+    for pid in state["pids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+    {
+        stop_own_process(pid as i32);
+    }
+    for ns in state["netns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    for dir in state["dirs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    if let Some(bpffs) = state["bpffsDir"].as_str() {
+        let _ = std::fs::remove_dir_all(bpffs);
+    }
+    std::fs::remove_file(state_file())?;
+    println!("lab down: namespaces, processes, pins and state removed");
+    Ok(())
+}
+
+/// Stops a process the lab started, by PID, after checking that the PID
+/// still belongs to one of our binaries (it may have exited and been reused).
+fn stop_own_process(pid: i32) {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name != "tern-agent" && name != "xtask" {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Every check the demo makes, printed as it is proved.
+fn demo(pods: usize) -> Result<()> {
+    anyhow::ensure!(pods >= 2, "the demo needs at least 2 pods");
+    let mut running = start(pods)?;
+    let node = &mut running.node;
+    node.ns.sysctl("net.ipv4.ip_forward", "0")?;
+    println!(
+        "lab: node {} ({NODE_IP}, PodCIDR {POD_CIDR}), agent pid {:?}",
+        node.ns.name(),
+        node.agent_pid()
+    );
+    for pod in &running.pods {
+        println!("  pod {} got {} from tern-cni ADD", pod.ns.name(), pod.ip);
+    }
+    println!(
+        "node forwarding is OFF (net.ipv4.ip_forward=0): only the eBPF redirect can carry pod-to-pod traffic\n"
+    );
+
+    let before = node.counter("redirect_local_pod")?;
+    let mut pairs = 0;
+    for a in &running.pods {
+        for b in running.pods.iter().filter(|b| b.ip != a.ip) {
+            let to = SocketAddr::from((b.ip, PORT));
+            let answer = tcp_roundtrip(&a.ns, to, "hello")?;
+            let (udp_answer, from) = udp_roundtrip(&a.ns, to, "ping")?;
+            anyhow::ensure!(from == to, "UDP answer came from {from}, not {to}");
+            println!(
+                "  proved: {} -> {} TCP echo {answer:?}, UDP echo {udp_answer:?} from {from}",
+                a.ip, b.ip
+            );
+            pairs += 1;
+        }
+    }
+    let redirected = node.counter("redirect_local_pod")? - before;
+    println!(
+        "  proved: {pairs} pod pairs talk over TCP and UDP; from_pod redirected {redirected} packets\n"
+    );
+
+    let node_server = EchoServer::start(&node.ns, PORT, "node")?;
+    let answer = tcp_roundtrip(
+        &running.pods[0].ns,
+        SocketAddr::from((NODE_IP, PORT)),
+        "to node",
+    )?;
+    println!(
+        "  proved: pod {} -> node {NODE_IP}: {answer:?}",
+        running.pods[0].ip
+    );
+    let answer = tcp_roundtrip(
+        &node.ns,
+        SocketAddr::from((running.pods[0].ip, PORT)),
+        "to pod",
+    )?;
+    println!("  proved: node -> pod {}: {answer:?}\n", running.pods[0].ip);
+    drop(node_server);
+
+    let (a, b) = (&running.pods[0], &running.pods[1]);
+    let mut conn = tcp_connect(&a.ns, SocketAddr::from((b.ip, PORT)))?;
+    tcp_exchange(&mut conn, "before restart")?;
+    node.kill_agent()?;
+    let answer = tcp_exchange(&mut conn, "agent killed")?;
+    println!(
+        "  proved: agent killed (SIGKILL); the open TCP connection {} -> {} still answers {answer:?}",
+        a.ip, b.ip
+    );
+    node.start_agent()?;
+    let answer = tcp_exchange(&mut conn, "agent back")?;
+    println!(
+        "  proved: agent restarted, re-adopted the pinned datapath; same connection answers {answer:?}\n"
+    );
+
+    println!("{}", node.tern(&["status"])?);
+    println!("{}", node.tern(&["endpoint", "list"])?);
+    for pod in &running.pods {
+        let out = node.del_pod(pod)?;
+        anyhow::ensure!(out.code == Some(0), "DEL failed: {out:?}");
+    }
+    println!(
+        "  proved: CNI DEL of every pod; {}",
+        node.tern(&["status"])?
+            .lines()
+            .find(|l| l.starts_with("addresses"))
+            .unwrap_or_default()
+    );
+    drop(running);
+    println!("lab removed. Demo passed.");
+    Ok(())
+}
+
+/// ADD and DEL of the real binary against the real agent, one pod at a time.
+fn cni_latency(pods: usize) -> Result<()> {
+    let lab = Lab::new()?;
+    let node = lab.node("node1", "10.244.0.0/16", NODE_IP)?;
+    let mut add = Vec::new();
+    let mut del = Vec::new();
+    for i in 0..pods {
+        let ns = tern_tests::netns::Netns::new(&format!("l{i}"))?;
+        let id = tern_tests::netns::unique_name("lat");
+        let t = Instant::now();
+        let out = node.cni("ADD", &id, ns.path(), "1.1.0")?;
+        add.push(t.elapsed());
+        out.success_json()?;
+        let t = Instant::now();
+        let out = node.cni("DEL", &id, ns.path(), "1.1.0")?;
+        del.push(t.elapsed());
+        anyhow::ensure!(out.code == Some(0), "DEL failed: {out:?}");
+    }
+    let report = |name: &str, v: &mut Vec<Duration>| {
+        v.sort();
+        let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+        println!(
+            "{name}: p50 {:.2} ms, p99 {:.2} ms, min {:.2} ms, max {:.2} ms (n={})",
+            pct(0.50).as_secs_f64() * 1e3,
+            pct(0.99).as_secs_f64() * 1e3,
+            v[0].as_secs_f64() * 1e3,
+            v[v.len() - 1].as_secs_f64() * 1e3,
+            v.len()
+        );
+    };
+    report("CNI ADD", &mut add);
+    report("CNI DEL", &mut del);
+    Ok(())
+}
