@@ -8,6 +8,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tern_cni::agent_api::{self, Request, Response};
+use tern_cni::podnet::format_mac;
 
 use crate::datapath::{DatapathMaps, attached_pods};
 use crate::table;
@@ -113,6 +114,10 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
             rows.push(vec!["endpoints".into(), s.endpoints.to_string()]);
             rows.push(vec!["pod MTU".into(), s.mtu.to_string()]);
             rows.push(vec!["bpffs".into(), s.bpffs_dir]);
+            rows.push(vec![
+                "CNI requests (failed)".into(),
+                format!("{} ({})", s.requests, s.requests_failed),
+            ]);
         }
         Ok(other) => rows.push(vec!["agent".into(), format!("unexpected answer {other:?}")]),
         Err(e) => rows.push(vec!["agent".into(), format!("unreachable: {e}")]),
@@ -153,7 +158,7 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
                         e.attachment.ifname.clone(),
                         e.host_ifname.clone(),
                         s.host_ifindex.to_string(),
-                        mac(&e.mac),
+                        format_mac(&e.mac),
                         if s.attached {
                             "attached".into()
                         } else {
@@ -175,7 +180,9 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
             if cli.output == Output::Json {
                 let list: Vec<_> = entries
                     .iter()
-                    .map(|(ip, i)| json!({"ip": ip, "ifindex": i.ifindex, "mac": mac(&i.pod_mac)}))
+                    .map(|(ip, i)| {
+                        json!({"ip": ip, "ifindex": i.ifindex, "mac": format_mac(&i.pod_mac)})
+                    })
                     .collect();
                 return Ok(serde_json::to_string_pretty(
                     &json!({"source": "pinned maps", "endpoints": list}),
@@ -190,7 +197,7 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
                         "-".into(),
                         "-".into(),
                         i.ifindex.to_string(),
-                        mac(&i.pod_mac),
+                        format_mac(&i.pod_mac),
                         format!("pinned ({} links)", attached.len()),
                     ]
                 })
@@ -205,12 +212,4 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
 
 fn short_id(id: &str) -> String {
     id.chars().take(12).collect()
-}
-
-pub fn mac(bytes: &[u8; 6]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }

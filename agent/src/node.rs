@@ -21,6 +21,8 @@ pub struct Node {
     ipam: Option<Ipam>,
     endpoints: EndpointStore,
     datapath: Datapath,
+    requests: u64,
+    requests_failed: u64,
 }
 
 impl Node {
@@ -43,6 +45,8 @@ impl Node {
             ipam,
             endpoints,
             datapath,
+            requests: 0,
+            requests_failed: 0,
         };
         node.reconcile()?;
         Ok(node)
@@ -119,10 +123,15 @@ impl Node {
             Request::Status => Ok(Response::Status(self.status())),
             Request::ListEndpoints => self.list_endpoints(),
         };
-        result.unwrap_or_else(|e| Response::Error {
+        let response = result.unwrap_or_else(|e| Response::Error {
             message: format!("{e:#}"),
             try_again: false,
-        })
+        });
+        self.requests += 1;
+        if matches!(response, Response::Error { .. }) {
+            self.requests_failed += 1;
+        }
+        response
     }
 
     fn allocate(&mut self, attachment: &Attachment) -> anyhow::Result<Response> {
@@ -221,6 +230,8 @@ impl Node {
                 .is_none()
                 .then(|| "node has no PodCIDR".to_owned()),
             bpffs_dir: self.datapath.bpffs_dir().display().to_string(),
+            requests: self.requests,
+            requests_failed: self.requests_failed,
         }
     }
 

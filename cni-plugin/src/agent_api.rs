@@ -95,6 +95,11 @@ pub struct AgentStatus {
     pub ready: bool,
     pub reason: Option<String>,
     pub bpffs_dir: String,
+    /// Requests served since the agent started, and how many of them failed.
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub requests_failed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -219,13 +219,13 @@ impl<'a> Context<'a> {
         }
         result.interfaces.push(Interface {
             name: host_ifname.to_owned(),
-            mac: Some(format_mac(&wired.host_mac)),
+            mac: Some(podnet::format_mac(&wired.host_mac)),
             mtu: Some(mtu),
             ..Default::default()
         });
         result.interfaces.push(Interface {
             name: self.env.ifname.clone().unwrap_or_default(),
-            mac: Some(format_mac(&wired.pod_mac)),
+            mac: Some(podnet::format_mac(&wired.pod_mac)),
             sandbox: Some(netns.display().to_string()),
             mtu: Some(mtu),
             ..Default::default()
@@ -365,13 +365,6 @@ pub fn host_ifname(attachment: &Attachment) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("tern{:011x}", hash >> 20)
-}
-
-fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 fn check_failed(msg: String) -> CniError {
