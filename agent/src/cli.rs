@@ -48,6 +48,17 @@ pub enum Command {
         #[command(subcommand)]
         command: EndpointCommand,
     },
+    /// Service frontends in the datapath.
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Each frontend (VIP:port/proto), its kind and flags, and its backends.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +73,9 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Endpoint {
             command: EndpointCommand::List,
         } => endpoint_list(&cli),
+        Command::Service {
+            command: ServiceCommand::List,
+        } => service_list(&cli),
     }
 }
 
@@ -114,6 +128,11 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
             rows.push(vec!["endpoints".into(), s.endpoints.to_string()]);
             rows.push(vec!["pod MTU".into(), s.mtu.to_string()]);
             rows.push(vec!["bpffs".into(), s.bpffs_dir]);
+            rows.push(vec!["services path".into(), s.service_path.clone()]);
+            rows.push(vec![
+                "service frontends / backends".into(),
+                format!("{} / {}", s.frontends, s.backends),
+            ]);
             rows.push(vec![
                 "CNI requests (failed)".into(),
                 format!("{} ({})", s.requests, s.requests_failed),
@@ -212,4 +231,56 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
 
 fn short_id(id: &str) -> String {
     id.chars().take(12).collect()
+}
+
+fn service_list(cli: &Cli) -> anyhow::Result<String> {
+    match ask(cli, &Request::ListServices)? {
+        Response::Services { frontends } => {
+            if cli.output == Output::Json {
+                return Ok(serde_json::to_string_pretty(&frontends)?);
+            }
+            let rows: Vec<Vec<String>> = frontends
+                .iter()
+                .map(|f| {
+                    vec![
+                        f.frontend.clone(),
+                        f.kind.clone(),
+                        f.scope.clone(),
+                        format!(
+                            "{} ({})",
+                            f.service,
+                            if f.port_name.is_empty() {
+                                "-"
+                            } else {
+                                &f.port_name
+                            }
+                        ),
+                        if f.flags.is_empty() {
+                            "-".into()
+                        } else {
+                            f.flags.join(",")
+                        },
+                        if f.backends.is_empty() {
+                            "<none: refused>".into()
+                        } else {
+                            f.backends.join(" ")
+                        },
+                    ]
+                })
+                .collect();
+            Ok(table::render(
+                &[
+                    "FRONTEND",
+                    "KIND",
+                    "SCOPE",
+                    "SERVICE (PORT)",
+                    "FLAGS",
+                    "BACKENDS",
+                ],
+                &rows,
+            ))
+        }
+        Response::Error { message, .. } => bail!("the agent refused: {message}"),
+        other => bail!("unexpected answer from the agent: {other:?}"),
+    }
 }

@@ -1,11 +1,15 @@
 //! Agent configuration: an optional JSON file, overridden by flags.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
 use ipnetwork::Ipv4Network;
 use serde::Deserialize;
+
+use crate::compiler::maglev::is_prime;
+use crate::model::LbAlgorithm;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +40,29 @@ pub struct AgentArgs {
     /// Unix socket of the CNI API.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Standalone mode: a directory of Service and EndpointSlice manifests,
+    /// watched for changes.
+    #[arg(long)]
+    pub manifests_dir: Option<PathBuf>,
+    /// Translate Service addresses at the socket (cgroup hooks): true or false.
+    #[arg(long)]
+    pub socket_lb: Option<bool>,
+    /// cgroup v2 directory whose processes (the pods) get socket-LB; mounted
+    /// as cgroup2 when it is not inside a cgroup2 hierarchy yet.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Addresses NodePorts listen on (repeatable; default: the node's IPv4 addresses).
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Maglev table size, a prime up to 16381.
+    #[arg(long)]
+    pub maglev_table_size: Option<u32>,
+    /// Backend selection for Services without the tern.io/lb-algorithm annotation: random or maglev.
+    #[arg(long)]
+    pub lb_algorithm: Option<String>,
+    /// The cluster's Service CIDR: connections to unused addresses in it are refused.
+    #[arg(long)]
+    pub service_cidr: Option<Ipv4Network>,
 }
 
 /// The file form; keys are camelCase like Kubernetes objects.
@@ -49,6 +76,16 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     bpffs_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
+    manifests_dir: Option<PathBuf>,
+    #[serde(rename = "socketLB")]
+    socket_lb: Option<bool>,
+    cgroup_root: Option<PathBuf>,
+    #[serde(rename = "nodeIPs")]
+    node_ips: Option<Vec<Ipv4Addr>>,
+    maglev_table_size: Option<u32>,
+    lb_algorithm: Option<String>,
+    #[serde(rename = "serviceCIDR")]
+    service_cidr: Option<Ipv4Network>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,7 +97,20 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
+    pub manifests_dir: Option<PathBuf>,
+    pub socket_lb: bool,
+    pub cgroup_root: PathBuf,
+    /// Empty: detect at start.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub maglev_table_size: u32,
+    pub lb_algorithm: LbAlgorithm,
+    pub service_cidr: Ipv4Network,
 }
+
+/// kubeadm's default Service CIDR.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const DEFAULT_CGROUP_ROOT: &str = "/run/tern/cgroupv2";
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16381;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tern";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/tern";
@@ -81,7 +131,42 @@ impl AgentConfig {
         {
             anyhow::bail!("mtu {mtu} is out of range (576..=65535)");
         }
+        let maglev_table_size = args
+            .maglev_table_size
+            .or(file.maglev_table_size)
+            .unwrap_or(DEFAULT_MAGLEV_TABLE_SIZE);
+        if !is_prime(maglev_table_size)
+            || maglev_table_size as usize > tern_common::MAGLEV_TABLE_MAX
+        {
+            anyhow::bail!(
+                "maglev table size {maglev_table_size} must be a prime no larger than {}",
+                tern_common::MAGLEV_TABLE_MAX
+            );
+        }
+        let lb_algorithm = match args.lb_algorithm.or(file.lb_algorithm).as_deref() {
+            None | Some("random") => LbAlgorithm::Random,
+            Some("maglev") => LbAlgorithm::Maglev,
+            Some(other) => anyhow::bail!("lb algorithm {other:?} is not one of random, maglev"),
+        };
+        let node_ips = if args.node_ips.is_empty() {
+            file.node_ips.unwrap_or_default()
+        } else {
+            args.node_ips
+        };
         Ok(AgentConfig {
+            manifests_dir: args.manifests_dir.or(file.manifests_dir),
+            service_cidr: match args.service_cidr.or(file.service_cidr) {
+                Some(cidr) => cidr,
+                None => DEFAULT_SERVICE_CIDR.parse()?,
+            },
+            socket_lb: args.socket_lb.or(file.socket_lb).unwrap_or(true),
+            cgroup_root: args
+                .cgroup_root
+                .or(file.cgroup_root)
+                .unwrap_or_else(|| DEFAULT_CGROUP_ROOT.into()),
+            node_ips,
+            maglev_table_size,
+            lb_algorithm,
             node_name,
             pod_cidr: args.pod_cidr.or(file.pod_cidr),
             mtu,

@@ -44,3 +44,30 @@ pub async fn default_route_mtu() -> anyhow::Result<Option<u32>> {
     task.abort();
     Ok(mtu)
 }
+
+/// The node's own IPv4 addresses (not loopback, not link-local): where
+/// NodePorts listen unless configured.
+pub async fn node_ipv4_addresses() -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    use rtnetlink::packet_route::AddressFamily;
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let mut addresses = handle.address().get().execute();
+    let mut ips = Vec::new();
+    while let Some(message) = addresses.try_next().await? {
+        if message.header.family != AddressFamily::Inet {
+            continue;
+        }
+        for attribute in &message.attributes {
+            if let AddressAttribute::Local(std::net::IpAddr::V4(ip)) = attribute
+                && !ip.is_loopback()
+                && !ip.is_link_local()
+                && !ips.contains(ip)
+            {
+                ips.push(*ip);
+            }
+        }
+    }
+    task.abort();
+    Ok(ips)
+}

@@ -6,10 +6,14 @@
 
 pub mod cli;
 pub mod cni_api;
+pub mod compiler;
 pub mod config;
 pub mod datapath;
 pub mod endpoints;
 pub mod host;
 pub mod ipam;
+pub mod model;
 pub mod node;
+pub mod services;
+pub mod sources;
 pub mod table;

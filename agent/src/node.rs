@@ -4,13 +4,17 @@
 use std::path::Path;
 
 use anyhow::Context;
-use tern_cni::agent_api::{AgentStatus, Attachment, Endpoint, EndpointStatus, Request, Response};
+use tern_cni::agent_api::{
+    AgentStatus, Attachment, Endpoint, EndpointStatus, FrontendStatus, Request, Response,
+};
 use tern_cni::podnet;
-use tern_common::EndpointInfo;
+use tern_common::{DatapathConfig, EndpointInfo};
 use tracing::{info, warn};
 
+use crate::compiler::lb::{FrontendKind, LbState, Scope};
 use crate::config::AgentConfig;
 use crate::datapath::Datapath;
+use crate::datapath::services::{LbSync, SyncStats};
 use crate::endpoints::EndpointStore;
 use crate::ipam::Ipam;
 
@@ -23,6 +27,10 @@ pub struct Node {
     datapath: Datapath,
     requests: u64,
     requests_failed: u64,
+    lb: LbSync,
+    /// What the datapath was last told to serve, for listing.
+    services: LbState,
+    socket_lb: bool,
 }
 
 impl Node {
@@ -38,7 +46,19 @@ impl Node {
             }
         };
         let endpoints = EndpointStore::open(&config.state_dir.join("endpoints.json"))?;
-        let datapath = Datapath::load(&config.bpffs_dir)?;
+        let mut datapath = Datapath::load(&config.bpffs_dir)?;
+        let lb = LbSync::adopt(&mut datapath.services)?;
+        datapath.maps.set_config(DatapathConfig {
+            service_cidr_addr: crate::datapath::ip_to_key(config.service_cidr.network()),
+            service_cidr_mask: crate::datapath::ip_to_key(config.service_cidr.mask()),
+        })?;
+        if config.socket_lb {
+            crate::datapath::ensure_cgroup2(&config.cgroup_root)?;
+            datapath.attach_socket_lb(&config.cgroup_root)?;
+            info!(cgroup = %config.cgroup_root.display(), "socket-LB attached");
+        } else {
+            datapath.detach_socket_lb()?;
+        }
         let mut node = Node {
             node_name: config.node_name.clone(),
             mtu,
@@ -47,6 +67,9 @@ impl Node {
             datapath,
             requests: 0,
             requests_failed: 0,
+            lb,
+            services: LbState::default(),
+            socket_lb: config.socket_lb,
         };
         node.reconcile()?;
         Ok(node)
@@ -122,6 +145,7 @@ impl Node {
             Request::Gc { valid } => self.gc(&valid),
             Request::Status => Ok(Response::Status(self.status())),
             Request::ListEndpoints => self.list_endpoints(),
+            Request::ListServices => Ok(self.list_services()),
         };
         let response = result.unwrap_or_else(|e| Response::Error {
             message: format!("{e:#}"),
@@ -232,6 +256,14 @@ impl Node {
             bpffs_dir: self.datapath.bpffs_dir().display().to_string(),
             requests: self.requests,
             requests_failed: self.requests_failed,
+            frontends: self.lb.frontends(),
+            backends: self.lb.backends(),
+            service_path: if self.socket_lb {
+                "socket-lb"
+            } else {
+                "per-packet"
+            }
+            .into(),
         }
     }
 
@@ -251,6 +283,57 @@ impl Node {
             })
             .collect();
         Ok(Response::Endpoints { endpoints })
+    }
+
+    /// Brings the service maps to `state` (a compiled snapshot).
+    pub fn apply_services(&mut self, state: LbState) -> SyncStats {
+        let stats = self.lb.apply(&mut self.datapath.services, &state);
+        self.services = state;
+        stats
+    }
+
+    fn list_services(&self) -> Response {
+        let frontends = self
+            .services
+            .frontends
+            .iter()
+            .map(|(frontend, entry)| {
+                let mut flags = Vec::new();
+                if let Some(t) = entry.affinity_timeout {
+                    flags.push(format!("affinity={t}s"));
+                }
+                if entry.maglev.is_some() {
+                    flags.push("maglev".into());
+                }
+                if entry.external_traffic_local {
+                    flags.push("local".into());
+                }
+                FrontendStatus {
+                    frontend: format!("{}:{}/{}", frontend.ip, frontend.port, frontend.protocol),
+                    kind: match entry.kind {
+                        FrontendKind::ClusterIp => "ClusterIP",
+                        FrontendKind::NodePort => "NodePort",
+                        FrontendKind::LoadBalancer => "LoadBalancer",
+                        FrontendKind::ExternalIp => "ExternalIP",
+                    }
+                    .into(),
+                    scope: match frontend.scope {
+                        Scope::External => "external",
+                        Scope::Internal => "internal",
+                    }
+                    .into(),
+                    service: entry.service.to_string(),
+                    port_name: entry.port_name.clone(),
+                    flags,
+                    backends: entry
+                        .backends
+                        .iter()
+                        .map(|b| format!("{}:{}", b.ip, b.port))
+                        .collect(),
+                }
+            })
+            .collect();
+        Response::Services { frontends }
     }
 
     pub fn bpffs_dir(&self) -> &Path {

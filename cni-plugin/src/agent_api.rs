@@ -53,6 +53,8 @@ pub enum Request {
     Status,
     /// Everything the agent holds about endpoints.
     ListEndpoints,
+    /// The Service frontends in the datapath, with their backends.
+    ListServices,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +76,9 @@ pub enum Response {
     Status(AgentStatus),
     Endpoints {
         endpoints: Vec<EndpointStatus>,
+    },
+    Services {
+        frontends: Vec<FrontendStatus>,
     },
     Error {
         message: String,
@@ -100,6 +105,32 @@ pub struct AgentStatus {
     pub requests: u64,
     #[serde(default)]
     pub requests_failed: u64,
+    /// Service frontends and backends in the datapath.
+    #[serde(default)]
+    pub frontends: usize,
+    #[serde(default)]
+    pub backends: usize,
+    /// "socket-lb" or "per-packet".
+    #[serde(default)]
+    pub service_path: String,
+}
+
+/// One Service frontend as `tern service list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrontendStatus {
+    /// "ip:port/PROTO".
+    pub frontend: String,
+    /// "ClusterIP", "NodePort", "LoadBalancer" or "ExternalIP".
+    pub kind: String,
+    /// "external" or "internal" (ETP=Local frontends have both).
+    pub scope: String,
+    /// "namespace/name" and the Service port's name.
+    pub service: String,
+    pub port_name: String,
+    /// e.g. "affinity=10800s", "maglev", "local".
+    pub flags: Vec<String>,
+    /// "ip:port".
+    pub backends: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,93 +1,47 @@
-//! Tern's eBPF datapath.
-//!
-//! `from_pod` runs at tc ingress on the host side of every pod veth, i.e. on
-//! each packet a pod sends. A packet for another pod on this node is handed
-//! straight to that pod's interface with `bpf_redirect_peer`, skipping the
-//! node's routing; anything else goes up the node's own stack.
+//! Tern's eBPF datapath: the program entry points; the logic lives in one
+//! module per concern (pod routing, socket-LB, service selection, maps).
 #![no_std]
 #![no_main]
 
+mod lb;
+mod maps;
+mod pod;
+mod sock;
+
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::generated::bpf_redirect_peer,
-    macros::{classifier, map},
-    maps::{HashMap, PerCpuArray},
-    programs::TcContext,
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use tern_common::{ENDPOINTS_MAX, EndpointInfo, Reason};
 
-/// Local pods by IPv4 address (network byte order). Pinned by name so the
-/// datapath keeps working while the agent restarts.
-#[map]
-static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
-
-/// Packet counters by `Reason`, per CPU.
-#[map]
-static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
-
-const ETH_P_IP: u16 = 0x0800;
-const IPV4_TTL_OFFSET: usize = EthHdr::LEN + 8;
-const IPV4_CHECK_OFFSET: usize = EthHdr::LEN + 10;
-
+/// tc ingress on the host side of each pod veth: every packet a pod sends.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let (reason, verdict) = route_from_pod(&ctx);
-    count(reason);
-    verdict
+    pod::from_pod(&ctx)
 }
 
-fn route_from_pod(ctx: &TcContext) -> (Reason, i32) {
-    let pass = TC_ACT_OK;
-    let Ok(eth) = ctx.load::<EthHdr>(0) else {
-        return (Reason::NotIpv4, pass);
-    };
-    if u16::from_be(eth.ether_type) != ETH_P_IP {
-        return (Reason::NotIpv4, pass);
-    }
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
-        return (Reason::NotIpv4, pass);
-    };
-    let dst = u32::from_ne_bytes(ip.dst_addr);
-    // SAFETY: the value is copied out at once; the map is only written by
-    // the agent, never through this reference.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(dst) }).copied() else {
-        return (Reason::PassToStack, pass);
-    };
-    // Routing semantics as if the node had forwarded the packet: the TTL
-    // drops by one, and an expiring packet goes to the stack, which answers
-    // with ICMP time exceeded.
-    if ip.ttl <= 1 || decrement_ttl(ctx, &ip).is_err() {
-        return (Reason::PassToStack, pass);
-    }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&endpoint.pod_mac);
-    macs[6..].copy_from_slice(&endpoint.host_mac);
-    if ctx.store(0, &macs, 0).is_err() {
-        return (Reason::RedirectFailed, pass);
-    }
-    // SAFETY: plain helper call; it only records the target for tc.
-    let verdict = unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
-    if verdict == TC_ACT_REDIRECT as i64 {
-        (Reason::RedirectLocalPod, verdict as i32)
-    } else {
-        (Reason::RedirectFailed, pass)
-    }
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_backend(&ctx)
 }
 
-/// TTL shares a 16-bit checksum word with the protocol byte.
-fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<(), i64> {
-    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
-    ctx.store(IPV4_TTL_OFFSET, &(ip.ttl - 1), 0)?;
-    ctx.l3_csum_replace(IPV4_CHECK_OFFSET, old.to_be() as u64, new.to_be() as u64, 2)
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_backend(&ctx)
 }
 
-fn count(reason: Reason) {
-    if let Some(counter) = METRICS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot, no other writer on this CPU meanwhile.
-        unsafe { *counter += 1 };
-    }
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_service(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_service(&ctx)
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn sock_post_bind4(ctx: SockContext) -> i32 {
+    sock::refuse_node_port_bind(&ctx)
 }
 
 #[cfg(not(test))]

@@ -96,6 +96,12 @@ pub struct LabNode {
     pub dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
+    /// Service and EndpointSlice manifests the agent watches.
+    pub manifests_dir: PathBuf,
+    /// The node's pods cgroup (v2): socket-LB applies to processes in it.
+    pub cgroup: PathBuf,
+    /// Service translation at the socket (true) or per packet (false).
+    pub socket_lb: bool,
     pub bins: Binaries,
     agent: Option<ChildGuard>,
 }
@@ -112,12 +118,20 @@ impl LabNode {
         let unique = unique_name(name);
         let dir = std::env::temp_dir().join(&unique);
         std::fs::create_dir_all(&dir)?;
+        let manifests_dir = dir.join("manifests");
+        std::fs::create_dir_all(&manifests_dir)?;
+        let cgroup = cgroup2_root()?.join(&unique);
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let node = LabNode {
             name: name.to_owned(),
             node_ip,
             pod_cidr: pod_cidr.map(str::to_owned),
             bpffs_dir: Path::new("/sys/fs/bpf").join(&unique),
             socket: dir.join("tern.sock"),
+            manifests_dir,
+            cgroup,
+            socket_lb: true,
             dir,
             bins: lab.bins.clone(),
             agent: None,
@@ -149,6 +163,14 @@ impl LabNode {
             .arg(&self.bpffs_dir)
             .arg("--socket")
             .arg(&self.socket)
+            .arg("--manifests-dir")
+            .arg(&self.manifests_dir)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup)
+            .arg("--socket-lb")
+            .arg(self.socket_lb.to_string())
+            .arg("--node-ip")
+            .arg(self.node_ip.to_string())
             .env("TERN_LOG", "info");
         if let Some(cidr) = &self.pod_cidr {
             cmd.arg("--pod-cidr").arg(cidr);
@@ -318,11 +340,135 @@ impl LabNode {
     }
 }
 
+impl LabNode {
+    /// Writes (or replaces) a manifest file atomically, as a ConfigMap
+    /// update or an editor would, so the agent never reads half a file.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.manifests_dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests_dir.join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        std::fs::remove_file(self.manifests_dir.join(file))?;
+        Ok(())
+    }
+
+    /// Service frontends as `tern service list -o json` shows them.
+    pub fn frontends(&self) -> Result<Vec<Value>> {
+        let list: Value = serde_json::from_str(&self.tern(&["service", "list", "-o", "json"])?)?;
+        Ok(list.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until `frontend` ("ip:port/PROTO", external scope) is in the
+    /// datapath with exactly `backends` (any order); `None` = absent.
+    pub fn wait_for_frontend(&self, frontend: &str, backends: Option<&[&str]>) -> Result<()> {
+        let mut want: Option<Vec<String>> =
+            backends.map(|b| b.iter().map(|s| s.to_string()).collect());
+        if let Some(w) = want.as_mut() {
+            w.sort();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let frontends = self.frontends()?;
+            let found = frontends
+                .iter()
+                .find(|f| f["frontend"] == frontend && f["scope"] == "external");
+            let have: Option<Vec<String>> = found.map(|f| {
+                let mut b: Vec<String> = f["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|b| b.as_str().map(str::to_owned))
+                    .collect();
+                b.sort();
+                b
+            });
+            if have == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "frontend {frontend}: wanted backends {want:?}, the agent has {have:?}\n{}",
+                    self.agent_log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Puts this process into the node's pods cgroup until the guard drops:
+    /// sockets created meanwhile belong to "pods" and get socket-LB.
+    pub fn enter_pods_cgroup(&self) -> Result<CgroupGuard> {
+        CgroupGuard::enter(&self.cgroup)
+    }
+}
+
+/// Membership of this process in a cgroup v2 directory; back to the
+/// cgroup it came from on drop.
+pub struct CgroupGuard {
+    previous: PathBuf,
+}
+
+impl CgroupGuard {
+    pub fn enter(cgroup: &Path) -> Result<CgroupGuard> {
+        let root = cgroup2_root()?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let relative = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("/")
+            .trim_start_matches('/')
+            .to_owned();
+        let previous = root.join(relative);
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+        Ok(CgroupGuard { previous })
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(
+            self.previous.join("cgroup.procs"),
+            std::process::id().to_string(),
+        ) {
+            eprintln!("warning: leaving the lab cgroup: {e}");
+        }
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted; mounted (lab-owned) at
+/// /run/tern-lab-cgroup2 when the machine has none.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if let Some(dir) = mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fs) = (f.next()?, f.next()?, f.next()?);
+        (fs == "cgroup2").then(|| PathBuf::from(dir))
+    }) {
+        return Ok(dir);
+    }
+    let dir = PathBuf::from("/run/tern-lab-cgroup2");
+    std::fs::create_dir_all(&dir)?;
+    let status = Command::new("mount")
+        .args(["-t", "cgroup2", "none"])
+        .arg(&dir)
+        .status()?;
+    if !status.success() {
+        bail!("mounting cgroup2 at {} failed", dir.display());
+    }
+    Ok(dir)
+}
+
 impl Drop for LabNode {
     fn drop(&mut self) {
         drop(self.agent.take());
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Empty by now (processes left it); rmdir is how cgroups go away.
+        let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
 

@@ -3,8 +3,9 @@
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use tern_agent::compiler::lb::NodeContext;
 use tern_agent::config::{AgentArgs, AgentConfig};
-use tern_agent::{cni_api, host, node::Node};
+use tern_agent::{cni_api, host, node::Node, services};
 use tracing::{error, info};
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +40,19 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             .unwrap_or(host::FALLBACK_MTU),
     };
     let node = Node::start(&config, mtu)?;
+    let mut node_ips = config.node_ips.clone();
+    if node_ips.is_empty() {
+        node_ips = runtime.block_on(host::node_ipv4_addresses())?;
+    }
+    // 0.0.0.0 stands for "any local address": the NodePort entry that
+    // local binds are checked against.
+    node_ips.insert(0, std::net::Ipv4Addr::UNSPECIFIED);
+    let context = NodeContext {
+        node_name: config.node_name.clone(),
+        node_ips,
+        maglev_table_size: config.maglev_table_size,
+        default_algorithm: config.lb_algorithm,
+    };
     info!(
         node = %config.node_name,
         pod_cidr = ?config.pod_cidr.map(|c| c.to_string()),
@@ -49,6 +63,9 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     let node = Arc::new(Mutex::new(node));
     runtime.block_on(async {
+        if let Some(dir) = config.manifests_dir.clone() {
+            tokio::spawn(services::run(dir, context, node.clone()));
+        }
         let listener = cni_api::bind(&config.socket)?;
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::Context;
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use tern_common::{EndpointInfo, Reason, maps};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use tern_common::{DatapathConfig, EndpointInfo, Reason, maps};
 
 pub type EndpointsMap = HashMap<MapData, u32, EndpointInfo>;
 pub type MetricsMap = PerCpuArray<MapData, u64>;
@@ -15,6 +15,7 @@ pub type MetricsMap = PerCpuArray<MapData, u64>;
 pub struct DatapathMaps {
     pub endpoints: EndpointsMap,
     pub metrics: MetricsMap,
+    pub config: Array<MapData, DatapathConfig>,
 }
 
 impl DatapathMaps {
@@ -33,6 +34,7 @@ impl DatapathMaps {
         Ok(DatapathMaps {
             endpoints: open(maps::ENDPOINTS)?.try_into()?,
             metrics: open(maps::METRICS)?.try_into()?,
+            config: open(maps::CONFIG)?.try_into()?,
         })
     }
 
@@ -64,6 +66,12 @@ impl DatapathMaps {
             }
             Err(e) => Err(e).with_context(|| format!("cannot remove endpoint {ip}")),
         }
+    }
+
+    pub fn set_config(&mut self, config: DatapathConfig) -> anyhow::Result<()> {
+        self.config
+            .set(0, config, 0)
+            .context("writing the CONFIG map")
     }
 
     /// Packet counters summed over CPUs, by reason.

@@ -6,16 +6,27 @@
 //! program into each existing link atomically.
 
 mod maps;
+pub mod services;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 pub use maps::{DatapathMaps, ip_from_key, ip_to_key};
 use tern_common::programs;
+
+use self::services::ServiceMaps;
+
+/// The socket-LB programs, attached to the pods' cgroup v2 subtree.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    programs::SOCK_CONNECT4,
+    programs::SOCK_SENDMSG4,
+    programs::SOCK_RECVMSG4,
+    programs::SOCK_GETPEERNAME4,
+];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-ebpf"));
 
@@ -23,6 +34,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     bpffs_dir: PathBuf,
     pub maps: DatapathMaps,
+    pub services: ServiceMaps,
 }
 
 impl Datapath {
@@ -41,11 +53,29 @@ impl Datapath {
             .context("program from_pod missing from the object")?
             .try_into()?;
         from_pod.load().context("the verifier refused from_pod")?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier refused {name}"))?;
+        }
+        let post_bind: &mut CgroupSock = ebpf
+            .program_mut(programs::SOCK_POST_BIND4)
+            .context("program sock_post_bind4 missing from the object")?
+            .try_into()?;
+        post_bind
+            .load()
+            .context("the verifier refused sock_post_bind4")?;
         let maps = DatapathMaps::open_pinned(bpffs_dir)?;
+        let services = ServiceMaps::open_pinned(bpffs_dir)?;
         Ok(Datapath {
             ebpf,
             bpffs_dir: bpffs_dir.to_owned(),
             maps,
+            services,
         })
     }
 
@@ -105,6 +135,60 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches socket-LB to the cgroup v2 directory `cgroup` (every pod's
+    /// processes live below it). A link pinned by an earlier agent is
+    /// replaced only after the new program is attached, so no connect is
+    /// ever left untranslated.
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in SOCK_ADDR_PROGRAMS
+            .into_iter()
+            .chain([programs::SOCK_POST_BIND4])
+        {
+            // bpf_link_create takes no flags for cgroups: links always
+            // coexist, so old and new overlap during a replacement.
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name}"))?;
+            let link: FdLink = match program {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&dir, CgroupAttachMode::Single)?;
+                    p.take_link(id)?.try_into()?
+                }
+                aya::programs::Program::CgroupSock(p) => {
+                    let id = p.attach(&dir, CgroupAttachMode::Single)?;
+                    p.take_link(id)?.try_into()?
+                }
+                _ => bail!("program {name} is not a cgroup program"),
+            };
+            let pin = self.bpffs_dir.join("links").join(name);
+            let old = PinnedLink::from_pin(&pin)
+                .ok()
+                .map(PinnedLink::unpin)
+                .transpose()?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+            drop(old);
+        }
+        Ok(())
+    }
+
+    /// Removes socket-LB (e.g. when the per-packet path is configured).
+    pub fn detach_socket_lb(&mut self) -> anyhow::Result<()> {
+        for name in SOCK_ADDR_PROGRAMS
+            .into_iter()
+            .chain([programs::SOCK_POST_BIND4])
+        {
+            let pin = self.bpffs_dir.join("links").join(name);
+            if let Ok(link) = PinnedLink::from_pin(&pin) {
+                drop(link.unpin()?);
+            }
+        }
+        Ok(())
+    }
+
     /// Host interfaces that have a pinned link.
     pub fn attached_pods(&self) -> anyhow::Result<Vec<String>> {
         attached_pods(&self.bpffs_dir)
@@ -148,4 +232,36 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Socket-LB needs a cgroup v2 directory: `dir` itself may be inside an
+/// existing cgroup2 hierarchy (then it is created), else cgroup2 is
+/// mounted there.
+pub fn ensure_cgroup2(dir: &Path) -> anyhow::Result<()> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let is_cgroup2 = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+            .unwrap_or(false)
+    };
+    if dir.exists() && is_cgroup2(dir) {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && parent.exists()
+        && is_cgroup2(parent)
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating cgroup {}", dir.display()))?;
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    nix::mount::mount(
+        Some("none"),
+        dir,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting cgroup2 at {}", dir.display()))
 }

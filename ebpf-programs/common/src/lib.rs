@@ -8,12 +8,25 @@
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const METRICS: &str = "METRICS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const REVNAT: &str = "REVNAT";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const CONFIG: &str = "CONFIG";
 }
 
 /// Program names (the Rust function names in tern-ebpf).
 pub mod programs {
     /// tc ingress on the host side of each pod veth: traffic leaving a pod.
     pub const FROM_POD: &str = "from_pod";
+    /// Socket-LB: cgroup v2 hooks translating Service addresses at the socket.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    pub const SOCK_POST_BIND4: &str = "sock_post_bind4";
 }
 
 /// Default capacity of the ENDPOINTS map (local pods on one node).
@@ -33,6 +46,136 @@ pub struct EndpointInfo {
     pub host_mac: [u8; 6],
 }
 
+/// Default capacities of the service maps: 100k services x 10 backends fit
+/// (a frontend takes 1 + backends entries in SERVICES).
+pub const SERVICES_MAX: u32 = 1_200_000;
+pub const BACKENDS_MAX: u32 = 1_000_000;
+pub const REVNAT_MAX: u32 = 262_144;
+pub const MAGLEV_MAX_SERVICES: u32 = 4096;
+pub const AFFINITY_MAX: u32 = 262_144;
+pub const SOCK_REVNAT_MAX: u32 = 262_144;
+/// Largest Maglev table; each service's own size (a prime <= this) is in
+/// its master entry.
+pub const MAGLEV_TABLE_MAX: usize = 16381;
+
+/// Scope of a SERVICES entry: external clients use External; pods look up
+/// Internal first (present only when externalTrafficPolicy=Local makes the
+/// two backend sets differ), then External.
+pub mod scope {
+    pub const EXTERNAL: u8 = 0;
+    pub const INTERNAL: u8 = 1;
+}
+
+/// ServiceValue.flags of a master entry.
+pub mod service_flags {
+    pub const CLUSTER_IP: u16 = 1 << 0;
+    pub const NODE_PORT: u16 = 1 << 1;
+    pub const LOAD_BALANCER: u16 = 1 << 2;
+    pub const EXTERNAL_IP: u16 = 1 << 3;
+    /// sessionAffinity: ClientIP.
+    pub const AFFINITY: u16 = 1 << 4;
+    /// Backend chosen through the service's Maglev table.
+    pub const MAGLEV: u16 = 1 << 5;
+    /// externalTrafficPolicy=Local: keep the client address (no SNAT).
+    pub const EXTERNAL_LOCAL: u16 = 1 << 6;
+}
+
+/// SERVICES key. Slot 0 is the master entry (count, flags); slots
+/// 1..=count hold the backend ids. Address and port in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Slots > 0: the backend id.
+    pub backend_id: u32,
+    /// Master: id of the REVNAT entry (and of the Maglev table).
+    pub rev_nat_id: u32,
+    /// Master: how many backend slots follow (0 = refuse connections).
+    pub count: u16,
+    pub flags: u16,
+    /// Master: size of the Maglev table when the MAGLEV flag is set.
+    pub maglev_size: u16,
+    pub pad: u16,
+    /// Master: session affinity timeout in seconds (AFFINITY flag).
+    pub affinity_timeout: u32,
+}
+
+/// BACKENDS value, keyed by backend id (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// REVNAT value, keyed by rev_nat_id (u32): the frontend to show replies from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevNat {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// MAGLEV value, keyed by rev_nat_id (u32): backend ids by table position.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_MAX],
+}
+
+/// AFFINITY key: a client (netns cookie for socket-LB, address for the
+/// per-packet path) and the service it talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub client: u64,
+    pub rev_nat_id: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    /// Seconds of CLOCK_MONOTONIC (bpf_ktime_get_ns / 1e9) at last use.
+    pub last_used: u32,
+}
+
+/// SOCK_REVNAT key: a socket and the backend it was sent to; the value (a
+/// RevNat) is the Service address recvmsg/getpeername must show instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// CONFIG value (an array of one): settings the agent gives the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// The cluster's Service CIDR (network order); a mask of 0 disables it.
+    /// Connections to an address in it that no Service serves are refused,
+    /// as kube-proxy does for unused ClusterIPs.
+    pub service_cidr_addr: u32,
+    pub service_cidr_mask: u32,
+}
+
 /// Why a packet took the path it took; index into the per-CPU METRICS array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,15 +188,30 @@ pub enum Reason {
     NotIpv4 = 2,
     /// The redirect helper refused (target gone): left to the kernel.
     RedirectFailed = 3,
+    /// Socket-LB: a connect/sendmsg to a Service was sent to a backend.
+    SockLbTranslated = 4,
+    /// Socket-LB: a Service without backends refused a connect/sendmsg.
+    SockLbNoBackend = 5,
+    /// Socket-LB: recvmsg/getpeername showed the Service address again.
+    SockLbRevNat = 6,
+    /// Socket-LB: a bind to a NodePort port was refused.
+    SockLbBindRefused = 7,
+    /// Socket-LB: an unused address or port in the Service CIDR was refused.
+    SockLbUnknownService = 8,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
         Reason::NotIpv4,
         Reason::RedirectFailed,
+        Reason::SockLbTranslated,
+        Reason::SockLbNoBackend,
+        Reason::SockLbRevNat,
+        Reason::SockLbBindRefused,
+        Reason::SockLbUnknownService,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -62,13 +220,27 @@ impl Reason {
             Reason::PassToStack => "pass_to_stack",
             Reason::NotIpv4 => "not_ipv4",
             Reason::RedirectFailed => "redirect_failed",
+            Reason::SockLbTranslated => "sock_lb_translated",
+            Reason::SockLbNoBackend => "sock_lb_no_backend",
+            Reason::SockLbRevNat => "sock_lb_rev_nat",
+            Reason::SockLbBindRefused => "sock_lb_bind_refused",
+            Reason::SockLbUnknownService => "sock_lb_unknown_service",
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: EndpointInfo is #[repr(C)] plain data with no padding holes
-    // that matter to the kernel (all fields are integers or byte arrays).
+    // SAFETY: all of these are #[repr(C)] plain data made of integers and
+    // integer arrays, with explicit padding fields.
     unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::RevNat {}
+    unsafe impl aya::Pod for super::MaglevTable {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
 }

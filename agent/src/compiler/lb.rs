@@ -1,0 +1,845 @@
+//! Services -> load-balancer frontends with their backends, following the
+//! Kubernetes "Virtual IPs and Service Proxies" rules as kube-proxy and
+//! Cilium apply them. Deterministic: the same cluster always compiles to the
+//! same state, on every node that has the same node context.
+
+use std::cell::LazyCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use super::maglev;
+use crate::model::{
+    Cluster, Endpoint, EndpointSlice, LbAlgorithm, Protocol, Service, ServiceKey, ServicePort,
+    ServiceType, TargetPort, TrafficPolicy,
+};
+
+/// What the compiler needs to know about the node it compiles for.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub node_name: String,
+    /// Addresses NodePorts listen on.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Must be prime (checked with [`maglev::is_prime`] by configuration).
+    pub maglev_table_size: u32,
+    /// For Services without the `tern.io/lb-algorithm` annotation.
+    pub default_algorithm: LbAlgorithm,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LbState {
+    pub frontends: BTreeMap<Frontend, FrontendEntry>,
+    /// Frontends claimed by more than one Service: the first Service in key
+    /// order keeps it, the rest are listed here for the log.
+    pub conflicts: Vec<String>,
+}
+
+/// Which clients a frontend entry serves; the datapath picks External for
+/// packets from outside the cluster and tries Internal first for in-cluster
+/// ones (only ETP=Local frontends have an Internal entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Scope {
+    External = 0,
+    Internal = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        if self.scope == Scope::Internal {
+            f.write_str(" (internal)")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for BackendAddr {
+    /// Also the stable name Maglev hashes, so it must never change.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendEntry {
+    pub service: ServiceKey,
+    pub port_name: String,
+    pub kind: FrontendKind,
+    /// Sorted and deduplicated. Empty: the datapath refuses connections.
+    pub backends: Vec<BackendAddr>,
+    pub affinity_timeout: Option<u32>,
+    pub algorithm: LbAlgorithm,
+    /// `maglev_table_size` slots, each an index into `backends`; `None` for
+    /// Random or when there are no backends.
+    pub maglev: Option<Vec<u32>>,
+    /// ETP=Local on an externally reachable frontend: keep the client's
+    /// source address (no SNAT); only node-local backends are listed.
+    pub external_traffic_local: bool,
+}
+
+pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
+    // One pass over the slices instead of one per Service.
+    let mut slices_by_service: BTreeMap<&ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in cluster.slices.values() {
+        slices_by_service
+            .entry(&slice.service)
+            .or_default()
+            .push(slice);
+    }
+    let mut state = LbState::default();
+    for service in cluster.services.values() {
+        if service.service_type == ServiceType::ExternalName || service.is_headless() {
+            continue;
+        }
+        let slices = slices_by_service
+            .get(&service.key)
+            .map_or(&[][..], Vec::as_slice);
+        for port in &service.ports {
+            if port.protocol != Protocol::Sctp {
+                compile_port(&mut state, service, port, slices, ctx);
+            }
+        }
+    }
+    state
+}
+
+/// A backend candidate: one address of one endpoint, with its conditions.
+struct Candidate<'a> {
+    addr: BackendAddr,
+    endpoint: &'a Endpoint,
+}
+
+/// A backend set with its Maglev table, computed once and shared by every
+/// frontend of the port that uses it.
+struct Pool {
+    backends: Vec<BackendAddr>,
+    maglev: Option<Vec<u32>>,
+}
+
+fn compile_port(
+    state: &mut LbState,
+    service: &Service,
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    ctx: &NodeContext,
+) {
+    let algorithm = service.lb_algorithm.unwrap_or(ctx.default_algorithm);
+    let pool = |backends: Vec<BackendAddr>| Pool {
+        maglev: maglev_table(algorithm, &backends, ctx.maglev_table_size),
+        backends,
+    };
+    let candidates = candidates(port, slices);
+    let all = pool(select(service, candidates.iter()));
+    let is_local = |c: &&Candidate| c.endpoint.node_name.as_deref() == Some(&ctx.node_name);
+    // Only Local traffic policies need the node-local set (and its table).
+    let local = LazyCell::new(|| pool(select(service, candidates.iter().filter(is_local))));
+
+    // (frontend, kind, pool, external_traffic_local)
+    let mut out: Vec<(Frontend, FrontendKind, &Pool, bool)> = Vec::new();
+    let cluster_ip_pool = match service.internal_traffic_policy {
+        TrafficPolicy::Cluster => &all,
+        TrafficPolicy::Local => &*local,
+    };
+    for &ip in &service.cluster_ips {
+        out.push((
+            at(ip, port.port, port.protocol, Scope::External),
+            FrontendKind::ClusterIp,
+            cluster_ip_pool,
+            false,
+        ));
+    }
+    for (ip, frontend_port, kind) in external_addresses(service, port, ctx) {
+        let external_scope = at(ip, frontend_port, port.protocol, Scope::External);
+        match service.external_traffic_policy {
+            TrafficPolicy::Cluster => out.push((external_scope, kind, &all, false)),
+            TrafficPolicy::Local => {
+                out.push((external_scope, kind, &*local, true));
+                // In-cluster clients are exempt from ETP (kube-proxy does the
+                // same): they may reach every backend, wherever it runs.
+                let internal_scope = at(ip, frontend_port, port.protocol, Scope::Internal);
+                out.push((internal_scope, kind, &all, false));
+            }
+        }
+    }
+
+    for (frontend, kind, pool, external_traffic_local) in out {
+        if let Some(owner) = state.frontends.get(&frontend) {
+            state.conflicts.push(format!(
+                "{frontend} of {} port {:?} is already {}'s port {:?}",
+                service.key, port.name, owner.service, owner.port_name
+            ));
+            continue;
+        }
+        let entry = FrontendEntry {
+            service: service.key.clone(),
+            port_name: port.name.clone(),
+            kind,
+            backends: pool.backends.clone(),
+            affinity_timeout: service.session_affinity_timeout,
+            algorithm,
+            maglev: pool.maglev.clone(),
+            external_traffic_local,
+        };
+        state.frontends.insert(frontend, entry);
+    }
+}
+
+/// (ip, port, kind) of every frontend reachable from outside the cluster.
+fn external_addresses(
+    service: &Service,
+    port: &ServicePort,
+    ctx: &NodeContext,
+) -> Vec<(Ipv4Addr, u16, FrontendKind)> {
+    let mut out = Vec::new();
+    // LoadBalancer Services are NodePort Services too.
+    if let (ServiceType::NodePort | ServiceType::LoadBalancer, Some(node_port)) =
+        (service.service_type, port.node_port)
+    {
+        out.extend(
+            ctx.node_ips
+                .iter()
+                .map(|&ip| (ip, node_port, FrontendKind::NodePort)),
+        );
+    }
+    if service.service_type == ServiceType::LoadBalancer {
+        let ingress = service.load_balancer_ips.iter();
+        out.extend(ingress.map(|&ip| (ip, port.port, FrontendKind::LoadBalancer)));
+    }
+    let external_ips = service.external_ips.iter();
+    out.extend(external_ips.map(|&ip| (ip, port.port, FrontendKind::ExternalIp)));
+    out
+}
+
+fn at(ip: Ipv4Addr, port: u16, protocol: Protocol, scope: Scope) -> Frontend {
+    Frontend {
+        ip,
+        port,
+        protocol,
+        scope,
+    }
+}
+
+/// Every (endpoint address, backend port) the Service port could use,
+/// whatever the endpoint's conditions.
+fn candidates<'a>(port: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<Candidate<'a>> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let backend_port = match &slice.ports {
+            // Named targetPorts were resolved by whoever wrote the slice:
+            // its port of the same name and protocol carries the number.
+            Some(ports) => ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+                .map(|p| p.port),
+            None => match port.target_port {
+                TargetPort::Number(n) => Some(n),
+                // Nothing to resolve the name through.
+                TargetPort::Name(_) => None,
+            },
+        };
+        let Some(backend_port) = backend_port else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            for &ip in &endpoint.addresses {
+                let addr = BackendAddr {
+                    ip,
+                    port: backend_port,
+                    protocol: port.protocol,
+                };
+                out.push(Candidate { addr, endpoint });
+            }
+        }
+    }
+    out
+}
+
+/// Kubernetes' endpoint choice: ready endpoints; only when none is ready,
+/// the serving ones that are terminating (so a rolling update never leaves a
+/// Service with nothing). publishNotReadyAddresses takes them all.
+fn select<'a>(
+    service: &Service,
+    candidates: impl Iterator<Item = &'a Candidate<'a>> + Clone,
+) -> Vec<BackendAddr> {
+    let pick = |keep: fn(&Endpoint) -> bool| -> BTreeSet<BackendAddr> {
+        candidates
+            .clone()
+            .filter(|c| keep(c.endpoint))
+            .map(|c| c.addr)
+            .collect()
+    };
+    let chosen = if service.publish_not_ready_addresses {
+        pick(|_| true)
+    } else {
+        let ready = pick(|e| e.ready);
+        if ready.is_empty() {
+            pick(|e| e.serving && e.terminating)
+        } else {
+            ready
+        }
+    };
+    chosen.into_iter().collect()
+}
+
+fn maglev_table(algorithm: LbAlgorithm, backends: &[BackendAddr], size: u32) -> Option<Vec<u32>> {
+    if algorithm != LbAlgorithm::Maglev || backends.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = backends.iter().map(BackendAddr::to_string).collect();
+    Some(maglev::table(&names, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EndpointPort;
+
+    const NODE: &str = "node-a";
+    const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const NODE_IPS: [Ipv4Addr; 2] = [
+        Ipv4Addr::new(192, 168, 1, 10),
+        Ipv4Addr::new(192, 168, 1, 11),
+    ];
+
+    fn ctx() -> NodeContext {
+        NodeContext {
+            node_name: NODE.into(),
+            node_ips: NODE_IPS.to_vec(),
+            maglev_table_size: 251,
+            default_algorithm: LbAlgorithm::Random,
+        }
+    }
+
+    fn port(name: &str, protocol: Protocol, port: u16, target: TargetPort) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            protocol,
+            port,
+            target_port: target,
+            node_port: None,
+        }
+    }
+
+    /// ClusterIP `web` on 10.96.0.10:80 -> targetPort "http".
+    fn web() -> Service {
+        Service {
+            key: ServiceKey::new("default", "web"),
+            service_type: ServiceType::ClusterIp,
+            cluster_ips: vec![CLUSTER_IP],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            ports: vec![port(
+                "http",
+                Protocol::Tcp,
+                80,
+                TargetPort::Name("http".into()),
+            )],
+            session_affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            publish_not_ready_addresses: false,
+            lb_algorithm: None,
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    enum State {
+        Ready,
+        NotReady,
+        /// Terminating, still serving.
+        Draining,
+        /// Terminating, no longer serving.
+        Gone,
+    }
+
+    fn ep(ip: &str, node: &str, state: State) -> Endpoint {
+        let (ready, serving, terminating) = match state {
+            State::Ready => (true, true, false),
+            State::NotReady => (false, false, false),
+            State::Draining => (false, true, true),
+            State::Gone => (false, false, true),
+        };
+        Endpoint {
+            addresses: vec![ip.parse().unwrap()],
+            ready,
+            serving,
+            terminating,
+            node_name: Some(node.into()),
+        }
+    }
+
+    /// A slice of `web` whose "http" port is `http`.
+    fn slice(name: &str, http: u16, endpoints: Vec<Endpoint>) -> EndpointSlice {
+        slice_with_ports(name, Some(vec![("http", Protocol::Tcp, http)]), endpoints)
+    }
+
+    fn slice_with_ports(
+        name: &str,
+        ports: Option<Vec<(&str, Protocol, u16)>>,
+        endpoints: Vec<Endpoint>,
+    ) -> EndpointSlice {
+        EndpointSlice {
+            key: ("default".into(), name.into()),
+            service: ServiceKey::new("default", "web"),
+            ports: ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|(name, protocol, port)| EndpointPort {
+                        name: name.into(),
+                        port,
+                        protocol,
+                    })
+                    .collect()
+            }),
+            endpoints,
+        }
+    }
+
+    fn cluster(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Cluster {
+        Cluster {
+            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            slices: slices.into_iter().map(|s| (s.key.clone(), s)).collect(),
+        }
+    }
+
+    fn at(ip: Ipv4Addr, port: u16, scope: Scope) -> Frontend {
+        Frontend {
+            ip,
+            port,
+            protocol: Protocol::Tcp,
+            scope,
+        }
+    }
+
+    fn backends_of(state: &LbState, frontend: Frontend) -> Vec<String> {
+        let entry = state.frontends.get(&frontend).unwrap_or_else(|| {
+            panic!(
+                "no {frontend}; have {:?}",
+                state.frontends.keys().collect::<Vec<_>>()
+            )
+        });
+        entry
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.ip, b.port))
+            .collect()
+    }
+
+    fn cluster_ip_backends(state: &LbState) -> Vec<String> {
+        backends_of(state, at(CLUSTER_IP, 80, Scope::External))
+    }
+
+    #[test]
+    fn cluster_ip_spreads_over_ready_backends_of_every_slice() {
+        let c = cluster(
+            vec![web()],
+            vec![
+                slice(
+                    "web-a",
+                    8080,
+                    vec![
+                        ep("10.0.1.2", NODE, State::Ready),
+                        ep("10.0.1.1", NODE, State::Ready),
+                    ],
+                ),
+                // The same pod listed twice (e.g. during a slice rebalance) is one backend.
+                slice(
+                    "web-b",
+                    8080,
+                    vec![
+                        ep("10.0.2.1", "node-b", State::Ready),
+                        ep("10.0.1.1", NODE, State::Ready),
+                    ],
+                ),
+            ],
+        );
+        let state = compile(&c, &ctx());
+        assert_eq!(state.frontends.len(), 1);
+        assert_eq!(
+            cluster_ip_backends(&state),
+            ["10.0.1.1:8080", "10.0.1.2:8080", "10.0.2.1:8080"]
+        );
+        let entry = state.frontends.values().next().unwrap();
+        assert_eq!(
+            (entry.kind, entry.port_name.as_str()),
+            (FrontendKind::ClusterIp, "http")
+        );
+        assert!(
+            !entry.external_traffic_local
+                && entry.maglev.is_none()
+                && entry.affinity_timeout.is_none()
+        );
+        assert!(state.conflicts.is_empty());
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+        let mixed = vec![
+            ep("10.0.1.1", NODE, State::Ready),
+            ep("10.0.1.2", NODE, State::NotReady),
+            ep("10.0.1.3", NODE, State::Draining),
+            ep("10.0.1.4", NODE, State::Gone),
+        ];
+        let state = compile(
+            &cluster(vec![web()], vec![slice("web-a", 8080, mixed.clone())]),
+            &ctx(),
+        );
+        assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+
+        let none_ready = mixed[1..].to_vec();
+        let state = compile(
+            &cluster(vec![web()], vec![slice("web-a", 8080, none_ready.clone())]),
+            &ctx(),
+        );
+        assert_eq!(cluster_ip_backends(&state), ["10.0.1.3:8080"]);
+
+        let mut publish = web();
+        publish.publish_not_ready_addresses = true;
+        let state = compile(
+            &cluster(vec![publish], vec![slice("web-a", 8080, mixed)]),
+            &ctx(),
+        );
+        assert_eq!(cluster_ip_backends(&state).len(), 4);
+    }
+
+    #[test]
+    fn named_target_port_resolves_per_slice() {
+        let c = cluster(
+            vec![web()],
+            vec![
+                slice("web-v1", 8080, vec![ep("10.0.1.1", NODE, State::Ready)]),
+                slice("web-v2", 9090, vec![ep("10.0.2.1", NODE, State::Ready)]),
+                // No ports: a named targetPort has nothing to resolve through.
+                slice_with_ports("web-bare", None, vec![ep("10.0.3.1", NODE, State::Ready)]),
+                // A port of another name or protocol is not this one.
+                slice_with_ports(
+                    "web-udp",
+                    Some(vec![
+                        ("http", Protocol::Udp, 7070),
+                        ("metrics", Protocol::Tcp, 9100),
+                    ]),
+                    vec![ep("10.0.4.1", NODE, State::Ready)],
+                ),
+            ],
+        );
+        let state = compile(&c, &ctx());
+        assert_eq!(
+            cluster_ip_backends(&state),
+            ["10.0.1.1:8080", "10.0.2.1:9090"]
+        );
+
+        // A numeric targetPort serves slices without ports.
+        let mut numeric = web();
+        numeric.ports[0].target_port = TargetPort::Number(8000);
+        let state = compile(
+            &cluster(
+                vec![numeric],
+                vec![slice_with_ports(
+                    "web-bare",
+                    None,
+                    vec![ep("10.0.3.1", NODE, State::Ready)],
+                )],
+            ),
+            &ctx(),
+        );
+        assert_eq!(cluster_ip_backends(&state), ["10.0.3.1:8000"]);
+    }
+
+    #[test]
+    fn every_port_of_a_multi_port_service_is_a_frontend() {
+        let mut dns = web();
+        dns.ports = vec![
+            port("dns", Protocol::Udp, 53, TargetPort::Number(53)),
+            port("dns-tcp", Protocol::Tcp, 53, TargetPort::Number(53)),
+            port("sctp", Protocol::Sctp, 9999, TargetPort::Number(9999)),
+        ];
+        let ports = vec![
+            ("dns", Protocol::Udp, 5353),
+            ("dns-tcp", Protocol::Tcp, 5354),
+            ("sctp", Protocol::Sctp, 9999),
+        ];
+        let state = compile(
+            &cluster(
+                vec![dns],
+                vec![slice_with_ports(
+                    "dns-a",
+                    Some(ports),
+                    vec![ep("10.0.1.1", NODE, State::Ready)],
+                )],
+            ),
+            &ctx(),
+        );
+        let summary: Vec<(String, Vec<String>)> = state
+            .frontends
+            .iter()
+            .map(|(f, e)| {
+                (
+                    f.to_string(),
+                    e.backends.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        // SCTP is not compiled.
+        assert_eq!(
+            summary,
+            [
+                (
+                    "10.96.0.10:53/TCP".to_string(),
+                    vec!["10.0.1.1:5354/TCP".to_string()]
+                ),
+                (
+                    "10.96.0.10:53/UDP".to_string(),
+                    vec!["10.0.1.1:5353/UDP".to_string()]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn node_port_listens_on_every_node_ip() {
+        let mut svc = web();
+        svc.service_type = ServiceType::NodePort;
+        svc.ports[0].node_port = Some(30080);
+        svc.session_affinity_timeout = Some(600);
+        let state = compile(
+            &cluster(
+                vec![svc],
+                vec![slice(
+                    "web-a",
+                    8080,
+                    vec![ep("10.0.1.1", "node-b", State::Ready)],
+                )],
+            ),
+            &ctx(),
+        );
+        assert_eq!(state.frontends.len(), 3);
+        for ip in NODE_IPS {
+            let entry = &state.frontends[&at(ip, 30080, Scope::External)];
+            assert_eq!(entry.kind, FrontendKind::NodePort);
+            assert_eq!(entry.affinity_timeout, Some(600));
+            assert_eq!(
+                backends_of(&state, at(ip, 30080, Scope::External)),
+                ["10.0.1.1:8080"]
+            );
+        }
+        assert_eq!(
+            state.frontends[&at(CLUSTER_IP, 80, Scope::External)].affinity_timeout,
+            Some(600)
+        );
+    }
+
+    #[test]
+    fn load_balancer_ingress_and_external_ips() {
+        let lb_ip = Ipv4Addr::new(203, 0, 113, 7);
+        let external_ip = Ipv4Addr::new(198, 51, 100, 9);
+        let mut svc = web();
+        svc.service_type = ServiceType::LoadBalancer;
+        svc.ports[0].node_port = Some(31000);
+        svc.load_balancer_ips = vec![lb_ip];
+        svc.external_ips = vec![external_ip];
+        let state = compile(
+            &cluster(
+                vec![svc],
+                vec![slice(
+                    "web-a",
+                    8080,
+                    vec![ep("10.0.1.1", NODE, State::Ready)],
+                )],
+            ),
+            &ctx(),
+        );
+        let kinds: Vec<(String, FrontendKind)> = state
+            .frontends
+            .iter()
+            .map(|(f, e)| (f.to_string(), e.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("10.96.0.10:80/TCP".into(), FrontendKind::ClusterIp),
+                ("192.168.1.10:31000/TCP".into(), FrontendKind::NodePort),
+                ("192.168.1.11:31000/TCP".into(), FrontendKind::NodePort),
+                ("198.51.100.9:80/TCP".into(), FrontendKind::ExternalIp),
+                ("203.0.113.7:80/TCP".into(), FrontendKind::LoadBalancer),
+            ]
+        );
+        assert!(state.frontends.values().all(|e| e.backends.len() == 1));
+    }
+
+    #[test]
+    fn external_traffic_policy_local_splits_outside_and_inside_clients() {
+        let mut svc = web();
+        svc.service_type = ServiceType::NodePort;
+        svc.ports[0].node_port = Some(30080);
+        svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        let endpoints = vec![
+            ep("10.0.1.1", NODE, State::Ready),
+            ep("10.0.2.1", "node-b", State::Ready),
+        ];
+        let state = compile(
+            &cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]),
+            &ctx(),
+        );
+
+        for (ip, port) in [
+            (NODE_IPS[0], 30080),
+            (NODE_IPS[1], 30080),
+            (Ipv4Addr::new(198, 51, 100, 9), 80),
+        ] {
+            let outside = &state.frontends[&at(ip, port, Scope::External)];
+            assert!(outside.external_traffic_local);
+            assert_eq!(
+                backends_of(&state, at(ip, port, Scope::External)),
+                ["10.0.1.1:8080"]
+            );
+            let inside = &state.frontends[&at(ip, port, Scope::Internal)];
+            assert!(!inside.external_traffic_local);
+            assert_eq!(
+                backends_of(&state, at(ip, port, Scope::Internal)),
+                ["10.0.1.1:8080", "10.0.2.1:8080"]
+            );
+        }
+        // ETP does not touch the ClusterIP.
+        assert_eq!(cluster_ip_backends(&state).len(), 2);
+        assert_eq!(state.frontends.len(), 7);
+    }
+
+    #[test]
+    fn local_policies_fall_back_to_local_terminating_endpoints() {
+        let mut svc = web();
+        svc.internal_traffic_policy = TrafficPolicy::Local;
+        // Ready elsewhere, only draining here: the local choice is made
+        // among local endpoints (as kube-proxy does).
+        let endpoints = vec![
+            ep("10.0.1.1", NODE, State::Draining),
+            ep("10.0.2.1", "node-b", State::Ready),
+        ];
+        let state = compile(
+            &cluster(vec![svc.clone()], vec![slice("web-a", 8080, endpoints)]),
+            &ctx(),
+        );
+        assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+
+        let endpoints = vec![
+            ep("10.0.1.1", NODE, State::Ready),
+            ep("10.0.2.1", "node-b", State::Ready),
+        ];
+        let state = compile(
+            &cluster(vec![svc.clone()], vec![slice("web-a", 8080, endpoints)]),
+            &ctx(),
+        );
+        assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+
+        // No local endpoint: the frontend stays, with nothing to refuse from.
+        let endpoints = vec![ep("10.0.2.1", "node-b", State::Ready)];
+        let state = compile(
+            &cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]),
+            &ctx(),
+        );
+        assert!(cluster_ip_backends(&state).is_empty());
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_frontends() {
+        let mut headless = web();
+        headless.cluster_ips.clear();
+        let mut alias = web();
+        alias.key = ServiceKey::new("default", "alias");
+        alias.service_type = ServiceType::ExternalName;
+        alias.external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
+        let state = compile(
+            &cluster(
+                vec![headless, alias],
+                vec![slice(
+                    "web-a",
+                    8080,
+                    vec![ep("10.0.1.1", NODE, State::Ready)],
+                )],
+            ),
+            &ctx(),
+        );
+        assert_eq!(state, LbState::default());
+    }
+
+    #[test]
+    fn a_service_without_endpoints_keeps_its_frontend() {
+        let mut svc = web();
+        svc.lb_algorithm = Some(LbAlgorithm::Maglev);
+        let state = compile(&cluster(vec![svc], vec![]), &ctx());
+        let entry = &state.frontends[&at(CLUSTER_IP, 80, Scope::External)];
+        assert!(entry.backends.is_empty());
+        assert_eq!(
+            (entry.algorithm, &entry.maglev),
+            (LbAlgorithm::Maglev, &None)
+        );
+    }
+
+    #[test]
+    fn maglev_table_only_for_maglev_services_with_backends() {
+        let endpoints = vec![
+            ep("10.0.1.1", NODE, State::Ready),
+            ep("10.0.1.2", NODE, State::Ready),
+        ];
+        let slices = vec![slice("web-a", 8080, endpoints)];
+        let maglev_of = |annotation, default| {
+            let mut svc = web();
+            svc.lb_algorithm = annotation;
+            let ctx = NodeContext {
+                default_algorithm: default,
+                ..ctx()
+            };
+            let state = compile(&cluster(vec![svc], slices.clone()), &ctx);
+            let entry = state.frontends.into_values().next().unwrap();
+            (entry.algorithm, entry.maglev)
+        };
+        let (algorithm, table) = maglev_of(Some(LbAlgorithm::Maglev), LbAlgorithm::Random);
+        let table = table.unwrap();
+        assert_eq!((algorithm, table.len()), (LbAlgorithm::Maglev, 251));
+        assert!(table.iter().all(|&i| i < 2) && table.contains(&0) && table.contains(&1));
+        assert!(maglev_of(None, LbAlgorithm::Maglev).1.is_some());
+        assert_eq!(
+            maglev_of(None, LbAlgorithm::Random),
+            (LbAlgorithm::Random, None)
+        );
+        assert_eq!(
+            maglev_of(Some(LbAlgorithm::Random), LbAlgorithm::Maglev),
+            (LbAlgorithm::Random, None)
+        );
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_stays_with_the_first_service() {
+        let mut other = web();
+        other.key = ServiceKey::new("default", "zz-other");
+        let state = compile(&cluster(vec![web(), other], vec![]), &ctx());
+        assert_eq!(state.frontends.len(), 1);
+        assert_eq!(state.frontends.values().next().unwrap().service.name, "web");
+        assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
+        assert!(state.conflicts[0].contains("default/zz-other"));
+    }
+}

@@ -1,0 +1,6 @@
+//! Compilers: model in, plain map-shaped state out. No Kubernetes types and
+//! no eBPF here, so everything is unit-testable; the datapath diffs the
+//! output into its maps.
+
+pub mod lb;
+pub mod maglev;

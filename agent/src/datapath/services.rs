@@ -1,0 +1,526 @@
+//! Writes compiled load-balancer state into the service maps with the
+//! fewest map operations, in an order that never shows a half-updated
+//! Service to the datapath:
+//! backends and Maglev tables first, then a frontend's slots, then its
+//! master entry (which holds the count), then slots beyond the new count;
+//! removal runs the other way round (master first, backends last).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use aya::maps::{HashMap, Map, MapData};
+use tern_common::{
+    AffinityKey, AffinityValue, Backend, MAGLEV_TABLE_MAX, MaglevTable, RevNat, ServiceKey,
+    ServiceValue, maps, service_flags,
+};
+use tracing::warn;
+
+use super::maps::{ip_from_key, ip_to_key};
+use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState};
+use crate::model::LbAlgorithm;
+
+pub struct ServiceMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub revnat: HashMap<MapData, u32, RevNat>,
+    pub maglev: HashMap<MapData, u32, MaglevTable>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+}
+
+impl ServiceMaps {
+    pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = bpffs_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("no pinned map at {}", path.display()))?;
+            Map::from_map_data(data).with_context(|| format!("map {name}"))
+        };
+        Ok(ServiceMaps {
+            services: open(maps::SERVICES)?.try_into()?,
+            backends: open(maps::BACKENDS)?.try_into()?,
+            revnat: open(maps::REVNAT)?.try_into()?,
+            maglev: open(maps::MAGLEV)?.try_into()?,
+            affinity: open(maps::AFFINITY)?.try_into()?,
+        })
+    }
+}
+
+/// A backend as the maps key it: address and port in network order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct BackendKey {
+    addr: u32,
+    port: u16,
+    proto: u8,
+}
+
+impl From<&BackendAddr> for BackendKey {
+    fn from(b: &BackendAddr) -> Self {
+        BackendKey {
+            addr: ip_to_key(b.ip),
+            port: b.port.to_be(),
+            proto: b.protocol.number(),
+        }
+    }
+}
+
+/// One frontend as it is in the maps now.
+#[derive(Debug, Clone, Default)]
+struct Applied {
+    value: ServiceValue,
+    slots: Vec<u32>,
+    /// `None` also when unknown (adopted at start): rewritten on next apply.
+    maglev: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    pub writes: usize,
+    pub deletes: usize,
+    pub errors: usize,
+}
+
+#[derive(Default)]
+pub struct LbSync {
+    applied: BTreeMap<ServiceKey, Applied>,
+    backend_ids: BTreeMap<BackendKey, u32>,
+    ids: IdAllocator,
+    rev_nat_ids: IdAllocator,
+}
+
+/// Small integer ids, reused after release; 0 is never handed out.
+#[derive(Default)]
+struct IdAllocator {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl IdAllocator {
+    fn take(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        })
+    }
+    fn give_back(&mut self, id: u32) {
+        self.free.push(id);
+    }
+    fn seen(&mut self, id: u32) {
+        self.next = self.next.max(id);
+    }
+}
+
+pub fn master_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: ip_to_key(frontend.ip),
+        port: frontend.port.to_be(),
+        slot: 0,
+        proto: frontend.protocol.number(),
+        scope: frontend.scope as u8,
+        pad: 0,
+    }
+}
+
+fn flags(entry: &FrontendEntry) -> u16 {
+    let mut flags = match entry.kind {
+        FrontendKind::ClusterIp => service_flags::CLUSTER_IP,
+        FrontendKind::NodePort => service_flags::NODE_PORT,
+        FrontendKind::LoadBalancer => service_flags::LOAD_BALANCER,
+        FrontendKind::ExternalIp => service_flags::EXTERNAL_IP,
+    };
+    if entry.affinity_timeout.is_some() {
+        flags |= service_flags::AFFINITY;
+    }
+    if entry.algorithm == LbAlgorithm::Maglev && entry.maglev.is_some() {
+        flags |= service_flags::MAGLEV;
+    }
+    if entry.external_traffic_local {
+        flags |= service_flags::EXTERNAL_LOCAL;
+    }
+    flags
+}
+
+impl LbSync {
+    /// Rebuilds what is in the (pinned) maps, so that the first apply after
+    /// an agent restart changes only what really changed.
+    pub fn adopt(maps: &mut ServiceMaps) -> anyhow::Result<Self> {
+        let mut sync = LbSync::default();
+        let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
+        for entry in maps.services.iter() {
+            let (key, value) = entry?;
+            if key.slot == 0 {
+                sync.rev_nat_ids.seen(value.rev_nat_id);
+                sync.applied.insert(
+                    key,
+                    Applied {
+                        value,
+                        slots: Vec::new(),
+                        maglev: None,
+                    },
+                );
+            } else {
+                slots
+                    .entry(ServiceKey { slot: 0, ..key })
+                    .or_default()
+                    .insert(key.slot, value.backend_id);
+            }
+        }
+        for (master, by_slot) in slots {
+            match sync.applied.get_mut(&master) {
+                Some(applied) => applied.slots = by_slot.into_values().collect(),
+                // Slots without a master are leftovers of an interrupted
+                // removal: clean them up.
+                None => {
+                    for slot in by_slot.keys() {
+                        let _ = maps.services.remove(&ServiceKey {
+                            slot: *slot,
+                            ..master
+                        });
+                    }
+                }
+            }
+        }
+        for entry in maps.backends.iter() {
+            let (id, b) = entry?;
+            sync.ids.seen(id);
+            sync.backend_ids.insert(
+                BackendKey {
+                    addr: b.addr,
+                    port: b.port,
+                    proto: b.proto,
+                },
+                id,
+            );
+        }
+        let used: BTreeSet<u32> = sync.applied.values().map(|a| a.value.rev_nat_id).collect();
+        sync.rev_nat_ids.free = (1..=sync.rev_nat_ids.next)
+            .filter(|id| !used.contains(id))
+            .collect();
+        let used: BTreeSet<u32> = sync.backend_ids.values().copied().collect();
+        sync.ids.free = (1..=sync.ids.next)
+            .filter(|id| !used.contains(id))
+            .collect();
+        Ok(sync)
+    }
+
+    pub fn frontends(&self) -> usize {
+        self.applied.len()
+    }
+
+    pub fn backends(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    /// Makes the maps hold `desired`. A failing entry (e.g. map full) is
+    /// logged and counted; the rest is still applied.
+    pub fn apply(&mut self, maps: &mut ServiceMaps, desired: &LbState) -> SyncStats {
+        let mut stats = SyncStats::default();
+        let mut stale_affinity: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+
+        for entry in desired.frontends.values() {
+            for backend in &entry.backends {
+                if let Err(e) = self.ensure_backend(maps, backend, &mut stats) {
+                    stats.errors += 1;
+                    warn!("backend {backend}: {e:#}");
+                }
+            }
+        }
+        let mut wanted = BTreeSet::new();
+        for (frontend, entry) in &desired.frontends {
+            let key = master_key(frontend);
+            wanted.insert(key);
+            match self.apply_frontend(maps, key, entry, &mut stats) {
+                Ok(Some((rev_nat_id, gone))) if !gone.is_empty() => {
+                    stale_affinity.insert(rev_nat_id, gone);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    stats.errors += 1;
+                    warn!("frontend {frontend} of {}: {e:#}", entry.service);
+                }
+            }
+        }
+        let removed: Vec<ServiceKey> = self
+            .applied
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in removed {
+            if let Err(e) = self.remove_frontend(maps, key, &mut stats) {
+                stats.errors += 1;
+                warn!(
+                    "removing frontend {}:{}: {e:#}",
+                    ip_from_key(key.addr),
+                    u16::from_be(key.port)
+                );
+            }
+        }
+        if !stale_affinity.is_empty() {
+            invalidate_affinity(maps, &stale_affinity, &mut stats);
+        }
+        self.remove_unused_backends(maps, &mut stats);
+        stats
+    }
+
+    fn ensure_backend(
+        &mut self,
+        maps: &mut ServiceMaps,
+        backend: &BackendAddr,
+        stats: &mut SyncStats,
+    ) -> anyhow::Result<()> {
+        let key = BackendKey::from(backend);
+        if self.backend_ids.contains_key(&key) {
+            return Ok(());
+        }
+        let id = self.ids.take();
+        let value = Backend {
+            addr: key.addr,
+            port: key.port,
+            proto: key.proto,
+            flags: 0,
+        };
+        if let Err(e) = maps.backends.insert(id, value, 0) {
+            self.ids.give_back(id);
+            bail!("BACKENDS map write failed (full?): {e}");
+        }
+        stats.writes += 1;
+        self.backend_ids.insert(key, id);
+        Ok(())
+    }
+
+    /// Returns the rev_nat id and the backends the frontend no longer has.
+    fn apply_frontend(
+        &mut self,
+        maps: &mut ServiceMaps,
+        key: ServiceKey,
+        entry: &FrontendEntry,
+        stats: &mut SyncStats,
+    ) -> anyhow::Result<Option<(u32, BTreeSet<u32>)>> {
+        let ids = entry
+            .backends
+            .iter()
+            .map(|b| {
+                self.backend_ids
+                    .get(&BackendKey::from(b))
+                    .copied()
+                    .context("backend not written")
+            })
+            .collect::<anyhow::Result<Vec<u32>>>()?;
+        if ids.len() > usize::from(u16::MAX) {
+            bail!(
+                "{} backends exceed the 65535 a frontend can hold",
+                ids.len()
+            );
+        }
+        let old = self.applied.get(&key).cloned();
+        let rev_nat_id = match &old {
+            Some(old) => old.value.rev_nat_id,
+            None => {
+                let id = self.rev_nat_ids.take();
+                let revnat = RevNat {
+                    addr: key.addr,
+                    port: key.port,
+                    pad: 0,
+                };
+                if let Err(e) = maps.revnat.insert(id, revnat, 0) {
+                    self.rev_nat_ids.give_back(id);
+                    bail!("REVNAT map write failed (full?): {e}");
+                }
+                stats.writes += 1;
+                id
+            }
+        };
+        let old = old.unwrap_or_default();
+        let maglev = match (&entry.maglev, entry.algorithm) {
+            (Some(table), LbAlgorithm::Maglev) => {
+                Some(table.iter().map(|&i| ids[i as usize]).collect::<Vec<u32>>())
+            }
+            _ => None,
+        };
+        if let Some(table) = &maglev
+            && old.maglev.as_ref() != Some(table)
+        {
+            if table.len() > MAGLEV_TABLE_MAX {
+                bail!(
+                    "Maglev table of {} exceeds the maximum {MAGLEV_TABLE_MAX}",
+                    table.len()
+                );
+            }
+            let mut value = Box::new(MaglevTable {
+                backend_ids: [0; MAGLEV_TABLE_MAX],
+            });
+            value.backend_ids[..table.len()].copy_from_slice(table);
+            maps.maglev
+                .insert(rev_nat_id, *value, 0)
+                .context("MAGLEV map write failed (full?)")?;
+            stats.writes += 1;
+        }
+        for (i, id) in ids.iter().enumerate() {
+            if old.slots.get(i) != Some(id) {
+                let slot = ServiceKey {
+                    slot: i as u16 + 1,
+                    ..key
+                };
+                maps.services
+                    .insert(
+                        slot,
+                        ServiceValue {
+                            backend_id: *id,
+                            ..Default::default()
+                        },
+                        0,
+                    )
+                    .context("SERVICES map write failed (full?)")?;
+                stats.writes += 1;
+            }
+        }
+        let value = ServiceValue {
+            backend_id: 0,
+            rev_nat_id,
+            count: ids.len() as u16,
+            flags: flags(entry),
+            maglev_size: maglev.as_ref().map_or(0, |t| t.len() as u16),
+            pad: 0,
+            affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+        };
+        if old.value != value || !self.applied.contains_key(&key) {
+            maps.services
+                .insert(key, value, 0)
+                .context("SERVICES map write failed (full?)")?;
+            stats.writes += 1;
+        }
+        for i in ids.len()..old.slots.len() {
+            let _ = maps.services.remove(&ServiceKey {
+                slot: i as u16 + 1,
+                ..key
+            });
+            stats.deletes += 1;
+        }
+        if maglev.is_none() && old.value.flags & service_flags::MAGLEV != 0 {
+            let _ = maps.maglev.remove(&rev_nat_id);
+            stats.deletes += 1;
+        }
+        let new_ids: BTreeSet<u32> = ids.iter().copied().collect();
+        let gone: BTreeSet<u32> = old
+            .slots
+            .iter()
+            .filter(|id| !new_ids.contains(id))
+            .copied()
+            .collect();
+        self.applied.insert(
+            key,
+            Applied {
+                value,
+                slots: ids,
+                maglev,
+            },
+        );
+        Ok(Some((rev_nat_id, gone)))
+    }
+
+    fn remove_frontend(
+        &mut self,
+        maps: &mut ServiceMaps,
+        key: ServiceKey,
+        stats: &mut SyncStats,
+    ) -> anyhow::Result<()> {
+        let Some(old) = self.applied.remove(&key) else {
+            return Ok(());
+        };
+        // Master first: from here on nothing selects the slots below.
+        remove_if_present(&mut maps.services, &key)?;
+        for i in 0..old.slots.len() {
+            remove_if_present(
+                &mut maps.services,
+                &ServiceKey {
+                    slot: i as u16 + 1,
+                    ..key
+                },
+            )?;
+        }
+        if old.value.flags & service_flags::MAGLEV != 0 {
+            let _ = maps.maglev.remove(&old.value.rev_nat_id);
+        }
+        remove_if_present(&mut maps.revnat, &old.value.rev_nat_id)?;
+        self.rev_nat_ids.give_back(old.value.rev_nat_id);
+        stats.deletes += 2 + old.slots.len();
+        Ok(())
+    }
+
+    fn remove_unused_backends(&mut self, maps: &mut ServiceMaps, stats: &mut SyncStats) {
+        let used: BTreeSet<u32> = self
+            .applied
+            .values()
+            .flat_map(|a| a.slots.iter().copied())
+            .collect();
+        let unused: Vec<(BackendKey, u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(_, id)| !used.contains(id))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+        for (key, id) in unused {
+            match remove_if_present(&mut maps.backends, &id) {
+                Ok(()) => {
+                    self.backend_ids.remove(&key);
+                    self.ids.give_back(id);
+                    stats.deletes += 1;
+                }
+                Err(e) => {
+                    stats.errors += 1;
+                    warn!("removing backend {id}: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Affinity entries pointing at a backend the service no longer has would
+/// keep clients on it: drop them (the datapath then picks anew).
+fn invalidate_affinity(
+    maps: &mut ServiceMaps,
+    stale: &BTreeMap<u32, BTreeSet<u32>>,
+    stats: &mut SyncStats,
+) {
+    let doomed: Vec<AffinityKey> = maps
+        .affinity
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| {
+            stale
+                .get(&k.rev_nat_id)
+                .is_some_and(|gone| gone.contains(&v.backend_id))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for key in doomed {
+        let _ = maps.affinity.remove(&key);
+        stats.deletes += 1;
+    }
+}
+
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+) -> anyhow::Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Readable frontend for logs and the CLI.
+pub fn describe(key: &ServiceKey) -> String {
+    format!(
+        "{}:{}/{}",
+        ip_from_key(key.addr),
+        u16::from_be(key.port),
+        key.proto
+    )
+}

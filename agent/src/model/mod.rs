@@ -1,0 +1,67 @@
+//! The cluster as Tern sees it: plain Rust, no Kubernetes types. Sources
+//! build it; compilers read it.
+
+mod endpoint_slice;
+mod service;
+
+use std::collections::BTreeMap;
+
+pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
+pub use service::{
+    LbAlgorithm, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cluster {
+    pub services: BTreeMap<ServiceKey, Service>,
+    /// Keyed by the slice's (namespace, name).
+    pub slices: BTreeMap<(String, String), EndpointSlice>,
+}
+
+impl Cluster {
+    /// The slices that belong to `service`, in key order. A slice names its
+    /// Service by label and lives in the Service's namespace.
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &'a ServiceKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        let namespace = (service.namespace.clone(), String::new());
+        self.slices
+            .range(namespace..)
+            .take_while(|((ns, _), _)| *ns == service.namespace)
+            .map(|(_, slice)| slice)
+            .filter(move |slice| slice.service == *service)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(namespace: &str, name: &str, service: &str) -> EndpointSlice {
+        EndpointSlice {
+            key: (namespace.into(), name.into()),
+            service: ServiceKey::new(namespace, service),
+            ports: None,
+            endpoints: vec![],
+        }
+    }
+
+    #[test]
+    fn slices_of_finds_only_that_services_slices() {
+        let mut cluster = Cluster::default();
+        for s in [
+            slice("a", "web-1", "web"),
+            slice("a", "web-2", "web"),
+            slice("a", "db-1", "db"),
+            slice("b", "web-1", "web"),
+        ] {
+            cluster.slices.insert(s.key.clone(), s);
+        }
+        let web = ServiceKey::new("a", "web");
+        let names: Vec<&str> = cluster.slices_of(&web).map(|s| s.key.1.as_str()).collect();
+        assert_eq!(names, ["web-1", "web-2"]);
+        assert_eq!(web.to_string(), "a/web");
+        assert_eq!(Protocol::Sctp.number(), 132);
+    }
+}

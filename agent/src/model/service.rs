@@ -1,0 +1,128 @@
+//! Services as the load balancer needs them: no Kubernetes types, every
+//! field already validated and defaulted by the source that made it.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// A Service's identity, shown as `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as the datapath keys its maps.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    /// A DNS alias: kept in the model, never in the datapath.
+    ExternalName,
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    /// Only endpoints on the receiving node serve.
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LbAlgorithm {
+    #[default]
+    Random,
+    Maglev,
+}
+
+/// Where a Service port sends traffic on the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved per endpoint through the
+    /// EndpointSlice ports (the pods behind one Service may differ).
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Empty only when the Service has a single port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub node_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: ServiceKey,
+    pub service_type: ServiceType,
+    /// Empty for a headless Service (`clusterIP: None`); IPv4 only.
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    /// `Some(seconds)` with `sessionAffinity: ClientIP`.
+    pub session_affinity_timeout: Option<u32>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub publish_not_ready_addresses: bool,
+    /// From the `tern.io/lb-algorithm` annotation; `None` leaves the choice
+    /// to the node's configured default (sources need no config that way).
+    pub lb_algorithm: Option<LbAlgorithm>,
+}
+
+impl Service {
+    /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+
+    pub fn is_headless(&self) -> bool {
+        self.cluster_ips.is_empty()
+    }
+}

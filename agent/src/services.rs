@@ -1,0 +1,58 @@
+//! The service pipeline: manifests (source) -> model -> lb compiler ->
+//! service maps, re-run on every change of the source.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::compiler::lb::{NodeContext, compile};
+use crate::node::Node;
+use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL, LoadReport};
+
+pub async fn run(dir: PathBuf, context: NodeContext, node: Arc<Mutex<Node>>) {
+    let (tx, mut rx) = watch::channel(Arc::new(LoadReport::default()));
+    tokio::spawn(manifests::watch(dir.clone(), DEFAULT_POLL_INTERVAL, tx));
+    while rx.changed().await.is_ok() {
+        let report = rx.borrow_and_update().clone();
+        for error in &report.errors {
+            warn!("manifests: {error}");
+        }
+        for warning in &report.warnings {
+            warn!("manifests: {warning}");
+        }
+        let started = Instant::now();
+        let context = context.clone();
+        let node = node.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let state = compile(&report.cluster, &context);
+            for conflict in &state.conflicts {
+                warn!("services: {conflict}");
+            }
+            let services = report.cluster.services.len();
+            let frontends = state.frontends.len();
+            let stats = node
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply_services(state);
+            (services, frontends, stats, report.errors.len())
+        })
+        .await;
+        match applied {
+            Ok((services, frontends, stats, rejected)) => info!(
+                services,
+                frontends,
+                rejected,
+                writes = stats.writes,
+                deletes = stats.deletes,
+                errors = stats.errors,
+                took_us = started.elapsed().as_micros() as u64,
+                dir = %dir.display(),
+                "services synced"
+            ),
+            Err(e) => warn!("service sync failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Every map of the datapath. All are pinned by name (the agent gives the
+//! directory), so they outlive an agent restart.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use tern_common::{
+    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, DatapathConfig, ENDPOINTS_MAX,
+    EndpointInfo, MAGLEV_MAX_SERVICES, MaglevTable, REVNAT_MAX, Reason, RevNat, SERVICES_MAX,
+    SOCK_REVNAT_MAX, ServiceKey, ServiceValue, SockRevNatKey,
+};
+
+/// Local pods by IPv4 address (network byte order).
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
+
+/// Packet and translation counters by `Reason`, per CPU.
+#[map]
+pub static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// Service frontends: master entries (slot 0) and backend slots.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
+
+/// Backends by id.
+#[map]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAX, BPF_F_NO_PREALLOC);
+
+/// Frontend address by rev_nat_id, to translate replies back.
+#[map]
+pub static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(REVNAT_MAX, BPF_F_NO_PREALLOC);
+
+/// Maglev lookup tables by rev_nat_id; allocated only for Maglev services.
+#[map]
+pub static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::pinned(MAGLEV_MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// sessionAffinity ClientIP: the backend a client last used, per service.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
+
+/// Socket-LB: which Service address a socket's backend stands for.
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, RevNat> = LruHashMap::pinned(SOCK_REVNAT_MAX, 0);
+
+/// Settings from the agent (index 0).
+#[map]
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+pub fn config() -> DatapathConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+pub fn count(reason: Reason) {
+    if let Some(counter) = METRICS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU meanwhile.
+        unsafe { *counter += 1 };
+    }
+}

@@ -1,0 +1,103 @@
+//! Socket-LB: Service addresses translated when a pod's socket connects or
+//! sends (cgroup v2 connect4/sendmsg4), and shown again when it reads the
+//! peer (recvmsg4/getpeername4). No per-packet NAT for these connections.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, generated::bpf_set_retval,
+    },
+    programs::{SockAddrContext, SockContext},
+};
+use tern_common::{Reason, RevNat, ServiceKey, SockRevNatKey, scope, service_flags};
+
+use crate::lb::{lookup_service_for_pod, select_backend};
+use crate::maps::{SERVICES, SOCK_REVNAT, config, count};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const EADDRINUSE: i32 = 98;
+
+/// connect4 and sendmsg4: a Service address becomes one of its backends.
+pub fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context fields are readable in these hooks.
+    let (addr, port, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    let Some((master, service)) = lookup_service_for_pod(addr, port, proto) else {
+        let cfg = config();
+        if cfg.service_cidr_mask != 0 && addr & cfg.service_cidr_mask == cfg.service_cidr_addr {
+            // A ClusterIP no Service (or port) uses: refuse rather than let
+            // the connection time out somewhere.
+            count(Reason::SockLbUnknownService);
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return DENY;
+        }
+        return ALLOW;
+    };
+    let client = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let hash = unsafe { bpf_get_prandom_u32() };
+    let Some(backend) = select_backend(&master, &service, hash, client) else {
+        // No backend: refuse at once, like kube-proxy's REJECT.
+        count(Reason::SockLbNoBackend);
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return DENY;
+    };
+    unsafe {
+        (*sa).user_ip4 = backend.addr;
+        (*sa).user_port = backend.port as u32;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = SockRevNatKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        pad: 0,
+    };
+    let _ = SOCK_REVNAT.insert(key, RevNat { addr, port, pad: 0 }, 0);
+    count(Reason::SockLbTranslated);
+    ALLOW
+}
+
+/// recvmsg4 and getpeername4: a backend address becomes its Service again.
+pub fn translate_to_service(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = SockRevNatKey {
+        cookie,
+        addr,
+        port,
+        pad: 0,
+    };
+    if let Some(front) = unsafe { SOCK_REVNAT.get(key) } {
+        unsafe {
+            (*sa).user_ip4 = front.addr;
+            (*sa).user_port = front.port as u32;
+        }
+        count(Reason::SockLbRevNat);
+    }
+    ALLOW
+}
+
+/// post_bind4: a local bind to a NodePort's port would shadow the Service.
+pub fn refuse_node_port_bind(ctx: &SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (port_host, proto) = unsafe { ((*sk).src_port, (*sk).protocol as u8) };
+    let key = ServiceKey {
+        addr: 0,
+        port: (port_host as u16).to_be(),
+        slot: 0,
+        proto,
+        scope: scope::EXTERNAL,
+        pad: 0,
+    };
+    match unsafe { SERVICES.get(key) } {
+        Some(v) if v.flags & service_flags::NODE_PORT != 0 => {
+            count(Reason::SockLbBindRefused);
+            unsafe { bpf_set_retval(-EADDRINUSE) };
+            DENY
+        }
+        _ => ALLOW,
+    }
+}
