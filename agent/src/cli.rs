@@ -53,6 +53,17 @@ pub enum Command {
         #[command(subcommand)]
         command: ServiceCommand,
     },
+    /// Connection tracking of the per-packet Service path (from the pinned map).
+    Ct {
+        #[command(subcommand)]
+        command: CtCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtCommand {
+    /// Live entries: each translated flow has an original and a reply entry.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +87,9 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Service {
             command: ServiceCommand::List,
         } => service_list(&cli),
+        Command::Ct {
+            command: CtCommand::List,
+        } => ct_list(&cli),
     }
 }
 
@@ -283,4 +297,38 @@ fn service_list(cli: &Cli) -> anyhow::Result<String> {
         Response::Error { message, .. } => bail!("the agent refused: {message}"),
         other => bail!("unexpected answer from the agent: {other:?}"),
     }
+}
+
+fn ct_list(cli: &Cli) -> anyhow::Result<String> {
+    let ct = crate::datapath::conntrack::open_pinned(&cli.bpffs_dir)?;
+    let entries = crate::datapath::conntrack::list(&ct)?;
+    if cli.output == Output::Json {
+        return Ok(serde_json::to_string_pretty(&entries)?);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.proto.into(),
+                e.from.clone(),
+                e.to.clone(),
+                e.becomes.clone(),
+                e.direction.into(),
+                e.state.into(),
+                format!("{}s", e.expires_in),
+            ]
+        })
+        .collect();
+    Ok(table::render(
+        &[
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "TRANSLATED TO",
+            "DIRECTION",
+            "STATE",
+            "EXPIRES",
+        ],
+        &rows,
+    ))
 }

@@ -54,6 +54,10 @@ pub struct AgentArgs {
     /// Addresses NodePorts listen on (repeatable; default: the node's IPv4 addresses).
     #[arg(long = "node-ip")]
     pub node_ips: Vec<Ipv4Addr>,
+    /// Underlay devices where NodePort/LoadBalancer traffic arrives
+    /// (repeatable; default: the devices holding the node IPs).
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
     /// Maglev table size, a prime up to 16381.
     #[arg(long)]
     pub maglev_table_size: Option<u32>,
@@ -82,6 +86,7 @@ struct FileConfig {
     cgroup_root: Option<PathBuf>,
     #[serde(rename = "nodeIPs")]
     node_ips: Option<Vec<Ipv4Addr>>,
+    devices: Option<Vec<String>>,
     maglev_table_size: Option<u32>,
     lb_algorithm: Option<String>,
     #[serde(rename = "serviceCIDR")]
@@ -102,6 +107,8 @@ pub struct AgentConfig {
     pub cgroup_root: PathBuf,
     /// Empty: detect at start.
     pub node_ips: Vec<Ipv4Addr>,
+    /// Empty: detect at start.
+    pub devices: Vec<String>,
     pub maglev_table_size: u32,
     pub lb_algorithm: LbAlgorithm,
     pub service_cidr: Ipv4Network,
@@ -153,7 +160,13 @@ impl AgentConfig {
         } else {
             args.node_ips
         };
+        let devices = if args.devices.is_empty() {
+            file.devices.unwrap_or_default()
+        } else {
+            args.devices
+        };
         Ok(AgentConfig {
+            devices,
             manifests_dir: args.manifests_dir.or(file.manifests_dir),
             service_cidr: match args.service_cidr.or(file.service_cidr) {
                 Some(cidr) => cidr,

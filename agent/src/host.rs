@@ -48,6 +48,40 @@ pub async fn default_route_mtu() -> anyhow::Result<Option<u32>> {
 /// The node's own IPv4 addresses (not loopback, not link-local): where
 /// NodePorts listen unless configured.
 pub async fn node_ipv4_addresses() -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    Ok(ipv4_addresses()
+        .await?
+        .into_iter()
+        .map(|(ip, _)| ip)
+        .collect())
+}
+
+/// Names of the devices holding any of `ips`: the underlay devices where
+/// traffic from outside the cluster arrives.
+pub async fn devices_with(ips: &[std::net::Ipv4Addr]) -> anyhow::Result<Vec<String>> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let mut names = Vec::new();
+    for (ip, index) in ipv4_addresses().await? {
+        if !ips.contains(&ip) {
+            continue;
+        }
+        let mut links = handle.link().get().match_index(index).execute();
+        if let Some(link) = links.try_next().await? {
+            for attribute in link.attributes {
+                if let LinkAttribute::IfName(name) = attribute
+                    && !names.contains(&name)
+                {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    task.abort();
+    Ok(names)
+}
+
+/// Every IPv4 address (not loopback, not link-local) with its link index.
+async fn ipv4_addresses() -> anyhow::Result<Vec<(std::net::Ipv4Addr, u32)>> {
     use rtnetlink::packet_route::AddressFamily;
     use rtnetlink::packet_route::address::AddressAttribute;
     let (connection, handle, _) = rtnetlink::new_connection()?;
@@ -62,9 +96,8 @@ pub async fn node_ipv4_addresses() -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
             if let AddressAttribute::Local(std::net::IpAddr::V4(ip)) = attribute
                 && !ip.is_loopback()
                 && !ip.is_link_local()
-                && !ips.contains(ip)
             {
-                ips.push(*ip);
+                ips.push((*ip, message.header.index));
             }
         }
     }

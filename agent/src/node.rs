@@ -1,6 +1,7 @@
 //! The node's state behind the CNI API: IPAM, endpoints and the datapath,
 //! kept consistent with each other. Requests are handled one at a time.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::Context;
@@ -35,7 +36,13 @@ pub struct Node {
 
 impl Node {
     /// Opens the state dir, loads the datapath and reconciles the two.
-    pub fn start(config: &AgentConfig, mtu: u32) -> anyhow::Result<Self> {
+    /// `node_ips` and `devices`: where traffic from outside arrives.
+    pub fn start(
+        config: &AgentConfig,
+        mtu: u32,
+        node_ips: &[Ipv4Addr],
+        devices: &[String],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
         let ipam = match config.pod_cidr {
@@ -51,7 +58,17 @@ impl Node {
         datapath.maps.set_config(DatapathConfig {
             service_cidr_addr: crate::datapath::ip_to_key(config.service_cidr.network()),
             service_cidr_mask: crate::datapath::ip_to_key(config.service_cidr.mask()),
+            node_addr: node_ips
+                .first()
+                .map_or(0, |ip| crate::datapath::ip_to_key(*ip)),
+            pad: 0,
         })?;
+        for device in devices {
+            datapath
+                .attach_netdev(device)
+                .with_context(|| format!("attaching to underlay device {device}"))?;
+            info!(%device, "from_netdev attached");
+        }
         if config.socket_lb {
             crate::datapath::ensure_cgroup2(&config.cgroup_root)?;
             datapath.attach_socket_lb(&config.cgroup_root)?;

@@ -3,9 +3,13 @@
 #![no_std]
 #![no_main]
 
+mod ct;
 mod lb;
 mod maps;
+mod packet;
 mod pod;
+mod reject;
+mod service_nat;
 mod sock;
 
 use aya_ebpf::{
@@ -17,6 +21,12 @@ use aya_ebpf::{
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     pod::from_pod(&ctx)
+}
+
+/// tc ingress on the node's underlay devices: traffic from outside.
+#[classifier]
+pub fn from_netdev(ctx: TcContext) -> i32 {
+    pod::from_netdev(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use tern_common::{
-    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, DatapathConfig, ENDPOINTS_MAX,
-    EndpointInfo, MAGLEV_MAX_SERVICES, MaglevTable, REVNAT_MAX, Reason, RevNat, SERVICES_MAX,
-    SOCK_REVNAT_MAX, ServiceKey, ServiceValue, SockRevNatKey,
+    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CT_MAX, CtKey, CtValue,
+    DatapathConfig, ENDPOINTS_MAX, EndpointInfo, MAGLEV_MAX_SERVICES, MaglevTable, REVNAT_MAX,
+    Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey, ServiceValue, SockRevNatKey,
 };
 
 /// Local pods by IPv4 address (network byte order).
@@ -45,6 +45,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 /// Socket-LB: which Service address a socket's backend stands for.
 #[map]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, RevNat> = LruHashMap::pinned(SOCK_REVNAT_MAX, 0);
+
+/// Connection tracking of per-packet translated flows.
+#[map]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX, 0);
 
 /// Settings from the agent (index 0).
 #[map]

@@ -74,15 +74,45 @@ pub struct Lab {
 impl Lab {
     pub fn new() -> Result<Lab> {
         require_bpffs()?;
+        let switch = Netns::new("sw")?;
+        switch.sh("ip link add br0 type bridge\nip link set br0 up")?;
         Ok(Lab {
             bins: Binaries::locate()?,
-            switch: Netns::new("sw")?,
+            switch,
         })
+    }
+
+    /// A host outside the cluster on the underlay (e.g. 10.0.0.100): the
+    /// lab's stand-in for clients on the node's network.
+    pub fn external_client(&self, ip: Ipv4Addr) -> Result<Netns> {
+        let ns = Netns::new("ext")?;
+        let port = unique_ifname("x");
+        ns.sh(&format!(
+            "ip link add eth0 type veth peer name {port} netns {sw}
+             ip addr add {ip}/24 dev eth0
+             ip link set eth0 up",
+            sw = self.switch.name()
+        ))?;
+        self.switch
+            .sh(&format!("ip link set {port} master br0 up"))?;
+        Ok(ns)
     }
 
     /// A node with `pod_cidr` and underlay address `node_ip`/24, agent running.
     pub fn node(&self, name: &str, pod_cidr: &str, node_ip: Ipv4Addr) -> Result<LabNode> {
+        self.node_with(name, pod_cidr, node_ip, true)
+    }
+
+    /// The same, choosing the Service path: socket-LB or per-packet only.
+    pub fn node_with(
+        &self,
+        name: &str,
+        pod_cidr: &str,
+        node_ip: Ipv4Addr,
+        socket_lb: bool,
+    ) -> Result<LabNode> {
         let mut node = LabNode::create(self, name, Some(pod_cidr), node_ip)?;
+        node.socket_lb = socket_lb;
         node.start_agent()?;
         Ok(node)
     }
@@ -144,7 +174,8 @@ impl LabNode {
              ip link set eth0 up",
             sw = lab.switch.name()
         ))?;
-        lab.switch.sh(&format!("ip link set {port} up"))?;
+        lab.switch
+            .sh(&format!("ip link set {port} master br0 up"))?;
         Ok(node)
     }
 
@@ -171,6 +202,8 @@ impl LabNode {
             .arg(self.socket_lb.to_string())
             .arg("--node-ip")
             .arg(self.node_ip.to_string())
+            .arg("--device")
+            .arg("eth0")
             .env("TERN_LOG", "info");
         if let Some(cidr) = &self.pod_cidr {
             cmd.arg("--pod-cidr").arg(cidr);

@@ -1,6 +1,7 @@
-//! Services translated by the eBPF datapath (socket-LB) from Service and
-//! EndpointSlice manifests the agent watches, with real traffic from a pod
-//! whose process belongs to the node's pods cgroup. Needs root.
+//! Services translated by the eBPF datapath from Service and EndpointSlice
+//! manifests the agent watches, with real traffic. Every case runs twice:
+//! with socket-LB (the client's process is in the node's pods cgroup) and
+//! with the per-packet path only (`--socket-lb false`). Needs root.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -22,11 +23,73 @@ struct Cluster {
     _lab: Lab,
 }
 
+/// Runs a case once per Service path, as two tests.
+macro_rules! both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod socket_lb {
+            $(#[test]
+            fn $name() -> anyhow::Result<()> {
+                if !tern_tests::netns::require_root(stringify!($name)) {
+                    return Ok(());
+                }
+                super::$name(super::Path::SocketLb)
+            })*
+        }
+        mod per_packet {
+            $(#[test]
+            fn $name() -> anyhow::Result<()> {
+                if !tern_tests::netns::require_root(stringify!($name)) {
+                    return Ok(());
+                }
+                super::$name(super::Path::PerPacket)
+            })*
+        }
+    };
+}
+
+both_paths!(
+    cluster_ip_spreads_over_ready_backends_only,
+    multi_port_service_resolves_named_target_ports_per_slice,
+    udp_service_answers_from_the_service_address,
+    endpoint_changes_steer_new_connections_and_spare_established_ones,
+    session_affinity_sticks_expires_and_can_be_switched,
+    service_without_endpoints_refuses_at_once_and_deleted_service_is_gone,
+    hairpin_internal_traffic_policy_and_maglev,
+);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    SocketLb,
+    PerPacket,
+}
+
+impl Path {
+    /// The counter that shows this path translated a connection.
+    fn translated_counter(self) -> &'static str {
+        match self {
+            Path::SocketLb => "sock_lb_translated",
+            Path::PerPacket => "lb_dnat",
+        }
+    }
+    fn refused_counter(self) -> &'static str {
+        match self {
+            Path::SocketLb => "sock_lb_no_backend",
+            Path::PerPacket => "lb_reject",
+        }
+    }
+    fn unknown_service_counter(self) -> &'static str {
+        match self {
+            Path::SocketLb => "sock_lb_unknown_service",
+            Path::PerPacket => "lb_reject",
+        }
+    }
+}
+
 /// A node, a client pod and `n` backend pods, each serving `ports` as
 /// "b<i>:<line>" echoes.
-fn cluster(cidr: &str, n: usize, ports: &[u16]) -> Result<Cluster> {
+fn cluster(cidr: &str, n: usize, ports: &[u16], path: Path) -> Result<Cluster> {
     let lab = Lab::new()?;
-    let node = lab.node("n1", cidr, NODE_IP)?;
+    let node = lab.node_with("n1", cidr, NODE_IP, path == Path::SocketLb)?;
     let client = node.add_pod("client")?;
     let mut backends = Vec::new();
     let mut servers = Vec::new();
@@ -118,12 +181,8 @@ fn backend_str(pod: &Pod, port: u16) -> String {
     format!("{}:{port}", pod.ip)
 }
 
-#[test]
-fn cluster_ip_spreads_over_ready_backends_only() -> Result<()> {
-    if !require_root("cluster_ip_spreads") {
-        return Ok(());
-    }
-    let c = cluster("10.244.31.0/24", 4, &[8080])?;
+fn cluster_ip_spreads_over_ready_backends_only(path: Path) -> Result<()> {
+    let c = cluster("10.244.31.0/24", 4, &[8080], path)?;
     let ports = "[{name: http, port: 80, targetPort: 8080}]";
     let b = &c.backends;
     let mut eps: Vec<_> = b[..3].iter().map(|p| ready(p.ip)).collect();
@@ -161,17 +220,13 @@ fn cluster_ip_spreads_over_ready_backends_only() -> Result<()> {
             "{backend} got {count} of {n}: {counts:?}"
         );
     }
-    let translated = c.node.counter("sock_lb_translated")?;
+    let translated = c.node.counter(path.translated_counter())?;
     assert!(translated >= n as u64, "socket-LB translated {translated}");
     Ok(())
 }
 
-#[test]
-fn multi_port_service_resolves_named_target_ports_per_slice() -> Result<()> {
-    if !require_root("named_target_ports") {
-        return Ok(());
-    }
-    let c = cluster("10.244.32.0/24", 2, &[8080, 8081, 9100])?;
+fn multi_port_service_resolves_named_target_ports_per_slice(path: Path) -> Result<()> {
+    let c = cluster("10.244.32.0/24", 2, &[8080, 8081, 9100], path)?;
     let ports =
         "[{name: http, port: 80, targetPort: web}, {name: metrics, port: 9090, targetPort: 9100}]";
     // The same port name resolves to 8080 on b0 and 8081 on b1.
@@ -220,12 +275,8 @@ fn multi_port_service_resolves_named_target_ports_per_slice() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn udp_service_answers_from_the_service_address() -> Result<()> {
-    if !require_root("udp_service") {
-        return Ok(());
-    }
-    let c = cluster("10.244.33.0/24", 2, &[5353])?;
+fn udp_service_answers_from_the_service_address(path: Path) -> Result<()> {
+    let c = cluster("10.244.33.0/24", 2, &[5353], path)?;
     let ports = "[{name: dns, port: 53, targetPort: 5353, protocol: UDP}]";
     let eps: Vec<_> = c.backends.iter().map(|p| ready(p.ip)).collect();
     c.node.write_manifest(
@@ -271,12 +322,8 @@ fn udp_service_answers_from_the_service_address() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn endpoint_changes_steer_new_connections_and_spare_established_ones() -> Result<()> {
-    if !require_root("endpoint_changes") {
-        return Ok(());
-    }
-    let c = cluster("10.244.34.0/24", 3, &[8080])?;
+fn endpoint_changes_steer_new_connections_and_spare_established_ones(path: Path) -> Result<()> {
+    let c = cluster("10.244.34.0/24", 3, &[8080], path)?;
     let ports = "[{name: http, port: 80, targetPort: 8080}]";
     let sports = "[{name: http, port: 8080}]";
     let svc = service("web", VIP, ports, "");
@@ -330,12 +377,8 @@ fn endpoint_changes_steer_new_connections_and_spare_established_ones() -> Result
     Ok(())
 }
 
-#[test]
-fn session_affinity_sticks_expires_and_can_be_switched() -> Result<()> {
-    if !require_root("session_affinity") {
-        return Ok(());
-    }
-    let c = cluster("10.244.35.0/24", 3, &[8080])?;
+fn session_affinity_sticks_expires_and_can_be_switched(path: Path) -> Result<()> {
+    let c = cluster("10.244.35.0/24", 3, &[8080], path)?;
     let ports = "[{name: http, port: 80, targetPort: 8080}]";
     let eps: Vec<_> = c.backends.iter().map(|p| ready(p.ip)).collect();
     let endpoints = slice("web-1", "web", "[{name: http, port: 8080}]", &eps);
@@ -420,12 +463,8 @@ fn wait_until(mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn service_without_endpoints_refuses_at_once_and_deleted_service_is_gone() -> Result<()> {
-    if !require_root("no_endpoints") {
-        return Ok(());
-    }
-    let c = cluster("10.244.36.0/24", 1, &[8080])?;
+fn service_without_endpoints_refuses_at_once_and_deleted_service_is_gone(path: Path) -> Result<()> {
+    let c = cluster("10.244.36.0/24", 1, &[8080], path)?;
     let ports = "[{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, protocol: UDP}]";
     c.node.write_manifest(
         "empty.yaml",
@@ -447,33 +486,49 @@ fn service_without_endpoints_refuses_at_once_and_deleted_service_is_gone() -> Re
     let took = started.elapsed();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     assert!(took < Duration::from_millis(100), "refusal took {took:?}");
-    let udp = c.client.ns.run(|| UdpSocket::bind(("0.0.0.0", 0)))?;
-    let err = udp.send_to(b"q", at(VIP, 53)).unwrap_err();
+    let err = udp_refusal(&c, at(VIP, 53))?;
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    assert!(c.node.counter("sock_lb_no_backend")? >= 2);
+    assert!(c.node.counter(path.refused_counter())? >= 2);
 
     c.node.remove_manifest("empty.yaml")?;
     c.node.wait_for_frontend("10.96.0.10:80/TCP", None)?;
     let started = Instant::now();
-    let result = c
+    let err = c
         .client
         .ns
-        .run(|| TcpStream::connect_timeout(&at(VIP, 80), Duration::from_secs(3)));
-    assert!(result.is_err(), "a deleted Service must not answer");
+        .run(|| TcpStream::connect_timeout(&at(VIP, 80), Duration::from_secs(3)))
+        .unwrap_err();
+    // An unused address in the Service CIDR is refused, as kube-proxy does.
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "deleted Service: fails fast, took {:?}",
+        started.elapsed() < Duration::from_millis(100),
+        "took {:?}",
         started.elapsed()
     );
+    assert!(c.node.counter(path.unknown_service_counter())? >= 1);
     Ok(())
 }
 
-#[test]
-fn hairpin_internal_traffic_policy_and_maglev() -> Result<()> {
-    if !require_root("hairpin_itp_maglev") {
-        return Ok(());
-    }
-    let c = cluster("10.244.37.0/24", 2, &[8080])?;
+/// The error a connected UDP socket gets from a refusing Service: at
+/// connect (socket-LB) or, after an ICMP port unreachable, at recv.
+fn udp_refusal(c: &Cluster, to: SocketAddr) -> Result<std::io::Error> {
+    let started = Instant::now();
+    let socket = c.client.ns.run(|| UdpSocket::bind(("0.0.0.0", 0)))?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let err = match socket.connect(to).and_then(|()| socket.send(b"q")) {
+        Err(e) => e,
+        Ok(_) => socket.recv(&mut [0u8; 16]).map(|_| ()).unwrap_err(),
+    };
+    let took = started.elapsed();
+    anyhow::ensure!(
+        took < Duration::from_millis(100),
+        "UDP refusal took {took:?}"
+    );
+    Ok(err)
+}
+
+fn hairpin_internal_traffic_policy_and_maglev(path: Path) -> Result<()> {
+    let c = cluster("10.244.37.0/24", 2, &[8080], path)?;
     let ports = "[{name: http, port: 80, targetPort: 8080}]";
     let sports = "[{name: http, port: 8080}]";
     let b = &c.backends;
@@ -545,7 +600,7 @@ fn binding_a_node_port_locally_is_refused() -> Result<()> {
     if !require_root("node_port_bind") {
         return Ok(());
     }
-    let c = cluster("10.244.38.0/24", 1, &[8080])?;
+    let c = cluster("10.244.38.0/24", 1, &[8080], Path::SocketLb)?;
     let spec = "  type: NodePort\n";
     let ports = "[{name: http, port: 80, targetPort: 8080, nodePort: 30080}]";
     c.node.write_manifest(

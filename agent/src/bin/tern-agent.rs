@@ -39,11 +39,15 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             .block_on(host::default_route_mtu())?
             .unwrap_or(host::FALLBACK_MTU),
     };
-    let node = Node::start(&config, mtu)?;
     let mut node_ips = config.node_ips.clone();
     if node_ips.is_empty() {
         node_ips = runtime.block_on(host::node_ipv4_addresses())?;
     }
+    let mut devices = config.devices.clone();
+    if devices.is_empty() {
+        devices = runtime.block_on(host::devices_with(&node_ips))?;
+    }
+    let node = Node::start(&config, mtu, &node_ips, &devices)?;
     // 0.0.0.0 stands for "any local address": the NodePort entry that
     // local binds are checked against.
     node_ips.insert(0, std::net::Ipv4Addr::UNSPECIFIED);
@@ -63,6 +67,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     let node = Arc::new(Mutex::new(node));
     runtime.block_on(async {
+        tokio::spawn(conntrack_gc(config.bpffs_dir.clone()));
         if let Some(dir) = config.manifests_dir.clone() {
             tokio::spawn(services::run(dir, context, node.clone()));
         }
@@ -79,4 +84,30 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     })?;
     runtime.shutdown_background();
     Ok(())
+}
+
+/// Expired connection-tracking entries are removed every 10 s.
+async fn conntrack_gc(bpffs_dir: std::path::PathBuf) {
+    use tern_agent::datapath::conntrack;
+    let mut ct = match conntrack::open_pinned(&bpffs_dir) {
+        Ok(ct) => ct,
+        Err(e) => return tracing::warn!("conntrack GC disabled: {e:#}"),
+    };
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        ticker.tick().await;
+        let (returned, removed) = match tokio::task::spawn_blocking(move || {
+            let removed = conntrack::collect_garbage(&mut ct);
+            (ct, removed)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(_) => return,
+        };
+        ct = returned;
+        if removed > 0 {
+            tracing::debug!(removed, "conntrack entries expired");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! down; a starting agent re-adopts the pins and swaps its freshly loaded
 //! program into each existing link atomically.
 
+pub mod conntrack;
 mod maps;
 pub mod services;
 
@@ -53,6 +54,13 @@ impl Datapath {
             .context("program from_pod missing from the object")?
             .try_into()?;
         from_pod.load().context("the verifier refused from_pod")?;
+        let from_netdev: &mut SchedClassifier = ebpf
+            .program_mut(programs::FROM_NETDEV)
+            .context("program from_netdev missing from the object")?
+            .try_into()?;
+        from_netdev
+            .load()
+            .context("the verifier refused from_netdev")?;
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -83,19 +91,25 @@ impl Datapath {
         &self.bpffs_dir
     }
 
-    fn link_pin(&self, host_ifname: &str) -> PathBuf {
-        link_pin_path(&self.bpffs_dir, host_ifname)
+    /// Attaches `from_pod` at tc ingress of a pod's host veth.
+    pub fn attach_pod(&mut self, host_ifname: &str) -> anyhow::Result<()> {
+        self.attach_classifier(programs::FROM_POD, host_ifname)
     }
 
-    /// Attaches `from_pod` at tc ingress of `host_ifname`, replacing the
-    /// program in an existing pinned link atomically (agent restart or
-    /// upgrade) instead of adding a second one.
-    pub fn attach_pod(&mut self, host_ifname: &str) -> anyhow::Result<()> {
-        let pin = self.link_pin(host_ifname);
-        let from_pod: &mut SchedClassifier = self
+    /// Attaches `from_netdev` at tc ingress of an underlay device.
+    pub fn attach_netdev(&mut self, ifname: &str) -> anyhow::Result<()> {
+        self.attach_classifier(programs::FROM_NETDEV, ifname)
+    }
+
+    /// Attaches `program` at tc ingress of `ifname`, replacing the program
+    /// in an existing pinned link atomically (agent restart or upgrade)
+    /// instead of adding a second one.
+    fn attach_classifier(&mut self, program: &str, ifname: &str) -> anyhow::Result<()> {
+        let pin = link_pin(&self.bpffs_dir, program, ifname);
+        let classifier: &mut SchedClassifier = self
             .ebpf
-            .program_mut(programs::FROM_POD)
-            .context("program from_pod missing")?
+            .program_mut(program)
+            .with_context(|| format!("program {program} missing"))?
             .try_into()?;
         let replaced = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
@@ -103,21 +117,21 @@ impl Datapath {
                 let link = SchedClassifierLink::try_from(fd_link)?;
                 // A link whose device is gone cannot be updated: drop it and
                 // attach afresh below.
-                from_pod.attach_to_link(link).ok()
+                classifier.attach_to_link(link).ok()
             }
             Err(_) => None,
         };
         let link_id = match replaced {
             Some(id) => id,
-            None => from_pod
+            None => classifier
                 .attach_with_options(
-                    host_ifname,
+                    ifname,
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .with_context(|| format!("attaching from_pod to {host_ifname}"))?,
+                .with_context(|| format!("attaching {program} to {ifname}"))?,
         };
-        let link: FdLink = from_pod.take_link(link_id)?.try_into()?;
+        let link: FdLink = classifier.take_link(link_id)?.try_into()?;
         link.pin(&pin)
             .with_context(|| format!("pinning the link at {}", pin.display()))?;
         Ok(())
@@ -125,7 +139,7 @@ impl Datapath {
 
     /// Detaches from `host_ifname`; nothing attached is not an error.
     pub fn detach_pod(&mut self, host_ifname: &str) -> anyhow::Result<()> {
-        let pin = self.link_pin(host_ifname);
+        let pin = link_pin(&self.bpffs_dir, programs::FROM_POD, host_ifname);
         match PinnedLink::from_pin(&pin) {
             // Dropping the last reference to the link detaches it.
             Ok(link) => drop(link.unpin()?),
@@ -195,10 +209,8 @@ impl Datapath {
     }
 }
 
-pub fn link_pin_path(bpffs_dir: &Path, host_ifname: &str) -> PathBuf {
-    bpffs_dir
-        .join("links")
-        .join(format!("from_pod_{host_ifname}"))
+fn link_pin(bpffs_dir: &Path, program: &str, ifname: &str) -> PathBuf {
+    bpffs_dir.join("links").join(format!("{program}_{ifname}"))
 }
 
 pub fn attached_pods(bpffs_dir: &Path) -> anyhow::Result<Vec<String>> {

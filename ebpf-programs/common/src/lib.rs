@@ -15,12 +15,16 @@ pub mod maps {
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const CONFIG: &str = "CONFIG";
+    pub const CT: &str = "CT";
 }
 
 /// Program names (the Rust function names in tern-ebpf).
 pub mod programs {
     /// tc ingress on the host side of each pod veth: traffic leaving a pod.
     pub const FROM_POD: &str = "from_pod";
+    /// tc ingress on the node's underlay devices: NodePort, LoadBalancer and
+    /// externalIPs for clients outside the cluster.
+    pub const FROM_NETDEV: &str = "from_netdev";
     /// Socket-LB: cgroup v2 hooks translating Service addresses at the socket.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
@@ -54,6 +58,60 @@ pub const REVNAT_MAX: u32 = 262_144;
 pub const MAGLEV_MAX_SERVICES: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 262_144;
 pub const SOCK_REVNAT_MAX: u32 = 262_144;
+pub const CT_MAX: u32 = 262_144;
+
+/// Source address for hairpin traffic (a pod reaching itself through a
+/// Service): the pod would drop a packet from its own address.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// Connection-tracking lifetimes (seconds), as Cilium uses them.
+pub mod ct_lifetime {
+    pub const TCP_SYN: u32 = 60;
+    pub const TCP_ESTABLISHED: u32 = 21_600;
+    pub const TCP_CLOSING: u32 = 10;
+    pub const OTHER: u32 = 60;
+}
+
+/// CT key: the tuple of a packet as it arrives (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// CT value: what the packet's tuple becomes, and where it goes then.
+/// A translated flow has two entries: the original direction (service
+/// address -> backend) and the reply direction (backend -> service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// Send out of this device (redirect with neighbour lookup); 0 = route
+    /// as usual (a local pod, or the node's stack).
+    pub ifindex: u32,
+    pub rev_nat_id: u32,
+    /// Seconds of CLOCK_MONOTONIC.
+    pub last_seen: u32,
+    pub lifetime: u32,
+    pub flags: u32,
+}
+
+pub mod ct_flags {
+    /// Entry of the reply direction.
+    pub const REPLY: u32 = 1 << 0;
+    /// A FIN or RST was seen: the short closing lifetime applies.
+    pub const CLOSING: u32 = 1 << 1;
+    /// TCP handshake completed (a packet flowed in the reply direction).
+    pub const ESTABLISHED: u32 = 1 << 2;
+}
 /// Largest Maglev table; each service's own size (a prime <= this) is in
 /// its master entry.
 pub const MAGLEV_TABLE_MAX: usize = 16381;
@@ -174,6 +232,10 @@ pub struct DatapathConfig {
     /// as kube-proxy does for unused ClusterIPs.
     pub service_cidr_addr: u32,
     pub service_cidr_mask: u32,
+    /// The node's address: the source of NodePort / LoadBalancer traffic
+    /// SNATed with externalTrafficPolicy=Cluster (network order).
+    pub node_addr: u32,
+    pub pad: u32,
 }
 
 /// Why a packet took the path it took; index into the per-CPU METRICS array.
@@ -198,10 +260,21 @@ pub enum Reason {
     SockLbBindRefused = 7,
     /// Socket-LB: an unused address or port in the Service CIDR was refused.
     SockLbUnknownService = 8,
+    /// Per-packet: a packet to a Service was sent to its backend (DNAT).
+    LbDnat = 9,
+    /// Per-packet: a reply was given the Service address back.
+    LbRevNat = 10,
+    /// Per-packet: a Service without backends (or an unused Service
+    /// address) answered with TCP RST / ICMP port unreachable.
+    LbReject = 11,
+    /// Per-packet: the CT map refused a new entry (full): packet dropped.
+    CtFull = 12,
+    /// NodePort / LoadBalancer / externalIP traffic from outside.
+    ExternalDnat = 13,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -212,6 +285,11 @@ impl Reason {
         Reason::SockLbRevNat,
         Reason::SockLbBindRefused,
         Reason::SockLbUnknownService,
+        Reason::LbDnat,
+        Reason::LbRevNat,
+        Reason::LbReject,
+        Reason::CtFull,
+        Reason::ExternalDnat,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -225,6 +303,11 @@ impl Reason {
             Reason::SockLbRevNat => "sock_lb_rev_nat",
             Reason::SockLbBindRefused => "sock_lb_bind_refused",
             Reason::SockLbUnknownService => "sock_lb_unknown_service",
+            Reason::LbDnat => "lb_dnat",
+            Reason::LbRevNat => "lb_rev_nat",
+            Reason::LbReject => "lb_reject",
+            Reason::CtFull => "ct_full",
+            Reason::ExternalDnat => "external_dnat",
         }
     }
 }
@@ -243,4 +326,6 @@ mod user {
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
 }

@@ -1,0 +1,99 @@
+//! The per-packet path's connection tracking table: listing for operators
+//! and removal of expired entries (the datapath only ignores them).
+
+use std::path::Path;
+
+use anyhow::Context;
+use aya::maps::{HashMap, Map, MapData};
+use tern_common::{CtKey, CtValue, ct_flags, maps};
+
+use super::maps::ip_from_key;
+
+pub type CtMap = HashMap<MapData, CtKey, CtValue>;
+
+pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<CtMap> {
+    let path = bpffs_dir.join(maps::CT);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no pinned map at {} (is the agent running?)",
+            path.display()
+        )
+    })?;
+    Ok(Map::from_map_data(data)?.try_into()?)
+}
+
+/// Seconds of CLOCK_MONOTONIC, the clock the datapath stamps entries with.
+pub fn now() -> u32 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u32)
+        .unwrap_or(0)
+}
+
+fn expired(value: &CtValue, now: u32) -> bool {
+    now.wrapping_sub(value.last_seen) > value.lifetime
+}
+
+/// Removes expired entries; returns how many.
+pub fn collect_garbage(ct: &mut CtMap) -> usize {
+    let now = now();
+    let doomed: Vec<CtKey> = ct
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| expired(v, now))
+        .map(|(k, _)| k)
+        .collect();
+    doomed.iter().filter(|k| ct.remove(k).is_ok()).count()
+}
+
+/// One entry, readable.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CtEntry {
+    pub proto: &'static str,
+    pub direction: &'static str,
+    pub from: String,
+    pub to: String,
+    pub becomes: String,
+    pub state: &'static str,
+    pub expires_in: u32,
+}
+
+pub fn list(ct: &CtMap) -> anyhow::Result<Vec<CtEntry>> {
+    let now = now();
+    let endpoint = |addr: u32, port: u16| format!("{}:{}", ip_from_key(addr), u16::from_be(port));
+    let mut entries = Vec::new();
+    for item in ct.iter() {
+        let (k, v) = item?;
+        if expired(&v, now) {
+            continue;
+        }
+        entries.push(CtEntry {
+            proto: match k.proto {
+                6 => "TCP",
+                17 => "UDP",
+                _ => "other",
+            },
+            direction: if v.flags & ct_flags::REPLY != 0 {
+                "reply"
+            } else {
+                "original"
+            },
+            from: endpoint(k.saddr, k.sport),
+            to: endpoint(k.daddr, k.dport),
+            becomes: format!(
+                "{} -> {}",
+                endpoint(v.saddr, v.sport),
+                endpoint(v.daddr, v.dport)
+            ),
+            state: if v.flags & ct_flags::CLOSING != 0 {
+                "closing"
+            } else if v.flags & ct_flags::ESTABLISHED != 0 {
+                "established"
+            } else {
+                "new"
+            },
+            expires_in: v.lifetime.saturating_sub(now.wrapping_sub(v.last_seen)),
+        });
+    }
+    entries.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+    Ok(entries)
+}

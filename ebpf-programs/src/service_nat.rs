@@ -1,0 +1,182 @@
+//! The per-packet Service path: DNAT to a backend with connection
+//! tracking, reverse NAT of replies, SNAT for NodePort traffic from
+//! outside, and refusals for Services without backends.
+
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    helpers::generated::{bpf_get_prandom_u32, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use tern_common::{HAIRPIN_ADDR, Reason, ServiceKey, ct_flags, scope, service_flags};
+
+use crate::ct;
+use crate::lb::{lookup_service_for_pod, select_backend};
+use crate::maps::{SERVICES, config, count};
+use crate::packet::{Packet, Tuple, ifindex, rewrite};
+use crate::reject::reject;
+
+/// What became of the packet: handled (a tc verdict), or to be routed on
+/// (possibly rewritten).
+pub enum Outcome {
+    Verdict(i32),
+    Route,
+}
+
+/// Same hash on every node for the same flow, so Maglev picks the same
+/// backend wherever the flow lands.
+fn flow_hash(p: &Packet) -> u32 {
+    let mut h = p.saddr
+        ^ p.daddr.rotate_left(7)
+        ^ ((p.sport as u32) << 16 | p.dport as u32)
+        ^ p.proto as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^ (h >> 16)
+}
+
+fn apply(ctx: &TcContext, p: &mut Packet, to: &Tuple) -> Result<(), i64> {
+    rewrite(ctx, p, to)?;
+    p.saddr = to.saddr;
+    p.daddr = to.daddr;
+    p.sport = to.sport;
+    p.dport = to.dport;
+    Ok(())
+}
+
+/// A packet of a tracked flow: translated as its entry says.
+fn follow_ct(ctx: &TcContext, p: &mut Packet) -> Option<Outcome> {
+    let entry = ct::lookup(p)?;
+    let to = Tuple {
+        saddr: entry.saddr,
+        daddr: entry.daddr,
+        sport: entry.sport,
+        dport: entry.dport,
+    };
+    if apply(ctx, p, &to).is_err() {
+        return Some(Outcome::Verdict(TC_ACT_SHOT));
+    }
+    count(if entry.flags & ct_flags::REPLY != 0 {
+        Reason::LbRevNat
+    } else {
+        Reason::LbDnat
+    });
+    if entry.ifindex != 0 {
+        // A reply to a client outside: out of the device the request came
+        // in on, next hop and MACs from the neighbour table.
+        let verdict = unsafe { bpf_redirect_neigh(entry.ifindex, core::ptr::null_mut(), 0, 0) };
+        return Some(Outcome::Verdict(verdict as i32));
+    }
+    Some(Outcome::Route)
+}
+
+/// Traffic from a local pod.
+pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
+    if !p.has_ports() {
+        return Outcome::Route;
+    }
+    if let Some(outcome) = follow_ct(ctx, p) {
+        return outcome;
+    }
+    let Some((master, service)) = lookup_service_for_pod(p.daddr, p.dport, p.proto) else {
+        let cfg = config();
+        if cfg.service_cidr_mask != 0 && p.daddr & cfg.service_cidr_mask == cfg.service_cidr_addr {
+            count(Reason::LbReject);
+            return Outcome::Verdict(reject(ctx, p));
+        }
+        return Outcome::Route;
+    };
+    let Some(backend) = select_backend(&master, &service, flow_hash(p), p.saddr as u64) else {
+        count(Reason::LbReject);
+        return Outcome::Verdict(reject(ctx, p));
+    };
+    let mut to = Tuple {
+        saddr: p.saddr,
+        daddr: backend.addr,
+        sport: p.sport,
+        dport: backend.port,
+    };
+    if backend.addr == p.saddr {
+        // Hairpin: the pod would drop a packet from its own address.
+        to.saddr = u32::from_ne_bytes(HAIRPIN_ADDR);
+    }
+    translate_new(ctx, p, &to, service.rev_nat_id, 0, Reason::LbDnat)
+}
+
+// Inlined: BPF calls take at most five arguments.
+#[inline(always)]
+fn translate_new(
+    ctx: &TcContext,
+    p: &mut Packet,
+    to: &Tuple,
+    rev_nat_id: u32,
+    reply_ifindex: u32,
+    reason: Reason,
+) -> Outcome {
+    if ct::create(p, to, rev_nat_id, reply_ifindex).is_err() {
+        count(Reason::CtFull);
+        return Outcome::Verdict(TC_ACT_SHOT);
+    }
+    if apply(ctx, p, to).is_err() {
+        return Outcome::Verdict(TC_ACT_SHOT);
+    }
+    count(reason);
+    Outcome::Route
+}
+
+/// Traffic from outside the cluster on an underlay device: NodePort,
+/// LoadBalancer and externalIP frontends (External scope).
+pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
+    if !p.has_ports() {
+        return Outcome::Route;
+    }
+    if let Some(outcome) = follow_ct(ctx, p) {
+        return outcome;
+    }
+    let master = ServiceKey {
+        addr: p.daddr,
+        port: p.dport,
+        slot: 0,
+        proto: p.proto,
+        scope: scope::EXTERNAL,
+        pad: 0,
+    };
+    let Some(service) = (unsafe { SERVICES.get(master) }).copied() else {
+        return Outcome::Route;
+    };
+    let Some(backend) = select_backend(&master, &service, flow_hash(p), p.saddr as u64) else {
+        count(Reason::LbReject);
+        return Outcome::Verdict(reject(ctx, p));
+    };
+    let mut to = Tuple {
+        saddr: p.saddr,
+        daddr: backend.addr,
+        sport: p.sport,
+        dport: backend.port,
+    };
+    if service.flags & service_flags::EXTERNAL_LOCAL == 0 {
+        // externalTrafficPolicy=Cluster: replies must come back through
+        // this node, so the source becomes the node (port kept if free).
+        let node = config().node_addr;
+        to.saddr = if node != 0 { node } else { p.daddr };
+        let mut tries = 0;
+        while ct::reply_taken(p.proto, &to) && tries < 8 {
+            let port = 32768 + (unsafe { bpf_get_prandom_u32() } % 28232) as u16;
+            to.sport = port.to_be();
+            tries += 1;
+        }
+        if tries == 8 {
+            count(Reason::CtFull);
+            return Outcome::Verdict(TC_ACT_SHOT);
+        }
+    }
+    translate_new(
+        ctx,
+        p,
+        &to,
+        service.rev_nat_id,
+        ifindex(ctx),
+        Reason::ExternalDnat,
+    )
+}
