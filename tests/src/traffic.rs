@@ -15,7 +15,8 @@ use crate::netns::Netns;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Echoes every TCP connection and UDP datagram on one port, prefixing
-/// replies with `name:` so clients can tell who answered. Stops on drop.
+/// replies with `name:` so clients can tell who answered; the request
+/// `peer?` is answered with the client address the server sees. Stops on drop.
 pub struct EchoServer {
     pub port: u16,
     stop: Arc<AtomicBool>,
@@ -61,8 +62,7 @@ impl EchoServer {
                 let mut buf = [0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                        let mut reply = prefix.clone().into_bytes();
-                        reply.extend_from_slice(&buf[..n]);
+                        let reply = answer(&prefix, &buf[..n], from);
                         let _ = udp.send_to(&reply, from);
                     }
                 }
@@ -79,6 +79,9 @@ impl EchoServer {
 /// Each line (up to '\n') is answered with `prefix` + the line.
 fn echo_tcp(mut conn: TcpStream, prefix: &str) {
     conn.set_nonblocking(false).ok();
+    let Ok(peer) = conn.peer_addr() else {
+        return;
+    };
     let mut buf = [0u8; 65536];
     let mut pending = Vec::new();
     loop {
@@ -88,8 +91,8 @@ fn echo_tcp(mut conn: TcpStream, prefix: &str) {
                 pending.extend_from_slice(&buf[..n]);
                 while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=end).collect();
-                    let mut reply = prefix.as_bytes().to_vec();
-                    reply.extend_from_slice(&line);
+                    let mut reply = answer(prefix, &line[..line.len() - 1], peer);
+                    reply.push(b'\n');
                     if conn.write_all(&reply).is_err() {
                         return;
                     }
@@ -97,6 +100,17 @@ fn echo_tcp(mut conn: TcpStream, prefix: &str) {
             }
         }
     }
+}
+
+/// `prefix` + the request, or + the client's address for `peer?`.
+fn answer(prefix: &str, request: &[u8], peer: SocketAddr) -> Vec<u8> {
+    let mut reply = prefix.as_bytes().to_vec();
+    if request == b"peer?" {
+        reply.extend_from_slice(peer.ip().to_string().as_bytes());
+    } else {
+        reply.extend_from_slice(request);
+    }
+    reply
 }
 
 impl Drop for EchoServer {

@@ -1,0 +1,213 @@
+//! NodePort, LoadBalancer and externalIPs reached from a client outside the
+//! cluster (a lab namespace on the node's underlay), through from_netdev:
+//! SNAT to the node with externalTrafficPolicy Cluster, the client's own
+//! address and local backends only with Local. Needs root.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::Result;
+use tern_tests::lab::{Lab, LabNode, Pod};
+use tern_tests::netns::{Netns, require_root};
+use tern_tests::traffic::{EchoServer, tcp_roundtrip, udp_roundtrip};
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 100);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 5);
+
+struct Setup {
+    client: Netns,
+    node: LabNode,
+    backends: Vec<Pod>,
+    _servers: Vec<EchoServer>,
+    _lab: Lab,
+}
+
+fn setup(cidr: &str) -> Result<Setup> {
+    let lab = Lab::new()?;
+    let node = lab.node("n1", cidr, NODE_IP)?;
+    let client = lab.external_client(CLIENT_IP)?;
+    // The underlay routes LoadBalancer and external IPs to the node.
+    client.sh(&format!(
+        "ip route add {LB_IP}/32 via {NODE_IP}\nip route add {EXTERNAL_IP}/32 via {NODE_IP}"
+    ))?;
+    let mut backends = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let pod = node.add_pod(&format!("b{i}"))?;
+        servers.push(EchoServer::start(&pod.ns, 8080, &format!("b{i}"))?);
+        backends.push(pod);
+    }
+    Ok(Setup {
+        client,
+        node,
+        backends,
+        _servers: servers,
+        _lab: lab,
+    })
+}
+
+fn manifest(policy: &str, backends: &[&Pod], remote: Option<Ipv4Addr>) -> String {
+    let mut endpoints = String::new();
+    for pod in backends {
+        endpoints.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: n1\n  conditions: {{ready: true}}\n",
+            pod.ip
+        ));
+    }
+    if let Some(ip) = remote {
+        endpoints.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  nodeName: n2\n  conditions: {{ready: true}}\n"
+        ));
+    }
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [\"{EXTERNAL_IP}\"]
+  externalTrafficPolicy: {policy}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 8080, nodePort: 30053, protocol: UDP}}
+status:
+  loadBalancer:
+    ingress: [{{ip: \"{LB_IP}\"}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 8080, protocol: UDP}}]
+endpoints:
+{endpoints}"
+    )
+}
+
+fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+#[test]
+fn node_port_load_balancer_and_external_ip_with_cluster_policy_snat_to_the_node() -> Result<()> {
+    if !require_root("external_cluster_policy") {
+        return Ok(());
+    }
+    let s = setup("10.244.41.0/24")?;
+    let b: Vec<&Pod> = s.backends.iter().collect();
+    s.node
+        .write_manifest("web.yaml", &manifest("Cluster", &b, None))?;
+    let want = [format!("{}:8080", b[0].ip), format!("{}:8080", b[1].ip)];
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    for frontend in [
+        "10.0.0.11:30080/TCP",
+        "10.98.0.100:80/TCP",
+        "10.99.0.5:80/TCP",
+        "10.0.0.11:30053/UDP",
+    ] {
+        s.node.wait_for_frontend(frontend, Some(&want))?;
+    }
+    for (ip, port) in [(NODE_IP, 30080), (LB_IP, 80), (EXTERNAL_IP, 80)] {
+        let answer = tcp_roundtrip(&s.client, at(ip, port), "peer?")?;
+        let (who, peer) = answer.split_once(':').unwrap();
+        assert!(who == "b0" || who == "b1", "{answer}");
+        assert_eq!(
+            peer,
+            NODE_IP.to_string(),
+            "{ip}:{port}: Cluster policy SNATs to the node"
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(tcp_roundtrip(&s.client, at(NODE_IP, 30080), "x")?);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "NodePort spreads over both backends: {seen:?}"
+    );
+    let (answer, from) = udp_roundtrip(&s.client, at(NODE_IP, 30053), "peer?")?;
+    assert_eq!(
+        from,
+        at(NODE_IP, 30053),
+        "the UDP reply comes from the NodePort"
+    );
+    assert!(answer.ends_with(&NODE_IP.to_string()), "{answer}");
+    assert!(s.node.counter("external_dnat")? >= 34);
+    Ok(())
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_local_backends() -> Result<()> {
+    if !require_root("external_local_policy") {
+        return Ok(());
+    }
+    let s = setup("10.244.42.0/24")?;
+    // b1 is listed as being on another node: Local must not use it.
+    let remote = s.backends[1].ip;
+    s.node.write_manifest(
+        "web.yaml",
+        &manifest("Local", &[&s.backends[0]], Some(remote)),
+    )?;
+    s.node.wait_for_frontend(
+        "10.0.0.11:30080/TCP",
+        Some(&[&format!("{}:8080", s.backends[0].ip)]),
+    )?;
+    for (ip, port) in [(NODE_IP, 30080), (LB_IP, 80), (EXTERNAL_IP, 80)] {
+        for _ in 0..10 {
+            let answer = tcp_roundtrip(&s.client, at(ip, port), "peer?")?;
+            assert_eq!(
+                answer,
+                format!("b0:{CLIENT_IP}"),
+                "{ip}:{port}: the client's own address, local backend"
+            );
+        }
+    }
+    let (answer, from) = udp_roundtrip(&s.client, at(NODE_IP, 30053), "peer?")?;
+    assert_eq!(
+        (answer.as_str(), from),
+        (format!("b0:{CLIENT_IP}").as_str(), at(NODE_IP, 30053))
+    );
+    // In-cluster clients of the same frontend still reach every backend
+    // (the Internal scope entry).
+    let list = s.node.frontends()?;
+    assert!(list.iter().any(|f| f["frontend"] == "10.0.0.11:30080/TCP"
+        && f["scope"] == "internal"
+        && f["backends"].as_array().unwrap().len() == 2));
+    let ct = s.node.tern(&["ct", "list"])?;
+    assert!(ct.contains(&CLIENT_IP.to_string()), "{ct}");
+    Ok(())
+}
+
+#[test]
+fn node_port_without_backends_is_refused_from_outside() -> Result<()> {
+    if !require_root("external_refused") {
+        return Ok(());
+    }
+    let s = setup("10.244.43.0/24")?;
+    s.node
+        .write_manifest("web.yaml", &manifest("Cluster", &[], None))?;
+    s.node.wait_for_frontend("10.0.0.11:30080/TCP", Some(&[]))?;
+    let started = std::time::Instant::now();
+    let err = s
+        .client
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &at(NODE_IP, 30080),
+                std::time::Duration::from_secs(3),
+            )
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
