@@ -148,6 +148,13 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
                 format!("{} / {}", s.frontends, s.backends),
             ]);
             rows.push(vec![
+                "last service sync".into(),
+                format!(
+                    "#{}: {} writes, {} deletes, {} errors",
+                    s.last_sync.syncs, s.last_sync.writes, s.last_sync.deletes, s.last_sync.errors
+                ),
+            ]);
+            rows.push(vec![
                 "CNI requests (failed)".into(),
                 format!("{} ({})", s.requests, s.requests_failed),
             ]);

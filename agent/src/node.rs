@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use tern_cni::agent_api::{
     AgentStatus, Attachment, Endpoint, EndpointStatus, FrontendStatus, Request, Response,
+    SyncCounts,
 };
 use tern_cni::podnet;
 use tern_common::{DatapathConfig, EndpointInfo};
@@ -31,6 +32,7 @@ pub struct Node {
     lb: LbSync,
     /// What the datapath was last told to serve, for listing.
     services: LbState,
+    last_sync: SyncCounts,
     socket_lb: bool,
 }
 
@@ -86,6 +88,7 @@ impl Node {
             requests_failed: 0,
             lb,
             services: LbState::default(),
+            last_sync: SyncCounts::default(),
             socket_lb: config.socket_lb,
         };
         node.reconcile()?;
@@ -275,6 +278,7 @@ impl Node {
             requests_failed: self.requests_failed,
             frontends: self.lb.frontends(),
             backends: self.lb.backends(),
+            last_sync: self.last_sync,
             service_path: if self.socket_lb {
                 "socket-lb"
             } else {
@@ -306,6 +310,12 @@ impl Node {
     pub fn apply_services(&mut self, state: LbState) -> SyncStats {
         let stats = self.lb.apply(&mut self.datapath.services, &state);
         self.services = state;
+        self.last_sync = SyncCounts {
+            syncs: self.last_sync.syncs + 1,
+            writes: stats.writes as u64,
+            deletes: stats.deletes as u64,
+            errors: stats.errors as u64,
+        };
         stats
     }
 

@@ -113,6 +113,17 @@ pub struct AgentStatus {
     /// "socket-lb" or "per-packet".
     #[serde(default)]
     pub service_path: String,
+    /// Map operations of the last service sync, and how many failed.
+    #[serde(default)]
+    pub last_sync: SyncCounts,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncCounts {
+    pub syncs: u64,
+    pub writes: u64,
+    pub deletes: u64,
+    pub errors: u64,
 }
 
 /// One Service frontend as `tern service list` shows it.

@@ -635,3 +635,78 @@ fn binding_a_node_port_locally_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Map operations of the agent's last service sync.
+fn last_sync(node: &LabNode) -> Result<(u64, u64, u64, u64)> {
+    let status = node.agent_request(&serde_json::json!({"op": "status"}))?;
+    let s = &status["last_sync"];
+    let n = |k: &str| s[k].as_u64().unwrap_or(u64::MAX);
+    Ok((n("syncs"), n("writes"), n("deletes"), n("errors")))
+}
+
+#[test]
+fn changes_are_minimal_map_updates_and_a_restart_rewrites_nothing() -> Result<()> {
+    if !require_root("minimal_updates") {
+        return Ok(());
+    }
+    let mut c = cluster("10.244.39.0/24", 4, &[8080], Path::SocketLb)?;
+    let ports = "[{name: http, port: 80, targetPort: 8080}]";
+    let sports = "[{name: http, port: 8080}]";
+    let svc = service("web", VIP, ports, "");
+    let b: Vec<Ipv4Addr> = c.backends.iter().map(|p| p.ip).collect();
+    let write = |node: &LabNode, eps: &[Ipv4Addr]| {
+        let eps: Vec<_> = eps.iter().map(|ip| ready(*ip)).collect();
+        node.write_manifest(
+            "web.yaml",
+            &format!("{svc}\n---\n{}", slice("web-1", "web", sports, &eps)),
+        )
+    };
+    let name = |ips: &[Ipv4Addr]| {
+        ips.iter()
+            .map(|ip| format!("{ip}:8080"))
+            .collect::<Vec<_>>()
+    };
+    write(&c.node, &b[..3])?;
+    let want = name(&b[..3]);
+    c.node.wait_for_frontend(
+        "10.96.0.10:80/TCP",
+        Some(&want.iter().map(String::as_str).collect::<Vec<_>>()),
+    )?;
+    // New service: 3 backends + revnat + 3 slots + master.
+    assert_eq!(last_sync(&c.node)?.1, 8);
+
+    // One endpoint replaced: a new backend, its slot; the old backend goes.
+    write(&c.node, &[b[0], b[1], b[3]])?;
+    let want = name(&[b[0], b[1], b[3]]);
+    c.node.wait_for_frontend(
+        "10.96.0.10:80/TCP",
+        Some(&want.iter().map(String::as_str).collect::<Vec<_>>()),
+    )?;
+    let (_, writes, deletes, errors) = last_sync(&c.node)?;
+    assert_eq!(
+        (writes, deletes, errors),
+        (2, 1, 0),
+        "an endpoint change rewrites only what changed"
+    );
+
+    // Restart: the pinned maps are adopted; the first sync changes nothing.
+    c.node.kill_agent()?;
+    c.node.start_agent()?;
+    wait_until(|| Ok(last_sync(&c.node)?.0 >= 1))?;
+    assert_eq!(
+        last_sync(&c.node)?,
+        (1, 0, 0, 0),
+        "a restart must not rewrite the maps"
+    );
+    {
+        let _pods = c.node.enter_pods_cgroup()?;
+        assert_eq!(spread(&c, at(VIP, 80), 30)?.len(), 3);
+    }
+
+    // Deletion: master, slots, revnat and the backends; no writes.
+    c.node.remove_manifest("web.yaml")?;
+    c.node.wait_for_frontend("10.96.0.10:80/TCP", None)?;
+    let (_, writes, deletes, _) = last_sync(&c.node)?;
+    assert_eq!((writes, deletes), (0, 8));
+    Ok(())
+}
