@@ -360,6 +360,8 @@ fn demo(pods: usize) -> Result<()> {
         "  proved: agent restarted, re-adopted the pinned datapath; same connection answers {answer:?}\n"
     );
 
+    services_demo(&running)?;
+    let node = &running.node;
     println!("{}", node.tern(&["status"])?);
     println!("{}", node.tern(&["endpoint", "list"])?);
     for pod in &running.pods {
@@ -410,5 +412,56 @@ fn cni_latency(pods: usize) -> Result<()> {
     };
     report("CNI ADD", &mut add);
     report("CNI DEL", &mut del);
+    Ok(())
+}
+
+/// A ClusterIP, a NodePort (from a client outside the cluster) and a
+/// session-affinity Service over the demo pods, with real connections.
+fn services_demo(running: &Running) -> Result<()> {
+    let node = &running.node;
+    let client = &running.pods[0];
+    let backends = &running.pods[1..];
+    let mut endpoints = String::new();
+    for pod in backends {
+        endpoints.push_str(&format!("- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n", pod.ip));
+    }
+    let service = |name: &str, ip: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {ip}\n{extra}  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}"
+        )
+    };
+    node.write_manifest("web.yaml", &service("web", "10.96.0.10", "  type: NodePort\n"))?;
+    node.write_manifest(
+        "sticky.yaml",
+        &service("sticky", "10.96.0.11", "  sessionAffinity: ClientIP\n").replace("  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]", "  ports: [{name: http, port: 80, targetPort: 8080}]"),
+    )?;
+    let want: Vec<String> = backends.iter().map(|p| format!("{}:{PORT}", p.ip)).collect();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    node.wait_for_frontend("10.96.0.10:80/TCP", Some(&want))?;
+    node.wait_for_frontend("10.96.0.11:80/TCP", Some(&want))?;
+    println!("services from manifests in {}:\n{}", node.manifests_dir.display(), node.tern(&["service", "list"])?);
+
+    let vip = SocketAddr::from(([10, 96, 0, 10], 80));
+    let sticky = SocketAddr::from(([10, 96, 0, 11], 80));
+    let spread = |to: SocketAddr| -> Result<std::collections::BTreeMap<String, usize>> {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..30 {
+            let answer = tcp_roundtrip(&client.ns, to, "hi")?;
+            *seen.entry(answer.trim_end_matches(":hi").to_owned()).or_insert(0) += 1;
+        }
+        Ok(seen)
+    };
+    {
+        let _pods = node.enter_pods_cgroup()?;
+        let conn = tcp_connect(&client.ns, vip)?;
+        println!("  proved: ClusterIP {vip} from pod {}: peer shown as {} (socket-LB)", client.ip, conn.peer_addr()?);
+        println!("  proved: 30 connections to ClusterIP {vip} spread over backends: {:?}", spread(vip)?);
+        let stuck = spread(sticky)?;
+        anyhow::ensure!(stuck.len() == 1, "affinity did not stick: {stuck:?}");
+        println!("  proved: sessionAffinity ClientIP {sticky}: all 30 connections on one backend: {stuck:?}");
+    }
+    let outside = running.lab.external_client(Ipv4Addr::new(10, 0, 0, 100))?;
+    let answer = tcp_roundtrip(&outside, SocketAddr::from((NODE_IP, 30080)), "peer?")?;
+    println!("  proved: NodePort {NODE_IP}:30080 from outside client 10.0.0.100 answered by {answer:?} (backend saw the node address: SNAT)\n");
     Ok(())
 }
