@@ -58,6 +58,10 @@ pub struct AgentArgs {
     /// (repeatable; default: the devices holding the node IPs).
     #[arg(long = "device")]
     pub devices: Vec<String>,
+    /// Capacity of a map, e.g. SERVICES=2000000 (repeatable). Takes effect
+    /// when the map is created: remove its pin to resize an existing one.
+    #[arg(long = "map-size", value_parser = parse_map_size)]
+    pub map_sizes: Vec<(String, u32)>,
     /// Maglev table size, a prime up to 16381.
     #[arg(long)]
     pub maglev_table_size: Option<u32>,
@@ -87,6 +91,7 @@ struct FileConfig {
     #[serde(rename = "nodeIPs")]
     node_ips: Option<Vec<Ipv4Addr>>,
     devices: Option<Vec<String>>,
+    map_sizes: Option<std::collections::BTreeMap<String, u32>>,
     maglev_table_size: Option<u32>,
     lb_algorithm: Option<String>,
     #[serde(rename = "serviceCIDR")]
@@ -109,6 +114,8 @@ pub struct AgentConfig {
     pub node_ips: Vec<Ipv4Addr>,
     /// Empty: detect at start.
     pub devices: Vec<String>,
+    /// Map name -> max entries, overriding the compiled-in capacity.
+    pub map_sizes: Vec<(&'static str, u32)>,
     pub maglev_table_size: u32,
     pub lb_algorithm: LbAlgorithm,
     pub service_cidr: Ipv4Network,
@@ -165,7 +172,27 @@ impl AgentConfig {
         } else {
             args.devices
         };
+        let mut map_sizes = Vec::new();
+        let requested = file
+            .map_sizes
+            .unwrap_or_default()
+            .into_iter()
+            .chain(args.map_sizes);
+        for (name, size) in requested {
+            let Some(known) = tern_common::maps::RESIZABLE.iter().find(|m| **m == name) else {
+                anyhow::bail!(
+                    "map {name:?} cannot be resized; choose one of {:?}",
+                    tern_common::maps::RESIZABLE
+                );
+            };
+            if size == 0 {
+                anyhow::bail!("map {name} needs at least one entry");
+            }
+            map_sizes.retain(|(n, _)| n != known);
+            map_sizes.push((*known, size));
+        }
         Ok(AgentConfig {
+            map_sizes,
             devices,
             manifests_dir: args.manifests_dir.or(file.manifests_dir),
             service_cidr: match args.service_cidr.or(file.service_cidr) {
@@ -197,6 +224,16 @@ impl AgentConfig {
                 .unwrap_or_else(|| tern_cni::agent_api::DEFAULT_SOCKET.into()),
         })
     }
+}
+
+fn parse_map_size(text: &str) -> Result<(String, u32), String> {
+    let (name, size) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=ENTRIES"))?;
+    let size = size
+        .parse()
+        .map_err(|e| format!("{size:?} is not a number of entries: {e}"))?;
+    Ok((name.to_owned(), size))
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -240,6 +277,16 @@ mod tests {
         let err = AgentConfig::from_args(args(&["--config", path.to_str().unwrap()])).unwrap_err();
         assert!(format!("{err:#}").contains("podCidr"), "{err:#}");
         assert!(AgentConfig::from_args(args(&["--mtu", "10"])).is_err());
+        assert!(AgentConfig::from_args(args(&["--map-size", "NOPE=5"])).is_err());
+        assert!(AgentArgs::try_parse_from(["tern-agent", "--map-size", "SERVICES"]).is_err());
+        let sized = AgentConfig::from_args(args(&[
+            "--map-size",
+            "SERVICES=10",
+            "--map-size",
+            "SERVICES=20",
+        ]))
+        .unwrap();
+        assert_eq!(sized.map_sizes, vec![("SERVICES", 20)]);
         assert!(AgentArgs::try_parse_from(["tern-agent", "--pod-cidr", "10.244.1.0/33"]).is_err());
     }
 }

@@ -55,7 +55,7 @@ impl Node {
             }
         };
         let endpoints = EndpointStore::open(&config.state_dir.join("endpoints.json"))?;
-        let mut datapath = Datapath::load(&config.bpffs_dir)?;
+        let mut datapath = Datapath::load(&config.bpffs_dir, &config.map_sizes)?;
         let lb = LbSync::adopt(&mut datapath.services)?;
         datapath.maps.set_config(DatapathConfig {
             service_cidr_addr: crate::datapath::ip_to_key(config.service_cidr.network()),

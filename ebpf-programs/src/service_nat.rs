@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_redirect_neigh},
     programs::TcContext,
 };
-use tern_common::{HAIRPIN_ADDR, Reason, ServiceKey, ct_flags, scope, service_flags};
+use tern_common::{HAIRPIN_ADDR, Reason, ServiceKey, ServiceValue, ct_flags, scope, service_flags};
 
 use crate::ct;
 use crate::lb::{lookup_service_for_pod, select_backend};
@@ -87,21 +87,35 @@ pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
         }
         return Outcome::Route;
     };
-    let Some(backend) = select_backend(&master, &service, flow_hash(p), p.saddr as u64) else {
-        count(Reason::LbReject);
-        return Outcome::Verdict(reject(ctx, p));
+    let mut to = match to_backend(ctx, p, &master, &service) {
+        Ok(to) => to,
+        Err(refused) => return refused,
     };
-    let mut to = Tuple {
-        saddr: p.saddr,
-        daddr: backend.addr,
-        sport: p.sport,
-        dport: backend.port,
-    };
-    if backend.addr == p.saddr {
+    if to.daddr == p.saddr {
         // Hairpin: the pod would drop a packet from its own address.
         to.saddr = u32::from_ne_bytes(HAIRPIN_ADDR);
     }
     translate_new(ctx, p, &to, service.rev_nat_id, 0, Reason::LbDnat)
+}
+
+/// The tuple of `p` sent to one of the service's backends, or the refusal
+/// when it has none.
+fn to_backend(
+    ctx: &TcContext,
+    p: &Packet,
+    master: &ServiceKey,
+    service: &ServiceValue,
+) -> Result<Tuple, Outcome> {
+    let Some(backend) = select_backend(master, service, flow_hash(p), p.saddr as u64) else {
+        count(Reason::LbReject);
+        return Err(Outcome::Verdict(reject(ctx, p)));
+    };
+    Ok(Tuple {
+        saddr: p.saddr,
+        daddr: backend.addr,
+        sport: p.sport,
+        dport: backend.port,
+    })
 }
 
 // Inlined: BPF calls take at most five arguments.
@@ -145,15 +159,9 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
     let Some(service) = (unsafe { SERVICES.get(master) }).copied() else {
         return Outcome::Route;
     };
-    let Some(backend) = select_backend(&master, &service, flow_hash(p), p.saddr as u64) else {
-        count(Reason::LbReject);
-        return Outcome::Verdict(reject(ctx, p));
-    };
-    let mut to = Tuple {
-        saddr: p.saddr,
-        daddr: backend.addr,
-        sport: p.sport,
-        dport: backend.port,
+    let mut to = match to_backend(ctx, p, &master, &service) {
+        Ok(to) => to,
+        Err(refused) => return refused,
     };
     if service.flags & service_flags::EXTERNAL_LOCAL == 0 {
         // externalTrafficPolicy=Cluster: replies must come back through

@@ -86,7 +86,13 @@ impl Lab {
     /// lab's stand-in for clients on the node's network.
     pub fn external_client(&self, ip: Ipv4Addr) -> Result<Netns> {
         let ns = Netns::new("ext")?;
-        let port = unique_ifname("x");
+        self.plug(&ns, ip)?;
+        Ok(ns)
+    }
+
+    /// Gives `ns` an `eth0` with `ip`/24 on the switch's bridge.
+    pub fn plug(&self, ns: &Netns, ip: Ipv4Addr) -> Result<()> {
+        let port = unique_ifname("p");
         ns.sh(&format!(
             "ip link add eth0 type veth peer name {port} netns {sw}
              ip addr add {ip}/24 dev eth0
@@ -95,7 +101,7 @@ impl Lab {
         ))?;
         self.switch
             .sh(&format!("ip link set {port} master br0 up"))?;
-        Ok(ns)
+        Ok(())
     }
 
     /// A node with `pod_cidr` and underlay address `node_ip`/24, agent running.
@@ -167,15 +173,7 @@ impl LabNode {
             agent: None,
             ns,
         };
-        let port = unique_ifname("p");
-        node.ns.sh(&format!(
-            "ip link add eth0 type veth peer name {port} netns {sw}
-             ip addr add {node_ip}/24 dev eth0
-             ip link set eth0 up",
-            sw = lab.switch.name()
-        ))?;
-        lab.switch
-            .sh(&format!("ip link set {port} master br0 up"))?;
+        lab.plug(&node.ns, node_ip)?;
         Ok(node)
     }
 

@@ -44,6 +44,14 @@ pub enum LabCommand {
         #[arg(long, default_value_t = 100)]
         pods: usize,
     },
+    /// Load N Services x M backends into a lab agent; report sync time,
+    /// agent memory and the kernel memory of the maps.
+    Scale {
+        #[arg(long, default_value_t = 100_000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        backends: usize,
+    },
     /// (internal) The echo server run inside each pod.
     #[command(hide = true)]
     Serve {
@@ -64,6 +72,7 @@ pub fn run(command: LabCommand) -> Result<()> {
         LabCommand::Down => down(),
         LabCommand::Demo { pods } => demo(pods),
         LabCommand::CniLatency { pods } => cni_latency(pods),
+        LabCommand::Scale { services, backends } => scale(services, backends),
         LabCommand::Serve { .. } => unreachable!("handled above"),
     }
 }
@@ -423,23 +432,39 @@ fn services_demo(running: &Running) -> Result<()> {
     let backends = &running.pods[1..];
     let mut endpoints = String::new();
     for pod in backends {
-        endpoints.push_str(&format!("- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n", pod.ip));
+        endpoints.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+            pod.ip
+        ));
     }
     let service = |name: &str, ip: &str, extra: &str| {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {ip}\n{extra}  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}"
         )
     };
-    node.write_manifest("web.yaml", &service("web", "10.96.0.10", "  type: NodePort\n"))?;
+    node.write_manifest(
+        "web.yaml",
+        &service("web", "10.96.0.10", "  type: NodePort\n"),
+    )?;
     node.write_manifest(
         "sticky.yaml",
-        &service("sticky", "10.96.0.11", "  sessionAffinity: ClientIP\n").replace("  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]", "  ports: [{name: http, port: 80, targetPort: 8080}]"),
+        &service("sticky", "10.96.0.11", "  sessionAffinity: ClientIP\n").replace(
+            "  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]",
+            "  ports: [{name: http, port: 80, targetPort: 8080}]",
+        ),
     )?;
-    let want: Vec<String> = backends.iter().map(|p| format!("{}:{PORT}", p.ip)).collect();
+    let want: Vec<String> = backends
+        .iter()
+        .map(|p| format!("{}:{PORT}", p.ip))
+        .collect();
     let want: Vec<&str> = want.iter().map(String::as_str).collect();
     node.wait_for_frontend("10.96.0.10:80/TCP", Some(&want))?;
     node.wait_for_frontend("10.96.0.11:80/TCP", Some(&want))?;
-    println!("services from manifests in {}:\n{}", node.manifests_dir.display(), node.tern(&["service", "list"])?);
+    println!(
+        "services from manifests in {}:\n{}",
+        node.manifests_dir.display(),
+        node.tern(&["service", "list"])?
+    );
 
     let vip = SocketAddr::from(([10, 96, 0, 10], 80));
     let sticky = SocketAddr::from(([10, 96, 0, 11], 80));
@@ -447,21 +472,143 @@ fn services_demo(running: &Running) -> Result<()> {
         let mut seen = std::collections::BTreeMap::new();
         for _ in 0..30 {
             let answer = tcp_roundtrip(&client.ns, to, "hi")?;
-            *seen.entry(answer.trim_end_matches(":hi").to_owned()).or_insert(0) += 1;
+            *seen
+                .entry(answer.trim_end_matches(":hi").to_owned())
+                .or_insert(0) += 1;
         }
         Ok(seen)
     };
     {
         let _pods = node.enter_pods_cgroup()?;
         let conn = tcp_connect(&client.ns, vip)?;
-        println!("  proved: ClusterIP {vip} from pod {}: peer shown as {} (socket-LB)", client.ip, conn.peer_addr()?);
-        println!("  proved: 30 connections to ClusterIP {vip} spread over backends: {:?}", spread(vip)?);
+        println!(
+            "  proved: ClusterIP {vip} from pod {}: peer shown as {} (socket-LB)",
+            client.ip,
+            conn.peer_addr()?
+        );
+        println!(
+            "  proved: 30 connections to ClusterIP {vip} spread over backends: {:?}",
+            spread(vip)?
+        );
         let stuck = spread(sticky)?;
         anyhow::ensure!(stuck.len() == 1, "affinity did not stick: {stuck:?}");
-        println!("  proved: sessionAffinity ClientIP {sticky}: all 30 connections on one backend: {stuck:?}");
+        println!(
+            "  proved: sessionAffinity ClientIP {sticky}: all 30 connections on one backend: {stuck:?}"
+        );
     }
     let outside = running.lab.external_client(Ipv4Addr::new(10, 0, 0, 100))?;
     let answer = tcp_roundtrip(&outside, SocketAddr::from((NODE_IP, 30080)), "peer?")?;
-    println!("  proved: NodePort {NODE_IP}:30080 from outside client 10.0.0.100 answered by {answer:?} (backend saw the node address: SNAT)\n");
+    println!(
+        "  proved: NodePort {NODE_IP}:30080 from outside client 10.0.0.100 answered by {answer:?} (backend saw the node address: SNAT)\n"
+    );
     Ok(())
+}
+
+fn scale(services: usize, backends: usize) -> Result<()> {
+    anyhow::ensure!(
+        services <= 1 << 20 && backends <= 255,
+        "at most 2^20 services of 255 backends"
+    );
+    let lab = Lab::new()?;
+    let node = lab.node("node1", POD_CIDR, NODE_IP)?;
+    let pid = node.agent_pid().context("agent pid")?;
+    let rss_before = rss_kib(pid)?;
+    let maps_before = map_memlock_kib(pid)?;
+    // One JSON List: Services in 10.96.0.0/12 (from 10.100.0.0), each with
+    // one EndpointSlice of distinct backends in 10.128.0.0/9.
+    let mut items = Vec::with_capacity(services * 2);
+    for i in 0..services {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i as u32);
+        let name = format!("s{i}");
+        items.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "scale"},
+            "spec": {"clusterIP": vip.to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}));
+        let endpoints: Vec<Value> = (0..backends)
+            .map(|j| {
+                let ip = Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * backends + j) as u32,
+                );
+                json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})
+            })
+            .collect();
+        items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-1"), "namespace": "scale", "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints}));
+    }
+    let list = serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": items}))?;
+    drop(items);
+    println!(
+        "manifest: {services} services x {backends} backends, {:.1} MiB of JSON",
+        list.len() as f64 / (1 << 20) as f64
+    );
+    let tmp = node.manifests_dir.join(".scale.json.tmp");
+    std::fs::write(&tmp, &list)?;
+    let started = Instant::now();
+    std::fs::rename(&tmp, node.manifests_dir.join("scale.json"))?;
+    loop {
+        // The agent answers once the sync that holds its state is done.
+        let Ok(status) = node.agent_request(&json!({"op": "status"})) else {
+            continue;
+        };
+        if status["frontends"].as_u64() == Some(services as u64) {
+            let sync = &status["last_sync"];
+            println!(
+                "synced in {:.2} s (file written -> datapath updated): {} frontends, {} backends, {} map writes, {} errors",
+                started.elapsed().as_secs_f64(),
+                status["frontends"],
+                status["backends"],
+                sync["writes"],
+                sync["errors"]
+            );
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "not synced after 10 minutes:\n{}",
+            node.agent_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rss = rss_kib(pid)?;
+    let maps = map_memlock_kib(pid)?;
+    println!(
+        "agent RSS: {:.1} MiB before, {:.1} MiB after",
+        rss_before as f64 / 1024.0,
+        rss as f64 / 1024.0
+    );
+    println!(
+        "map memory (memlock of the agent's maps): {:.1} MiB before, {:.1} MiB after",
+        maps_before as f64 / 1024.0,
+        maps as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Sum of the `memlock` the kernel charges for each map the process holds.
+fn map_memlock_kib(pid: u32) -> Result<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:"))
+            && seen.insert(id)
+        {
+            total += memlock.parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok(total / 1024)
 }

@@ -41,14 +41,16 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs; maps already pinned in `bpffs_dir` are reused
     /// with their content, missing ones are created and pinned.
-    pub fn load(bpffs_dir: &Path) -> anyhow::Result<Self> {
+    pub fn load(bpffs_dir: &Path, map_sizes: &[(&'static str, u32)]) -> anyhow::Result<Self> {
         ensure_bpffs(bpffs_dir)?;
         std::fs::create_dir_all(bpffs_dir.join("links"))
             .with_context(|| format!("cannot create {}", bpffs_dir.display()))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpffs_dir)
-            .load(OBJECT)
-            .context("loading the eBPF object")?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(bpffs_dir);
+        for (name, size) in map_sizes {
+            loader.map_max_entries(name, *size);
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
         let from_pod: &mut SchedClassifier = ebpf
             .program_mut(programs::FROM_POD)
             .context("program from_pod missing from the object")?

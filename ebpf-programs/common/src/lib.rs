@@ -16,6 +16,18 @@ pub mod maps {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const CONFIG: &str = "CONFIG";
     pub const CT: &str = "CT";
+
+    /// Maps whose capacity an operator may change (agent `--map-size`).
+    pub const RESIZABLE: [&str; 8] = [
+        ENDPOINTS,
+        SERVICES,
+        BACKENDS,
+        REVNAT,
+        MAGLEV,
+        AFFINITY,
+        SOCK_REVNAT,
+        CT,
+    ];
 }
 
 /// Program names (the Rust function names in tern-ebpf).
