@@ -5,18 +5,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::compiler::lb::{NodeContext, compile};
 use crate::node::Node;
-use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL, LoadReport};
+use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL};
 
 pub async fn run(dir: PathBuf, context: NodeContext, node: Arc<Mutex<Node>>) {
-    let (tx, mut rx) = watch::channel(Arc::new(LoadReport::default()));
+    let (tx, mut rx) = mpsc::channel(1);
     tokio::spawn(manifests::watch(dir.clone(), DEFAULT_POLL_INTERVAL, tx));
-    while rx.changed().await.is_ok() {
-        let report = rx.borrow_and_update().clone();
+    while let Some(report) = rx.recv().await {
         for error in &report.errors {
             warn!("manifests: {error}");
         }

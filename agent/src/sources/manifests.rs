@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as core;
@@ -12,7 +11,7 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
 use super::Conversion;
 use crate::model::Cluster;
@@ -256,11 +255,14 @@ fn snapshot(dir: &Path) -> Snapshot {
     )
 }
 
-/// Loads `dir` now and again after every change, publishing each report;
-/// returns when every receiver is gone.
-pub async fn watch(dir: PathBuf, interval: Duration, tx: watch::Sender<Arc<LoadReport>>) {
+/// Loads `dir` now and again after every change, handing each report over
+/// (the receiver owns it, so nothing here keeps a large set alive);
+/// returns when the receiver is gone.
+pub async fn watch(dir: PathBuf, interval: Duration, tx: mpsc::Sender<LoadReport>) {
     let mut watcher = DirWatcher::new(dir.clone());
-    tx.send_replace(Arc::new(load_dir(&dir)));
+    if tx.send(load_dir(&dir)).await.is_err() {
+        return;
+    }
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -278,8 +280,10 @@ pub async fn watch(dir: PathBuf, interval: Duration, tx: watch::Sender<Arc<LoadR
             return; // the runtime is shutting down
         };
         watcher = returned;
-        if let Some(report) = report {
-            tx.send_replace(Arc::new(report));
+        if let Some(report) = report
+            && tx.send(report).await.is_err()
+        {
+            return;
         }
     }
 }
@@ -485,26 +489,28 @@ metadata: {name: knative}
     #[tokio::test]
     async fn watch_publishes_a_new_report_on_change() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = watch::channel(Arc::new(LoadReport::default()));
+        let (tx, mut rx) = mpsc::channel(1);
         let task = tokio::spawn(watch(dir.path().to_owned(), Duration::from_millis(20), tx));
         let deadline = Duration::from_secs(10);
-        let first = tokio::time::timeout(deadline, rx.changed()).await;
-        assert!(first.is_ok_and(|r| r.is_ok()));
-        assert!(rx.borrow_and_update().cluster.services.is_empty());
+        let first = tokio::time::timeout(deadline, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(first.cluster.services.is_empty());
 
         write(dir.path(), "web.yaml", WEB);
-        tokio::time::timeout(deadline, rx.changed())
+        let next = tokio::time::timeout(deadline, rx.recv())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(rx.borrow_and_update().cluster.services.len(), 1);
+        assert_eq!(next.cluster.services.len(), 1);
 
         std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
-        tokio::time::timeout(deadline, rx.changed())
+        let last = tokio::time::timeout(deadline, rx.recv())
             .await
             .unwrap()
             .unwrap();
-        assert!(rx.borrow_and_update().cluster.services.is_empty());
+        assert!(last.cluster.services.is_empty());
 
         drop(rx);
         tokio::time::timeout(deadline, task).await.unwrap().unwrap();
