@@ -279,7 +279,18 @@ impl LabNode {
     /// Runs tern-cni exactly as a runtime does: in the node's namespace,
     /// a clean environment holding only the CNI_* variables, config on stdin.
     pub fn invoke_cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> Result<CniOutput> {
-        let mut cmd = Command::new(&self.bins.cni);
+        self.invoke_plugin(&self.bins.cni, env, stdin)
+    }
+
+    /// Any CNI plugin binary invoked the same way (e.g. the reference
+    /// `bridge` plugin, as a baseline).
+    pub fn invoke_plugin(
+        &self,
+        binary: impl AsRef<Path>,
+        env: &[(&str, &str)],
+        stdin: &[u8],
+    ) -> Result<CniOutput> {
+        let mut cmd = Command::new(binary.as_ref());
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(env.iter().copied())

@@ -4,6 +4,7 @@
 //! xtask is built by the default (stable) toolchain and depends on none of the
 //! project's crates, so it works even when they do not build.
 
+mod bench;
 mod build;
 mod lab;
 mod setup;
@@ -32,6 +33,8 @@ enum Command {
     /// Setup, then fmt check, clippy, unit tests, release build and the root
     /// integration tests (tern-tests, serially). The README/CI test command.
     Test,
+    /// Benchmarks: Tern against the physical limit and kube-proxy, side by side.
+    Bench(bench::BenchArgs),
     /// The lab: a node made of network namespaces running the real binaries.
     Lab {
         #[command(subcommand)]
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Build => build::run(),
         Command::Test => test::run(),
         Command::Lab { command } => lab::run(command),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,7 +29,13 @@ pub fn run() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt(APT_PACKAGES)
+}
+
+/// Installs the Debian `packages` that are missing (one `apt-get update`
+/// first); quick when all are there.
+pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -38,7 +44,7 @@ fn apt_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        println!("ok   apt packages: {}", APT_PACKAGES.join(" "));
+        println!("ok   apt packages: {}", packages.join(" "));
         return Ok(());
     }
     need_root(&format!("install apt packages {}", missing.join(" ")))?;

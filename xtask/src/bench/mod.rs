@@ -1,0 +1,163 @@
+//! `cargo xtask bench`: Tern against the physical limit and kube-proxy,
+//! measured side by side in one run, on lab namespaces.
+//!
+//! A scenario is a topology (`topology`), a data path and the measures
+//! taken (`scenarios`); tools are wrapped in `tools`, kube-proxy's rules
+//! are generated in `kube_proxy`, and `report` / `charts` write the results.
+
+pub mod charts;
+pub mod kube_proxy;
+pub mod report;
+pub mod scenarios;
+pub mod tools;
+pub mod topology;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use self::report::Results;
+use self::scenarios::Profile;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The CI smoke profile: one short repetition of each scenario, checks
+    /// the harness works and asserts no figure.
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json, results.md and the charts go (default:
+    /// target/bench/<profile>, or xtask/results for the full profile).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A results.json of an earlier run to compare with.
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Only the scenario groups whose name contains this text.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    crate::setup::run()?;
+    // The tools, kube-proxy's rule front ends, and a font for the charts.
+    crate::setup::apt(tools::PACKAGES)?;
+    crate::setup::apt(&["iptables", "nftables", "fonts-dejavu-core"])?;
+    crate::build::release_bins(&crate::util::Workspace::load()?)?;
+    let profile = if args.quick {
+        Profile::quick()
+    } else {
+        Profile::full()
+    };
+    let started = std::time::Instant::now();
+    let mut results = Results {
+        date: crate::util::output(
+            std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
+        )?
+        .trim()
+        .to_owned(),
+        commit: crate::util::probe(std::process::Command::new("git").args([
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ]))
+        .unwrap_or_default()
+        .trim()
+        .to_owned(),
+        command: format!(
+            "cargo xtask bench{}",
+            if args.quick { " --quick" } else { "" }
+        ),
+        machine: report::machine_facts(),
+        profile: profile.name.into(),
+        scenarios: Vec::new(),
+    };
+    type Scenario = fn(&Profile) -> Result<Vec<report::ScenarioResult>>;
+    let all: [(&str, Scenario); 4] = [
+        ("pod-to-pod", scenarios::pod_to_pod),
+        ("clusterip", scenarios::cluster_ip),
+        ("scale", scenarios::service_scale),
+        ("cni", scenarios::cni),
+    ];
+    for (key, scenario) in all {
+        if args.only.as_deref().is_some_and(|only| !key.contains(only)) {
+            continue;
+        }
+        results
+            .scenarios
+            .extend(scenario(&profile).with_context(|| format!("scenario {key}"))?);
+    }
+    let out = args.out.unwrap_or_else(|| {
+        let root = crate::util::workspace_root();
+        if args.quick {
+            root.join("target/bench/quick")
+        } else {
+            root.join("xtask/results")
+        }
+    });
+    std::fs::create_dir_all(&out)?;
+    report::save_json(&results, &out.join("results.json"))?;
+    let mut markdown = report::markdown(&results);
+    markdown.push_str(&format!(
+        "\nProfile `{}` took {:.0} s.\n",
+        profile.name,
+        started.elapsed().as_secs_f64()
+    ));
+    write_charts(&results, &out)?;
+    if let Some(old) = &args.compare {
+        markdown.push_str("\n## Compared with an earlier run\n\n");
+        markdown.push_str(&report::compare_markdown(
+            &report::load_json(old)?,
+            &results,
+        ));
+    }
+    std::fs::write(out.join("results.md"), &markdown)?;
+    println!("{markdown}");
+    println!("results, charts and raw JSON in {}", out.display());
+    Ok(())
+}
+
+fn write_charts(results: &Results, out: &std::path::Path) -> Result<()> {
+    for (group, metric, stem) in [
+        (
+            "pod-to-pod, same node",
+            "throughput 1 stream",
+            "pod-to-pod-throughput",
+        ),
+        ("pod-to-pod, same node", "TCP RR p50", "pod-to-pod-latency"),
+        (
+            "pod -> ClusterIP -> pod",
+            "throughput 1 stream",
+            "clusterip-throughput",
+        ),
+        ("pod -> ClusterIP -> pod", "TCP RR p50", "clusterip-latency"),
+        (
+            "pod -> ClusterIP -> pod",
+            "connections/s (Connection: close)",
+            "clusterip-connection-rate",
+        ),
+    ] {
+        if !report::group_rows(results, group).is_empty() {
+            charts::bar_chart(results, group, metric, out, stem)?;
+        }
+    }
+    if !report::group_rows(results, "service scale").is_empty() {
+        charts::scale_chart(
+            results,
+            "service scale",
+            "connection latency p50",
+            "services",
+            out,
+            "scale-connection-latency",
+        )?;
+        charts::scale_chart(
+            results,
+            "service scale",
+            "connections/s (Connection: close)",
+            "services",
+            out,
+            "scale-connection-rate",
+        )?;
+    }
+    Ok(())
+}
