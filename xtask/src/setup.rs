@@ -15,7 +15,19 @@ use crate::util::{self, exec, probe, rustup_proxy};
 
 /// Debian packages the lab and the root tests use.
 /// containernetworking-plugins provides /usr/lib/cni/host-local & co.
-const APT_PACKAGES: &[&str] = &["iproute2", "iperf3", "containernetworking-plugins"];
+/// The lab and the tests' needs, the benchmark's tools included (xtask's
+/// own tests run them: kube-proxy's rule front ends, the chart font).
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iperf3",
+    "containernetworking-plugins",
+    "sockperf",
+    "wrk",
+    "nginx-light",
+    "iptables",
+    "nftables",
+    "fonts-dejavu-core",
+];
 
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
