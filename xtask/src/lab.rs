@@ -569,6 +569,8 @@ fn scale(services: usize, backends: usize) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The sync hands parsing's memory back right after it reports.
+    std::thread::sleep(Duration::from_secs(2));
     let rss = rss_kib(pid)?;
     let maps = map_memlock_kib(pid)?;
     println!(

@@ -8,13 +8,14 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde::Deserializer;
+use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::Conversion;
-use crate::model::Cluster;
+use crate::model::{Cluster, EndpointSlice, Service};
 
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -32,18 +33,129 @@ pub struct LoadReport {
 /// Loads every manifest file in `dir` (not its subdirectories), in name
 /// order so duplicates always resolve the same way: the first one wins.
 pub fn load_dir(dir: &Path) -> LoadReport {
-    let mut report = LoadReport::default();
-    match manifest_files(dir) {
-        Ok(files) => {
-            for file in files {
-                load_file(&file, &mut report);
+    ManifestSource::new(dir).reload().unwrap_or_default()
+}
+
+/// What one file holds, converted: kept per file so a change re-reads only
+/// the files that changed.
+#[derive(Debug, Default)]
+struct FileObjects {
+    services: Vec<(String, Service)>,
+    slices: Vec<(String, EndpointSlice)>,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    ignored: usize,
+}
+
+/// Identifies a file's version: a rename brings a new inode, a rewrite a
+/// new mtime or size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Stamp {
+    inode: u64,
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    // metadata() follows the ConfigMap's symlinks to the real file.
+    let meta = path.metadata().ok()?;
+    Some(Stamp {
+        inode: meta.ino(),
+        modified: meta.modified().ok(),
+        len: meta.len(),
+    })
+}
+
+/// The manifest directory as last read, file by file.
+pub struct ManifestSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
+    /// Why the directory could not be listed last time; `None` before the
+    /// first reload too, which always reports.
+    list_error: Option<String>,
+    loaded: bool,
+}
+
+impl ManifestSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestSource {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            list_error: None,
+            loaded: false,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads the files that changed since the last call and returns the
+    /// whole directory's report, or `None` when nothing changed. A file
+    /// caught mid-write changes again when the write ends, so a later call
+    /// reads the finished file.
+    pub fn reload(&mut self) -> Option<LoadReport> {
+        let first = !self.loaded;
+        self.loaded = true;
+        let listed = match manifest_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                let error = format!("{}: cannot list: {e}", self.dir.display());
+                let changed = first || self.list_error.as_ref() != Some(&error);
+                self.list_error = Some(error);
+                self.files.clear();
+                return changed.then(|| self.report());
+            }
+        };
+        let mut changed = first || self.list_error.take().is_some();
+        let before = self.files.len();
+        self.files.retain(|path, _| listed.contains(path));
+        changed |= self.files.len() != before;
+        for path in listed {
+            let Some(now) = stamp(&path) else { continue };
+            if self.files.get(&path).is_some_and(|(seen, _)| *seen == now) {
+                continue;
+            }
+            let objects = parse_file(&path);
+            self.files.insert(path, (now, objects));
+            changed = true;
+        }
+        changed.then(|| self.report())
+    }
+
+    /// The directory's objects in file-name order; the first of duplicates
+    /// wins.
+    fn report(&self) -> LoadReport {
+        let mut report = LoadReport::default();
+        report.errors.extend(self.list_error.clone());
+        for (_, file) in self.files.values() {
+            report.errors.extend(file.errors.iter().cloned());
+            report.warnings.extend(file.warnings.iter().cloned());
+            report.ignored += file.ignored;
+            for (what, service) in &file.services {
+                let services = &mut report.cluster.services;
+                if services.contains_key(&service.key) {
+                    report.errors.push(format!(
+                        "{what}: defined more than once; the first one is used"
+                    ));
+                } else {
+                    services.insert(service.key.clone(), service.clone());
+                }
+            }
+            for (what, slice) in &file.slices {
+                let slices = &mut report.cluster.slices;
+                if slices.contains_key(&slice.key) {
+                    report.errors.push(format!(
+                        "{what}: defined more than once; the first one is used"
+                    ));
+                } else {
+                    slices.insert(slice.key.clone(), slice.clone());
+                }
             }
         }
-        Err(e) => report
-            .errors
-            .push(format!("{}: cannot list: {e}", dir.display())),
+        report
     }
-    report
 }
 
 /// The files a load reads. Hidden entries are skipped: a ConfigMap volume
@@ -60,7 +172,6 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
-        // metadata() follows the ConfigMap's symlinks to the real file.
         if wanted && !name.starts_with('.') && path.metadata().is_ok_and(|m| m.is_file()) {
             files.push(path);
         }
@@ -69,43 +180,221 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn load_file(path: &Path, report: &mut LoadReport) {
+fn parse_file(path: &Path) -> FileObjects {
     let file = path.file_name().map_or_else(
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    let documents = std::fs::read_to_string(path)
+    let json = path.extension().is_some_and(|e| e == "json");
+    let mut objects = FileObjects::default();
+    let parsed = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read: {e}"))
-        .and_then(|text| parse_documents(&text));
-    let documents = match documents {
-        Ok(documents) => documents,
+        .and_then(|text| read_documents(&text, json, &file, &mut objects));
+    match parsed {
+        Ok(()) => objects,
         // A file that does not parse is rejected whole: half a file could
         // drop a slice and silently shrink a Service.
-        Err(e) => return report.errors.push(format!("{file}: {e}")),
-    };
-    for (index, document) in documents.into_iter().enumerate() {
-        let mut objects = Vec::new();
-        flatten(
-            document,
-            format!("{file}: document {}", index + 1),
-            &mut objects,
-        );
-        for (place, object) in objects {
-            add_object(object, &place, report);
-        }
+        Err(e) => FileObjects {
+            errors: vec![format!("{file}: {e}")],
+            ..FileObjects::default()
+        },
     }
 }
 
-/// Every YAML document of the file (JSON is YAML too); empty ones dropped.
-fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
-    let mut documents = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
-        let value = Value::deserialize(document).map_err(|e| format!("not valid YAML: {e}"))?;
-        if !value.is_null() {
-            documents.push(value);
-        }
+/// Reads every document of the file into `objects`. JSON is YAML too, but
+/// serde_json reads it several times faster.
+fn read_documents(
+    text: &str,
+    json: bool,
+    file: &str,
+    objects: &mut FileObjects,
+) -> Result<(), String> {
+    let place = |index: usize| format!("{file}: document {index}");
+    if json {
+        let mut de = serde_json::Deserializer::from_str(text);
+        Document(place(1), objects)
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| format!("not valid JSON: {e}"))?;
+        return Ok(());
     }
-    Ok(documents)
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        Document(place(index + 1), &mut *objects)
+            .deserialize(document)
+            .map_err(|e| format!("not valid YAML: {e}"))?;
+    }
+    Ok(())
+}
+
+/// One document, read without building it whole: the items of a `List`
+/// are converted one at a time, so a List of 100 000 objects never exists
+/// as a single tree (that tree is many times the size of the file).
+struct Document<'a>(String, &'a mut FileObjects);
+
+impl<'de> DeserializeSeed<'de> for Document<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Document<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Kubernetes object or list")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Document(place, file) = self;
+        let mut fields = serde_json::Map::new();
+        // Items are converted as they come, into their own set: only once
+        // the document's kind is known (kubectl writes it after the items)
+        // is it clear they belong to a List. Items without a kind wait for
+        // the List's (a typed list such as ServiceList leaves it out).
+        let mut listed = FileObjects::default();
+        let mut kindless = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                map.next_value_seed(Items {
+                    place: &place,
+                    listed: &mut listed,
+                    kindless: &mut kindless,
+                })?;
+            } else {
+                let value = map.next_value::<Value>()?;
+                fields.insert(key, value);
+            }
+        }
+        let kind = fields.get("kind").and_then(Value::as_str).unwrap_or("");
+        if let Some(item_kind) = kind.strip_suffix("List") {
+            let api_version = fields.get("apiVersion").cloned().unwrap_or(Value::Null);
+            for (place, mut item) in kindless {
+                if let (Value::Object(item), false) = (&mut item, item_kind.is_empty()) {
+                    item.insert("kind".into(), item_kind.into());
+                    item.entry("apiVersion")
+                        .or_insert_with(|| api_version.clone());
+                }
+                add_listed(item, place, &mut listed);
+            }
+            file.merge(listed);
+        } else {
+            // Not a list: an object that happens to have `items` (no kind
+            // Tern serves has one); judged by its other fields.
+            add_object(Value::Object(fields), &place, file);
+        }
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(()) // an empty document
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+}
+
+impl Document<'_> {
+    fn not_an_object(self) {
+        self.1
+            .errors
+            .push(format!("{}: not a Kubernetes object", self.0));
+    }
+}
+
+/// A List's `items`, each converted as soon as it is read.
+struct Items<'a> {
+    place: &'a str,
+    listed: &'a mut FileObjects,
+    kindless: &'a mut Vec<(String, Value)>,
+}
+
+impl<'de> DeserializeSeed<'de> for Items<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Items<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0;
+        while let Some(item) = seq.next_element::<Value>()? {
+            let place = format!("{}: items[{index}]", self.place);
+            index += 1;
+            if item.get("kind").is_some() {
+                add_listed(item, place, self.listed);
+            } else {
+                self.kindless.push((place, item));
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(()) // `items: null`
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// One List item, which may itself be a List.
+fn add_listed(item: Value, place: String, file: &mut FileObjects) {
+    let mut found = Vec::new();
+    flatten(item, place, &mut found);
+    for (place, object) in found {
+        add_object(object, &place, file);
+    }
+}
+
+impl FileObjects {
+    fn merge(&mut self, other: FileObjects) {
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
+        self.errors.extend(other.errors);
+        self.warnings.extend(other.warnings);
+        self.ignored += other.ignored;
+    }
 }
 
 /// Opens `List` documents (`kind: List` from kubectl, or a typed list such
@@ -141,13 +430,13 @@ fn flatten(mut object: Value, place: String, out: &mut Vec<(String, Value)>) {
     }
 }
 
-fn add_object(object: Value, place: &str, report: &mut LoadReport) {
+fn add_object(object: Value, place: &str, file: &mut FileObjects) {
     let api_version = object
         .get("apiVersion")
         .and_then(Value::as_str)
         .unwrap_or_default();
     let Some(kind) = object.get("kind").and_then(Value::as_str) else {
-        return report
+        return file
             .errors
             .push(format!("{place}: not a Kubernetes object (no kind)"));
     };
@@ -159,40 +448,46 @@ fn add_object(object: Value, place: &str, report: &mut LoadReport) {
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("(unnamed)");
-    // Matching the group too keeps look-alikes out (a Knative Service).
     let what = format!("{place}: {kind} {namespace}/{name}");
+    // Matching the group too keeps look-alikes out (a Knative Service).
     match (api_version, kind) {
-        ("v1", "Service") => match typed::<core::Service>(object).map(|s| super::service(&s)) {
-            Ok(Conversion::Accepted(service, warnings)) => {
-                note_warnings(&what, warnings, report);
-                let services = &mut report.cluster.services;
-                if services.contains_key(&service.key) {
-                    return report.errors.push(format!(
-                        "{what}: defined more than once; the first one is used"
-                    ));
-                }
-                services.insert(service.key.clone(), service);
-            }
-            Ok(Conversion::Ignored(_)) => report.ignored += 1,
-            Ok(Conversion::Rejected(e)) | Err(e) => report.errors.push(format!("{what}: {e}")),
-        },
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            match typed::<discovery::EndpointSlice>(object).map(|s| super::endpoint_slice(&s)) {
-                Ok(Conversion::Accepted(slice, warnings)) => {
-                    note_warnings(&what, warnings, report);
-                    let slices = &mut report.cluster.slices;
-                    if slices.contains_key(&slice.key) {
-                        return report.errors.push(format!(
-                            "{what}: defined more than once; the first one is used"
-                        ));
-                    }
-                    slices.insert(slice.key.clone(), slice);
-                }
-                Ok(Conversion::Ignored(_)) => report.ignored += 1,
-                Ok(Conversion::Rejected(e)) | Err(e) => report.errors.push(format!("{what}: {e}")),
+        ("v1", "Service") => {
+            let converted = typed::<core::Service>(object).map(|s| super::service(&s));
+            if let Some(service) = accept(converted, &what, file) {
+                file.services.push((what, service));
             }
         }
-        _ => report.ignored += 1,
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let converted =
+                typed::<discovery::EndpointSlice>(object).map(|s| super::endpoint_slice(&s));
+            if let Some(slice) = accept(converted, &what, file) {
+                file.slices.push((what, slice));
+            }
+        }
+        _ => file.ignored += 1,
+    }
+}
+
+/// Files a conversion's errors, warnings or ignoring; the object if used.
+fn accept<T>(
+    converted: Result<Conversion<T>, String>,
+    what: &str,
+    file: &mut FileObjects,
+) -> Option<T> {
+    match converted {
+        Ok(Conversion::Accepted(object, warnings)) => {
+            file.warnings
+                .extend(warnings.into_iter().map(|w| format!("{what}: {w}")));
+            Some(object)
+        }
+        Ok(Conversion::Ignored(_)) => {
+            file.ignored += 1;
+            None
+        }
+        Ok(Conversion::Rejected(e)) | Err(e) => {
+            file.errors.push(format!("{what}: {e}"));
+            None
+        }
     }
 }
 
@@ -201,89 +496,103 @@ fn typed<T: DeserializeOwned>(object: Value) -> Result<T, String> {
         .map_err(|e| format!("malformed {}: {}", e.path(), e.inner()))
 }
 
-fn note_warnings(what: &str, warnings: Vec<String>, report: &mut LoadReport) {
-    report
-        .warnings
-        .extend(warnings.into_iter().map(|w| format!("{what}: {w}")));
-}
-
-/// Notices changes to a manifest directory by polling: names, sizes and
-/// mtimes of the files a load would read. Polling needs no inotify and
-/// sees ConfigMap volume updates (a symlink swap) like any other write.
-pub struct DirWatcher {
-    dir: PathBuf,
-    last: Snapshot,
-}
-
-type Snapshot = Option<BTreeMap<PathBuf, (Option<SystemTime>, u64)>>;
-
-impl DirWatcher {
-    /// Starts from the directory as it is now.
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        let dir = dir.into();
-        let last = snapshot(&dir);
-        DirWatcher { dir, last }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// True when the directory differs from the last call (or from `new`).
-    /// A file caught mid-write changes again when the write ends, so the
-    /// next poll loads the finished file.
-    pub fn changed(&mut self) -> bool {
-        let now = snapshot(&self.dir);
-        let changed = now != self.last;
-        self.last = now;
-        changed
-    }
-}
-
-/// `None` when the directory cannot be listed (so it appearing is a change).
-fn snapshot(dir: &Path) -> Snapshot {
-    let files = manifest_files(dir).ok()?;
-    let stat = |path: &Path| {
-        let meta = path.metadata().ok()?;
-        Some((meta.modified().ok(), meta.len()))
-    };
-    Some(
-        files
-            .into_iter()
-            .filter_map(|file| stat(&file).map(|s| (file, s)))
-            .collect(),
-    )
-}
-
 /// Loads `dir` now and again after every change, handing each report over
 /// (the receiver owns it, so nothing here keeps a large set alive);
-/// returns when the receiver is gone.
+/// returns when the receiver is gone. inotify wakes it as soon as a file
+/// is written, renamed or removed; the `interval` poll catches what inotify
+/// cannot see (the directory appearing later, a watch that failed).
 pub async fn watch(dir: PathBuf, interval: Duration, tx: mpsc::Sender<LoadReport>) {
-    let mut watcher = DirWatcher::new(dir.clone());
-    if tx.send(load_dir(&dir)).await.is_err() {
-        return;
-    }
+    let mut source = ManifestSource::new(dir);
+    let mut events = DirEvents::new(source.dir());
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = tx.closed() => return,
-        }
         // File I/O blocks: keep it off the async workers.
-        let polled = tokio::task::spawn_blocking(move || {
-            let report = watcher.changed().then(|| load_dir(watcher.dir()));
-            (watcher, report)
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let report = source.reload();
+            (source, report)
         })
         .await;
-        let Ok((returned, report)) = polled else {
+        let Ok((returned, report)) = reloaded else {
             return; // the runtime is shutting down
         };
-        watcher = returned;
+        source = returned;
         if let Some(report) = report
             && tx.send(report).await.is_err()
         {
             return;
+        }
+        if events.is_none() {
+            events = DirEvents::new(source.dir());
+        }
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = DirEvents::next(&mut events) => {}
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// inotify on the manifest directory: file writes finished, renames in and
+/// out, removals. A ConfigMap update is a rename of its `..data` link.
+struct DirEvents(tokio::io::unix::AsyncFd<InotifyFd>);
+
+/// tokio registers raw descriptors; nix's Inotify only lends a borrowed one.
+struct InotifyFd(Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl DirEvents {
+    fn new(dir: &Path) -> Option<DirEvents> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+        let mask = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_ATTRIB;
+        inotify.add_watch(dir, mask).ok()?;
+        // SAFETY: InotifyFd owns the descriptor and always returns the same
+        // one; it is closed only when the AsyncFd (its owner) is dropped.
+        unsafe { tokio::io::unix::AsyncFd::register(InotifyFd(inotify)) }
+            .ok()
+            .map(DirEvents)
+    }
+
+    /// Waits for events and drains them all: one reload covers a burst.
+    /// Without a watch (or once it failed) it never returns and leaves the
+    /// work to the poll.
+    async fn next(events: &mut Option<DirEvents>) {
+        let Some(DirEvents(fd)) = events else {
+            return std::future::pending().await;
+        };
+        loop {
+            let Ok(mut ready) = fd.readable().await else {
+                *events = None;
+                return std::future::pending().await;
+            };
+            match fd.get_ref().0.read_events() {
+                Ok(read) => {
+                    // The directory itself went away: watch it again later.
+                    if read.iter().any(|e| {
+                        e.mask
+                            .intersects(AddWatchFlags::IN_IGNORED | AddWatchFlags::IN_DELETE_SELF)
+                    }) {
+                        *events = None;
+                    }
+                    return;
+                }
+                Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
+                Err(_) => {
+                    *events = None;
+                    return;
+                }
+            }
         }
     }
 }
@@ -441,8 +750,9 @@ metadata: {name: knative}
             "a-broken.yaml: not valid YAML: ",
             "b-objects.yaml: document 1: Service shop/bad-port: ports[0]: port 0 is out of range",
             "b-objects.yaml: document 2: Service shop/typo: malformed spec.ports[0].port: invalid type: string \"eighty\"",
-            "b-objects.yaml: document 4: Service shop/fine: defined more than once",
             "b-objects.yaml: document 5: not a Kubernetes object (no kind)",
+            // Duplicates are found when the files are put together.
+            "b-objects.yaml: document 4: Service shop/fine: defined more than once",
         ];
         for (error, expected) in report.errors.iter().zip(expect) {
             assert!(
@@ -466,31 +776,47 @@ metadata: {name: knative}
     }
 
     #[test]
-    fn the_watcher_sees_writes_rewrites_and_deletions() {
+    fn reload_rereads_only_on_writes_renames_and_removals() {
         let dir = tempfile::tempdir().unwrap();
-        let mut watcher = DirWatcher::new(dir.path());
-        assert!(!watcher.changed());
+        let mut source = ManifestSource::new(dir.path());
+        assert!(source.reload().unwrap().cluster.services.is_empty());
+        assert!(source.reload().is_none());
         write(dir.path(), "web.yaml", WEB);
-        assert!(watcher.changed());
-        assert!(!watcher.changed());
+        assert_eq!(source.reload().unwrap().cluster.services.len(), 1);
+        assert!(source.reload().is_none());
         write(
             dir.path(),
             "web.yaml",
             &WEB.replace("10.96.0.20", "10.96.0.200"),
         );
-        assert!(watcher.changed());
+        let rewritten = source.reload().unwrap();
+        assert_eq!(
+            rewritten
+                .cluster
+                .services
+                .values()
+                .next()
+                .unwrap()
+                .cluster_ips,
+            vec!["10.96.0.200".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
         write(dir.path(), "README.md", "ignored");
-        assert!(!watcher.changed());
+        assert!(source.reload().is_none());
+        // A rename over the file (how editors and kubectl cp write) is seen.
+        write(dir.path(), ".next", WEB);
+        std::fs::rename(dir.path().join(".next"), dir.path().join("web.yaml")).unwrap();
+        assert_eq!(source.reload().unwrap().cluster.services.len(), 1);
         std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
-        assert!(watcher.changed());
-        assert!(!watcher.changed());
+        assert!(source.reload().unwrap().cluster.services.is_empty());
+        assert!(source.reload().is_none());
     }
 
     #[tokio::test]
     async fn watch_publishes_a_new_report_on_change() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::channel(1);
-        let task = tokio::spawn(watch(dir.path().to_owned(), Duration::from_millis(20), tx));
+        // An hour between polls: every change below is seen through inotify.
+        let task = tokio::spawn(watch(dir.path().to_owned(), Duration::from_secs(3600), tx));
         let deadline = Duration::from_secs(10);
         let first = tokio::time::timeout(deadline, rx.recv())
             .await
