@@ -514,29 +514,7 @@ fn scale(services: usize, backends: usize) -> Result<()> {
     let pid = node.agent_pid().context("agent pid")?;
     let rss_before = rss_kib(pid)?;
     let maps_before = map_memlock_kib(pid)?;
-    // One JSON List: Services in 10.96.0.0/12 (from 10.100.0.0), each with
-    // one EndpointSlice of distinct backends in 10.128.0.0/9.
-    let mut items = Vec::with_capacity(services * 2);
-    for i in 0..services {
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i as u32);
-        let name = format!("s{i}");
-        items.push(json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "scale"},
-            "spec": {"clusterIP": vip.to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}));
-        let endpoints: Vec<Value> = (0..backends)
-            .map(|j| {
-                let ip = Ipv4Addr::from(
-                    u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * backends + j) as u32,
-                );
-                json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})
-            })
-            .collect();
-        items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-1"), "namespace": "scale", "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints}));
-    }
-    let list = serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": items}))?;
-    drop(items);
+    let list = scale_manifest(services, backends)?;
     println!(
         "manifest: {services} services x {backends} backends, {:.1} MiB of JSON",
         list.len() as f64 / (1 << 20) as f64
@@ -586,7 +564,34 @@ fn scale(services: usize, backends: usize) -> Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
+/// One JSON List: Services in 10.96.0.0/12 (from 10.100.0.0), each with
+/// one EndpointSlice of distinct backends in 10.128.0.0/9.
+pub fn scale_manifest(services: usize, backends: usize) -> Result<Vec<u8>> {
+    let mut items = Vec::with_capacity(services * 2);
+    for i in 0..services {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i as u32);
+        let name = format!("s{i}");
+        items.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "scale"},
+            "spec": {"clusterIP": vip.to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}));
+        let endpoints: Vec<Value> = (0..backends)
+            .map(|j| {
+                let ip = Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * backends + j) as u32,
+                );
+                json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})
+            })
+            .collect();
+        items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-1"), "namespace": "scale", "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints}));
+    }
+    Ok(serde_json::to_vec(
+        &json!({"apiVersion": "v1", "kind": "List", "items": items}),
+    )?)
+}
+
+pub fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -596,7 +601,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// Sum of the `memlock` the kernel charges for each map the process holds.
-fn map_memlock_kib(pid: u32) -> Result<u64> {
+pub fn map_memlock_kib(pid: u32) -> Result<u64> {
     let mut seen = std::collections::BTreeSet::new();
     let mut total = 0;
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {

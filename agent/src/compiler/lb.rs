@@ -317,6 +317,7 @@ fn maglev_table(algorithm: LbAlgorithm, backends: &[BackendAddr], size: u32) -> 
 mod tests {
     use super::*;
     use crate::model::EndpointPort;
+    use std::sync::Arc;
 
     const NODE: &str = "node-a";
     const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -421,8 +422,14 @@ mod tests {
 
     fn cluster(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Cluster {
         Cluster {
-            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
-            slices: slices.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            services: services
+                .into_iter()
+                .map(|s| (s.key.clone(), Arc::new(s)))
+                .collect(),
+            slices: slices
+                .into_iter()
+                .map(|s| (s.key.clone(), Arc::new(s)))
+                .collect(),
         }
     }
 

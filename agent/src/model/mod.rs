@@ -5,17 +5,20 @@ mod endpoint_slice;
 mod service;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
 pub use service::{
     LbAlgorithm, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
+/// Objects are shared (`Arc`) with the source that read them, so handing a
+/// new snapshot over costs a pointer per object, not a copy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cluster {
-    pub services: BTreeMap<ServiceKey, Service>,
+    pub services: BTreeMap<ServiceKey, Arc<Service>>,
     /// Keyed by the slice's (namespace, name).
-    pub slices: BTreeMap<(String, String), EndpointSlice>,
+    pub slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
 }
 
 impl Cluster {
@@ -29,7 +32,7 @@ impl Cluster {
         self.slices
             .range(namespace..)
             .take_while(|((ns, _), _)| *ns == service.namespace)
-            .map(|(_, slice)| slice)
+            .map(|(_, slice)| &**slice)
             .filter(move |slice| slice.service == *service)
     }
 }
@@ -56,7 +59,7 @@ mod tests {
             slice("a", "db-1", "db"),
             slice("b", "web-1", "web"),
         ] {
-            cluster.slices.insert(s.key.clone(), s);
+            cluster.slices.insert(s.key.clone(), Arc::new(s));
         }
         let web = ServiceKey::new("a", "web");
         let names: Vec<&str> = cluster.slices_of(&web).map(|s| s.key.1.as_str()).collect();

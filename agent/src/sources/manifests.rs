@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as core;
@@ -40,8 +41,8 @@ pub fn load_dir(dir: &Path) -> LoadReport {
 /// the files that changed.
 #[derive(Debug, Default)]
 struct FileObjects {
-    services: Vec<(String, Service)>,
-    slices: Vec<(String, EndpointSlice)>,
+    services: Vec<(String, Arc<Service>)>,
+    slices: Vec<(String, Arc<EndpointSlice>)>,
     errors: Vec<String>,
     warnings: Vec<String>,
     ignored: usize,
@@ -454,14 +455,14 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
         ("v1", "Service") => {
             let converted = typed::<core::Service>(object).map(|s| super::service(&s));
             if let Some(service) = accept(converted, &what, file) {
-                file.services.push((what, service));
+                file.services.push((what, Arc::new(service)));
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let converted =
                 typed::<discovery::EndpointSlice>(object).map(|s| super::endpoint_slice(&s));
             if let Some(slice) = accept(converted, &what, file) {
-                file.slices.push((what, slice));
+                file.slices.push((what, Arc::new(slice)));
             }
         }
         _ => file.ignored += 1,

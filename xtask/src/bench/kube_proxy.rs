@@ -558,7 +558,9 @@ impl IptablesBackend {
 
 /// Installs kube-proxy's iptables-mode rules for `services` in `ns` (after
 /// [`flush`], so it replaces what an earlier `apply_*` installed): one
-/// `iptables-nft-restore -w --noflush` fed through stdin.
+/// `iptables-nft-restore -w --noflush` fed through stdin. (The benchmark
+/// picks its backend; the tests check the nft one.)
+#[cfg(test)]
 pub fn apply_iptables(ns: &Netns, services: &[KpService], cluster_cidr: &str) -> Result<()> {
     apply_iptables_with(ns, services, cluster_cidr, IptablesBackend::Nft)
 }

@@ -6,6 +6,7 @@
 //! are generated in `kube_proxy`, and `report` / `charts` write the results.
 
 pub mod charts;
+pub mod control_plane;
 pub mod kube_proxy;
 pub mod report;
 pub mod scenarios;
@@ -73,10 +74,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         scenarios: Vec::new(),
     };
     type Scenario = fn(&Profile) -> Result<Vec<report::ScenarioResult>>;
-    let all: [(&str, Scenario); 4] = [
+    let all: [(&str, Scenario); 5] = [
         ("pod-to-pod", scenarios::pod_to_pod),
         ("clusterip", scenarios::cluster_ip),
         ("scale", scenarios::service_scale),
+        ("control-plane", control_plane::control_plane),
         ("cni", scenarios::cni),
     ];
     for (key, scenario) in all {
@@ -98,6 +100,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     report::save_json(&results, &out.join("results.json"))?;
     let mut markdown = report::markdown(&results);
+    if profile
+        .service_counts
+        .iter()
+        .any(|&n| n > profile.nftables_max_services)
+    {
+        markdown.push_str(&format!(
+            "\nkube-proxy nftables is not measured above {} Services: `nft -f` takes about half an hour to load 100 000 Services' ruleset on this machine. The iptables rows use the iptables-legacy backend for the same reason (iptables-nft-restore 1.8.9 is as slow).\n",
+            profile.nftables_max_services
+        ));
+    }
     markdown.push_str(&format!(
         "\nProfile `{}` took {:.0} s.\n",
         profile.name,

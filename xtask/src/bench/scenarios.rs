@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tern_tests::netns::Netns;
 
-use super::kube_proxy::{self, KpService, Proto};
+use super::kube_proxy::{self, IptablesBackend, KpService, Proto};
 use super::report::{Metric, ScenarioResult};
 use super::tools;
 use super::topology::{PLAIN_CLUSTER_CIDR, PLAIN_SERVER, Plain, Tern, at};
@@ -33,6 +33,15 @@ pub struct Profile {
     pub seconds: u32,
     pub service_counts: Vec<usize>,
     pub cni_pods: usize,
+    /// kube-proxy's nftables rules for more Services than this are not
+    /// loaded: nft takes about half an hour for 100 000.
+    pub nftables_max_services: usize,
+    pub endpoint_changes: usize,
+    /// The Service set loaded from cold, and next to which the endpoint
+    /// changes are timed again.
+    pub control_plane_services: usize,
+    /// A larger set for the agent's memory, if measured.
+    pub control_plane_max_services: Option<usize>,
 }
 
 impl Profile {
@@ -43,6 +52,10 @@ impl Profile {
             seconds: 1,
             service_counts: vec![1, 100],
             cni_pods: 20,
+            nftables_max_services: 100,
+            endpoint_changes: 50,
+            control_plane_services: 1_000,
+            control_plane_max_services: None,
         }
     }
     pub fn full() -> Profile {
@@ -52,6 +65,10 @@ impl Profile {
             seconds: 10,
             service_counts: vec![1, 1_000, 10_000, 100_000],
             cni_pods: 100,
+            nftables_max_services: 10_000,
+            endpoint_changes: 1_000,
+            control_plane_services: 10_000,
+            control_plane_max_services: Some(100_000),
         }
     }
 }
@@ -62,18 +79,23 @@ pub struct Measures {
     pub throughput: bool,
     pub latency: bool,
     pub http: bool,
+    pub keep_alive: bool,
 }
 
 const ALL: Measures = Measures {
     throughput: true,
     latency: true,
     http: true,
+    keep_alive: true,
 };
-/// Service scale: per-connection cost is what grows with the rule count.
+/// Service scale: per-connection cost is what grows with the rule count
+/// (a new connection walks kube-proxy's rules; an established one is
+/// conntrack's), so connections are opened and closed per request.
 const CONNECTIONS: Measures = Measures {
     throughput: false,
-    latency: true,
+    latency: false,
     http: true,
+    keep_alive: false,
 };
 
 fn metric(name: &str, unit: &str, higher_is_better: bool) -> Metric {
@@ -105,7 +127,7 @@ pub fn measure(
             ..m
         }),
     };
-    let nginx = if what.http {
+    let nginx = if what.http || what.keep_alive {
         Some(tools::nginx(server, HTTP_PORT)?)
     } else {
         None
@@ -171,6 +193,8 @@ pub fn measure(
                 metric("connection latency p50", "ms", false),
                 close.p50_ms,
             );
+        }
+        if what.keep_alive {
             let keep = tools::wrk(client, &url, 8, s, false, CPUS.map(|c| c.1))?;
             push(
                 &mut metrics,
@@ -183,7 +207,7 @@ pub fn measure(
     Ok(metrics)
 }
 
-fn row(
+pub fn row(
     group: &str,
     name: &str,
     baseline: Option<&str>,
@@ -324,13 +348,25 @@ fn cluster_ip_rows(
         ("kube-proxy iptables", false),
         ("kube-proxy nftables", true),
     ] {
+        if nft && services > profile.nftables_max_services {
+            eprintln!("bench: {group}: {name} skipped for {services} services (nft load time)");
+            continue;
+        }
         eprintln!("bench: {group}: {name} ({services} services)");
         let plain = Plain::new()?;
         let rules = kube_proxy_services(fillers);
         if nft {
             kube_proxy::apply_nftables(&plain.router, &rules, PLAIN_CLUSTER_CIDR)?;
         } else {
-            kube_proxy::apply_iptables(&plain.router, &rules, PLAIN_CLUSTER_CIDR)?;
+            // iptables-nft 1.8.9 needs about half an hour for 100 000
+            // Services' rules (it looks chains up one by one); the legacy
+            // backend loads them in seconds and walks them the same way.
+            kube_proxy::apply_iptables_with(
+                &plain.router,
+                &rules,
+                PLAIN_CLUSTER_CIDR,
+                IptablesBackend::Legacy,
+            )?;
         }
         let metrics = measure(&plain.server, &plain.client, VIP, what, profile)
             .with_context(|| name.to_owned())?;
@@ -436,7 +472,7 @@ pub fn cni(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     Ok(rows)
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
+pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
