@@ -54,6 +54,9 @@ pub fn run() -> Result<()> {
         "--",
         "--test-threads=1",
     ]))?;
+    // The benchmark harness's smoke run: every scenario once, briefly; it
+    // checks the harness works and asserts no figure.
+    crate::bench::run(crate::bench::BenchArgs::quick())?;
     eprintln!("all tests passed");
     Ok(())
 }

@@ -39,6 +39,18 @@ pub struct BenchArgs {
     only: Option<String>,
 }
 
+impl BenchArgs {
+    /// The CI smoke run, into target/bench/quick.
+    pub fn quick() -> BenchArgs {
+        BenchArgs {
+            quick: true,
+            out: None,
+            compare: None,
+            only: None,
+        }
+    }
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     crate::setup::run()?;
     // The tools, kube-proxy's rule front ends, and a font for the charts.

@@ -62,7 +62,7 @@ impl Profile {
         Profile {
             name: "full",
             repetitions: 5,
-            seconds: 10,
+            seconds: 5,
             service_counts: vec![1, 1_000, 10_000, 100_000],
             cni_pods: 100,
             nftables_max_services: 10_000,
@@ -448,12 +448,21 @@ pub fn cni(profile: &Profile) -> Result<Vec<ScenarioResult>> {
         let mut add99 = metric("ADD p99", "ms", false);
         let mut del = metric("DEL p50", "ms", false);
         let mut del99 = metric("DEL p99", "ms", false);
+        let mut cadd = metric("ADD p50, 20 concurrent", "ms", false);
+        let mut cadd99 = metric("ADD p99, 20 concurrent", "ms", false);
+        let mut cdel = metric("DEL p50, 20 concurrent", "ms", false);
+        let mut cdel99 = metric("DEL p99, 20 concurrent", "ms", false);
         for _ in 0..profile.repetitions {
-            let (a, d) = cni_latencies(&node, bin, &conf, profile.cni_pods)?;
+            let (a, d) = cni_latencies(&node, bin, &conf, profile.cni_pods, 1)?;
             add.samples.push(percentile(&a, 0.50));
             add99.samples.push(percentile(&a, 0.99));
             del.samples.push(percentile(&d, 0.50));
             del99.samples.push(percentile(&d, 0.99));
+            let (a, d) = cni_latencies(&node, bin, &conf, 20, 20)?;
+            cadd.samples.push(percentile(&a, 0.50));
+            cadd99.samples.push(percentile(&a, 0.99));
+            cdel.samples.push(percentile(&d, 0.50));
+            cdel99.samples.push(percentile(&d, 0.99));
         }
         let b = if name == baseline {
             None
@@ -465,7 +474,7 @@ pub fn cni(profile: &Profile) -> Result<Vec<ScenarioResult>> {
             name,
             b,
             &[("pods", profile.cni_pods.to_string())],
-            vec![add, add99, del, del99],
+            vec![add, add99, del, del99, cadd, cadd99, cdel, cdel99],
         ));
     }
     let _ = std::fs::remove_dir_all(&data_dir);
@@ -478,38 +487,64 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-/// ADD then DEL of `pods` pods, one at a time, with `binary` as the plugin.
+/// ADD then DEL of `pods` pods with `binary` as the plugin, `parallel` at
+/// a time: each group's ADDs run together, then their DELs.
 fn cni_latencies(
     node: &tern_tests::lab::LabNode,
     binary: &str,
     conf: &Value,
     pods: usize,
+    parallel: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut add = Vec::new();
     let mut del = Vec::new();
     let stdin = conf.to_string();
-    for i in 0..pods {
-        let ns = Netns::new(&format!("c{i}"))?;
-        let id = tern_tests::netns::unique_name("cni");
-        let netns = ns.path().display().to_string();
-        let env = |cmd| {
-            vec![
-                ("CNI_COMMAND", cmd),
-                ("CNI_CONTAINERID", id.as_str()),
-                ("CNI_NETNS", netns.as_str()),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", "/usr/lib/cni"),
-            ]
-        };
+    let invoke = |cmd: &str, netns: &Netns, id: &str| -> Result<f64> {
+        let netns = netns.path().display().to_string();
+        let env = [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
         let t = Instant::now();
-        let out = node.invoke_plugin(binary, &env("ADD"), stdin.as_bytes())?;
-        add.push(t.elapsed().as_secs_f64() * 1e3);
-        out.success_json()
-            .with_context(|| format!("{binary} ADD"))?;
-        let t = Instant::now();
-        let out = node.invoke_plugin(binary, &env("DEL"), stdin.as_bytes())?;
-        del.push(t.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(out.code == Some(0), "{binary} DEL: {out:?}");
+        let out = node.invoke_plugin(binary, &env, stdin.as_bytes())?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if cmd == "ADD" {
+            out.success_json()
+                .with_context(|| format!("{binary} ADD"))?;
+        } else {
+            anyhow::ensure!(out.code == Some(0), "{binary} DEL: {out:?}");
+        }
+        Ok(ms)
+    };
+    let all = |cmd: &str, group: &[(Netns, String)]| -> Result<Vec<f64>> {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = group
+                .iter()
+                .map(|(ns, id)| scope.spawn(move || invoke(cmd, ns, id)))
+                .collect();
+            running
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .map_err(|_| anyhow::anyhow!("CNI thread panicked"))?
+                })
+                .collect()
+        })
+    };
+    for start in (0..pods).step_by(parallel.max(1)) {
+        let group = (start..(start + parallel).min(pods))
+            .map(|i| {
+                Ok((
+                    Netns::new(&format!("c{i}"))?,
+                    tern_tests::netns::unique_name("cni"),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        add.extend(all("ADD", &group)?);
+        del.extend(all("DEL", &group)?);
     }
     Ok((add, del))
 }
