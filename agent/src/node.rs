@@ -31,7 +31,6 @@ pub struct Node {
     requests_failed: u64,
     lb: LbSync,
     /// What the datapath was last told to serve, for listing.
-    services: LbState,
     last_sync: SyncCounts,
     socket_lb: bool,
 }
@@ -87,7 +86,6 @@ impl Node {
             requests: 0,
             requests_failed: 0,
             lb,
-            services: LbState::default(),
             last_sync: SyncCounts::default(),
             socket_lb: config.socket_lb,
         };
@@ -308,8 +306,7 @@ impl Node {
 
     /// Brings the service maps to `state` (a compiled snapshot).
     pub fn apply_services(&mut self, state: LbState) -> SyncStats {
-        let stats = self.lb.apply(&mut self.datapath.services, &state);
-        self.services = state;
+        let stats = self.lb.apply(&mut self.datapath.services, state);
         self.last_sync = SyncCounts {
             syncs: self.last_sync.syncs + 1,
             writes: stats.writes as u64,
@@ -321,7 +318,8 @@ impl Node {
 
     fn list_services(&self) -> Response {
         let frontends = self
-            .services
+            .lb
+            .state()
             .frontends
             .iter()
             .map(|(frontend, entry)| {

@@ -8,13 +8,15 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::compiler::lb::{NodeContext, compile};
+use crate::compiler::lb::{LbCompiler, NodeContext};
 use crate::node::Node;
 use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL};
 
 pub async fn run(dir: PathBuf, context: NodeContext, node: Arc<Mutex<Node>>) {
     let (tx, mut rx) = mpsc::channel(1);
     tokio::spawn(manifests::watch(dir.clone(), DEFAULT_POLL_INTERVAL, tx));
+    // Kept across syncs: it recompiles only the Services that changed.
+    let compiler = Arc::new(Mutex::new(LbCompiler::new(context)));
     while let Some(report) = rx.recv().await {
         for error in &report.errors {
             warn!("manifests: {error}");
@@ -23,10 +25,13 @@ pub async fn run(dir: PathBuf, context: NodeContext, node: Arc<Mutex<Node>>) {
             warn!("manifests: {warning}");
         }
         let started = Instant::now();
-        let context = context.clone();
+        let compiler = compiler.clone();
         let node = node.clone();
         let applied = tokio::task::spawn_blocking(move || {
-            let state = compile(&report.cluster, &context);
+            let state = compiler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .compile(&report.cluster);
             for conflict in &state.conflicts {
                 warn!("services: {conflict}");
             }

@@ -4,9 +4,10 @@
 //! same state, on every node that has the same node context.
 
 use std::cell::LazyCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use super::maglev;
 use crate::model::{
@@ -28,7 +29,9 @@ pub struct NodeContext {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbState {
-    pub frontends: BTreeMap<Frontend, FrontendEntry>,
+    /// Shared (`Arc`) between compilations while the Service behind them
+    /// does not change, so the datapath sync can skip them by pointer.
+    pub frontends: BTreeMap<Frontend, Arc<FrontendEntry>>,
     /// Frontends claimed by more than one Service: the first Service in key
     /// order keeps it, the rest are listed here for the log.
     pub conflicts: Vec<String>,
@@ -101,30 +104,97 @@ pub struct FrontendEntry {
     pub external_traffic_local: bool,
 }
 
+/// Compiles `cluster` from scratch.
 pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
-    // One pass over the slices instead of one per Service.
-    let mut slices_by_service: BTreeMap<&ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in cluster.slices.values() {
-        slices_by_service
-            .entry(&slice.service)
-            .or_default()
-            .push(slice);
-    }
-    let mut state = LbState::default();
-    for service in cluster.services.values() {
-        if service.service_type == ServiceType::ExternalName || service.is_headless() {
-            continue;
+    LbCompiler::new(ctx.clone()).compile(cluster)
+}
+
+/// Compiles cluster after cluster, reusing a Service's frontends while the
+/// Service and its slices are the very objects (`Arc`) of the last time:
+/// one endpoint change recompiles one Service, not all of them.
+pub struct LbCompiler {
+    ctx: NodeContext,
+    memo: HashMap<ServiceKey, Memo>,
+}
+
+struct Memo {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    frontends: Vec<(Frontend, Arc<FrontendEntry>)>,
+}
+
+impl LbCompiler {
+    pub fn new(ctx: NodeContext) -> Self {
+        LbCompiler {
+            ctx,
+            memo: HashMap::new(),
         }
-        let slices = slices_by_service
-            .get(&service.key)
-            .map_or(&[][..], Vec::as_slice);
-        for port in &service.ports {
-            if port.protocol != Protocol::Sctp {
-                compile_port(&mut state, service, port, slices, ctx);
+    }
+
+    pub fn compile(&mut self, cluster: &Cluster) -> LbState {
+        // One pass over the slices instead of one per Service.
+        let mut slices_by_service: HashMap<&ServiceKey, Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for slice in cluster.slices.values() {
+            slices_by_service
+                .entry(&slice.service)
+                .or_default()
+                .push(slice);
+        }
+        let mut memo = HashMap::with_capacity(cluster.services.len());
+        let mut state = LbState::default();
+        for service in cluster.services.values() {
+            let slices = slices_by_service
+                .get(&service.key)
+                .map_or(&[][..], Vec::as_slice);
+            let reusable = self.memo.remove(&service.key).filter(|m| {
+                Arc::ptr_eq(&m.service, service)
+                    && m.slices.len() == slices.len()
+                    && m.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
+            });
+            let entry = reusable.unwrap_or_else(|| {
+                let plain: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
+                Memo {
+                    service: service.clone(),
+                    slices: slices.iter().map(|s| (*s).clone()).collect(),
+                    frontends: service_frontends(service, &plain, &self.ctx)
+                        .into_iter()
+                        .map(|(f, e)| (f, Arc::new(e)))
+                        .collect(),
+                }
+            });
+            for (frontend, compiled) in &entry.frontends {
+                if let Some(owner) = state.frontends.get(frontend) {
+                    state.conflicts.push(format!(
+                        "{frontend} of {} port {:?} is already {}'s port {:?}",
+                        compiled.service, compiled.port_name, owner.service, owner.port_name
+                    ));
+                    continue;
+                }
+                state.frontends.insert(*frontend, compiled.clone());
             }
+            memo.insert(service.key.clone(), entry);
+        }
+        self.memo = memo;
+        state
+    }
+}
+
+/// Every frontend of one Service, in port order.
+fn service_frontends(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    ctx: &NodeContext,
+) -> Vec<(Frontend, FrontendEntry)> {
+    let mut out = Vec::new();
+    if service.service_type == ServiceType::ExternalName || service.is_headless() {
+        return out;
+    }
+    for port in &service.ports {
+        if port.protocol != Protocol::Sctp {
+            compile_port(&mut out, service, port, slices, ctx);
         }
     }
-    state
+    out
 }
 
 /// A backend candidate: one address of one endpoint, with its conditions.
@@ -141,7 +211,7 @@ struct Pool {
 }
 
 fn compile_port(
-    state: &mut LbState,
+    compiled: &mut Vec<(Frontend, FrontendEntry)>,
     service: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
@@ -187,13 +257,6 @@ fn compile_port(
     }
 
     for (frontend, kind, pool, external_traffic_local) in out {
-        if let Some(owner) = state.frontends.get(&frontend) {
-            state.conflicts.push(format!(
-                "{frontend} of {} port {:?} is already {}'s port {:?}",
-                service.key, port.name, owner.service, owner.port_name
-            ));
-            continue;
-        }
         let entry = FrontendEntry {
             service: service.key.clone(),
             port_name: port.name.clone(),
@@ -204,7 +267,7 @@ fn compile_port(
             maglev: pool.maglev.clone(),
             external_traffic_local,
         };
-        state.frontends.insert(frontend, entry);
+        compiled.push((frontend, entry));
     }
 }
 
@@ -822,7 +885,7 @@ mod tests {
             };
             let state = compile(&cluster(vec![svc], slices.clone()), &ctx);
             let entry = state.frontends.into_values().next().unwrap();
-            (entry.algorithm, entry.maglev)
+            (entry.algorithm, entry.maglev.clone())
         };
         let (algorithm, table) = maglev_of(Some(LbAlgorithm::Maglev), LbAlgorithm::Random);
         let table = table.unwrap();
@@ -848,5 +911,53 @@ mod tests {
         assert_eq!(state.frontends.values().next().unwrap().service.name, "web");
         assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
         assert!(state.conflicts[0].contains("default/zz-other"));
+    }
+
+    #[test]
+    fn a_kept_compiler_recompiles_only_the_changed_service() {
+        let mut api = web();
+        api.key = ServiceKey::new("default", "api");
+        api.cluster_ips = vec![Ipv4Addr::new(10, 96, 0, 11)];
+        let mut api_slice = slice("api-a", 9090, vec![ep("10.0.3.1", NODE, State::Ready)]);
+        api_slice.service = api.key.clone();
+        let web_slice = slice("web-a", 8080, vec![ep("10.0.1.1", NODE, State::Ready)]);
+        let mut c = cluster(vec![web(), api], vec![web_slice, api_slice]);
+        let mut compiler = LbCompiler::new(ctx());
+        let first = compiler.compile(&c);
+        assert_eq!(first.frontends.len(), 2);
+
+        // A new web slice object (one more endpoint); api's objects stay.
+        let web_slice = slice(
+            "web-a",
+            8080,
+            vec![
+                ep("10.0.1.1", NODE, State::Ready),
+                ep("10.0.1.2", NODE, State::Ready),
+            ],
+        );
+        c.slices.insert(web_slice.key.clone(), Arc::new(web_slice));
+        let second = compiler.compile(&c);
+        let web_at = at(CLUSTER_IP, 80, Scope::External);
+        let api_at = at(Ipv4Addr::new(10, 96, 0, 11), 80, Scope::External);
+        assert!(Arc::ptr_eq(
+            &first.frontends[&api_at],
+            &second.frontends[&api_at]
+        ));
+        assert!(!Arc::ptr_eq(
+            &first.frontends[&web_at],
+            &second.frontends[&web_at]
+        ));
+        assert_eq!(
+            cluster_ip_backends(&second),
+            ["10.0.1.1:8080", "10.0.1.2:8080"]
+        );
+        // Same result as compiling from scratch.
+        assert_eq!(second, compile(&c, &ctx()));
+
+        // A removed Service leaves the memo and the state.
+        c.services.remove(&ServiceKey::new("default", "api"));
+        let third = compiler.compile(&c);
+        assert_eq!(third.frontends.len(), 1);
+        assert!(compiler.memo.len() == 1);
     }
 }

@@ -4,9 +4,14 @@
 //! backends and Maglev tables first, then a frontend's slots, then its
 //! master entry (which holds the count), then slots beyond the new count;
 //! removal runs the other way round (master first, backends last).
+//!
+//! While the maps hold the last state exactly, only frontends whose compiled
+//! entry is a new object (`Arc`) are looked at, so one endpoint change costs
+//! a few map writes, not a pass over every Service.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use aya::maps::{HashMap, Map, MapData};
@@ -84,8 +89,19 @@ pub struct SyncStats {
 pub struct LbSync {
     applied: BTreeMap<ServiceKey, Applied>,
     backend_ids: BTreeMap<BackendKey, u32>,
+    /// The way back from a backend id to its key.
+    backend_keys: BTreeMap<u32, BackendKey>,
+    /// How many frontend slots in `applied` point at each backend id.
+    backend_refs: BTreeMap<u32, u32>,
+    /// Backend ids that may have lost their last slot since the last sweep.
+    maybe_unused: BTreeSet<u32>,
     ids: IdAllocator,
     rev_nat_ids: IdAllocator,
+    /// The state of the last apply.
+    state: LbState,
+    /// The maps hold `state` exactly (the last apply had no error): the next
+    /// apply may compare by pointer against it.
+    in_sync: bool,
 }
 
 /// Small integer ids, reused after release; 0 is never handed out.
@@ -183,15 +199,23 @@ impl LbSync {
         for entry in maps.backends.iter() {
             let (id, b) = entry?;
             sync.ids.seen(id);
-            sync.backend_ids.insert(
-                BackendKey {
-                    addr: b.addr,
-                    port: b.port,
-                    proto: b.proto,
-                },
-                id,
-            );
+            let key = BackendKey {
+                addr: b.addr,
+                port: b.port,
+                proto: b.proto,
+            };
+            sync.backend_ids.insert(key, id);
+            sync.backend_keys.insert(id, key);
         }
+        for id in sync.applied.values().flat_map(|a| a.slots.iter()) {
+            *sync.backend_refs.entry(*id).or_default() += 1;
+        }
+        sync.maybe_unused = sync
+            .backend_keys
+            .keys()
+            .filter(|id| !sync.backend_refs.contains_key(id))
+            .copied()
+            .collect();
         let used: BTreeSet<u32> = sync.applied.values().map(|a| a.value.rev_nat_id).collect();
         sync.rev_nat_ids.free = (1..=sync.rev_nat_ids.next)
             .filter(|id| !used.contains(id))
@@ -211,13 +235,19 @@ impl LbSync {
         self.backend_ids.len()
     }
 
+    /// The state of the last apply (what the maps hold unless it failed).
+    pub fn state(&self) -> &LbState {
+        &self.state
+    }
+
     /// Makes the maps hold `desired`. A failing entry (e.g. map full) is
     /// logged and counted; the rest is still applied.
-    pub fn apply(&mut self, maps: &mut ServiceMaps, desired: &LbState) -> SyncStats {
+    pub fn apply(&mut self, maps: &mut ServiceMaps, desired: LbState) -> SyncStats {
         let mut stats = SyncStats::default();
         let mut stale_affinity: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        let (changed, removed) = self.changes(&desired);
 
-        for entry in desired.frontends.values() {
+        for (_, entry) in &changed {
             for backend in &entry.backends {
                 if let Err(e) = self.ensure_backend(maps, backend, &mut stats) {
                     stats.errors += 1;
@@ -225,10 +255,8 @@ impl LbSync {
                 }
             }
         }
-        let mut wanted = BTreeSet::new();
-        for (frontend, entry) in &desired.frontends {
+        for (frontend, entry) in &changed {
             let key = master_key(frontend);
-            wanted.insert(key);
             match self.apply_frontend(maps, key, entry, &mut stats) {
                 Ok(Some((rev_nat_id, gone))) if !gone.is_empty() => {
                     stale_affinity.insert(rev_nat_id, gone);
@@ -240,12 +268,6 @@ impl LbSync {
                 }
             }
         }
-        let removed: Vec<ServiceKey> = self
-            .applied
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
         for key in removed {
             if let Err(e) = self.remove_frontend(maps, key, &mut stats) {
                 stats.errors += 1;
@@ -260,7 +282,64 @@ impl LbSync {
             invalidate_affinity(maps, &stale_affinity, &mut stats);
         }
         self.remove_unused_backends(maps, &mut stats);
+        self.in_sync = stats.errors == 0;
+        self.state = desired;
         stats
+    }
+
+    /// The frontends to write and the master keys to remove so that the
+    /// maps hold `desired`: by pointer against the last state while the
+    /// maps hold it, else every frontend against what is in the maps.
+    fn changes<'a>(
+        &self,
+        desired: &'a LbState,
+    ) -> (Vec<(&'a Frontend, &'a FrontendEntry)>, Vec<ServiceKey>) {
+        if !self.in_sync {
+            let wanted: BTreeSet<ServiceKey> = desired.frontends.keys().map(master_key).collect();
+            let removed = self
+                .applied
+                .keys()
+                .filter(|k| !wanted.contains(k))
+                .copied()
+                .collect();
+            let all = desired.frontends.iter().map(|(f, e)| (f, &**e)).collect();
+            return (all, removed);
+        }
+        let (mut changed, mut removed) = (Vec::new(), Vec::new());
+        let mut old = self.state.frontends.iter().peekable();
+        let mut new = desired.frontends.iter().peekable();
+        // Both maps are sorted by frontend: walk them side by side.
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some((f, _)), None) => {
+                    removed.push(master_key(f));
+                    old.next();
+                }
+                (None, Some((f, e))) => {
+                    changed.push((*f, &***e));
+                    new.next();
+                }
+                (Some((fo, eo)), Some((fn_, en))) => match fo.cmp(fn_) {
+                    std::cmp::Ordering::Less => {
+                        removed.push(master_key(fo));
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        changed.push((*fn_, &***en));
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !Arc::ptr_eq(eo, en) {
+                            changed.push((*fn_, &***en));
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
+            }
+        }
+        (changed, removed)
     }
 
     fn ensure_backend(
@@ -286,6 +365,9 @@ impl LbSync {
         }
         stats.writes += 1;
         self.backend_ids.insert(key, id);
+        self.backend_keys.insert(id, key);
+        // Unused until a frontend slot points at it.
+        self.maybe_unused.insert(id);
         Ok(())
     }
 
@@ -408,6 +490,7 @@ impl LbSync {
             .filter(|id| !new_ids.contains(id))
             .copied()
             .collect();
+        self.count_refs(&ids, &old.slots);
         self.applied.insert(
             key,
             Applied {
@@ -444,30 +527,42 @@ impl LbSync {
         }
         remove_if_present(&mut maps.revnat, &old.value.rev_nat_id)?;
         self.rev_nat_ids.give_back(old.value.rev_nat_id);
+        self.count_refs(&[], &old.slots);
         stats.deletes += 2 + old.slots.len();
         Ok(())
     }
 
+    /// Moves the slot counts of a frontend from `old` to `new` backend ids.
+    fn count_refs(&mut self, new: &[u32], old: &[u32]) {
+        for id in new {
+            *self.backend_refs.entry(*id).or_default() += 1;
+        }
+        for id in old {
+            if let Some(refs) = self.backend_refs.get_mut(id) {
+                *refs -= 1;
+                if *refs == 0 {
+                    self.backend_refs.remove(id);
+                    self.maybe_unused.insert(*id);
+                }
+            }
+        }
+    }
+
     fn remove_unused_backends(&mut self, maps: &mut ServiceMaps, stats: &mut SyncStats) {
-        let used: BTreeSet<u32> = self
-            .applied
-            .values()
-            .flat_map(|a| a.slots.iter().copied())
-            .collect();
-        let unused: Vec<(BackendKey, u32)> = self
-            .backend_ids
-            .iter()
-            .filter(|(_, id)| !used.contains(id))
-            .map(|(k, id)| (*k, *id))
-            .collect();
-        for (key, id) in unused {
+        for id in std::mem::take(&mut self.maybe_unused) {
+            if self.backend_refs.contains_key(&id) {
+                continue;
+            }
             match remove_if_present(&mut maps.backends, &id) {
                 Ok(()) => {
-                    self.backend_ids.remove(&key);
+                    if let Some(key) = self.backend_keys.remove(&id) {
+                        self.backend_ids.remove(&key);
+                    }
                     self.ids.give_back(id);
                     stats.deletes += 1;
                 }
                 Err(e) => {
+                    self.maybe_unused.insert(id);
                     stats.errors += 1;
                     warn!("removing backend {id}: {e:#}");
                 }
