@@ -4,7 +4,7 @@
 //! same state, on every node that has the same node context.
 
 use std::cell::LazyCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -114,7 +114,8 @@ pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
 /// one endpoint change recompiles one Service, not all of them.
 pub struct LbCompiler {
     ctx: NodeContext,
-    memo: HashMap<ServiceKey, Memo>,
+    /// Sorted by Service key.
+    memo: Vec<(ServiceKey, Memo)>,
 }
 
 struct Memo {
@@ -127,54 +128,69 @@ impl LbCompiler {
     pub fn new(ctx: NodeContext) -> Self {
         LbCompiler {
             ctx,
-            memo: HashMap::new(),
+            memo: Vec::new(),
         }
     }
 
     pub fn compile(&mut self, cluster: &Cluster) -> LbState {
-        // One pass over the slices instead of one per Service.
-        let mut slices_by_service: HashMap<&ServiceKey, Vec<&Arc<EndpointSlice>>> = HashMap::new();
-        for slice in cluster.slices.values() {
-            slices_by_service
-                .entry(&slice.service)
-                .or_default()
-                .push(slice);
-        }
-        let mut memo = HashMap::with_capacity(cluster.services.len());
-        let mut state = LbState::default();
+        // Services, slices (by their Service) and the memo are all walked in
+        // Service key order, side by side: no hashing, no key copies.
+        let mut slices: Vec<&Arc<EndpointSlice>> = cluster.slices.values().collect();
+        // Nearly sorted already (slices are named after their Service).
+        slices.sort_by(|a, b| a.service.cmp(&b.service));
+        let mut slices = slices.into_iter().peekable();
+        let mut old = std::mem::take(&mut self.memo).into_iter().peekable();
+        let mut compiled = Vec::with_capacity(cluster.services.len());
+        let mut own_slices = Vec::new();
         for service in cluster.services.values() {
-            let slices = slices_by_service
-                .get(&service.key)
-                .map_or(&[][..], Vec::as_slice);
-            let reusable = self.memo.remove(&service.key).filter(|m| {
-                Arc::ptr_eq(&m.service, service)
-                    && m.slices.len() == slices.len()
-                    && m.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
-            });
-            let entry = reusable.unwrap_or_else(|| {
-                let plain: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
-                Memo {
-                    service: service.clone(),
-                    slices: slices.iter().map(|s| (*s).clone()).collect(),
-                    frontends: service_frontends(service, &plain, &self.ctx)
-                        .into_iter()
-                        .map(|(f, e)| (f, Arc::new(e)))
-                        .collect(),
+            while old.next_if(|(key, _)| *key < service.key).is_some() {}
+            while slices.next_if(|s| s.service < service.key).is_some() {}
+            own_slices.clear();
+            own_slices.extend(std::iter::from_fn(|| {
+                slices.next_if(|s| s.service == service.key)
+            }));
+            let (key, entry) = match old.next_if(|(key, _)| *key == service.key) {
+                Some((key, m))
+                    if Arc::ptr_eq(&m.service, service)
+                        && m.slices.len() == own_slices.len()
+                        && m.slices
+                            .iter()
+                            .zip(&own_slices)
+                            .all(|(a, b)| Arc::ptr_eq(a, b)) =>
+                {
+                    (key, m)
                 }
-            });
-            for (frontend, compiled) in &entry.frontends {
-                if let Some(owner) = state.frontends.get(frontend) {
-                    state.conflicts.push(format!(
-                        "{frontend} of {} port {:?} is already {}'s port {:?}",
-                        compiled.service, compiled.port_name, owner.service, owner.port_name
-                    ));
-                    continue;
+                _ => {
+                    let plain: Vec<&EndpointSlice> = own_slices.iter().map(|s| &***s).collect();
+                    let entry = Memo {
+                        service: service.clone(),
+                        slices: own_slices.iter().map(|s| (*s).clone()).collect(),
+                        frontends: service_frontends(service, &plain, &self.ctx)
+                            .into_iter()
+                            .map(|(f, e)| (f, Arc::new(e)))
+                            .collect(),
+                    };
+                    (service.key.clone(), entry)
                 }
-                state.frontends.insert(*frontend, compiled.clone());
-            }
-            memo.insert(service.key.clone(), entry);
+            };
+            compiled.extend(entry.frontends.iter().cloned());
+            self.memo.push((key, entry));
         }
-        self.memo = memo;
+        // A stable sort keeps the Services' key order among equal frontends:
+        // the first Service keeps a frontend claimed twice.
+        compiled.sort_by_key(|(frontend, _)| *frontend);
+        let mut state = LbState::default();
+        let mut unique: Vec<(Frontend, Arc<FrontendEntry>)> = Vec::with_capacity(compiled.len());
+        for (frontend, entry) in compiled {
+            match unique.last() {
+                Some((last, owner)) if *last == frontend => state.conflicts.push(format!(
+                    "{frontend} of {} port {:?} is already {}'s port {:?}",
+                    entry.service, entry.port_name, owner.service, owner.port_name
+                )),
+                _ => unique.push((frontend, entry)),
+            }
+        }
+        state.frontends = unique.into_iter().collect();
         state
     }
 }

@@ -134,27 +134,17 @@ impl ManifestSource {
             report.errors.extend(file.errors.iter().cloned());
             report.warnings.extend(file.warnings.iter().cloned());
             report.ignored += file.ignored;
-            for (what, service) in &file.services {
-                let services = &mut report.cluster.services;
-                if services.contains_key(&service.key) {
-                    report.errors.push(format!(
-                        "{what}: defined more than once; the first one is used"
-                    ));
-                } else {
-                    services.insert(service.key.clone(), service.clone());
-                }
-            }
-            for (what, slice) in &file.slices {
-                let slices = &mut report.cluster.slices;
-                if slices.contains_key(&slice.key) {
-                    report.errors.push(format!(
-                        "{what}: defined more than once; the first one is used"
-                    ));
-                } else {
-                    slices.insert(slice.key.clone(), slice.clone());
-                }
-            }
         }
+        report.cluster.services = merge_sorted(
+            self.files.values().map(|(_, f)| &f.services[..]),
+            |s| &s.key,
+            &mut report.errors,
+        );
+        report.cluster.slices = merge_sorted(
+            self.files.values().map(|(_, f)| &f.slices[..]),
+            |s| &s.key,
+            &mut report.errors,
+        );
         report
     }
 }
@@ -181,6 +171,33 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Merges the files' objects, each file's sorted by key, into one map; of
+/// objects with the same key the one of the earlier file wins and the rest
+/// are reported.
+fn merge_sorted<'a, K: Ord + Clone, T>(
+    files: impl Iterator<Item = &'a [(String, Arc<T>)]>,
+    key: impl Fn(&T) -> &K,
+    errors: &mut Vec<String>,
+) -> BTreeMap<K, Arc<T>>
+where
+    T: 'a,
+{
+    let mut all: Vec<&(String, Arc<T>)> = files.flatten().collect();
+    // Stable, and cheap on runs that are sorted already.
+    all.sort_by(|a, b| key(&a.1).cmp(key(&b.1)));
+    let mut merged: Vec<(K, Arc<T>)> = Vec::with_capacity(all.len());
+    for (what, object) in all {
+        match merged.last() {
+            Some((last, _)) if last == key(object) => errors.push(format!(
+                "{what}: defined more than once; the first one is used"
+            )),
+            _ => merged.push((key(object).clone(), object.clone())),
+        }
+    }
+    // Already sorted: the map is built in one pass.
+    merged.into_iter().collect()
+}
+
 fn parse_file(path: &Path) -> FileObjects {
     let file = path.file_name().map_or_else(
         || path.display().to_string(),
@@ -192,7 +209,13 @@ fn parse_file(path: &Path) -> FileObjects {
         .map_err(|e| format!("cannot read: {e}"))
         .and_then(|text| read_documents(&text, json, &file, &mut objects));
     match parsed {
-        Ok(()) => objects,
+        Ok(()) => {
+            // Sorted once here, so that merging the files is one pass. The
+            // sort is stable: of two equal keys the file's first stays first.
+            objects.services.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            objects.slices.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            objects
+        }
         // A file that does not parse is rejected whole: half a file could
         // drop a slice and silently shrink a Service.
         Err(e) => FileObjects {

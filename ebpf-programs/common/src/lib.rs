@@ -63,9 +63,10 @@ pub struct EndpointInfo {
 }
 
 /// Default capacities of the service maps: 100k services x 10 backends fit
-/// (a frontend takes 1 + backends entries in SERVICES).
+/// with room to spare (a frontend takes 1 + backends entries in SERVICES;
+/// a sync writes new backends before it removes the old ones).
 pub const SERVICES_MAX: u32 = 1_200_000;
-pub const BACKENDS_MAX: u32 = 1_000_000;
+pub const BACKENDS_MAX: u32 = 1 << 20;
 pub const REVNAT_MAX: u32 = 262_144;
 pub const MAGLEV_MAX_SERVICES: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 262_144;

@@ -195,10 +195,15 @@ fn cold_load(node: &LabNode, services: usize) -> Result<f64> {
     let want = services as u64 + 1;
     loop {
         // The agent answers once the sync that holds its state is done.
-        if let Ok(status) = node.agent_request(&json!({"op": "status"}))
-            && status["frontends"].as_u64() == Some(want)
-        {
-            return Ok(started.elapsed().as_secs_f64());
+        if let Ok(status) = node.agent_request(&json!({"op": "status"})) {
+            if status["frontends"].as_u64() == Some(want) {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+            anyhow::ensure!(
+                status["last_sync"]["errors"].as_u64() == Some(0),
+                "loading {services} Services failed:\n{}",
+                node.agent_log_tail()
+            );
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
