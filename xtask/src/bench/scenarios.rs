@@ -298,8 +298,11 @@ fn tern_services(tern: &Tern, fillers: usize) -> Result<()> {
 }
 
 /// The Service and fillers in kube-proxy's layout, for the plain topology.
+/// The measured Service sits in the middle of the fillers: kube-proxy writes
+/// Services in Go map order (random), so that is where iptables' linear
+/// KUBE-SERVICES chain finds it on average (first would be its best case).
 fn kube_proxy_services(fillers: usize) -> Vec<KpService> {
-    let mut services: Vec<KpService> = [
+    let measured: Vec<KpService> = [
         (IPERF_PORT, Proto::Tcp),
         (SOCKPERF_PORT, Proto::Tcp),
         (SOCKPERF_PORT, Proto::Udp),
@@ -314,11 +317,9 @@ fn kube_proxy_services(fillers: usize) -> Vec<KpService> {
         endpoints: vec![(PLAIN_SERVER, port)],
     })
     .collect();
-    services.extend(kube_proxy::synthetic_services(
-        fillers,
-        1,
-        &[(PLAIN_SERVER, HTTP_PORT)],
-    ));
+    let mut services = kube_proxy::synthetic_services(fillers, 1, &[(PLAIN_SERVER, HTTP_PORT)]);
+    let middle = services.len() / 2;
+    services.splice(middle..middle, measured);
     services
 }
 
