@@ -58,6 +58,17 @@ pub enum Command {
         #[command(subcommand)]
         command: CtCommand,
     },
+    /// Overlay tunnel entries: remote PodCIDR -> node (from the pinned map).
+    Tunnel {
+        #[command(subcommand)]
+        command: TunnelCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TunnelCommand {
+    /// Each remote PodCIDR and the node address its packets are tunnelled to.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +101,9 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Ct {
             command: CtCommand::List,
         } => ct_list(&cli),
+        Command::Tunnel {
+            command: TunnelCommand::List,
+        } => tunnel_list(&cli),
     }
 }
 
@@ -143,6 +157,7 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
             rows.push(vec!["pod MTU".into(), s.mtu.to_string()]);
             rows.push(vec!["bpffs".into(), s.bpffs_dir]);
             rows.push(vec!["services path".into(), s.service_path.clone()]);
+            rows.push(vec!["routing mode".into(), s.routing_mode.clone()]);
             rows.push(vec![
                 "service frontends / backends".into(),
                 format!("{} / {}", s.frontends, s.backends),
@@ -338,4 +353,21 @@ fn ct_list(cli: &Cli) -> anyhow::Result<String> {
         ],
         &rows,
     ))
+}
+
+fn tunnel_list(cli: &Cli) -> anyhow::Result<String> {
+    let tunnel = crate::datapath::tunnel::TunnelMap::open_pinned(&cli.bpffs_dir)?;
+    let entries = tunnel.entries()?;
+    if cli.output == Output::Json {
+        let list: Vec<_> = entries
+            .iter()
+            .map(|(cidr, node)| json!({"podCIDR": cidr.to_string(), "node": node.to_string()}))
+            .collect();
+        return Ok(serde_json::to_string_pretty(&list)?);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|(cidr, node)| vec![cidr.to_string(), node.to_string()])
+        .collect();
+    Ok(table::render(&["POD CIDR", "NODE"], &rows))
 }

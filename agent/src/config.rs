@@ -71,6 +71,17 @@ pub struct AgentArgs {
     /// The cluster's Service CIDR: connections to unused addresses in it are refused.
     #[arg(long)]
     pub service_cidr: Option<Ipv4Network>,
+    /// How pods reach pods on other nodes: overlay (VXLAN) or native (routes
+    /// via the nodes' addresses).
+    #[arg(long)]
+    pub routing_mode: Option<String>,
+    /// The CIDR all nodes' PodCIDRs come from (kube-controller-manager's
+    /// --cluster-cidr). Traffic to a part of it no node has fails at once.
+    #[arg(long)]
+    pub cluster_cidr: Option<Ipv4Network>,
+    /// UDP port of the VXLAN overlay (8472, the Linux and Flannel default).
+    #[arg(long)]
+    pub tunnel_port: Option<u16>,
 }
 
 /// The file form; keys are camelCase like Kubernetes objects.
@@ -96,6 +107,10 @@ struct FileConfig {
     lb_algorithm: Option<String>,
     #[serde(rename = "serviceCIDR")]
     service_cidr: Option<Ipv4Network>,
+    routing_mode: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<Ipv4Network>,
+    tunnel_port: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +134,32 @@ pub struct AgentConfig {
     pub maglev_table_size: u32,
     pub lb_algorithm: LbAlgorithm,
     pub service_cidr: Ipv4Network,
+    pub routing_mode: RoutingMode,
+    pub cluster_cidr: Option<Ipv4Network>,
+    pub tunnel_port: u16,
 }
+
+/// How traffic between pods of different nodes travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingMode {
+    /// VXLAN between the nodes: the underlay needs to know nothing of pods.
+    Overlay,
+    /// Plain routes via the nodes' addresses: the underlay carries pod
+    /// addresses (nodes on one L2 segment, or routers that know them).
+    Native,
+}
+
+impl RoutingMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RoutingMode::Overlay => "overlay",
+            RoutingMode::Native => "native",
+        }
+    }
+}
+
+/// VXLAN's port in Linux and Flannel (IANA's 4789 is often taken by others).
+pub const DEFAULT_TUNNEL_PORT: u16 = 8472;
 
 /// kubeadm's default Service CIDR.
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
@@ -162,6 +202,20 @@ impl AgentConfig {
             Some("maglev") => LbAlgorithm::Maglev,
             Some(other) => anyhow::bail!("lb algorithm {other:?} is not one of random, maglev"),
         };
+        let routing_mode = match args.routing_mode.or(file.routing_mode).as_deref() {
+            None | Some("overlay") => RoutingMode::Overlay,
+            Some("native") => RoutingMode::Native,
+            Some(other) => {
+                anyhow::bail!("routing mode {other:?} is not one of overlay, native")
+            }
+        };
+        let tunnel_port = args
+            .tunnel_port
+            .or(file.tunnel_port)
+            .unwrap_or(DEFAULT_TUNNEL_PORT);
+        if tunnel_port == 0 {
+            anyhow::bail!("tunnel port 0 is not a port");
+        }
         let node_ips = if args.node_ips.is_empty() {
             file.node_ips.unwrap_or_default()
         } else {
@@ -192,6 +246,9 @@ impl AgentConfig {
             map_sizes.push((*known, size));
         }
         Ok(AgentConfig {
+            routing_mode,
+            cluster_cidr: args.cluster_cidr.or(file.cluster_cidr),
+            tunnel_port,
             map_sizes,
             devices,
             manifests_dir: args.manifests_dir.or(file.manifests_dir),
@@ -288,5 +345,13 @@ mod tests {
         .unwrap();
         assert_eq!(sized.map_sizes, vec![("SERVICES", 20)]);
         assert!(AgentArgs::try_parse_from(["tern-agent", "--pod-cidr", "10.244.1.0/33"]).is_err());
+        assert!(AgentConfig::from_args(args(&["--routing-mode", "tunnel"])).is_err());
+        assert!(AgentConfig::from_args(args(&["--tunnel-port", "0"])).is_err());
+        let native = AgentConfig::from_args(args(&["--routing-mode", "native"])).unwrap();
+        assert_eq!(native.routing_mode, RoutingMode::Native);
+        assert_eq!(
+            AgentConfig::from_args(args(&[])).unwrap().routing_mode,
+            RoutingMode::Overlay
+        );
     }
 }

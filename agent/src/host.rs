@@ -104,3 +104,95 @@ async fn ipv4_addresses() -> anyhow::Result<Vec<(std::net::Ipv4Addr, u32)>> {
     task.abort();
     Ok(ips)
 }
+
+/// Name of the overlay's VXLAN device on every node.
+pub const OVERLAY_DEVICE: &str = "tern_vxlan";
+/// What VXLAN over IPv4 adds to each packet: outer IPv4 20, UDP 8, VXLAN 8
+/// and the inner Ethernet header 14.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// MTU of the device `name`, if it exists.
+pub async fn link_mtu(name: &str) -> anyhow::Result<Option<u32>> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let link = find_link(&handle, name).await;
+    task.abort();
+    Ok(link?.and_then(|link| {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    }))
+}
+
+async fn find_link(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> anyhow::Result<Option<rtnetlink::packet_route::link::LinkMessage>> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The overlay's VXLAN device in external (collect_md) mode: the eBPF
+/// programs give each packet its far end, so one device serves every
+/// node. An existing device with the same port is kept (agent restart:
+/// traffic keeps flowing); one with another port is replaced. Returns its
+/// ifindex.
+pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> anyhow::Result<u32> {
+    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkInfo};
+    use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVxlan};
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let result = async {
+        if let Some(link) = find_link(&handle, name).await? {
+            let same = link.attributes.iter().any(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos.iter().any(|info| match info {
+                    LinkInfo::Data(InfoData::Vxlan(vxlan)) => {
+                        vxlan.contains(&InfoVxlan::Port(port))
+                            && vxlan.contains(&InfoVxlan::CollectMetadata(true))
+                    }
+                    _ => false,
+                }),
+                _ => false,
+            });
+            if same {
+                let index = link.header.index;
+                let update = LinkMessageBuilder::<LinkUnspec>::new()
+                    .index(index)
+                    .mtu(mtu)
+                    .up()
+                    .build();
+                handle.link().set(update).execute().await?;
+                return Ok(index);
+            }
+            handle.link().del(link.header.index).execute().await?;
+        }
+        let device = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .mtu(mtu)
+            .up()
+            .build();
+        handle.link().add(device).execute().await?;
+        find_link(&handle, name)
+            .await?
+            .map(|link| link.header.index)
+            .ok_or_else(|| anyhow::anyhow!("{name} vanished right after it was created"))
+    }
+    .await;
+    task.abort();
+    result
+}
+
+/// The node forwards between its devices, as Kubernetes requires of every
+/// node (Cilium's and Flannel's agents set it too): native routing and
+/// SNATed replies to other nodes go through the node's routing.
+pub fn enable_ip_forwarding() -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("setting net.ipv4.ip_forward=1")
+}

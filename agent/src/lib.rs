@@ -14,6 +14,8 @@ pub mod host;
 pub mod ipam;
 pub mod model;
 pub mod node;
+pub mod routing;
 pub mod services;
 pub mod sources;
+pub mod sync;
 pub mod table;

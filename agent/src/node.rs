@@ -20,8 +20,16 @@ use crate::datapath::services::{LbSync, SyncStats};
 use crate::endpoints::EndpointStore;
 use crate::ipam::Ipam;
 
+/// The overlay's VXLAN device (overlay mode).
+pub struct OverlayDevice {
+    pub name: String,
+    pub ifindex: u32,
+    pub mtu: u32,
+}
+
 pub struct Node {
     node_name: String,
+    routing_mode: &'static str,
     mtu: u32,
     /// `None` until the node has a PodCIDR.
     ipam: Option<Ipam>,
@@ -37,12 +45,14 @@ pub struct Node {
 
 impl Node {
     /// Opens the state dir, loads the datapath and reconciles the two.
-    /// `node_ips` and `devices`: where traffic from outside arrives.
+    /// `node_ips` and `devices`: where traffic from outside arrives;
+    /// `overlay`: where traffic from other nodes' pods arrives (overlay mode).
     pub fn start(
         config: &AgentConfig,
         mtu: u32,
         node_ips: &[Ipv4Addr],
         devices: &[String],
+        overlay: Option<&OverlayDevice>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
@@ -62,8 +72,14 @@ impl Node {
             node_addr: node_ips
                 .first()
                 .map_or(0, |ip| crate::datapath::ip_to_key(*ip)),
-            pad: 0,
+            tunnel_ifindex: overlay.map_or(0, |o| o.ifindex),
         })?;
+        if let Some(overlay) = overlay {
+            datapath
+                .attach_overlay(&overlay.name)
+                .with_context(|| format!("attaching to overlay device {}", overlay.name))?;
+            info!(device = %overlay.name, mtu = overlay.mtu, "from_overlay attached");
+        }
         for device in devices {
             datapath
                 .attach_netdev(device)
@@ -79,6 +95,7 @@ impl Node {
         }
         let mut node = Node {
             node_name: config.node_name.clone(),
+            routing_mode: config.routing_mode.name(),
             mtu,
             ipam,
             endpoints,
@@ -161,7 +178,7 @@ impl Node {
             Request::EndpointCreate { endpoint } => self.endpoint_create(endpoint),
             Request::EndpointDelete { attachment } => self.endpoint_delete(&attachment),
             Request::Gc { valid } => self.gc(&valid),
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::ListEndpoints => self.list_endpoints(),
             Request::ListServices => Ok(self.list_services()),
         };
@@ -277,6 +294,7 @@ impl Node {
             frontends: self.lb.frontends(),
             backends: self.lb.backends(),
             last_sync: self.last_sync,
+            routing_mode: self.routing_mode.into(),
             service_path: if self.socket_lb {
                 "socket-lb"
             } else {

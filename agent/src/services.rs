@@ -1,35 +1,38 @@
-//! The service pipeline: manifests (source) -> model -> lb compiler ->
-//! service maps, re-run on every change of the source.
+//! The service pipeline: model -> lb compiler -> service maps, re-run on
+//! every snapshot the source hands over.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::compiler::lb::{LbCompiler, NodeContext};
 use crate::node::Node;
-use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL};
+use crate::sources::manifests::LoadReport;
 
 /// Map writes and deletes of a sync from which on the heap is trimmed.
 const TRIM_AFTER_MAP_CHANGES: usize = 1000;
 
-pub async fn run(dir: PathBuf, context: NodeContext, node: Arc<Mutex<Node>>) {
-    let (tx, mut rx) = mpsc::channel(1);
-    tokio::spawn(manifests::watch(dir.clone(), DEFAULT_POLL_INTERVAL, tx));
-    // Kept across syncs: it recompiles only the Services that changed.
-    let compiler = Arc::new(Mutex::new(LbCompiler::new(context)));
-    while let Some(report) = rx.recv().await {
-        for error in &report.errors {
-            warn!("manifests: {error}");
+pub struct ServiceSync {
+    /// Kept across syncs: it recompiles only the Services that changed.
+    compiler: Arc<Mutex<LbCompiler>>,
+    node: Arc<Mutex<Node>>,
+}
+
+impl ServiceSync {
+    pub fn new(context: NodeContext, node: Arc<Mutex<Node>>) -> Self {
+        ServiceSync {
+            compiler: Arc::new(Mutex::new(LbCompiler::new(context))),
+            node,
         }
-        for warning in &report.warnings {
-            warn!("manifests: {warning}");
-        }
+    }
+
+    /// Compiles the snapshot and brings the service maps to it. Takes the
+    /// report so it is freed (and the heap trimmed) inside the sync.
+    pub async fn apply(&self, report: LoadReport) {
         let started = Instant::now();
-        let compiler = compiler.clone();
-        let node = node.clone();
+        let compiler = self.compiler.clone();
+        let node = self.node.clone();
         let applied = tokio::task::spawn_blocking(move || {
             let mut took = StageTimes::default();
             let stage = Instant::now();
@@ -76,7 +79,6 @@ pub async fn run(dir: PathBuf, context: NodeContext, node: Arc<Mutex<Node>>) {
                 compile_us = took.compile_us,
                 apply_us = took.apply_us,
                 release_us = took.release_us,
-                dir = %dir.display(),
                 "services synced"
             ),
             Err(e) => warn!("service sync failed: {e}"),

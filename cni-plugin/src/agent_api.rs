@@ -73,7 +73,8 @@ pub enum Response {
     GcDone {
         released: Vec<Attachment>,
     },
-    Status(AgentStatus),
+    /// Boxed: much larger than the other answers.
+    Status(Box<AgentStatus>),
     Endpoints {
         endpoints: Vec<EndpointStatus>,
     },
@@ -113,6 +114,9 @@ pub struct AgentStatus {
     /// "socket-lb" or "per-packet".
     #[serde(default)]
     pub service_path: String,
+    /// "overlay" or "native": how pods on other nodes are reached.
+    #[serde(default)]
+    pub routing_mode: String,
     /// Map operations of the last service sync, and how many failed.
     #[serde(default)]
     pub last_sync: SyncCounts,

@@ -29,6 +29,12 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
     pod::from_netdev(&ctx)
 }
 
+/// tc ingress on the node's VXLAN device: traffic from other nodes' pods.
+#[classifier]
+pub fn from_overlay(ctx: TcContext) -> i32 {
+    pod::from_overlay(&ctx)
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
     sock::translate_to_backend(&ctx)

@@ -4,12 +4,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use tern_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CT_MAX, CtKey, CtValue,
     DatapathConfig, ENDPOINTS_MAX, EndpointInfo, MAGLEV_MAX_SERVICES, MaglevTable, REVNAT_MAX,
     Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey, ServiceValue, SockRevNatKey,
+    TUNNEL_MAX, TunnelEndpoint,
 };
 
 /// Local pods by IPv4 address (network byte order).
@@ -49,6 +50,10 @@ pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, RevNat> = LruHashMap::pinned(S
 /// Connection tracking of per-packet translated flows.
 #[map]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+
+/// Remote PodCIDRs -> their node (the tunnel's far end in overlay mode).
+#[map]
+pub static TUNNEL: LpmTrie<u32, TunnelEndpoint> = LpmTrie::pinned(TUNNEL_MAX, 0);
 
 /// Settings from the agent (index 0).
 #[map]

@@ -1,21 +1,34 @@
-//! Traffic leaving a pod (tc ingress on its host veth) and the local
-//! delivery shared with the underlay device: a packet for a pod on this
-//! node is handed straight to that pod's interface with
-//! `bpf_redirect_peer`, skipping the node's routing; anything else goes up
-//! the node's own stack.
+//! Forwarding: a packet for a pod on this node is handed straight to that
+//! pod's interface with `bpf_redirect_peer`, skipping the node's routing;
+//! one for a pod on another node goes into the VXLAN overlay with that
+//! node as the tunnel's far end (overlay mode), or straight out of the
+//! device a FIB lookup picks (native routing); anything else goes up the
+//! node's own stack.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::generated::bpf_redirect_peer,
+    bindings::{
+        BPF_F_ZERO_CSUM_TX, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        TC_ACT_REDIRECT, bpf_fib_lookup, bpf_tunnel_key,
+    },
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_change_type, bpf_skb_set_tunnel_key,
+    },
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tern_common::Reason;
+use tern_common::{EndpointInfo, OVERLAY_VNI, Reason, TunnelEndpoint};
 
-use crate::maps::{ENDPOINTS, count};
-use crate::packet::{IP_CHECK, L3, Packet, parse};
+use crate::maps::{ENDPOINTS, TUNNEL, config, count};
+use crate::packet::{IP_CHECK, L3, Packet, ifindex, parse};
 use crate::service_nat::{self, Outcome};
 
 const IPV4_TTL: usize = L3 + 8;
+/// `skb->pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
+/// TTL of the outer (underlay) header.
+const TUNNEL_TTL: u8 = 64;
+const AF_INET: u8 = 2;
 
 pub fn from_pod(ctx: &TcContext) -> i32 {
     let Some(mut p) = parse(ctx) else {
@@ -24,7 +37,7 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     };
     match service_nat::from_pod(ctx, &mut p) {
         Outcome::Verdict(verdict) => verdict,
-        Outcome::Route => deliver(ctx, &p),
+        Outcome::Route => forward(ctx, &p),
     }
 }
 
@@ -34,31 +47,48 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     };
     match service_nat::from_netdev(ctx, &mut p) {
         Outcome::Verdict(verdict) => verdict,
-        Outcome::Route => deliver(ctx, &p),
+        Outcome::Route => forward(ctx, &p),
     }
 }
 
-/// Into the local pod `p.daddr` if there is one, else to the node's stack.
-fn deliver(ctx: &TcContext, p: &Packet) -> i32 {
-    let (reason, verdict) = redirect_to_local_pod(ctx, p);
+/// Decapsulated traffic from another node: for a local pod (a reply of a
+/// translated flow is translated back first). Never sent on again into
+/// the overlay, so nothing can loop between nodes.
+pub fn from_overlay(ctx: &TcContext) -> i32 {
+    // The inner frame is addressed to the sending node's pod gateway MAC:
+    // left as it is, the kernel would drop it as another host's.
+    // SAFETY: plain helper call on this packet.
+    unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+    let Some(mut p) = parse(ctx) else {
+        return TC_ACT_OK;
+    };
+    if let Outcome::Verdict(verdict) = service_nat::from_overlay(ctx, &mut p) {
+        return verdict;
+    }
+    // SAFETY: the value is copied out at once.
+    let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
+        Some(endpoint) => redirect_to_local_pod(ctx, &p, &endpoint),
+        None => (Reason::PassToStack, TC_ACT_OK),
+    };
     count(reason);
     verdict
 }
 
-fn redirect_to_local_pod(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
-    let pass = TC_ACT_OK;
+/// Into the local pod `p.daddr`, else through the overlay to the node that
+/// has it, else to the node's stack.
+fn forward(ctx: &TcContext, p: &Packet) -> i32 {
     // SAFETY: the value is copied out at once.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(p.daddr) }).copied() else {
-        return (Reason::PassToStack, pass);
+    let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
+        Some(endpoint) => redirect_to_local_pod(ctx, p, &endpoint),
+        None => to_remote_node(ctx, p),
     };
-    // Routing semantics as if the node had forwarded the packet: the TTL
-    // drops by one, and an expiring packet goes to the stack, which answers
-    // with ICMP time exceeded.
-    let ttl = match ctx.load::<u8>(IPV4_TTL) {
-        Ok(ttl) => ttl,
-        Err(_) => return (Reason::PassToStack, pass),
-    };
-    if ttl <= 1 || decrement_ttl(ctx, ttl, p.proto).is_err() {
+    count(reason);
+    verdict
+}
+
+fn redirect_to_local_pod(ctx: &TcContext, p: &Packet, endpoint: &EndpointInfo) -> (Reason, i32) {
+    let pass = TC_ACT_OK;
+    if !hop(ctx, p) {
         return (Reason::PassToStack, pass);
     }
     let mut macs = [0u8; 12];
@@ -73,6 +103,116 @@ fn redirect_to_local_pod(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
         (Reason::RedirectLocalPod, verdict as i32)
     } else {
         (Reason::RedirectFailed, pass)
+    }
+}
+
+/// A packet for a remote node's PodCIDR: into the overlay (overlay mode),
+/// or out of the underlay device towards that node (native routing).
+/// Anything else is the node stack's to route.
+fn to_remote_node(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
+    let Some(node) = TUNNEL.get(Key::new(32, p.daddr)).copied() else {
+        return (Reason::PassToStack, TC_ACT_OK);
+    };
+    match config().tunnel_ifindex {
+        0 => redirect_by_fib(ctx, p),
+        tunnel_ifindex => encapsulate(ctx, p, &node, tunnel_ifindex),
+    }
+}
+
+/// Native routing without a trip through the stack: the FIB names the
+/// device and next hop; the packet leaves there with that hop's MAC (or
+/// the neighbour subsystem resolves it first). Also what lets a NodePort
+/// packet SNATed to this node's address leave at all: coming back into
+/// the stack with the node's own address as source, it would be dropped
+/// as a martian.
+fn redirect_by_fib(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
+    // SAFETY: a plain C struct; all-zero is its "nothing set" value.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = p.proto;
+    fib.sport = p.sport;
+    fib.dport = p.dport;
+    fib.ifindex = ifindex(ctx);
+    fib.__bindgen_anon_3.ipv4_src = p.saddr;
+    fib.__bindgen_anon_4.ipv4_dst = p.daddr;
+    // SAFETY: the parameters live on the stack for the call; size is their own.
+    let found = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    let found = found as u32;
+    if found != BPF_FIB_LKUP_RET_SUCCESS && found != BPF_FIB_LKUP_RET_NO_NEIGH {
+        // Not forwardable here (forwarding off, no route, ...): the stack
+        // decides, and answers with ICMP where it should.
+        return (Reason::PassToStack, TC_ACT_OK);
+    }
+    if !hop(ctx, p) {
+        return (Reason::PassToStack, TC_ACT_OK);
+    }
+    let verdict = match found {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&fib.dmac);
+            macs[6..].copy_from_slice(&fib.smac);
+            if ctx.store(0, &macs, 0).is_err() {
+                return (Reason::RedirectFailed, TC_ACT_OK);
+            }
+            // SAFETY: plain helper call; it only records the target for tc.
+            unsafe { bpf_redirect(fib.ifindex, 0) }
+        }
+        // SAFETY: plain helper call; the kernel resolves the next hop.
+        _ => unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) },
+    };
+    (Reason::RedirectFib, verdict as i32)
+}
+
+/// Overlay mode: the packet is given its node as the tunnel destination
+/// and sent out of the VXLAN device, which encapsulates it.
+fn encapsulate(
+    ctx: &TcContext,
+    p: &Packet,
+    node: &TunnelEndpoint,
+    tunnel_ifindex: u32,
+) -> (Reason, i32) {
+    let pass = TC_ACT_OK;
+    if !hop(ctx, p) {
+        return (Reason::PassToStack, pass);
+    }
+    // SAFETY: a plain C struct; all-zero is its "nothing set" value.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = OVERLAY_VNI;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node.node_addr);
+    key.tunnel_ttl = TUNNEL_TTL;
+    // No outer UDP checksum (as Cilium and the kernel's VXLAN default):
+    // the inner packet carries its own.
+    // SAFETY: the key lives on the stack for the call; size is its own.
+    let set = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            BPF_F_ZERO_CSUM_TX as u64,
+        )
+    };
+    if set != 0 {
+        return (Reason::RedirectFailed, pass);
+    }
+    // SAFETY: plain helper call; it only records the target for tc.
+    let verdict = unsafe { bpf_redirect(tunnel_ifindex, 0) };
+    (Reason::EncapOverlay, verdict as i32)
+}
+
+/// Routing semantics as if the node had forwarded the packet: the TTL
+/// drops by one; an expiring packet (false) is left to the stack, which
+/// answers with ICMP time exceeded.
+fn hop(ctx: &TcContext, p: &Packet) -> bool {
+    match ctx.load::<u8>(IPV4_TTL) {
+        Ok(ttl) => ttl > 1 && decrement_ttl(ctx, ttl, p.proto).is_ok(),
+        Err(_) => false,
     }
 }
 

@@ -71,6 +71,15 @@ fn follow_ct(ctx: &TcContext, p: &mut Packet) -> Option<Outcome> {
     Some(Outcome::Route)
 }
 
+/// Traffic from a pod on another node (overlay): replies of flows this
+/// node translated are translated back; nothing else is touched.
+pub fn from_overlay(ctx: &TcContext, p: &mut Packet) -> Outcome {
+    if !p.has_ports() {
+        return Outcome::Route;
+    }
+    follow_ct(ctx, p).unwrap_or(Outcome::Route)
+}
+
 /// Traffic from a local pod.
 pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
     if !p.has_ports() {

@@ -1,6 +1,6 @@
-//! A one-node (for now) Kubernetes-like cluster made of network namespaces:
-//! a node namespace running the real `tern-agent`, pods wired by invoking
-//! the real `tern-cni` binary the way a container runtime does.
+//! A Kubernetes-like cluster made of network namespaces: node namespaces
+//! running the real `tern-agent` on a shared underlay switch, pods wired by
+//! invoking the real `tern-cni` binary the way a container runtime does.
 //!
 //! Nothing is ever connected to the machine's root namespace: the node's
 //! underlay interface leads to a lab "switch" namespace. Every name is
@@ -51,6 +51,32 @@ impl Binaries {
             "tern-agent, tern-cni and tern not found in {candidates:?}: run `cargo build --release` (or `cargo xtask build`) first"
         )
     }
+}
+
+/// The PodCIDRs of a lab cluster's nodes all come from here.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The manifest file holding a lab cluster's Node objects.
+pub const NODES_MANIFEST: &str = "nodes.yaml";
+
+/// Node objects as the API server shows them: name, InternalIP, PodCIDR.
+pub fn nodes_manifest(nodes: &[(String, Ipv4Addr, String)]) -> String {
+    nodes
+        .iter()
+        .map(|(name, ip, cidr)| {
+            format!(
+                "apiVersion: v1
+kind: Node
+metadata: {{name: {name}}}
+spec: {{podCIDR: {cidr}, podCIDRs: [{cidr}]}}
+status:
+  addresses:
+  - {{type: InternalIP, address: {ip}}}
+  - {{type: Hostname, address: {name}}}
+"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 /// Fails clearly when bpffs is not mounted (`cargo xtask setup` mounts it).
@@ -104,6 +130,33 @@ impl Lab {
         Ok(())
     }
 
+    /// `count` nodes that know each other, agents running in
+    /// `routing_mode` ("overlay" or "native"): node i is `n{i}` with
+    /// underlay address 10.0.0.i and PodCIDR 10.244.i.0/24, and every
+    /// node's manifest directory holds all Node objects (nodes.yaml).
+    pub fn cluster(&self, count: u8, routing_mode: &str) -> Result<Vec<LabNode>> {
+        let specs: Vec<(String, Ipv4Addr, String)> = (1..=count)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    Ipv4Addr::new(10, 0, 0, i),
+                    format!("10.244.{i}.0/24"),
+                )
+            })
+            .collect();
+        let nodes_yaml = nodes_manifest(&specs);
+        let mut nodes = Vec::new();
+        for (name, ip, cidr) in &specs {
+            let mut node = LabNode::create(self, name, Some(cidr), *ip)?;
+            node.routing_mode = routing_mode.to_owned();
+            node.cluster_cidr = Some(CLUSTER_CIDR.to_owned());
+            node.write_manifest(NODES_MANIFEST, &nodes_yaml)?;
+            node.start_agent()?;
+            nodes.push(node);
+        }
+        Ok(nodes)
+    }
+
     /// A node with `pod_cidr` and underlay address `node_ip`/24, agent running.
     pub fn node(&self, name: &str, pod_cidr: &str, node_ip: Ipv4Addr) -> Result<LabNode> {
         self.node_with(name, pod_cidr, node_ip, true)
@@ -138,6 +191,10 @@ pub struct LabNode {
     pub cgroup: PathBuf,
     /// Service translation at the socket (true) or per packet (false).
     pub socket_lb: bool,
+    /// "overlay" (the agent's default) or "native".
+    pub routing_mode: String,
+    /// The agent's --cluster-cidr, if any.
+    pub cluster_cidr: Option<String>,
     pub bins: Binaries,
     agent: Option<ChildGuard>,
 }
@@ -168,6 +225,8 @@ impl LabNode {
             manifests_dir,
             cgroup,
             socket_lb: true,
+            routing_mode: "overlay".into(),
+            cluster_cidr: None,
             dir,
             bins: lab.bins.clone(),
             agent: None,
@@ -202,9 +261,14 @@ impl LabNode {
             .arg(self.node_ip.to_string())
             .arg("--device")
             .arg("eth0")
+            .arg("--routing-mode")
+            .arg(&self.routing_mode)
             .env("TERN_LOG", "info");
         if let Some(cidr) = &self.pod_cidr {
             cmd.arg("--pod-cidr").arg(cidr);
+        }
+        if let Some(cidr) = &self.cluster_cidr {
+            cmd.arg("--cluster-cidr").arg(cidr);
         }
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -25,7 +25,7 @@ fn allocated(node: &LabNode) -> u64 {
 /// Host-side pod veths in the node namespace.
 fn host_veths(node: &LabNode) -> Vec<String> {
     node.ns
-        .sh("ip -o link show")
+        .sh("ip -o link show type veth")
         .unwrap()
         .lines()
         .filter_map(|l| l.split(": ").nth(1))

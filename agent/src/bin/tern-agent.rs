@@ -4,8 +4,11 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use tern_agent::compiler::lb::NodeContext;
-use tern_agent::config::{AgentArgs, AgentConfig};
-use tern_agent::{cni_api, host, node::Node, services};
+use tern_agent::config::{AgentArgs, AgentConfig, RoutingMode};
+use tern_agent::node::{Node, OverlayDevice};
+use tern_agent::routing::Routing;
+use tern_agent::services::ServiceSync;
+use tern_agent::{cni_api, host, sync};
 use tracing::{error, info};
 
 fn main() -> std::process::ExitCode {
@@ -33,12 +36,6 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let mtu = match config.mtu {
-        Some(mtu) => mtu,
-        None => runtime
-            .block_on(host::default_route_mtu())?
-            .unwrap_or(host::FALLBACK_MTU),
-    };
     let mut node_ips = config.node_ips.clone();
     if node_ips.is_empty() {
         node_ips = runtime.block_on(host::node_ipv4_addresses())?;
@@ -47,7 +44,40 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     if devices.is_empty() {
         devices = runtime.block_on(host::devices_with(&node_ips))?;
     }
-    let node = Node::start(&config, mtu, &node_ips, &devices)?;
+    // What the node's own path out carries: the underlay device's MTU.
+    let underlay_mtu = match devices.first() {
+        Some(device) => runtime.block_on(host::link_mtu(device))?,
+        None => None,
+    };
+    let underlay_mtu = match underlay_mtu {
+        Some(mtu) => mtu,
+        None => runtime
+            .block_on(host::default_route_mtu())?
+            .unwrap_or(host::FALLBACK_MTU),
+    };
+    host::enable_ip_forwarding()?;
+    let overlay = match config.routing_mode {
+        RoutingMode::Overlay => {
+            let mtu = underlay_mtu - host::VXLAN_OVERHEAD;
+            let ifindex = runtime.block_on(host::ensure_vxlan(
+                host::OVERLAY_DEVICE,
+                config.tunnel_port,
+                mtu,
+            ))?;
+            Some(OverlayDevice {
+                name: host::OVERLAY_DEVICE.into(),
+                ifindex,
+                mtu,
+            })
+        }
+        RoutingMode::Native => None,
+    };
+    // Pods fit inside the overlay's packets, unless configured.
+    let mtu = config
+        .mtu
+        .unwrap_or(overlay.as_ref().map_or(underlay_mtu, |o| o.mtu));
+    let node = Node::start(&config, mtu, &node_ips, &devices, overlay.as_ref())?;
+    let routing = Routing::new(&config, &config.bpffs_dir)?;
     // 0.0.0.0 stands for "any local address": the NodePort entry that
     // local binds are checked against.
     node_ips.insert(0, std::net::Ipv4Addr::UNSPECIFIED);
@@ -60,6 +90,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     info!(
         node = %config.node_name,
         pod_cidr = ?config.pod_cidr.map(|c| c.to_string()),
+        routing_mode = config.routing_mode.name(),
         mtu,
         socket = %config.socket.display(),
         bpffs = %config.bpffs_dir.display(),
@@ -69,7 +100,8 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         tokio::spawn(conntrack_gc(config.bpffs_dir.clone()));
         if let Some(dir) = config.manifests_dir.clone() {
-            tokio::spawn(services::run(dir, context, node.clone()));
+            let services = ServiceSync::new(context, node.clone());
+            tokio::spawn(sync::run(dir, routing, services));
         }
         let listener = cni_api::bind(&config.socket)?;
         let mut terminate =

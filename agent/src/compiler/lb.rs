@@ -509,6 +509,7 @@ mod tests {
                 .into_iter()
                 .map(|s| (s.key.clone(), Arc::new(s)))
                 .collect(),
+            nodes: Default::default(),
         }
     }
 

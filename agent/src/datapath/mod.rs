@@ -7,7 +7,9 @@
 
 pub mod conntrack;
 mod maps;
+pub mod routes;
 pub mod services;
+pub mod tunnel;
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +22,13 @@ pub use maps::{DatapathMaps, ip_from_key, ip_to_key};
 use tern_common::programs;
 
 use self::services::ServiceMaps;
+
+/// The tc programs: pod veths, underlay devices, the overlay device.
+const TC_PROGRAMS: [&str; 3] = [
+    programs::FROM_POD,
+    programs::FROM_NETDEV,
+    programs::FROM_OVERLAY,
+];
 
 /// The socket-LB programs, attached to the pods' cgroup v2 subtree.
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
@@ -51,18 +60,15 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        let from_pod: &mut SchedClassifier = ebpf
-            .program_mut(programs::FROM_POD)
-            .context("program from_pod missing from the object")?
-            .try_into()?;
-        from_pod.load().context("the verifier refused from_pod")?;
-        let from_netdev: &mut SchedClassifier = ebpf
-            .program_mut(programs::FROM_NETDEV)
-            .context("program from_netdev missing from the object")?
-            .try_into()?;
-        from_netdev
-            .load()
-            .context("the verifier refused from_netdev")?;
+        for name in TC_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier refused {name}"))?;
+        }
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -101,6 +107,11 @@ impl Datapath {
     /// Attaches `from_netdev` at tc ingress of an underlay device.
     pub fn attach_netdev(&mut self, ifname: &str) -> anyhow::Result<()> {
         self.attach_classifier(programs::FROM_NETDEV, ifname)
+    }
+
+    /// Attaches `from_overlay` at tc ingress of the VXLAN device.
+    pub fn attach_overlay(&mut self, ifname: &str) -> anyhow::Result<()> {
+        self.attach_classifier(programs::FROM_OVERLAY, ifname)
     }
 
     /// Attaches `program` at tc ingress of `ifname`, replacing the program

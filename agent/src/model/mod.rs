@@ -2,12 +2,14 @@
 //! build it; compilers read it.
 
 mod endpoint_slice;
+mod node;
 mod service;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
+pub use node::Node;
 pub use service::{
     LbAlgorithm, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
@@ -19,6 +21,8 @@ pub struct Cluster {
     pub services: BTreeMap<ServiceKey, Arc<Service>>,
     /// Keyed by the slice's (namespace, name).
     pub slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
+    /// Keyed by the node's name.
+    pub nodes: BTreeMap<String, Arc<Node>>,
 }
 
 impl Cluster {

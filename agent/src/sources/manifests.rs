@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::Conversion;
-use crate::model::{Cluster, EndpointSlice, Service};
+use crate::model::{Cluster, EndpointSlice, Node, Service};
 
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -43,6 +43,7 @@ pub fn load_dir(dir: &Path) -> LoadReport {
 struct FileObjects {
     services: Vec<(String, Arc<Service>)>,
     slices: Vec<(String, Arc<EndpointSlice>)>,
+    nodes: Vec<(String, Arc<Node>)>,
     errors: Vec<String>,
     warnings: Vec<String>,
     ignored: usize,
@@ -145,6 +146,11 @@ impl ManifestSource {
             |s| &s.key,
             &mut report.errors,
         );
+        report.cluster.nodes = merge_sorted(
+            self.files.values().map(|(_, f)| &f.nodes[..]),
+            |n| &n.name,
+            &mut report.errors,
+        );
         report
     }
 }
@@ -214,6 +220,7 @@ fn parse_file(path: &Path) -> FileObjects {
             // sort is stable: of two equal keys the file's first stays first.
             objects.services.sort_by(|a, b| a.1.key.cmp(&b.1.key));
             objects.slices.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            objects.nodes.sort_by(|a, b| a.1.name.cmp(&b.1.name));
             objects
         }
         // A file that does not parse is rejected whole: half a file could
@@ -415,6 +422,7 @@ impl FileObjects {
     fn merge(&mut self, other: FileObjects) {
         self.services.extend(other.services);
         self.slices.extend(other.slices);
+        self.nodes.extend(other.nodes);
         self.errors.extend(other.errors);
         self.warnings.extend(other.warnings);
         self.ignored += other.ignored;
@@ -472,7 +480,11 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("(unnamed)");
-    let what = format!("{place}: {kind} {namespace}/{name}");
+    let what = if kind == "Node" {
+        format!("{place}: Node {name}") // cluster-scoped
+    } else {
+        format!("{place}: {kind} {namespace}/{name}")
+    };
     // Matching the group too keeps look-alikes out (a Knative Service).
     match (api_version, kind) {
         ("v1", "Service") => {
@@ -486,6 +498,12 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
                 typed::<discovery::EndpointSlice>(object).map(|s| super::endpoint_slice(&s));
             if let Some(slice) = accept(converted, &what, file) {
                 file.slices.push((what, Arc::new(slice)));
+            }
+        }
+        ("v1", "Node") => {
+            let converted = typed::<core::Node>(object).map(|n| super::node(&n));
+            if let Some(node) = accept(converted, &what, file) {
+                file.nodes.push((what, Arc::new(node)));
             }
         }
         _ => file.ignored += 1,
@@ -672,6 +690,71 @@ spec: {}
 
     fn write(dir: &Path, name: &str, text: &str) {
         std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn nodes_give_their_pod_cidrs_and_underlay_address() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "nodes.yaml",
+            r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, "fd00:1::/64"]}
+status:
+  addresses:
+  - {type: Hostname, address: n1}
+  - {type: InternalIP, address: "fd00::1"}
+  - {type: InternalIP, address: 10.0.0.1}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{type: ExternalIP, address: 192.0.2.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: bad-cidr}
+spec: {podCIDR: 10.244.3.1/24}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: bad-address}
+status: {addresses: [{type: InternalIP, address: ten.zero}]}
+"#,
+        );
+        let report = load_dir(dir.path());
+        let names: Vec<&str> = report.cluster.nodes.keys().map(String::as_str).collect();
+        assert_eq!(names, ["n1", "n2", "n3"]);
+        let n1 = &report.cluster.nodes["n1"];
+        assert_eq!(n1.internal_ip, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(n1.pod_cidrs, ["10.244.1.0/24".parse().unwrap()]);
+        let n2 = &report.cluster.nodes["n2"];
+        assert_eq!(n2.internal_ip, Some("192.0.2.2".parse().unwrap()));
+        assert_eq!(n2.pod_cidrs, ["10.244.2.0/24".parse().unwrap()]);
+        let n3 = &report.cluster.nodes["n3"];
+        assert_eq!((n3.internal_ip, n3.pod_cidrs.len()), (None, 0));
+        assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
+        assert!(
+            report.errors[0]
+                .contains("Node bad-cidr: spec.podCIDRs: 10.244.3.1/24 has host bits set"),
+            "{:?}",
+            report.errors
+        );
+        assert!(
+            report.errors[1]
+                .contains("Node bad-address: status.addresses: InternalIP \"ten.zero\""),
+            "{:?}",
+            report.errors
+        );
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     }
 
     #[test]

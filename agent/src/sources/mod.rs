@@ -12,9 +12,11 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use ipnetwork::IpNetwork;
+
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, Protocol, Service, ServiceKey, ServicePort,
-    ServiceType, TargetPort, TrafficPolicy,
+    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, Node, Protocol, Service, ServiceKey,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
 /// Per-Service choice of backend selection: `maglev` or `random`.
@@ -77,6 +79,73 @@ pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Conversion<EndpointS
     let mut warnings = Vec::new();
     let result = convert_slice(object, &mut warnings);
     Conversion::from_result(result, warnings)
+}
+
+/// A Node: its PodCIDRs and underlay address. A node without either is
+/// kept (it may get them later) but cannot be routed to.
+pub fn node(object: &core::Node) -> Conversion<Node> {
+    let mut warnings = Vec::new();
+    let result = convert_node(object, &mut warnings);
+    Conversion::from_result(result, warnings)
+}
+
+fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node, String> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err("metadata.name is missing".into());
+    }
+    let spec = object.spec.clone().unwrap_or_default();
+    // podCIDRs wins over podCIDR; the API keeps podCIDR = podCIDRs[0].
+    let raw: Vec<String> = match spec.pod_cidrs {
+        Some(cidrs) if !cidrs.is_empty() => cidrs,
+        _ => spec.pod_cidr.into_iter().collect(),
+    };
+    let mut pod_cidrs = Vec::new();
+    for text in &raw {
+        match text.parse::<IpNetwork>() {
+            Ok(IpNetwork::V4(cidr)) if cidr.network() == cidr.ip() => pod_cidrs.push(cidr),
+            Ok(IpNetwork::V4(cidr)) => {
+                return Err(format!(
+                    "spec.podCIDRs: {cidr} has host bits set (network is {}/{})",
+                    cidr.network(),
+                    cidr.prefix()
+                ));
+            }
+            Ok(IpNetwork::V6(cidr)) => {
+                warnings.push(format!("spec.podCIDRs: IPv6 {cidr} skipped (IPv4 only)"))
+            }
+            Err(_) => return Err(format!("spec.podCIDRs: {text:?} is not a CIDR")),
+        }
+    }
+    let addresses = object
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    // InternalIP is what nodes reach each other on; ExternalIP stands in
+    // on clusters whose nodes only have that.
+    let mut internal_ip = None;
+    for wanted in ["InternalIP", "ExternalIP"] {
+        for address in addresses.iter().filter(|a| a.type_ == wanted) {
+            match address.address.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => {
+                    internal_ip.get_or_insert(ip);
+                }
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => {
+                    return Err(format!(
+                        "status.addresses: {wanted} {:?} is not an IP address",
+                        address.address
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Node {
+        name,
+        internal_ip,
+        pod_cidrs,
+    })
 }
 
 /// (namespace, name); a missing namespace is "default", as kubectl does.

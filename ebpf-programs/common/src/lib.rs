@@ -16,9 +16,10 @@ pub mod maps {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const CONFIG: &str = "CONFIG";
     pub const CT: &str = "CT";
+    pub const TUNNEL: &str = "TUNNEL";
 
     /// Maps whose capacity an operator may change (agent `--map-size`).
-    pub const RESIZABLE: [&str; 8] = [
+    pub const RESIZABLE: [&str; 9] = [
         ENDPOINTS,
         SERVICES,
         BACKENDS,
@@ -27,6 +28,7 @@ pub mod maps {
         AFFINITY,
         SOCK_REVNAT,
         CT,
+        TUNNEL,
     ];
 }
 
@@ -37,6 +39,9 @@ pub mod programs {
     /// tc ingress on the node's underlay devices: NodePort, LoadBalancer and
     /// externalIPs for clients outside the cluster.
     pub const FROM_NETDEV: &str = "from_netdev";
+    /// tc ingress on the node's VXLAN device: decapsulated traffic from
+    /// pods on other nodes, delivered straight to the local pod.
+    pub const FROM_OVERLAY: &str = "from_overlay";
     /// Socket-LB: cgroup v2 hooks translating Service addresses at the socket.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
@@ -60,6 +65,23 @@ pub struct EndpointInfo {
     pub pod_mac: [u8; 6],
     /// MAC of the host-side veth (source MAC on delivery: the pod's gateway).
     pub host_mac: [u8; 6],
+}
+
+/// Default capacity of the TUNNEL map (remote PodCIDRs: one or two per node).
+pub const TUNNEL_MAX: u32 = 16384;
+
+/// VXLAN network identifier of the overlay (Flannel's too). Every node's
+/// device is in external mode, so it only has to be the same everywhere.
+pub const OVERLAY_VNI: u32 = 1;
+
+/// TUNNEL value (an LPM trie keyed by remote PodCIDR, address in network
+/// order): the node whose pods these are, the tunnel's far end in overlay
+/// mode. In native mode it only marks the PodCIDR as another node's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TunnelEndpoint {
+    /// The node's underlay address (network order): the outer destination.
+    pub node_addr: u32,
 }
 
 /// Default capacities of the service maps: 100k services x 10 backends fit
@@ -248,7 +270,9 @@ pub struct DatapathConfig {
     /// The node's address: the source of NodePort / LoadBalancer traffic
     /// SNATed with externalTrafficPolicy=Cluster (network order).
     pub node_addr: u32,
-    pub pad: u32,
+    /// The VXLAN device pods on other nodes are reached through (overlay
+    /// mode); 0 = native routing: the node's routes carry that traffic.
+    pub tunnel_ifindex: u32,
 }
 
 /// Why a packet took the path it took; index into the per-CPU METRICS array.
@@ -284,10 +308,15 @@ pub enum Reason {
     CtFull = 12,
     /// NodePort / LoadBalancer / externalIP traffic from outside.
     ExternalDnat = 13,
+    /// Sent to a pod on another node through the VXLAN overlay.
+    EncapOverlay = 14,
+    /// Native routing: sent to a pod on another node out of the device
+    /// (and to the next hop) a FIB lookup chose, without the stack.
+    RedirectFib = 15,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -303,6 +332,8 @@ impl Reason {
         Reason::LbReject,
         Reason::CtFull,
         Reason::ExternalDnat,
+        Reason::EncapOverlay,
+        Reason::RedirectFib,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -321,6 +352,8 @@ impl Reason {
             Reason::LbReject => "lb_reject",
             Reason::CtFull => "ct_full",
             Reason::ExternalDnat => "external_dnat",
+            Reason::EncapOverlay => "encap_overlay",
+            Reason::RedirectFib => "redirect_fib",
         }
     }
 }
@@ -341,4 +374,5 @@ mod user {
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::TunnelEndpoint {}
 }
