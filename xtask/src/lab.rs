@@ -1,5 +1,6 @@
-//! `cargo xtask lab`: a Kubernetes-like node built from network namespaces,
-//! running the real tern-agent, with pods wired by the real tern-cni.
+//! `cargo xtask lab`: Kubernetes-like nodes built from network namespaces
+//! on one underlay switch, each running the real tern-agent, with pods
+//! wired by the real tern-cni.
 //!
 //! `up` leaves the lab running (state in /run/tern-lab/state.json), `status`
 //! shows it, `down` removes every namespace, process, pin and file it made.
@@ -25,10 +26,16 @@ const PORT: u16 = 8080;
 
 #[derive(Subcommand)]
 pub enum LabCommand {
-    /// Build, then start a node with N pods and leave it running.
+    /// Build, then start nodes with pods and leave them running.
     Up {
+        /// Pods per node.
         #[arg(long, default_value_t = 3)]
         pods: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: u8,
+        /// How pods reach other nodes' pods: overlay or native.
+        #[arg(long, default_value = "overlay")]
+        routing_mode: String,
     },
     /// Show the running lab: agent status, endpoints, pod-to-pod probes.
     Status,
@@ -67,7 +74,11 @@ pub fn run(command: LabCommand) -> Result<()> {
     crate::setup::run()?;
     crate::build::release_bins(&crate::util::Workspace::load()?)?;
     match command {
-        LabCommand::Up { pods } => up(pods),
+        LabCommand::Up {
+            pods,
+            nodes,
+            routing_mode,
+        } => up(nodes, pods, &routing_mode),
         LabCommand::Status => status(),
         LabCommand::Down => down(),
         LabCommand::Demo { pods } => demo(pods),
@@ -81,33 +92,54 @@ pub fn run(command: LabCommand) -> Result<()> {
 /// in field order (servers inside pods first, the switch last).
 struct Running {
     servers: Vec<ChildGuard>,
-    pods: Vec<Pod>,
-    node: LabNode,
+    /// With the index of their node.
+    pods: Vec<(usize, Pod)>,
+    nodes: Vec<LabNode>,
     lab: Lab,
 }
 
+/// The demo's single node with `pods` pods.
 fn start(pods: usize) -> Result<Running> {
     let lab = Lab::new()?;
     let node = lab.node("node1", POD_CIDR, NODE_IP)?;
+    populate(lab, vec![node], pods)
+}
+
+/// `nodes` nodes in `routing_mode`, `pods` pods on each.
+fn start_cluster(nodes: u8, pods: usize, routing_mode: &str) -> Result<Running> {
+    anyhow::ensure!((1..=8).contains(&nodes), "--nodes must be between 1 and 8");
+    anyhow::ensure!(
+        matches!(routing_mode, "overlay" | "native"),
+        "--routing-mode must be overlay or native"
+    );
+    let lab = Lab::new()?;
+    let nodes = lab.cluster(nodes, routing_mode)?;
+    populate(lab, nodes, pods)
+}
+
+/// `pods` pods on every node, each running the lab's echo server.
+fn populate(lab: Lab, nodes: Vec<LabNode>, pods: usize) -> Result<Running> {
     let mut running = Running {
         servers: Vec::new(),
         pods: Vec::new(),
-        node,
+        nodes,
         lab,
     };
     let me = std::env::current_exe()?;
-    for i in 0..pods {
-        let name = format!("pod{i}");
-        let pod = running.node.add_pod(&name)?;
-        let mut cmd = Command::new(&me);
-        cmd.args(["lab", "serve", "--name", &name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        running.servers.push(pod.ns.spawn_guarded(cmd)?);
-        running.pods.push(pod);
+    for (n, node) in running.nodes.iter().enumerate() {
+        for i in 0..pods {
+            let name = format!("pod{i}");
+            let pod = node.add_pod(&name)?;
+            let mut cmd = Command::new(&me);
+            cmd.args(["lab", "serve", "--name", &format!("{}/{name}", node.name)])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            running.servers.push(pod.ns.spawn_guarded(cmd)?);
+            running.pods.push((n, pod));
+        }
     }
-    for pod in &running.pods {
+    for (_, pod) in &running.pods {
         wait_for_server(pod)?;
     }
     Ok(running)
@@ -142,46 +174,65 @@ fn state_file() -> PathBuf {
     Path::new(STATE_DIR).join("state.json")
 }
 
-fn up(pods: usize) -> Result<()> {
+fn up(nodes: u8, pods: usize, routing_mode: &str) -> Result<()> {
     if state_file().exists() {
         bail!(
             "a lab is already up ({}); run `cargo xtask lab down` first",
             state_file().display()
         );
     }
-    let running = start(pods)?;
-    let node = &running.node;
-    let mut netns = vec![
-        running.lab.switch.name().to_owned(),
-        node.ns.name().to_owned(),
-    ];
-    netns.extend(running.pods.iter().map(|p| p.ns.name().to_owned()));
-    let mut pids: Vec<u32> = node.agent_pid().into_iter().collect();
+    let running = start_cluster(nodes, pods, routing_mode)?;
+    let mut netns = vec![running.lab.switch.name().to_owned()];
+    netns.extend(running.nodes.iter().map(|n| n.ns.name().to_owned()));
+    netns.extend(running.pods.iter().map(|(_, p)| p.ns.name().to_owned()));
+    let mut pids: Vec<u32> = running
+        .nodes
+        .iter()
+        .filter_map(LabNode::agent_pid)
+        .collect();
     pids.extend(running.servers.iter().map(|s| s.id()));
     let state = json!({
         "netns": netns,
         "pids": pids,
-        "dirs": [node.dir],
-        "bpffsDir": node.bpffs_dir,
-        "socket": node.socket,
-        "node": {"netns": node.ns.name(), "ip": node.node_ip, "podCIDR": POD_CIDR, "agentLog": node.agent_log()},
-        "pods": running.pods.iter().map(|p| json!({"netns": p.ns.name(), "ip": p.ip, "containerID": p.container_id})).collect::<Vec<_>>(),
-        "tern": node.bins.tern,
+        "routingMode": routing_mode,
+        "nodes": running.nodes.iter().map(|node| json!({
+            "name": node.name,
+            "netns": node.ns.name(),
+            "ip": node.node_ip,
+            "podCIDR": node.pod_cidr,
+            "dir": node.dir,
+            "bpffsDir": node.bpffs_dir,
+            "socket": node.socket,
+            "agentLog": node.agent_log(),
+        })).collect::<Vec<_>>(),
+        "pods": running.pods.iter().map(|(n, p)| json!({
+            "node": running.nodes[*n].name,
+            "netns": p.ns.name(),
+            "ip": p.ip,
+            "containerID": p.container_id,
+        })).collect::<Vec<_>>(),
+        "tern": running.lab.bins.tern,
     });
     std::fs::create_dir_all(STATE_DIR)?;
     std::fs::write(state_file(), serde_json::to_vec_pretty(&state)?)?;
-    println!(
-        "lab up: node {} ({NODE_IP}, PodCIDR {POD_CIDR}) with {pods} pods",
-        node.ns.name()
-    );
-    for pod in &running.pods {
+    println!("lab up: {nodes} node(s), routing mode {routing_mode}, {pods} pod(s) each");
+    for (n, node) in running.nodes.iter().enumerate() {
         println!(
-            "  pod {} ip {} (echo server on :{PORT})",
-            pod.ns.name(),
-            pod.ip
+            "  node {} ({}, PodCIDR {}), netns {}, agent log {}",
+            node.name,
+            node.node_ip,
+            node.pod_cidr.as_deref().unwrap_or("-"),
+            node.ns.name(),
+            node.agent_log().display()
         );
+        for (_, pod) in running.pods.iter().filter(|(i, _)| *i == n) {
+            println!(
+                "    pod {} ip {} (echo server on :{PORT})",
+                pod.ns.name(),
+                pod.ip
+            );
+        }
     }
-    println!("agent log: {}", node.agent_log().display());
     println!("next: `cargo xtask lab status`, then `cargo xtask lab down`");
     // Leave it all running: `down` removes it from the state file.
     std::mem::forget(running);
@@ -199,12 +250,12 @@ fn str_of(v: &Value) -> Result<&str> {
         .with_context(|| format!("lab state: expected a string, got {v}"))
 }
 
-fn tern_cli(state: &Value, args: &[&str]) -> Result<String> {
+fn tern_cli(state: &Value, node: &Value, args: &[&str]) -> Result<String> {
     let out = Command::new(str_of(&state["tern"])?)
         .arg("--socket")
-        .arg(str_of(&state["socket"])?)
+        .arg(str_of(&node["socket"])?)
         .arg("--bpffs-dir")
-        .arg(str_of(&state["bpffsDir"])?)
+        .arg(str_of(&node["bpffsDir"])?)
         .args(args)
         .output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -214,28 +265,44 @@ fn tern_cli(state: &Value, args: &[&str]) -> Result<String> {
 
 fn status() -> Result<()> {
     let state = read_state()?;
-    println!("{}", tern_cli(&state, &["status"])?);
-    println!("{}", tern_cli(&state, &["endpoint", "list"])?);
-    let pods: Vec<(tern_tests::netns::Netns, Ipv4Addr)> = state["pods"]
+    let nodes = state["nodes"].as_array().cloned().unwrap_or_default();
+    for node in &nodes {
+        println!("== node {} ==", str_of(&node["name"])?);
+        println!("{}", tern_cli(&state, node, &["status"])?);
+        println!("{}", tern_cli(&state, node, &["endpoint", "list"])?);
+        if nodes.len() > 1 {
+            println!("{}", tern_cli(&state, node, &["tunnel", "list"])?);
+        }
+    }
+    let pods: Vec<(String, tern_tests::netns::Netns, Ipv4Addr)> = state["pods"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|p| {
             Ok((
+                str_of(&p["node"])?.to_owned(),
                 tern_tests::netns::Netns::existing(str_of(&p["netns"])?)?,
                 str_of(&p["ip"])?.parse()?,
             ))
         })
         .collect::<Result<_>>()?;
-    println!("pod-to-pod probes (TCP echo on :{PORT}):");
-    for (from_ns, from_ip) in &pods {
-        for (_, to_ip) in pods.iter().filter(|(_, ip)| ip != from_ip) {
-            let result = tcp_roundtrip(from_ns, SocketAddr::from((*to_ip, PORT)), "probe");
+    println!(
+        "pod-to-pod probes (TCP echo on :{PORT}; the answer names the pod and the address it saw), routing mode {}:",
+        state["routingMode"].as_str().unwrap_or("overlay")
+    );
+    for (from_node, from_ns, from_ip) in &pods {
+        for (to_node, _, to_ip) in pods.iter().filter(|(_, _, ip)| ip != from_ip) {
+            let result = tcp_roundtrip(from_ns, SocketAddr::from((*to_ip, PORT)), "peer?");
             let shown = match result {
                 Ok(answer) => format!("ok ({answer})"),
                 Err(e) => format!("FAILED: {e:#}"),
             };
-            println!("  {from_ip} -> {to_ip}: {shown}");
+            let across = if from_node == to_node {
+                "same node"
+            } else {
+                "cross-node"
+            };
+            println!("  {from_ip} ({from_node}) -> {to_ip} ({to_node}) [{across}]: {shown}");
         }
     }
     Ok(())
@@ -265,16 +332,12 @@ fn down() -> Result<()> {
     {
         let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
-    for dir in state["dirs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-    {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    if let Some(bpffs) = state["bpffsDir"].as_str() {
-        let _ = std::fs::remove_dir_all(bpffs);
+    for node in state["nodes"].as_array().into_iter().flatten() {
+        for key in ["dir", "bpffsDir"] {
+            if let Some(dir) = node[key].as_str() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
     std::fs::remove_file(state_file())?;
     println!("lab down: namespaces, processes, pins and state removed");
@@ -302,14 +365,15 @@ fn stop_own_process(pid: i32) {
 fn demo(pods: usize) -> Result<()> {
     anyhow::ensure!(pods >= 2, "the demo needs at least 2 pods");
     let mut running = start(pods)?;
-    let node = &mut running.node;
+    let pods: Vec<&Pod> = running.pods.iter().map(|(_, p)| p).collect();
+    let node = &mut running.nodes[0];
     node.ns.sysctl("net.ipv4.ip_forward", "0")?;
     println!(
         "lab: node {} ({NODE_IP}, PodCIDR {POD_CIDR}), agent pid {:?}",
         node.ns.name(),
         node.agent_pid()
     );
-    for pod in &running.pods {
+    for pod in &pods {
         println!("  pod {} got {} from tern-cni ADD", pod.ns.name(), pod.ip);
     }
     println!(
@@ -318,8 +382,8 @@ fn demo(pods: usize) -> Result<()> {
 
     let before = node.counter("redirect_local_pod")?;
     let mut pairs = 0;
-    for a in &running.pods {
-        for b in running.pods.iter().filter(|b| b.ip != a.ip) {
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.ip != a.ip) {
             let to = SocketAddr::from((b.ip, PORT));
             let answer = tcp_roundtrip(&a.ns, to, "hello")?;
             let (udp_answer, from) = udp_roundtrip(&a.ns, to, "ping")?;
@@ -337,24 +401,13 @@ fn demo(pods: usize) -> Result<()> {
     );
 
     let node_server = EchoServer::start(&node.ns, PORT, "node")?;
-    let answer = tcp_roundtrip(
-        &running.pods[0].ns,
-        SocketAddr::from((NODE_IP, PORT)),
-        "to node",
-    )?;
-    println!(
-        "  proved: pod {} -> node {NODE_IP}: {answer:?}",
-        running.pods[0].ip
-    );
-    let answer = tcp_roundtrip(
-        &node.ns,
-        SocketAddr::from((running.pods[0].ip, PORT)),
-        "to pod",
-    )?;
-    println!("  proved: node -> pod {}: {answer:?}\n", running.pods[0].ip);
+    let answer = tcp_roundtrip(&pods[0].ns, SocketAddr::from((NODE_IP, PORT)), "to node")?;
+    println!("  proved: pod {} -> node {NODE_IP}: {answer:?}", pods[0].ip);
+    let answer = tcp_roundtrip(&node.ns, SocketAddr::from((pods[0].ip, PORT)), "to pod")?;
+    println!("  proved: node -> pod {}: {answer:?}\n", pods[0].ip);
     drop(node_server);
 
-    let (a, b) = (&running.pods[0], &running.pods[1]);
+    let (a, b) = (pods[0], pods[1]);
     let mut conn = tcp_connect(&a.ns, SocketAddr::from((b.ip, PORT)))?;
     tcp_exchange(&mut conn, "before restart")?;
     node.kill_agent()?;
@@ -370,10 +423,10 @@ fn demo(pods: usize) -> Result<()> {
     );
 
     services_demo(&running)?;
-    let node = &running.node;
+    let node = &running.nodes[0];
     println!("{}", node.tern(&["status"])?);
     println!("{}", node.tern(&["endpoint", "list"])?);
-    for pod in &running.pods {
+    for (_, pod) in &running.pods {
         let out = node.del_pod(pod)?;
         anyhow::ensure!(out.code == Some(0), "DEL failed: {out:?}");
     }
@@ -427,11 +480,11 @@ fn cni_latency(pods: usize) -> Result<()> {
 /// A ClusterIP, a NodePort (from a client outside the cluster) and a
 /// session-affinity Service over the demo pods, with real connections.
 fn services_demo(running: &Running) -> Result<()> {
-    let node = &running.node;
-    let client = &running.pods[0];
-    let backends = &running.pods[1..];
+    let node = &running.nodes[0];
+    let client = &running.pods[0].1;
+    let backends: Vec<&Pod> = running.pods[1..].iter().map(|(_, p)| p).collect();
     let mut endpoints = String::new();
-    for pod in backends {
+    for pod in &backends {
         endpoints.push_str(&format!(
             "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
             pod.ip

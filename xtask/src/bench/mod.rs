@@ -86,8 +86,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         scenarios: Vec::new(),
     };
     type Scenario = fn(&Profile) -> Result<Vec<report::ScenarioResult>>;
-    let all: [(&str, Scenario); 5] = [
+    let all: [(&str, Scenario); 6] = [
         ("pod-to-pod", scenarios::pod_to_pod),
+        ("cross-node", scenarios::cross_node),
         ("clusterip", scenarios::cluster_ip),
         ("scale", scenarios::service_scale),
         ("control-plane", control_plane::control_plane),
@@ -149,6 +150,16 @@ fn write_charts(results: &Results, out: &std::path::Path) -> Result<()> {
             "pod-to-pod-throughput",
         ),
         ("pod-to-pod, same node", "TCP RR p50", "pod-to-pod-latency"),
+        (
+            "pod-to-pod, across nodes",
+            "throughput 1 stream",
+            "cross-node-throughput",
+        ),
+        (
+            "pod-to-pod, across nodes",
+            "TCP RR p50",
+            "cross-node-latency",
+        ),
         (
             "pod -> ClusterIP -> pod",
             "throughput 1 stream",

@@ -5,6 +5,12 @@
 //!   (also where kube-proxy's rules are installed).
 //! - `Tern`: a lab node running the real agent with a client and a server
 //!   pod wired by the real tern-cni.
+//! - `KernelNodes`: two nodes on a lab underlay switch, a pod behind each,
+//!   joined the way Flannel does it with the kernel alone: plain routes
+//!   via the other node (host-gw) or a VXLAN device with static neighbour
+//!   and forwarding entries (vxlan backend). No BPF.
+//! - `TernNodes`: two lab nodes running the real agent (overlay or native
+//!   routing), a client pod on the first and a server pod on the second.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -65,13 +71,109 @@ pub struct Tern {
 impl Tern {
     pub fn new(socket_lb: bool, cidr: &str) -> Result<Tern> {
         let lab = Lab::new()?;
-        let node = lab.node_with("bench", cidr, Ipv4Addr::new(10, 0, 0, 11), socket_lb)?;
+        let mut node = LabNode::create(&lab, "bench", Some(cidr), Ipv4Addr::new(10, 0, 0, 11))?;
+        node.socket_lb = socket_lb;
+        // Same-node traffic never touches the overlay; native mode keeps
+        // the pods at the underlay's MTU, like the physical limit's veths.
+        node.routing_mode = "native".into();
+        node.start_agent()?;
         let client = node.add_pod("client")?;
         let server = node.add_pod("server")?;
         Ok(Tern {
             client,
             server,
             node,
+            _lab: lab,
+        })
+    }
+}
+
+/// How `KernelNodes` carries pod traffic between the nodes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum KernelRouting {
+    /// Flannel's host-gw backend: a route per remote PodCIDR via its node.
+    Routes,
+    /// Flannel's vxlan backend: `flannel.1`, VNI 1, port 8472, with static
+    /// neighbour and FDB entries for the other node.
+    Vxlan,
+}
+
+pub struct KernelNodes {
+    pub client: Netns,
+    pub server: Netns,
+    pub server_ip: Ipv4Addr,
+    _nodes: [Netns; 2],
+    _lab: Lab,
+}
+
+impl KernelNodes {
+    pub fn new(routing: KernelRouting) -> Result<KernelNodes> {
+        let lab = Lab::new()?;
+        let nodes = [Netns::new("kn1")?, Netns::new("kn2")?];
+        let pods = [Netns::new("kp1")?, Netns::new("kp2")?];
+        let mtu = match routing {
+            KernelRouting::Routes => 1500,
+            KernelRouting::Vxlan => 1450,
+        };
+        for (i, (node, pod)) in nodes.iter().zip(&pods).enumerate() {
+            let n = i + 1;
+            let other = 3 - n;
+            lab.plug(node, Ipv4Addr::new(10, 0, 0, n as u8))?;
+            node.sysctl("net.ipv4.ip_forward", "1")?;
+            // The pod: 10.244.n.2 behind a veth whose node end is its gateway.
+            node.sh(&format!(
+                "ip link add veth0 mtu {mtu} type veth peer name eth0 mtu {mtu} netns {pod}
+                 ip addr add 10.244.{n}.1/24 dev veth0
+                 ip link set veth0 up",
+                pod = pod.name()
+            ))?;
+            pod.sh(&format!(
+                "ip addr add 10.244.{n}.2/24 dev eth0
+                 ip link set eth0 up
+                 ip route add default via 10.244.{n}.1"
+            ))?;
+            match routing {
+                KernelRouting::Routes => node.sh(&format!(
+                    "ip route add 10.244.{other}.0/24 via 10.0.0.{other}"
+                ))?,
+                KernelRouting::Vxlan => node.sh(&format!(
+                    "ip link add flannel.1 address 02:00:00:00:00:0{n} type vxlan id 1                        local 10.0.0.{n} dev eth0 dstport 8472 nolearning
+                     ip link set flannel.1 mtu 1450 up
+                     ip addr add 10.244.{n}.0/32 dev flannel.1
+                     ip neigh add 10.244.{other}.0 lladdr 02:00:00:00:00:0{other} dev flannel.1 nud permanent
+                     bridge fdb append 02:00:00:00:00:0{other} dev flannel.1 dst 10.0.0.{other}
+                     ip route add 10.244.{other}.0/24 via 10.244.{other}.0 dev flannel.1 onlink"
+                ))?,
+            };
+        }
+        let [client, server] = pods;
+        Ok(KernelNodes {
+            client,
+            server,
+            server_ip: Ipv4Addr::new(10, 244, 2, 2),
+            _nodes: nodes,
+            _lab: lab,
+        })
+    }
+}
+
+pub struct TernNodes {
+    pub client: Pod,
+    pub server: Pod,
+    _nodes: Vec<LabNode>,
+    _lab: Lab,
+}
+
+impl TernNodes {
+    pub fn new(routing_mode: &str) -> Result<TernNodes> {
+        let lab = Lab::new()?;
+        let nodes = lab.cluster(2, routing_mode)?;
+        let client = nodes[0].add_pod("client")?;
+        let server = nodes[1].add_pod("server")?;
+        Ok(TernNodes {
+            client,
+            server,
+            _nodes: nodes,
             _lab: lab,
         })
     }
