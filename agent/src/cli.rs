@@ -58,7 +58,7 @@ pub enum Command {
         #[command(subcommand)]
         command: CtCommand,
     },
-    /// Overlay tunnel entries: remote PodCIDR -> node (from the pinned map).
+    /// Remote PodCIDRs and their nodes: the TUNNEL map (read from its pin).
     Tunnel {
         #[command(subcommand)]
         command: TunnelCommand,
@@ -356,8 +356,15 @@ fn ct_list(cli: &Cli) -> anyhow::Result<String> {
 }
 
 fn tunnel_list(cli: &Cli) -> anyhow::Result<String> {
-    let tunnel = crate::datapath::tunnel::TunnelMap::open_pinned(&cli.bpffs_dir)?;
-    let entries = tunnel.entries()?;
+    let tunnel = crate::datapath::prefixes::PrefixMap::<tern_common::TunnelEndpoint>::open_pinned(
+        &cli.bpffs_dir,
+        tern_common::maps::TUNNEL,
+    )?;
+    let entries: std::collections::BTreeMap<_, _> = tunnel
+        .entries()?
+        .into_iter()
+        .map(|(cidr, node)| (cidr, crate::datapath::ip_from_key(node.node_addr)))
+        .collect();
     if cli.output == Output::Json {
         let list: Vec<_> = entries
             .iter()

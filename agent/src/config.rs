@@ -82,6 +82,14 @@ pub struct AgentArgs {
     /// UDP port of the VXLAN overlay (8472, the Linux and Flannel default).
     #[arg(long)]
     pub tunnel_port: Option<u16>,
+    /// Pod traffic to destinations outside the cluster leaves with the
+    /// node's address: true or false.
+    #[arg(long)]
+    pub masquerade: Option<bool>,
+    /// Destinations pod traffic keeps its own address for, besides the pod
+    /// ranges and the nodes (repeatable; ip-masq-agent's nonMasqueradeCIDRs).
+    #[arg(long = "non-masquerade-cidr")]
+    pub non_masquerade_cidrs: Vec<Ipv4Network>,
 }
 
 /// The file form; keys are camelCase like Kubernetes objects.
@@ -111,6 +119,9 @@ struct FileConfig {
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: Option<Ipv4Network>,
     tunnel_port: Option<u16>,
+    masquerade: Option<bool>,
+    #[serde(rename = "nonMasqueradeCIDRs")]
+    non_masquerade_cidrs: Option<Vec<Ipv4Network>>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +148,8 @@ pub struct AgentConfig {
     pub routing_mode: RoutingMode,
     pub cluster_cidr: Option<Ipv4Network>,
     pub tunnel_port: u16,
+    pub masquerade: bool,
+    pub non_masquerade_cidrs: Vec<Ipv4Network>,
 }
 
 /// How traffic between pods of different nodes travels.
@@ -245,7 +258,14 @@ impl AgentConfig {
             map_sizes.retain(|(n, _)| n != known);
             map_sizes.push((*known, size));
         }
+        let non_masquerade_cidrs = if args.non_masquerade_cidrs.is_empty() {
+            file.non_masquerade_cidrs.unwrap_or_default()
+        } else {
+            args.non_masquerade_cidrs
+        };
         Ok(AgentConfig {
+            masquerade: args.masquerade.or(file.masquerade).unwrap_or(true),
+            non_masquerade_cidrs,
             routing_mode,
             cluster_cidr: args.cluster_cidr.or(file.cluster_cidr),
             tunnel_port,

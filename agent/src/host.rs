@@ -164,6 +164,7 @@ pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> anyhow::Result<u32
                 let update = LinkMessageBuilder::<LinkUnspec>::new()
                     .index(index)
                     .mtu(mtu)
+                    .arp(false)
                     .up()
                     .build();
                 handle.link().set(update).execute().await?;
@@ -176,6 +177,9 @@ pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> anyhow::Result<u32
             .port(port)
             .learning(false)
             .mtu(mtu)
+            // No ARP across the overlay: to_overlay names each packet's far
+            // end and from_overlay rewrites the MACs on arrival.
+            .arp(false)
             .up()
             .build();
         handle.link().add(device).execute().await?;

@@ -73,6 +73,7 @@ impl Node {
                 .first()
                 .map_or(0, |ip| crate::datapath::ip_to_key(*ip)),
             tunnel_ifindex: overlay.map_or(0, |o| o.ifindex),
+            masquerade: config.masquerade.into(),
         })?;
         if let Some(overlay) = overlay {
             datapath
@@ -84,7 +85,7 @@ impl Node {
             datapath
                 .attach_netdev(device)
                 .with_context(|| format!("attaching to underlay device {device}"))?;
-            info!(%device, "from_netdev attached");
+            info!(%device, "from_netdev and to_netdev attached");
         }
         if config.socket_lb {
             crate::datapath::ensure_cgroup2(&config.cgroup_root)?;

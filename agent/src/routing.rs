@@ -1,38 +1,57 @@
 //! The node-routing pipeline: Nodes (model) -> routing compiler -> the
 //! TUNNEL map (remote PodCIDR -> node: what the eBPF programs encapsulate
 //! to in overlay mode, and recognise as another node's pods in native
-//! mode) and, in native mode, kernel routes via the nodes for the node's
-//! own traffic. Re-run on every snapshot the source hands over, applied
-//! only when the compiled result changed.
+//! mode) and kernel routes for the node's own traffic (via the nodes in
+//! native mode, into the VXLAN device in overlay mode). The same snapshot gives NON_MASQUERADE: the destinations
+//! pod traffic keeps its own address for (pod ranges, nodes, and the
+//! operator's nonMasqueradeCIDRs). Re-run on every snapshot the source
+//! hands over, applied only when the compiled result changed.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
+use tern_common::{TunnelEndpoint, maps};
 use tracing::{info, warn};
 
 use crate::compiler::routing::{self, RoutingState};
-use crate::config::{AgentConfig, RoutingMode};
+use crate::config::AgentConfig;
+use crate::datapath::ip_to_key;
+use crate::datapath::prefixes::PrefixMap;
 use crate::datapath::routes::{self, NextHop, RouteStats};
-use crate::datapath::tunnel::TunnelMap;
 use crate::model::Node;
 
 pub struct Routing {
     node_name: String,
-    mode: RoutingMode,
+    /// The VXLAN device's ifindex in overlay mode.
+    overlay_ifindex: Option<u32>,
     local_cidrs: Vec<Ipv4Network>,
     cluster_cidr: Option<Ipv4Network>,
-    tunnel: TunnelMap,
+    /// Kept unmasqueraded whatever the nodes are: the node's own
+    /// addresses and the operator's nonMasqueradeCIDRs.
+    static_non_masquerade: Vec<Ipv4Network>,
+    tunnel: PrefixMap<TunnelEndpoint>,
+    non_masquerade: PrefixMap<u8>,
     /// What was applied last; `None` before the first sync.
     applied: Option<RoutingState>,
 }
 
 impl Routing {
-    pub fn new(config: &AgentConfig, bpffs_dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &AgentConfig,
+        node_ips: &[Ipv4Addr],
+        overlay_ifindex: Option<u32>,
+    ) -> anyhow::Result<Self> {
+        let bpffs_dir: &Path = &config.bpffs_dir;
+        let mut static_non_masquerade = config.non_masquerade_cidrs.clone();
+        static_non_masquerade.extend(node_ips.iter().map(|ip| Ipv4Network::from(*ip)));
         Ok(Routing {
-            tunnel: TunnelMap::open_pinned(bpffs_dir)?,
-            mode: config.routing_mode,
+            tunnel: PrefixMap::open_pinned(bpffs_dir, maps::TUNNEL)?,
+            non_masquerade: PrefixMap::open_pinned(bpffs_dir, maps::NON_MASQUERADE)?,
+            static_non_masquerade,
+            overlay_ifindex,
             node_name: config.node_name.clone(),
             local_cidrs: config.pod_cidr.into_iter().collect(),
             cluster_cidr: config.cluster_cidr,
@@ -61,19 +80,38 @@ impl Routing {
             .map(|cidr| (cidr, NextHop::Unreachable))
             .into_iter()
             .collect();
-        if self.mode == RoutingMode::Native {
-            wanted_routes.extend(remote.iter().map(|(c, ip)| (*c, NextHop::Via(*ip))));
-        }
-        let mut stats = match self.tunnel.sync(&remote) {
-            Ok(stats) => stats,
-            Err(e) => {
-                warn!("routing: TUNNEL map sync failed: {e:#}");
-                RouteStats {
-                    errors: 1,
-                    ..RouteStats::default()
+        wanted_routes.extend(remote.iter().map(|(cidr, ip)| {
+            let hop = match self.overlay_ifindex {
+                Some(ifindex) => NextHop::Device(ifindex),
+                None => NextHop::Via(*ip),
+            };
+            (*cidr, hop)
+        }));
+        let tunnel: BTreeMap<Ipv4Network, TunnelEndpoint> = remote
+            .iter()
+            .map(|(cidr, ip)| {
+                let node_addr = ip_to_key(*ip);
+                (*cidr, TunnelEndpoint { node_addr })
+            })
+            .collect();
+        let non_masquerade = self.non_masquerade_destinations(nodes, &remote);
+        let mut stats = RouteStats::default();
+        for (map, result) in [
+            ("TUNNEL", self.tunnel.sync(&tunnel)),
+            ("NON_MASQUERADE", self.non_masquerade.sync(&non_masquerade)),
+        ] {
+            match result {
+                Ok(s) => {
+                    stats.added += s.added;
+                    stats.removed += s.removed;
+                    stats.errors += s.errors;
+                }
+                Err(e) => {
+                    warn!("routing: {map} map sync failed: {e:#}");
+                    stats.errors += 1;
                 }
             }
-        };
+        }
         match routes::sync(&wanted_routes).await {
             Ok(s) => {
                 stats.added += s.added;
@@ -94,5 +132,28 @@ impl Routing {
         );
         // A failed sync is retried with the next snapshot.
         self.applied = (stats.errors == 0).then_some(state);
+    }
+
+    /// Pod ranges (the cluster CIDR, this node's and every remote
+    /// PodCIDR), every node's address, and the static ones.
+    fn non_masquerade_destinations(
+        &self,
+        nodes: &BTreeMap<String, Arc<Node>>,
+        remote: &BTreeMap<Ipv4Network, Ipv4Addr>,
+    ) -> BTreeMap<Ipv4Network, u8> {
+        self.cluster_cidr
+            .iter()
+            .chain(&self.local_cidrs)
+            .chain(remote.keys())
+            .chain(&self.static_non_masquerade)
+            .copied()
+            .chain(
+                nodes
+                    .values()
+                    .filter_map(|n| n.internal_ip)
+                    .map(Ipv4Network::from),
+            )
+            .map(|cidr| (cidr, 1))
+            .collect()
     }
 }

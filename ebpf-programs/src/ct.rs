@@ -38,11 +38,15 @@ fn lifetime(p: &Packet, flags: u32) -> u32 {
 
 /// The live entry for this packet, refreshed; `None` if absent or expired.
 pub fn lookup(p: &Packet) -> Option<CtValue> {
-    let key = key_of(p);
-    let entry = CT.get_ptr_mut(key)?;
+    let entry = CT.get_ptr_mut(key_of(p))?;
     // SAFETY: the pointer is to a map value; fields are updated in place
     // (a racing update from another CPU only shifts a timestamp).
-    let entry = unsafe { &mut *entry };
+    refresh(unsafe { &mut *entry }, p)
+}
+
+/// Updates a tracked entry (CT or NAT) for packet `p`: TCP state, last
+/// seen, lifetime. `None` if it had expired.
+pub fn refresh(entry: &mut CtValue, p: &Packet) -> Option<CtValue> {
     let now = now();
     if now.wrapping_sub(entry.last_seen) > entry.lifetime {
         return None;
@@ -63,6 +67,19 @@ pub fn lookup(p: &Packet) -> Option<CtValue> {
 /// Records a new flow: `p` becomes `to`; replies (the reverse of `to`)
 /// become the reverse of `p` and leave through `reply_ifindex`.
 pub fn create(p: &Packet, to: &Tuple, rev_nat_id: u32, reply_ifindex: u32) -> Result<(), i64> {
+    let ((reply_key, reply), (key, forward)) = entries(p, to, rev_nat_id, reply_ifindex);
+    // Reply entry first: a reply can never find its way back untranslated.
+    CT.insert(reply_key, reply, 0).map_err(i64::from)?;
+    CT.insert(key, forward, 0).map_err(i64::from)
+}
+
+/// The (reply, forward) entries of a flow `p` translated to `to`.
+pub fn entries(
+    p: &Packet,
+    to: &Tuple,
+    rev_nat_id: u32,
+    reply_ifindex: u32,
+) -> ((CtKey, CtValue), (CtKey, CtValue)) {
     let now = now();
     let forward = CtValue {
         saddr: to.saddr,
@@ -75,14 +92,6 @@ pub fn create(p: &Packet, to: &Tuple, rev_nat_id: u32, reply_ifindex: u32) -> Re
         lifetime: lifetime(p, 0),
         flags: 0,
     };
-    let reply_key = CtKey {
-        saddr: to.daddr,
-        daddr: to.saddr,
-        sport: to.dport,
-        dport: to.sport,
-        proto: p.proto,
-        pad: [0; 3],
-    };
     let reply = CtValue {
         saddr: p.daddr,
         daddr: p.saddr,
@@ -94,21 +103,24 @@ pub fn create(p: &Packet, to: &Tuple, rev_nat_id: u32, reply_ifindex: u32) -> Re
         lifetime: lifetime(p, 0),
         flags: ct_flags::REPLY,
     };
-    // Reply entry first: a reply can never find its way back untranslated.
-    CT.insert(reply_key, reply, 0).map_err(i64::from)?;
-    CT.insert(key_of(p), forward, 0).map_err(i64::from)
+    ((reply_key(p.proto, to), reply), (key_of(p), forward))
 }
 
 /// Whether a translated source port is already used by another flow to
 /// the same backend (SNAT collision).
 pub fn reply_taken(proto: u8, to: &Tuple) -> bool {
-    let key = CtKey {
+    let key = reply_key(proto, to);
+    unsafe { CT.get(key) }.is_some_and(|v| now().wrapping_sub(v.last_seen) <= v.lifetime)
+}
+
+/// The key replies to a flow translated to `to` arrive with.
+pub fn reply_key(proto: u8, to: &Tuple) -> CtKey {
+    CtKey {
         saddr: to.daddr,
         daddr: to.saddr,
         sport: to.dport,
         dport: to.sport,
         proto,
         pad: [0; 3],
-    };
-    unsafe { CT.get(key) }.is_some_and(|v| now().wrapping_sub(v.last_seen) <= v.lifetime)
+    }
 }

@@ -6,6 +6,8 @@
 mod ct;
 mod lb;
 mod maps;
+mod masq;
+mod overlay;
 mod packet;
 mod pod;
 mod reject;
@@ -29,10 +31,23 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
     pod::from_netdev(&ctx)
 }
 
+/// tc egress on the node's underlay devices: masquerade.
+#[classifier]
+pub fn to_netdev(ctx: TcContext) -> i32 {
+    masq::to_netdev(&ctx)
+}
+
 /// tc ingress on the node's VXLAN device: traffic from other nodes' pods.
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
-    pod::from_overlay(&ctx)
+    overlay::from_overlay(&ctx)
+}
+
+/// tc egress on the node's VXLAN device: the node's own traffic to pods
+/// on other nodes.
+#[classifier]
+pub fn to_overlay(ctx: TcContext) -> i32 {
+    overlay::to_overlay(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use tern_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CT_MAX, CtKey, CtValue,
-    DatapathConfig, ENDPOINTS_MAX, EndpointInfo, MAGLEV_MAX_SERVICES, MaglevTable, REVNAT_MAX,
-    Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey, ServiceValue, SockRevNatKey,
-    TUNNEL_MAX, TunnelEndpoint,
+    DatapathConfig, ENDPOINTS_MAX, EndpointInfo, MAGLEV_MAX_SERVICES, MaglevTable, NAT_MAX,
+    NON_MASQUERADE_MAX, REVNAT_MAX, Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey,
+    ServiceValue, SockRevNatKey, TUNNEL_MAX, TunnelEndpoint,
 };
 
 /// Local pods by IPv4 address (network byte order).
@@ -54,6 +54,16 @@ pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX, 0);
 /// Remote PodCIDRs -> their node (the tunnel's far end in overlay mode).
 #[map]
 pub static TUNNEL: LpmTrie<u32, TunnelEndpoint> = LpmTrie::pinned(TUNNEL_MAX, 0);
+
+/// Masqueraded flows: an entry for the way out (pod tuple -> node address
+/// and port) and one for replies (-> the pod), as CT keeps them.
+#[map]
+pub static NAT: HashMap<CtKey, CtValue> = HashMap::pinned(NAT_MAX, BPF_F_NO_PREALLOC);
+
+/// Destinations pod traffic keeps its own address for: the cluster's pod
+/// ranges, the nodes, and the operator's nonMasqueradeCIDRs.
+#[map]
+pub static NON_MASQUERADE: LpmTrie<u32, u8> = LpmTrie::pinned(NON_MASQUERADE_MAX, 0);
 
 /// Settings from the agent (index 0).
 #[map]

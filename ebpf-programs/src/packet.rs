@@ -5,6 +5,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use tern_common::CtValue;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_ICMP: u8 = 1;
@@ -77,6 +78,28 @@ pub struct Tuple {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
+}
+
+impl Tuple {
+    /// What a tracked flow's entry (CT or NAT) says the packet becomes.
+    pub fn of(entry: &CtValue) -> Tuple {
+        Tuple {
+            saddr: entry.saddr,
+            daddr: entry.daddr,
+            sport: entry.sport,
+            dport: entry.dport,
+        }
+    }
+}
+
+/// Rewrites the packet to `to` and keeps `p` in step with it.
+pub fn translate(ctx: &TcContext, p: &mut Packet, to: &Tuple) -> Result<(), i64> {
+    rewrite(ctx, p, to)?;
+    p.saddr = to.saddr;
+    p.daddr = to.daddr;
+    p.sport = to.sport;
+    p.dport = to.dport;
+    Ok(())
 }
 
 /// Rewrites the packet's addresses and ports to `to`, fixing the IPv4 and

@@ -7,27 +7,23 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ZERO_CSUM_TX, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
-        TC_ACT_REDIRECT, bpf_fib_lookup, bpf_tunnel_key,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT,
+        bpf_fib_lookup,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
-        bpf_skb_change_type, bpf_skb_set_tunnel_key,
     },
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tern_common::{EndpointInfo, OVERLAY_VNI, Reason, TunnelEndpoint};
+use tern_common::{EndpointInfo, Reason};
 
 use crate::maps::{ENDPOINTS, TUNNEL, config, count};
 use crate::packet::{IP_CHECK, L3, Packet, ifindex, parse};
 use crate::service_nat::{self, Outcome};
+use crate::{masq, overlay};
 
 const IPV4_TTL: usize = L3 + 8;
-/// `skb->pkt_type` of a frame addressed to this host.
-const PACKET_HOST: u32 = 0;
-/// TTL of the outer (underlay) header.
-const TUNNEL_TTL: u8 = 64;
 const AF_INET: u8 = 2;
 
 pub fn from_pod(ctx: &TcContext) -> i32 {
@@ -45,33 +41,16 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     let Some(mut p) = parse(ctx) else {
         return TC_ACT_OK;
     };
+    // A reply to masqueraded traffic gets the pod's address back first;
+    // if the pod had reached it through a Service, CT then gives it the
+    // Service's address too.
+    if let Err(verdict) = masq::reply_to_pod(ctx, &mut p) {
+        return verdict;
+    }
     match service_nat::from_netdev(ctx, &mut p) {
         Outcome::Verdict(verdict) => verdict,
         Outcome::Route => forward(ctx, &p),
     }
-}
-
-/// Decapsulated traffic from another node: for a local pod (a reply of a
-/// translated flow is translated back first). Never sent on again into
-/// the overlay, so nothing can loop between nodes.
-pub fn from_overlay(ctx: &TcContext) -> i32 {
-    // The inner frame is addressed to the sending node's pod gateway MAC:
-    // left as it is, the kernel would drop it as another host's.
-    // SAFETY: plain helper call on this packet.
-    unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
-    let Some(mut p) = parse(ctx) else {
-        return TC_ACT_OK;
-    };
-    if let Outcome::Verdict(verdict) = service_nat::from_overlay(ctx, &mut p) {
-        return verdict;
-    }
-    // SAFETY: the value is copied out at once.
-    let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
-        Some(endpoint) => redirect_to_local_pod(ctx, &p, &endpoint),
-        None => (Reason::PassToStack, TC_ACT_OK),
-    };
-    count(reason);
-    verdict
 }
 
 /// Into the local pod `p.daddr`, else through the overlay to the node that
@@ -86,7 +65,11 @@ fn forward(ctx: &TcContext, p: &Packet) -> i32 {
     verdict
 }
 
-fn redirect_to_local_pod(ctx: &TcContext, p: &Packet, endpoint: &EndpointInfo) -> (Reason, i32) {
+pub fn redirect_to_local_pod(
+    ctx: &TcContext,
+    p: &Packet,
+    endpoint: &EndpointInfo,
+) -> (Reason, i32) {
     let pass = TC_ACT_OK;
     if !hop(ctx, p) {
         return (Reason::PassToStack, pass);
@@ -115,7 +98,7 @@ fn to_remote_node(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
     };
     match config().tunnel_ifindex {
         0 => redirect_by_fib(ctx, p),
-        tunnel_ifindex => encapsulate(ctx, p, &node, tunnel_ifindex),
+        tunnel_ifindex => overlay::encapsulate(ctx, p, &node, tunnel_ifindex),
     }
 }
 
@@ -170,46 +153,10 @@ fn redirect_by_fib(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
     (Reason::RedirectFib, verdict as i32)
 }
 
-/// Overlay mode: the packet is given its node as the tunnel destination
-/// and sent out of the VXLAN device, which encapsulates it.
-fn encapsulate(
-    ctx: &TcContext,
-    p: &Packet,
-    node: &TunnelEndpoint,
-    tunnel_ifindex: u32,
-) -> (Reason, i32) {
-    let pass = TC_ACT_OK;
-    if !hop(ctx, p) {
-        return (Reason::PassToStack, pass);
-    }
-    // SAFETY: a plain C struct; all-zero is its "nothing set" value.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = OVERLAY_VNI;
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node.node_addr);
-    key.tunnel_ttl = TUNNEL_TTL;
-    // No outer UDP checksum (as Cilium and the kernel's VXLAN default):
-    // the inner packet carries its own.
-    // SAFETY: the key lives on the stack for the call; size is its own.
-    let set = unsafe {
-        bpf_skb_set_tunnel_key(
-            ctx.skb.skb,
-            &mut key,
-            core::mem::size_of::<bpf_tunnel_key>() as u32,
-            BPF_F_ZERO_CSUM_TX as u64,
-        )
-    };
-    if set != 0 {
-        return (Reason::RedirectFailed, pass);
-    }
-    // SAFETY: plain helper call; it only records the target for tc.
-    let verdict = unsafe { bpf_redirect(tunnel_ifindex, 0) };
-    (Reason::EncapOverlay, verdict as i32)
-}
-
 /// Routing semantics as if the node had forwarded the packet: the TTL
 /// drops by one; an expiring packet (false) is left to the stack, which
 /// answers with ICMP time exceeded.
-fn hop(ctx: &TcContext, p: &Packet) -> bool {
+pub fn hop(ctx: &TcContext, p: &Packet) -> bool {
     match ctx.load::<u8>(IPV4_TTL) {
         Ok(ttl) => ttl > 1 && decrement_ttl(ctx, ttl, p.proto).is_ok(),
         Err(_) => false,

@@ -12,7 +12,7 @@ use tern_common::{HAIRPIN_ADDR, Reason, ServiceKey, ServiceValue, ct_flags, scop
 use crate::ct;
 use crate::lb::{lookup_service_for_pod, select_backend};
 use crate::maps::{SERVICES, config, count};
-use crate::packet::{Packet, Tuple, ifindex, rewrite};
+use crate::packet::{Packet, Tuple, ifindex, translate};
 use crate::reject::reject;
 
 /// What became of the packet: handled (a tc verdict), or to be routed on
@@ -36,25 +36,10 @@ fn flow_hash(p: &Packet) -> u32 {
     h ^ (h >> 16)
 }
 
-fn apply(ctx: &TcContext, p: &mut Packet, to: &Tuple) -> Result<(), i64> {
-    rewrite(ctx, p, to)?;
-    p.saddr = to.saddr;
-    p.daddr = to.daddr;
-    p.sport = to.sport;
-    p.dport = to.dport;
-    Ok(())
-}
-
 /// A packet of a tracked flow: translated as its entry says.
 fn follow_ct(ctx: &TcContext, p: &mut Packet) -> Option<Outcome> {
     let entry = ct::lookup(p)?;
-    let to = Tuple {
-        saddr: entry.saddr,
-        daddr: entry.daddr,
-        sport: entry.sport,
-        dport: entry.dport,
-    };
-    if apply(ctx, p, &to).is_err() {
+    if translate(ctx, p, &Tuple::of(&entry)).is_err() {
         return Some(Outcome::Verdict(TC_ACT_SHOT));
     }
     count(if entry.flags & ct_flags::REPLY != 0 {
@@ -141,7 +126,7 @@ fn translate_new(
         count(Reason::CtFull);
         return Outcome::Verdict(TC_ACT_SHOT);
     }
-    if apply(ctx, p, to).is_err() {
+    if translate(ctx, p, to).is_err() {
         return Outcome::Verdict(TC_ACT_SHOT);
     }
     count(reason);

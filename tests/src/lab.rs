@@ -53,6 +53,18 @@ impl Binaries {
     }
 }
 
+/// The lab's internet: an address no lab route leads to except through
+/// the gateway on the underlay (TEST-NET-3, never routed anywhere real).
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The underlay's way to the outside (a lab cluster's default route).
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+
+/// The outside host and its router, removed on drop.
+pub struct Outside {
+    pub host: Netns,
+    pub router: Netns,
+}
+
 /// The PodCIDRs of a lab cluster's nodes all come from here.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The manifest file holding a lab cluster's Node objects.
@@ -116,6 +128,28 @@ impl Lab {
         Ok(ns)
     }
 
+    /// The lab's internet: a host at OUTSIDE_IP behind a router that sits
+    /// on the underlay at GATEWAY_IP. The router knows nothing of pod
+    /// addresses, so only masqueraded pod traffic gets answers.
+    pub fn outside(&self) -> Result<Outside> {
+        let router = Netns::new("gw")?;
+        let host = Netns::new("out")?;
+        self.plug(&router, GATEWAY_IP)?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        router.sh(&format!(
+            "ip link add up0 type veth peer name eth0 netns {host}
+             ip addr add 203.0.113.1/24 dev up0
+             ip link set up0 up",
+            host = host.name()
+        ))?;
+        host.sh(&format!(
+            "ip addr add {OUTSIDE_IP}/24 dev eth0
+             ip link set eth0 up
+             ip route add default via 203.0.113.1"
+        ))?;
+        Ok(Outside { host, router })
+    }
+
     /// Gives `ns` an `eth0` with `ip`/24 on the switch's bridge.
     pub fn plug(&self, ns: &Netns, ip: Ipv4Addr) -> Result<()> {
         let port = unique_ifname("p");
@@ -148,6 +182,9 @@ impl Lab {
         let mut nodes = Vec::new();
         for (name, ip, cidr) in &specs {
             let mut node = LabNode::create(self, name, Some(cidr), *ip)?;
+            // What is not the cluster's goes to the lab's internet gateway.
+            node.ns
+                .sh(&format!("ip route add default via {GATEWAY_IP}"))?;
             node.routing_mode = routing_mode.to_owned();
             node.cluster_cidr = Some(CLUSTER_CIDR.to_owned());
             node.write_manifest(NODES_MANIFEST, &nodes_yaml)?;

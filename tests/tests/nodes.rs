@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use tern_tests::lab::{Lab, LabNode, NODES_MANIFEST, Pod, nodes_manifest};
+use tern_tests::lab::{Lab, LabNode, NODES_MANIFEST, OUTSIDE_IP, Pod, nodes_manifest};
 use tern_tests::netns::Netns;
 use tern_tests::traffic::{EchoServer, IO_TIMEOUT, tcp_connect, tcp_roundtrip, udp_roundtrip};
 
@@ -43,6 +43,7 @@ both_modes!(
     cluster_ip_with_only_remote_backends,
     node_port_from_outside_reaches_a_backend_on_another_node,
     a_removed_node_stops_being_reachable,
+    pod_traffic_leaving_the_cluster_is_masqueraded,
 );
 
 /// Two nodes with one pod each, both pods serving echo on PORT.
@@ -102,9 +103,17 @@ fn pods_on_two_nodes_talk_with_their_own_addresses(mode: &str) -> Result<()> {
         assert_eq!(answered_from, at);
     }
     let n1 = &c.nodes[0];
+    // The node itself (a hostNetwork pod, kubelet) reaches the far pod too.
+    let at = SocketAddr::from((p2.ip, PORT));
+    assert_eq!(
+        tcp_roundtrip(&n1.ns, at, "peer?")?,
+        format!("p2:{}", n1.node_ip)
+    );
     match mode {
         "overlay" => {
             assert!(n1.counter("encap_overlay")? >= 2, "n1 never encapsulated");
+            let routes = n1.ns.sh("ip route show proto 0x74")?;
+            assert!(routes.contains("10.244.2.0/24 dev tern_vxlan"), "{routes}");
             let tunnel = n1.tern(&["tunnel", "list", "-o", "json"])?;
             assert!(
                 tunnel.contains("\"10.244.2.0/24\"") && tunnel.contains("\"10.0.0.2\""),
@@ -316,6 +325,46 @@ fn a_removed_node_stops_being_reachable(mode: &str) -> Result<()> {
         started.elapsed() < IO_TIMEOUT / 2,
         "took {:?} to fail",
         started.elapsed()
+    );
+    Ok(())
+}
+
+fn pod_traffic_leaving_the_cluster_is_masqueraded(mode: &str) -> Result<()> {
+    let c = two_nodes(mode)?;
+    let outside = c.lab.outside()?;
+    let _server = EchoServer::start(&outside.host, PORT, "outside")?;
+    let at = SocketAddr::from((OUTSIDE_IP, PORT));
+    for (pod, node) in c.pods.iter().zip(&c.nodes) {
+        // The outside sees the node, and its answers reach the pod.
+        for _ in 0..20 {
+            assert_eq!(
+                tcp_roundtrip(&pod.ns, at, "peer?")?,
+                format!("outside:{}", node.node_ip),
+                "TCP from {}",
+                pod.ip
+            );
+        }
+        let (seen, from) = udp_roundtrip(&pod.ns, at, "peer?")?;
+        assert_eq!(
+            seen,
+            format!("outside:{}", node.node_ip),
+            "UDP from {}",
+            pod.ip
+        );
+        assert_eq!(from, at);
+        assert!(
+            node.counter("masquerade")? >= 21,
+            "{} masqueraded too little",
+            node.name
+        );
+        assert!(node.counter("masquerade_reply")? >= 21);
+        assert_eq!(node.counter("nat_full")?, 0);
+    }
+    // Pods still see each other's own addresses (no masquerade inside).
+    let p2 = SocketAddr::from((c.pods[1].ip, PORT));
+    assert_eq!(
+        tcp_roundtrip(&c.pods[0].ns, p2, "peer?")?,
+        format!("p2:{}", c.pods[0].ip)
     );
     Ok(())
 }

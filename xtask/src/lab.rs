@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Value, json};
-use tern_tests::lab::{Lab, LabNode, Pod};
+use tern_tests::lab::{Lab, LabNode, OUTSIDE_IP, Outside, Pod};
 use tern_tests::netns::ChildGuard;
+use tern_tests::netns::Netns;
 use tern_tests::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
 
 const STATE_DIR: &str = "/run/tern-lab";
@@ -95,8 +96,15 @@ struct Running {
     /// With the index of their node.
     pods: Vec<(usize, Pod)>,
     nodes: Vec<LabNode>,
+    /// The lab's internet (reached through masquerade) and a client
+    /// outside the cluster on the underlay; `up` only.
+    outside: Option<Outside>,
+    external_client: Option<Netns>,
     lab: Lab,
 }
+
+/// The client outside the cluster, on the nodes' underlay.
+const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 
 /// The demo's single node with `pods` pods.
 fn start(pods: usize) -> Result<Running> {
@@ -114,7 +122,22 @@ fn start_cluster(nodes: u8, pods: usize, routing_mode: &str) -> Result<Running> 
     );
     let lab = Lab::new()?;
     let nodes = lab.cluster(nodes, routing_mode)?;
-    populate(lab, nodes, pods)
+    let mut running = populate(lab, nodes, pods)?;
+    let outside = running.lab.outside()?;
+    running.servers.push(serve_in(&outside.host, "outside")?);
+    running.outside = Some(outside);
+    running.external_client = Some(running.lab.external_client(EXTERNAL_CLIENT_IP)?);
+    Ok(running)
+}
+
+/// The lab's echo server (`lab serve`) started in `ns`.
+fn serve_in(ns: &Netns, name: &str) -> Result<ChildGuard> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["lab", "serve", "--name", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    ns.spawn_guarded(cmd)
 }
 
 /// `pods` pods on every node, each running the lab's echo server.
@@ -123,19 +146,17 @@ fn populate(lab: Lab, nodes: Vec<LabNode>, pods: usize) -> Result<Running> {
         servers: Vec::new(),
         pods: Vec::new(),
         nodes,
+        outside: None,
+        external_client: None,
         lab,
     };
-    let me = std::env::current_exe()?;
     for (n, node) in running.nodes.iter().enumerate() {
         for i in 0..pods {
             let name = format!("pod{i}");
             let pod = node.add_pod(&name)?;
-            let mut cmd = Command::new(&me);
-            cmd.args(["lab", "serve", "--name", &format!("{}/{name}", node.name)])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            running.servers.push(pod.ns.spawn_guarded(cmd)?);
+            running
+                .servers
+                .push(serve_in(&pod.ns, &format!("{}/{name}", node.name))?);
             running.pods.push((n, pod));
         }
     }
@@ -184,6 +205,11 @@ fn up(nodes: u8, pods: usize, routing_mode: &str) -> Result<()> {
     let running = start_cluster(nodes, pods, routing_mode)?;
     let mut netns = vec![running.lab.switch.name().to_owned()];
     netns.extend(running.nodes.iter().map(|n| n.ns.name().to_owned()));
+    if let Some(outside) = &running.outside {
+        netns.push(outside.router.name().to_owned());
+        netns.push(outside.host.name().to_owned());
+    }
+    netns.extend(running.external_client.iter().map(|c| c.name().to_owned()));
     netns.extend(running.pods.iter().map(|(_, p)| p.ns.name().to_owned()));
     let mut pids: Vec<u32> = running
         .nodes
@@ -212,6 +238,8 @@ fn up(nodes: u8, pods: usize, routing_mode: &str) -> Result<()> {
             "containerID": p.container_id,
         })).collect::<Vec<_>>(),
         "tern": running.lab.bins.tern,
+        "outside": OUTSIDE_IP,
+        "externalClient": running.external_client.as_ref().map(|c| json!({"netns": c.name(), "ip": EXTERNAL_CLIENT_IP})),
     });
     std::fs::create_dir_all(STATE_DIR)?;
     std::fs::write(state_file(), serde_json::to_vec_pretty(&state)?)?;
@@ -232,6 +260,15 @@ fn up(nodes: u8, pods: usize, routing_mode: &str) -> Result<()> {
                 pod.ip
             );
         }
+    }
+    println!(
+        "  outside (the lab's internet, reached through masquerade): {OUTSIDE_IP}, echo server on :{PORT}"
+    );
+    if let Some(client) = &running.external_client {
+        println!(
+            "  external client on the underlay: {EXTERNAL_CLIENT_IP}, netns {}",
+            client.name()
+        );
     }
     println!("next: `cargo xtask lab status`, then `cargo xtask lab down`");
     // Leave it all running: `down` removes it from the state file.
@@ -303,6 +340,17 @@ fn status() -> Result<()> {
                 "cross-node"
             };
             println!("  {from_ip} ({from_node}) -> {to_ip} ({to_node}) [{across}]: {shown}");
+        }
+    }
+    if let Some(outside) = state["outside"].as_str() {
+        println!("pod -> outside {outside} (masqueraded: the outside sees the node's address):");
+        for (node, ns, ip) in &pods {
+            let to = SocketAddr::from((outside.parse::<Ipv4Addr>()?, PORT));
+            let shown = match tcp_roundtrip(ns, to, "peer?") {
+                Ok(answer) => format!("ok ({answer})"),
+                Err(e) => format!("FAILED: {e:#}"),
+            };
+            println!("  {ip} ({node}): {shown}");
         }
     }
     Ok(())

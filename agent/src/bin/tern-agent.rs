@@ -77,7 +77,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         .mtu
         .unwrap_or(overlay.as_ref().map_or(underlay_mtu, |o| o.mtu));
     let node = Node::start(&config, mtu, &node_ips, &devices, overlay.as_ref())?;
-    let routing = Routing::new(&config, &config.bpffs_dir)?;
+    let routing = Routing::new(&config, &node_ips, overlay.as_ref().map(|o| o.ifindex))?;
     // 0.0.0.0 stands for "any local address": the NodePort entry that
     // local binds are checked against.
     node_ips.insert(0, std::net::Ipv4Addr::UNSPECIFIED);
@@ -118,28 +118,35 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Expired connection-tracking entries are removed every 10 s.
+/// Expired entries of the flow tables (CT: per-packet Services; NAT:
+/// masquerade) are removed every 10 s.
 async fn conntrack_gc(bpffs_dir: std::path::PathBuf) {
     use tern_agent::datapath::conntrack;
-    let mut ct = match conntrack::open_pinned(&bpffs_dir) {
-        Ok(ct) => ct,
-        Err(e) => return tracing::warn!("conntrack GC disabled: {e:#}"),
-    };
+    let mut tables = Vec::new();
+    for name in [tern_common::maps::CT, tern_common::maps::NAT] {
+        match conntrack::open_pinned_table(&bpffs_dir, name) {
+            Ok(table) => tables.push((name, table)),
+            Err(e) => tracing::warn!("{name} garbage collection disabled: {e:#}"),
+        }
+    }
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         ticker.tick().await;
         let (returned, removed) = match tokio::task::spawn_blocking(move || {
-            let removed = conntrack::collect_garbage(&mut ct);
-            (ct, removed)
+            let removed: Vec<(&str, usize)> = tables
+                .iter_mut()
+                .map(|(name, table)| (*name, conntrack::collect_garbage(table)))
+                .collect();
+            (tables, removed)
         })
         .await
         {
             Ok(done) => done,
             Err(_) => return,
         };
-        ct = returned;
-        if removed > 0 {
-            tracing::debug!(removed, "conntrack entries expired");
+        tables = returned;
+        for (table, removed) in removed.into_iter().filter(|(_, n)| *n > 0) {
+            tracing::debug!(table, removed, "expired entries removed");
         }
     }
 }

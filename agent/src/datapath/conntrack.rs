@@ -12,7 +12,12 @@ use super::maps::ip_from_key;
 pub type CtMap = HashMap<MapData, CtKey, CtValue>;
 
 pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<CtMap> {
-    let path = bpffs_dir.join(maps::CT);
+    open_pinned_table(bpffs_dir, maps::CT)
+}
+
+/// CT, or NAT: the masquerade table has the same entries.
+pub fn open_pinned_table(bpffs_dir: &Path, name: &str) -> anyhow::Result<CtMap> {
+    let path = bpffs_dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
             "no pinned map at {} (is the agent running?)",

@@ -7,9 +7,9 @@
 
 pub mod conntrack;
 mod maps;
+pub mod prefixes;
 pub mod routes;
 pub mod services;
-pub mod tunnel;
 
 use std::path::{Path, PathBuf};
 
@@ -23,11 +23,14 @@ use tern_common::programs;
 
 use self::services::ServiceMaps;
 
-/// The tc programs: pod veths, underlay devices, the overlay device.
-const TC_PROGRAMS: [&str; 3] = [
+/// The tc programs: pod veths, underlay devices (both ways), the overlay
+/// device.
+const TC_PROGRAMS: [&str; 5] = [
     programs::FROM_POD,
     programs::FROM_NETDEV,
+    programs::TO_NETDEV,
     programs::FROM_OVERLAY,
+    programs::TO_OVERLAY,
 ];
 
 /// The socket-LB programs, attached to the pods' cgroup v2 subtree.
@@ -101,23 +104,32 @@ impl Datapath {
 
     /// Attaches `from_pod` at tc ingress of a pod's host veth.
     pub fn attach_pod(&mut self, host_ifname: &str) -> anyhow::Result<()> {
-        self.attach_classifier(programs::FROM_POD, host_ifname)
+        self.attach_classifier(programs::FROM_POD, host_ifname, TcAttachType::Ingress)
     }
 
-    /// Attaches `from_netdev` at tc ingress of an underlay device.
+    /// Attaches `from_netdev` at tc ingress and `to_netdev` at tc egress of
+    /// an underlay device.
     pub fn attach_netdev(&mut self, ifname: &str) -> anyhow::Result<()> {
-        self.attach_classifier(programs::FROM_NETDEV, ifname)
+        self.attach_classifier(programs::FROM_NETDEV, ifname, TcAttachType::Ingress)?;
+        self.attach_classifier(programs::TO_NETDEV, ifname, TcAttachType::Egress)
     }
 
-    /// Attaches `from_overlay` at tc ingress of the VXLAN device.
+    /// Attaches `from_overlay` at tc ingress and `to_overlay` at tc egress
+    /// of the VXLAN device.
     pub fn attach_overlay(&mut self, ifname: &str) -> anyhow::Result<()> {
-        self.attach_classifier(programs::FROM_OVERLAY, ifname)
+        self.attach_classifier(programs::FROM_OVERLAY, ifname, TcAttachType::Ingress)?;
+        self.attach_classifier(programs::TO_OVERLAY, ifname, TcAttachType::Egress)
     }
 
-    /// Attaches `program` at tc ingress of `ifname`, replacing the program
-    /// in an existing pinned link atomically (agent restart or upgrade)
-    /// instead of adding a second one.
-    fn attach_classifier(&mut self, program: &str, ifname: &str) -> anyhow::Result<()> {
+    /// Attaches `program` at tc `direction` of `ifname`, replacing the
+    /// program in an existing pinned link atomically (agent restart or
+    /// upgrade) instead of adding a second one.
+    fn attach_classifier(
+        &mut self,
+        program: &str,
+        ifname: &str,
+        direction: TcAttachType,
+    ) -> anyhow::Result<()> {
         let pin = link_pin(&self.bpffs_dir, program, ifname);
         let classifier: &mut SchedClassifier = self
             .ebpf
@@ -139,7 +151,7 @@ impl Datapath {
             None => classifier
                 .attach_with_options(
                     ifname,
-                    TcAttachType::Ingress,
+                    direction,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .with_context(|| format!("attaching {program} to {ifname}"))?,

@@ -1,7 +1,8 @@
-//! Native routing: one kernel route per remote PodCIDR via that node's
-//! address, and an `unreachable` route for the rest of the cluster CIDR so
-//! traffic to a PodCIDR no node has (a removed node's) fails at once
-//! instead of leaving by the default route.
+//! Kernel routes for the node's own traffic to other nodes' pods: one per
+//! remote PodCIDR, via that node's address (native routing) or into the
+//! VXLAN device (overlay), and an `unreachable` route for the rest of the
+//! cluster CIDR so traffic to a PodCIDR no node has (a removed node's)
+//! fails at once instead of leaving by the default route.
 //!
 //! Every route Tern installs carries its own route protocol number, so a
 //! sync changes only Tern's routes and finds them again after a restart.
@@ -12,7 +13,7 @@ use std::net::Ipv4Addr;
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -20,10 +21,12 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 /// one iproute2 or a routing daemon uses.
 pub const ROUTE_PROTOCOL: u8 = 0x74;
 
-/// One route as Tern wants it: to `destination`, via a node, or nowhere.
+/// One route as Tern wants it: to `destination`, via a node, into a
+/// device (the overlay), or nowhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NextHop {
     Via(Ipv4Addr),
+    Device(u32),
     Unreachable,
 }
 
@@ -69,6 +72,7 @@ async fn sync_with(
             .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
         route = match hop {
             NextHop::Via(node_ip) => route.gateway(*node_ip),
+            NextHop::Device(ifindex) => route.output_interface(*ifindex).scope(RouteScope::Link),
             NextHop::Unreachable => route.kind(RouteType::Unreachable),
         };
         match handle.route().add(route.build()).replace().execute().await {
@@ -100,10 +104,12 @@ async fn tern_routes(
         }
         let mut destination = Ipv4Addr::UNSPECIFIED;
         let mut gateway = None;
+        let mut device = None;
         for attribute in &route.attributes {
             match attribute {
                 RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = *ip,
                 RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+                RouteAttribute::Oif(ifindex) => device = Some(*ifindex),
                 _ => {}
             }
         }
@@ -111,9 +117,10 @@ async fn tern_routes(
         else {
             continue;
         };
-        let hop = match (route.header.kind, gateway) {
-            (RouteType::Unreachable, None) => Some(NextHop::Unreachable),
-            (RouteType::Unicast, Some(gateway)) => Some(NextHop::Via(gateway)),
+        let hop = match (route.header.kind, gateway, device) {
+            (RouteType::Unreachable, None, _) => Some(NextHop::Unreachable),
+            (RouteType::Unicast, Some(gateway), _) => Some(NextHop::Via(gateway)),
+            (RouteType::Unicast, None, Some(device)) => Some(NextHop::Device(device)),
             _ => None,
         };
         found.insert(destination, (hop, route));

@@ -17,9 +17,11 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const CT: &str = "CT";
     pub const TUNNEL: &str = "TUNNEL";
+    pub const NAT: &str = "NAT";
+    pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
 
     /// Maps whose capacity an operator may change (agent `--map-size`).
-    pub const RESIZABLE: [&str; 9] = [
+    pub const RESIZABLE: [&str; 11] = [
         ENDPOINTS,
         SERVICES,
         BACKENDS,
@@ -29,6 +31,8 @@ pub mod maps {
         SOCK_REVNAT,
         CT,
         TUNNEL,
+        NAT,
+        NON_MASQUERADE,
     ];
 }
 
@@ -42,6 +46,12 @@ pub mod programs {
     /// tc ingress on the node's VXLAN device: decapsulated traffic from
     /// pods on other nodes, delivered straight to the local pod.
     pub const FROM_OVERLAY: &str = "from_overlay";
+    /// tc egress on the VXLAN device: the node's own traffic to other
+    /// nodes' pods gets its tunnel far end.
+    pub const TO_OVERLAY: &str = "to_overlay";
+    /// tc egress on the node's underlay devices: masquerade of pod traffic
+    /// leaving the cluster.
+    pub const TO_NETDEV: &str = "to_netdev";
     /// Socket-LB: cgroup v2 hooks translating Service addresses at the socket.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
@@ -69,6 +79,18 @@ pub struct EndpointInfo {
 
 /// Default capacity of the TUNNEL map (remote PodCIDRs: one or two per node).
 pub const TUNNEL_MAX: u32 = 16384;
+
+/// Default capacity of the NAT map (masqueraded flows: two entries each).
+/// A plain hash, not LRU: when it is full, new flows are refused and
+/// counted instead of silently breaking live ones.
+pub const NAT_MAX: u32 = 262_144;
+/// Default capacity of NON_MASQUERADE (destinations kept unmasqueraded).
+pub const NON_MASQUERADE_MAX: u32 = 4096;
+/// Masqueraded flows get node ports from here, above Linux's default
+/// ephemeral range (32768-60999), so they never collide with the node's
+/// own connections.
+pub const MASQUERADE_PORT_MIN: u16 = 61000;
+pub const MASQUERADE_PORT_MAX: u16 = 65535;
 
 /// VXLAN network identifier of the overlay (Flannel's too). Every node's
 /// device is in external mode, so it only has to be the same everywhere.
@@ -273,6 +295,9 @@ pub struct DatapathConfig {
     /// The VXLAN device pods on other nodes are reached through (overlay
     /// mode); 0 = native routing: the node's routes carry that traffic.
     pub tunnel_ifindex: u32,
+    /// 1: pod traffic to destinations outside NON_MASQUERADE leaves with
+    /// `node_addr` as source.
+    pub masquerade: u32,
 }
 
 /// Why a packet took the path it took; index into the per-CPU METRICS array.
@@ -313,10 +338,17 @@ pub enum Reason {
     /// Native routing: sent to a pod on another node out of the device
     /// (and to the next hop) a FIB lookup chose, without the stack.
     RedirectFib = 15,
+    /// Pod traffic leaving the cluster took the node's address.
+    Masquerade = 16,
+    /// A reply to masqueraded traffic was given the pod's address back.
+    MasqueradeReply = 17,
+    /// The NAT map is full, or no node port was free: the new flow's
+    /// packet was dropped (the pod's TCP retries).
+    NatFull = 18,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -334,6 +366,9 @@ impl Reason {
         Reason::ExternalDnat,
         Reason::EncapOverlay,
         Reason::RedirectFib,
+        Reason::Masquerade,
+        Reason::MasqueradeReply,
+        Reason::NatFull,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -354,6 +389,9 @@ impl Reason {
             Reason::ExternalDnat => "external_dnat",
             Reason::EncapOverlay => "encap_overlay",
             Reason::RedirectFib => "redirect_fib",
+            Reason::Masquerade => "masquerade",
+            Reason::MasqueradeReply => "masquerade_reply",
+            Reason::NatFull => "nat_full",
         }
     }
 }

@@ -1,0 +1,122 @@
+//! Masquerade: TCP and UDP from a local pod to a destination outside the
+//! cluster (not in NON_MASQUERADE) leaves the underlay device with the
+//! node's address and a node port of its own; replies coming in get the
+//! pod's address and port back. Flows live in the NAT map, kept like CT
+//! entries (an entry per direction, TCP-state lifetimes, agent GC).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_get_prandom_u32,
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use tern_common::{MASQUERADE_PORT_MAX, MASQUERADE_PORT_MIN, Reason};
+
+use crate::ct;
+use crate::maps::{ENDPOINTS, NAT, NON_MASQUERADE, config, count};
+use crate::packet::{IPPROTO_TCP, Packet, TCP_ACK, TCP_SYN, Tuple, parse, rewrite, translate};
+
+/// Ports tried for a new flow before it is refused.
+const PORT_TRIES: u32 = 16;
+
+/// tc egress on an underlay device.
+pub fn to_netdev(ctx: &TcContext) -> i32 {
+    let cfg = config();
+    if cfg.masquerade == 0 || cfg.node_addr == 0 {
+        return TC_ACT_OK;
+    }
+    let Some(p) = parse(ctx) else {
+        return TC_ACT_OK;
+    };
+    if !p.has_ports() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: only presence is read.
+    if unsafe { ENDPOINTS.get(p.saddr) }.is_none()
+        || NON_MASQUERADE.get(Key::new(32, p.daddr)).is_some()
+    {
+        return TC_ACT_OK;
+    }
+    // Only a new outgoing flow gets a NAT entry: a TCP segment other than
+    // the opening SYN without one belongs to a connection made from
+    // outside (the pod's answer), which keeps the pod's address.
+    let opens = p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let to = match NAT.get_ptr_mut(ct::key_of(&p)) {
+        // SAFETY: a map value, updated in place (see ct::lookup).
+        Some(entry) => match ct::refresh(unsafe { &mut *entry }, &p) {
+            Some(entry) => Tuple::of(&entry),
+            None if opens => match new_flow(&p, cfg.node_addr) {
+                Some(to) => to,
+                None => return TC_ACT_SHOT,
+            },
+            None => return TC_ACT_OK,
+        },
+        None if opens => match new_flow(&p, cfg.node_addr) {
+            Some(to) => to,
+            None => return TC_ACT_SHOT,
+        },
+        None => return TC_ACT_OK,
+    };
+    if rewrite(ctx, &p, &to).is_err() {
+        return TC_ACT_SHOT;
+    }
+    count(Reason::Masquerade);
+    TC_ACT_OK
+}
+
+/// Picks a free node port for `p` (a hash of the flow first, then random
+/// ones) and records both directions; `None` (counted) when the map is
+/// full or no port was free.
+fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
+    let span = (MASQUERADE_PORT_MAX - MASQUERADE_PORT_MIN) as u32 + 1;
+    let mut to = Tuple {
+        saddr: node_addr,
+        daddr: p.daddr,
+        sport: 0,
+        dport: p.dport,
+    };
+    let mut pick = p.saddr ^ (p.sport as u32) << 16 ^ p.daddr.rotate_left(5);
+    for _ in 0..PORT_TRIES {
+        to.sport = (MASQUERADE_PORT_MIN + (pick % span) as u16).to_be();
+        // SAFETY: the value is read at once (BPF_F_NO_PREALLOC map).
+        let taken = unsafe { NAT.get(ct::reply_key(p.proto, &to)) }
+            .is_some_and(|v| ct::now().wrapping_sub(v.last_seen) <= v.lifetime);
+        if !taken {
+            let ((reply_key, reply), (key, forward)) = ct::entries(p, &to, 0, 0);
+            // Reply entry first: a reply never arrives without its way back.
+            if NAT.insert(&reply_key, &reply, 0).is_err() {
+                break;
+            }
+            if NAT.insert(&key, &forward, 0).is_err() {
+                let _ = NAT.remove(&reply_key);
+                break;
+            }
+            return Some(to);
+        }
+        // SAFETY: plain helper call.
+        pick = unsafe { bpf_get_prandom_u32() };
+    }
+    count(Reason::NatFull);
+    None
+}
+
+/// On the way in (underlay ingress): a reply to a masqueraded flow gets
+/// the pod's address and port back (`p` follows); an error is the verdict
+/// for a packet that could not be rewritten.
+pub fn reply_to_pod(ctx: &TcContext, p: &mut Packet) -> Result<(), i32> {
+    if config().masquerade == 0 || !p.has_ports() {
+        return Ok(());
+    }
+    let Some(entry) = NAT.get_ptr_mut(ct::key_of(p)) else {
+        return Ok(());
+    };
+    // SAFETY: a map value, updated in place (see ct::lookup).
+    let Some(entry) = ct::refresh(unsafe { &mut *entry }, p) else {
+        return Ok(());
+    };
+    if translate(ctx, p, &Tuple::of(&entry)).is_err() {
+        return Err(TC_ACT_SHOT);
+    }
+    count(Reason::MasqueradeReply);
+    Ok(())
+}
