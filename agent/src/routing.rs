@@ -96,33 +96,12 @@ impl Routing {
             .collect();
         let non_masquerade = self.non_masquerade_destinations(nodes, &remote);
         let mut stats = RouteStats::default();
-        for (map, result) in [
-            ("TUNNEL", self.tunnel.sync(&tunnel)),
-            ("NON_MASQUERADE", self.non_masquerade.sync(&non_masquerade)),
-        ] {
-            match result {
-                Ok(s) => {
-                    stats.added += s.added;
-                    stats.removed += s.removed;
-                    stats.errors += s.errors;
-                }
-                Err(e) => {
-                    warn!("routing: {map} map sync failed: {e:#}");
-                    stats.errors += 1;
-                }
-            }
-        }
-        match routes::sync(&wanted_routes).await {
-            Ok(s) => {
-                stats.added += s.added;
-                stats.removed += s.removed;
-                stats.errors += s.errors;
-            }
-            Err(e) => {
-                warn!("routing: route sync failed: {e:#}");
-                stats.errors += 1;
-            }
-        }
+        stats.add("TUNNEL map", self.tunnel.sync(&tunnel));
+        stats.add(
+            "NON_MASQUERADE map",
+            self.non_masquerade.sync(&non_masquerade),
+        );
+        stats.add("routes", routes::sync(&wanted_routes).await);
         info!(
             remote_pod_cidrs = remote.len(),
             added = stats.added,

@@ -84,11 +84,11 @@ fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
         if !taken {
             let ((reply_key, reply), (key, forward)) = ct::entries(p, &to, 0, 0);
             // Reply entry first: a reply never arrives without its way back.
-            if NAT.insert(&reply_key, &reply, 0).is_err() {
+            if NAT.insert(reply_key, reply, 0).is_err() {
                 break;
             }
-            if NAT.insert(&key, &forward, 0).is_err() {
-                let _ = NAT.remove(&reply_key);
+            if NAT.insert(key, forward, 0).is_err() {
+                let _ = NAT.remove(reply_key);
                 break;
             }
             return Some(to);

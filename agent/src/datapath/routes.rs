@@ -30,11 +30,30 @@ pub enum NextHop {
     Unreachable,
 }
 
+/// What a sync of routes or of a prefix map changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RouteStats {
     pub added: usize,
     pub removed: usize,
     pub errors: usize,
+}
+
+impl RouteStats {
+    /// Adds the counts of one sync (`what`); a sync that failed as a whole
+    /// is logged and counts as one error.
+    pub fn add(&mut self, what: &str, sync: anyhow::Result<RouteStats>) {
+        match sync {
+            Ok(s) => {
+                self.added += s.added;
+                self.removed += s.removed;
+                self.errors += s.errors;
+            }
+            Err(e) => {
+                tracing::warn!("routing: {what} sync failed: {e:#}");
+                self.errors += 1;
+            }
+        }
+    }
 }
 
 /// Makes Tern's routes in the main table exactly `wanted`.
