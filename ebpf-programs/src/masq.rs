@@ -1,7 +1,7 @@
-//! Masquerade: TCP and UDP from a local pod to a destination outside the
-//! cluster (not in NON_MASQUERADE) leaves the underlay device with the
-//! node's address and a node port of its own; replies coming in get the
-//! pod's address and port back. Flows live in the NAT map, kept like CT
+//! Masquerade: TCP, UDP and ICMP echo from a local pod to a destination
+//! outside the cluster (not in NON_MASQUERADE) leave the underlay device
+//! with the node's address and a node port (for echo: identifier) of their
+//! own; replies coming in get the pod's address and port back. Flows live in the NAT map, kept like CT
 //! entries (an entry per direction, TCP-state lifetimes, agent GC).
 
 use aya_ebpf::{
@@ -14,10 +14,17 @@ use tern_common::{MASQUERADE_PORT_MAX, MASQUERADE_PORT_MIN, Reason};
 
 use crate::ct;
 use crate::maps::{ENDPOINTS, NAT, NON_MASQUERADE, config, count};
-use crate::packet::{IPPROTO_TCP, Packet, TCP_ACK, TCP_SYN, Tuple, parse, rewrite, translate};
+use crate::packet::{
+    IP_CHECK, IP_DADDR, IP_SADDR, IPPROTO_ICMP, IPPROTO_TCP, Packet, TCP_ACK, TCP_SYN, Tuple,
+    parse, rewrite,
+};
 
 /// Ports tried for a new flow before it is refused.
 const PORT_TRIES: u32 = 16;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+/// Offset of an echo's identifier in its ICMP header.
+const ICMP_ID: usize = 4;
 
 /// tc egress on an underlay device.
 pub fn to_netdev(ctx: &TcContext) -> i32 {
@@ -25,10 +32,10 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     if cfg.masquerade == 0 || cfg.node_addr == 0 {
         return TC_ACT_OK;
     }
-    let Some(p) = parse(ctx) else {
+    let Some(mut p) = parse(ctx) else {
         return TC_ACT_OK;
     };
-    if !p.has_ports() {
+    if !identify(ctx, &mut p, ICMP_ECHO_REQUEST) {
         return TC_ACT_OK;
     }
     // SAFETY: only presence is read.
@@ -57,11 +64,59 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
         },
         None => return TC_ACT_OK,
     };
-    if rewrite(ctx, &p, &to).is_err() {
+    if rewrite_flow(ctx, &p, &to).is_err() {
         return TC_ACT_SHOT;
     }
     count(Reason::Masquerade);
     TC_ACT_OK
+}
+
+/// Gives `p` the identity masquerade tracks its flow by: TCP and UDP ports
+/// as they are; an ICMP echo's identifier as the requester's port (a
+/// request's source, a reply's destination). False for anything else.
+fn identify(ctx: &TcContext, p: &mut Packet, echo: u8) -> bool {
+    if p.has_ports() {
+        return true;
+    }
+    let first_fragment = u16::from_be_bytes(p.ip.frags) & 0x1fff == 0;
+    if p.proto != IPPROTO_ICMP || !first_fragment || ctx.load::<u8>(p.l4) != Ok(echo) {
+        return false;
+    }
+    let Ok(id) = ctx.load::<u16>(p.l4 + ICMP_ID) else {
+        return false;
+    };
+    (p.sport, p.dport) = if echo == ICMP_ECHO_REQUEST {
+        (id, 0)
+    } else {
+        (0, id)
+    };
+    true
+}
+
+/// `rewrite` for TCP and UDP; for ICMP echo the checksum covers no pseudo
+/// header (addresses touch only the IP header's) and the identifier is
+/// the port that changes.
+fn rewrite_flow(ctx: &TcContext, p: &Packet, to: &Tuple) -> Result<(), i64> {
+    if p.proto != IPPROTO_ICMP {
+        return rewrite(ctx, p, to);
+    }
+    for (offset, old, new) in [(IP_SADDR, p.saddr, to.saddr), (IP_DADDR, p.daddr, to.daddr)] {
+        if old != new {
+            ctx.l3_csum_replace(IP_CHECK, old as u64, new as u64, 4)?;
+            ctx.store(offset, &new, 0)?;
+        }
+    }
+    // A request's identifier is its "source port", a reply's its "destination".
+    let (old, new) = if p.dport == 0 && to.dport == 0 {
+        (p.sport, to.sport)
+    } else {
+        (p.dport, to.dport)
+    };
+    if old != new {
+        ctx.l4_csum_replace(p.l4 + 2, old as u64, new as u64, 2)?;
+        ctx.store(p.l4 + ICMP_ID, &new, 0)?;
+    }
+    Ok(())
 }
 
 /// Picks a free node port for `p` (a hash of the flow first, then random
@@ -104,18 +159,30 @@ fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
 /// the pod's address and port back (`p` follows); an error is the verdict
 /// for a packet that could not be rewritten.
 pub fn reply_to_pod(ctx: &TcContext, p: &mut Packet) -> Result<(), i32> {
-    if config().masquerade == 0 || !p.has_ports() {
+    if config().masquerade == 0 {
         return Ok(());
     }
-    let Some(entry) = NAT.get_ptr_mut(ct::key_of(p)) else {
+    // An echo's identity lives in a copy: other code keys ICMP by nothing.
+    let mut flow = *p;
+    if !identify(ctx, &mut flow, ICMP_ECHO_REPLY) {
+        return Ok(());
+    }
+    let Some(entry) = NAT.get_ptr_mut(ct::key_of(&flow)) else {
         return Ok(());
     };
     // SAFETY: a map value, updated in place (see ct::lookup).
-    let Some(entry) = ct::refresh(unsafe { &mut *entry }, p) else {
+    let Some(entry) = ct::refresh(unsafe { &mut *entry }, &flow) else {
         return Ok(());
     };
-    if translate(ctx, p, &Tuple::of(&entry)).is_err() {
+    let to = Tuple::of(&entry);
+    if rewrite_flow(ctx, &flow, &to).is_err() {
         return Err(TC_ACT_SHOT);
+    }
+    p.saddr = to.saddr;
+    p.daddr = to.daddr;
+    if p.has_ports() {
+        p.sport = to.sport;
+        p.dport = to.dport;
     }
     count(Reason::MasqueradeReply);
     Ok(())

@@ -169,3 +169,88 @@ pub fn udp_roundtrip(ns: &Netns, to: SocketAddr, message: &str) -> Result<(Strin
         .with_context(|| format!("no UDP answer from {to} within {IO_TIMEOUT:?}"))?;
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
+
+/// One ICMP echo from inside `ns` to `to` (a raw socket, so root), with
+/// identifier `id`: Ok once the matching echo reply from `to` arrives.
+pub fn icmp_echo(ns: &Netns, to: std::net::Ipv4Addr, id: u16) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket call; the descriptor is owned at once.
+    let fd = ns.run(|| unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) });
+    anyhow::ensure!(
+        fd >= 0,
+        "raw ICMP socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: IO_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: the option value is a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut request = [8u8, 0, 0, 0, 0, 0, 0, 1, b't', b'e', b'r', b'n'];
+    request[4..6].copy_from_slice(&id.to_be_bytes());
+    let sum = internet_checksum(&request);
+    request[2..4].copy_from_slice(&sum.to_be_bytes());
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: buffer and address are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            (&address as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(
+        sent > 0,
+        "sending the echo: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut buf = [0u8; 1500];
+    loop {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        anyhow::ensure!(
+            n > 0,
+            "no echo reply from {to} within {IO_TIMEOUT:?}: {}",
+            std::io::Error::last_os_error()
+        );
+        // The IP header comes first; the ICMP message after it.
+        let packet = &buf[..n as usize];
+        let icmp = &packet[((packet[0] & 0x0f) as usize * 4)..];
+        if packet[12..16] == to.octets() && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+            return Ok(());
+        }
+    }
+}
+
+/// RFC 1071 checksum.
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use tern_tests::lab::{Lab, LabNode, NODES_MANIFEST, OUTSIDE_IP, Pod, nodes_manifest};
 use tern_tests::netns::Netns;
-use tern_tests::traffic::{EchoServer, IO_TIMEOUT, tcp_connect, tcp_roundtrip, udp_roundtrip};
+use tern_tests::traffic::{
+    EchoServer, IO_TIMEOUT, icmp_echo, tcp_connect, tcp_roundtrip, udp_roundtrip,
+};
 
 const PORT: u16 = 8080;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -352,12 +354,15 @@ fn pod_traffic_leaving_the_cluster_is_masqueraded(mode: &str) -> Result<()> {
             pod.ip
         );
         assert_eq!(from, at);
+        // Ping too: the outside's router knows no pod address, so an echo
+        // reply comes back only to the node's.
+        icmp_echo(&pod.ns, OUTSIDE_IP, 0x7e57)?;
         assert!(
-            node.counter("masquerade")? >= 21,
+            node.counter("masquerade")? >= 22,
             "{} masqueraded too little",
             node.name
         );
-        assert!(node.counter("masquerade_reply")? >= 21);
+        assert!(node.counter("masquerade_reply")? >= 22);
         assert_eq!(node.counter("nat_full")?, 0);
     }
     // Pods still see each other's own addresses (no masquerade inside).
