@@ -33,6 +33,8 @@ pub struct Node {
     mtu: u32,
     /// `None` until the node has a PodCIDR.
     ipam: Option<Ipam>,
+    /// Where IPAM keeps its state, whichever PodCIDR it serves.
+    ipam_path: std::path::PathBuf,
     endpoints: EndpointStore,
     datapath: Datapath,
     requests: u64,
@@ -99,6 +101,7 @@ impl Node {
             routing_mode: config.routing_mode.name(),
             mtu,
             ipam,
+            ipam_path: config.state_dir.join("ipam.json"),
             endpoints,
             datapath,
             requests: 0,
@@ -321,6 +324,20 @@ impl Node {
             })
             .collect();
         Ok(Response::Endpoints { endpoints })
+    }
+
+    /// Serves `cidr` from now on: the PodCIDR this node's Node object
+    /// names. Addresses already given out of an earlier PodCIDR stay
+    /// allocated (their pods still run) but are never handed out again.
+    /// True when it changed.
+    pub fn set_pod_cidr(&mut self, cidr: ipnetwork::Ipv4Network) -> anyhow::Result<bool> {
+        if self.ipam.as_ref().is_some_and(|ipam| ipam.cidr() == cidr) {
+            return Ok(false);
+        }
+        let before = self.ipam.as_ref().map(|ipam| ipam.cidr().to_string());
+        self.ipam = Some(Ipam::open(cidr, &self.ipam_path)?);
+        info!(node = %self.node_name, %cidr, ?before, "PodCIDR from the Node object");
+        Ok(true)
     }
 
     /// Brings the service maps to `state` (a compiled snapshot).

@@ -59,6 +59,16 @@ impl Routing {
         })
     }
 
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// This node's own PodCIDRs changed (its Node object names them).
+    pub fn set_local_cidrs(&mut self, cidrs: Vec<Ipv4Network>) {
+        self.local_cidrs = cidrs;
+        self.applied = None;
+    }
+
     /// Brings tunnel entries or routes in line with `nodes`.
     pub async fn apply(&mut self, nodes: &BTreeMap<String, Arc<Node>>) {
         let state = routing::compile(nodes, &self.node_name, &self.local_cidrs);

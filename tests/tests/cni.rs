@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use serde_json::{Value, json};
-use tern_tests::lab::{Lab, LabNode, pod_ip};
+use tern_tests::lab::{Lab, LabNode, NODES_MANIFEST, nodes_manifest, pod_ip};
 use tern_tests::netns::{Netns, require_root, unique_name};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
@@ -501,5 +501,51 @@ fn status_and_try_again_later_follow_the_agent() -> Result<()> {
     assert_eq!(status(&node).error_code()?, 50, "agent down");
     let out = node.cni("ADD", &unique_name("s"), ns.path(), "1.1.0")?;
     assert_eq!(out.error_code()?, 11, "agent down: {out:?}");
+    Ok(())
+}
+
+#[test]
+fn pod_cidr_comes_from_the_node_object() -> Result<()> {
+    if !require_root("pod_cidr_from_node") {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    // No --pod-cidr: ADDs wait (try again later) for the Node object.
+    let mut node = LabNode::create(&lab, "n1", None, NODE_IP)?;
+    node.start_agent()?;
+    let ns = Netns::new("pc")?;
+    let out = node.cni("ADD", &unique_name("pc"), ns.path(), "1.1.0")?;
+    assert_eq!(out.error_code()?, 11, "{out:?}");
+    node.write_manifest(
+        NODES_MANIFEST,
+        &nodes_manifest(&[("n1".into(), NODE_IP, "10.244.77.0/24".into())]),
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while node.agent_request(&serde_json::json!({"op": "status"}))?["ready"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never took the PodCIDR:\n{}",
+            node.agent_log_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pod = node.add_pod("p")?;
+    assert_eq!(pod.ip.octets()[..3], [10, 244, 77], "{}", pod.ip);
+    // A new PodCIDR in the Node object: new pods come from it.
+    node.write_manifest(
+        NODES_MANIFEST,
+        &nodes_manifest(&[("n1".into(), NODE_IP, "10.244.78.0/24".into())]),
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let status = node.agent_request(&serde_json::json!({"op": "status"}))?;
+        if status["pod_cidr"] == "10.244.78.0/24" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = node.add_pod("q")?;
+    assert_eq!(second.ip.octets()[..3], [10, 244, 78], "{}", second.ip);
     Ok(())
 }

@@ -101,7 +101,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(conntrack_gc(config.bpffs_dir.clone()));
         if let Some(dir) = config.manifests_dir.clone() {
             let services = ServiceSync::new(context, node.clone());
-            tokio::spawn(sync::run(dir, routing, services));
+            tokio::spawn(sync::run(dir, node.clone(), routing, services));
         }
         let listener = cni_api::bind(&config.socket)?;
         let mut terminate =
