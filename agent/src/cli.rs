@@ -156,6 +156,7 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
             rows.push(vec!["endpoints".into(), s.endpoints.to_string()]);
             rows.push(vec!["pod MTU".into(), s.mtu.to_string()]);
             rows.push(vec!["bpffs".into(), s.bpffs_dir]);
+            rows.push(vec!["source".into(), s.source.clone()]);
             rows.push(vec!["services path".into(), s.service_path.clone()]);
             rows.push(vec!["routing mode".into(), s.routing_mode.clone()]);
             rows.push(vec![
@@ -164,10 +165,16 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
             ]);
             rows.push(vec![
                 "last service sync".into(),
-                format!(
-                    "#{}: {} writes, {} deletes, {} errors",
-                    s.last_sync.syncs, s.last_sync.writes, s.last_sync.deletes, s.last_sync.errors
-                ),
+                match s.last_sync_age_s {
+                    Some(age) => format!(
+                        "#{} {age} s ago: {} writes, {} deletes, {} errors",
+                        s.last_sync.syncs,
+                        s.last_sync.writes,
+                        s.last_sync.deletes,
+                        s.last_sync.errors
+                    ),
+                    None => "not yet".into(),
+                },
             ]);
             rows.push(vec![
                 "CNI requests (failed)".into(),

@@ -42,6 +42,8 @@ pub struct Node {
     lb: LbSync,
     /// What the datapath was last told to serve, for listing.
     last_sync: SyncCounts,
+    last_sync_at: Option<std::time::Instant>,
+    source: String,
     socket_lb: bool,
 }
 
@@ -108,6 +110,11 @@ impl Node {
             requests_failed: 0,
             lb,
             last_sync: SyncCounts::default(),
+            last_sync_at: None,
+            source: match &config.manifests_dir {
+                Some(dir) => format!("manifests {}", dir.display()),
+                None => "none".into(),
+            },
             socket_lb: config.socket_lb,
         };
         node.reconcile()?;
@@ -298,6 +305,8 @@ impl Node {
             frontends: self.lb.frontends(),
             backends: self.lb.backends(),
             last_sync: self.last_sync,
+            source: self.source.clone(),
+            last_sync_age_s: self.last_sync_at.map(|at| at.elapsed().as_secs()),
             routing_mode: self.routing_mode.into(),
             service_path: if self.socket_lb {
                 "socket-lb"
@@ -343,6 +352,7 @@ impl Node {
     /// Brings the service maps to `state` (a compiled snapshot).
     pub fn apply_services(&mut self, state: LbState) -> SyncStats {
         let stats = self.lb.apply(&mut self.datapath.services, state);
+        self.last_sync_at = Some(std::time::Instant::now());
         self.last_sync = SyncCounts {
             syncs: self.last_sync.syncs + 1,
             writes: stats.writes as u64,

@@ -120,6 +120,13 @@ pub struct AgentStatus {
     /// Map operations of the last service sync, and how many failed.
     #[serde(default)]
     pub last_sync: SyncCounts,
+    /// Where Services, EndpointSlices and Nodes come from: "manifests
+    /// <dir>", or "none".
+    #[serde(default)]
+    pub source: String,
+    /// Seconds since the last service sync; `None` before the first.
+    #[serde(default)]
+    pub last_sync_age_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -547,5 +547,14 @@ fn pod_cidr_comes_from_the_node_object() -> Result<()> {
     }
     let second = node.add_pod("q")?;
     assert_eq!(second.ip.octets()[..3], [10, 244, 78], "{}", second.ip);
+    // tern status names the source and how long ago it last synced.
+    let status = node.agent_request(&serde_json::json!({"op": "status"}))?;
+    let source = status["source"].as_str().unwrap_or_default();
+    assert_eq!(
+        source,
+        format!("manifests {}", node.manifests_dir.display())
+    );
+    assert!(status["last_sync_age_s"].as_u64().is_some(), "{status}");
+    assert!(node.tern(&["status"])?.contains("manifests "));
     Ok(())
 }
