@@ -104,7 +104,7 @@ impl Routing {
                 (*cidr, TunnelEndpoint { node_addr })
             })
             .collect();
-        let non_masquerade = self.non_masquerade_destinations(nodes, &remote);
+        let non_masquerade = self.non_masquerade_destinations(&state);
         let mut stats = RouteStats::default();
         stats.add("TUNNEL map", self.tunnel.sync(&tunnel));
         stats.add(
@@ -125,23 +125,14 @@ impl Routing {
 
     /// Pod ranges (the cluster CIDR, this node's and every remote
     /// PodCIDR), every node's address, and the static ones.
-    fn non_masquerade_destinations(
-        &self,
-        nodes: &BTreeMap<String, Arc<Node>>,
-        remote: &BTreeMap<Ipv4Network, Ipv4Addr>,
-    ) -> BTreeMap<Ipv4Network, u8> {
+    fn non_masquerade_destinations(&self, state: &RoutingState) -> BTreeMap<Ipv4Network, u8> {
         self.cluster_cidr
             .iter()
             .chain(&self.local_cidrs)
-            .chain(remote.keys())
+            .chain(state.remote.keys())
             .chain(&self.static_non_masquerade)
             .copied()
-            .chain(
-                nodes
-                    .values()
-                    .filter_map(|n| n.internal_ip)
-                    .map(Ipv4Network::from),
-            )
+            .chain(state.node_ips.iter().map(|ip| Ipv4Network::from(*ip)))
             .map(|cidr| (cidr, 1))
             .collect()
     }

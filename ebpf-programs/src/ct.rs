@@ -48,7 +48,7 @@ pub fn lookup(p: &Packet) -> Option<CtValue> {
 /// seen, lifetime. `None` if it had expired.
 pub fn refresh(entry: &mut CtValue, p: &Packet) -> Option<CtValue> {
     let now = now();
-    if now.wrapping_sub(entry.last_seen) > entry.lifetime {
+    if !live_at(entry, now) {
         return None;
     }
     let mut flags = entry.flags;
@@ -109,8 +109,17 @@ pub fn entries(
 /// Whether a translated source port is already used by another flow to
 /// the same backend (SNAT collision).
 pub fn reply_taken(proto: u8, to: &Tuple) -> bool {
-    let key = reply_key(proto, to);
-    unsafe { CT.get(key) }.is_some_and(|v| now().wrapping_sub(v.last_seen) <= v.lifetime)
+    // SAFETY: the value is read at once.
+    unsafe { CT.get(reply_key(proto, to)) }.is_some_and(live)
+}
+
+/// Not expired yet.
+pub fn live(entry: &CtValue) -> bool {
+    live_at(entry, now())
+}
+
+fn live_at(entry: &CtValue, now: u32) -> bool {
+    now.wrapping_sub(entry.last_seen) <= entry.lifetime
 }
 
 /// The key replies to a flow translated to `to` arrive with.

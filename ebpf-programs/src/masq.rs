@@ -1,8 +1,9 @@
 //! Masquerade: TCP, UDP and ICMP echo from a local pod to a destination
 //! outside the cluster (not in NON_MASQUERADE) leave the underlay device
 //! with the node's address and a node port (for echo: identifier) of their
-//! own; replies coming in get the pod's address and port back. Flows live in the NAT map, kept like CT
-//! entries (an entry per direction, TCP-state lifetimes, agent GC).
+//! own; replies coming in get the pod's address and port back. Flows live
+//! in the NAT map, kept like CT entries (an entry per direction, TCP-state
+//! lifetimes, agent GC).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -48,16 +49,12 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     // the opening SYN without one belongs to a connection made from
     // outside (the pod's answer), which keeps the pod's address.
     let opens = p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let to = match NAT.get_ptr_mut(ct::key_of(&p)) {
-        // SAFETY: a map value, updated in place (see ct::lookup).
-        Some(entry) => match ct::refresh(unsafe { &mut *entry }, &p) {
-            Some(entry) => Tuple::of(&entry),
-            None if opens => match new_flow(&p, cfg.node_addr) {
-                Some(to) => to,
-                None => return TC_ACT_SHOT,
-            },
-            None => return TC_ACT_OK,
-        },
+    // SAFETY: a map value, updated in place (see ct::lookup).
+    let tracked = NAT
+        .get_ptr_mut(ct::key_of(&p))
+        .and_then(|entry| ct::refresh(unsafe { &mut *entry }, &p));
+    let to = match tracked {
+        Some(entry) => Tuple::of(&entry),
         None if opens => match new_flow(&p, cfg.node_addr) {
             Some(to) => to,
             None => return TC_ACT_SHOT,
@@ -134,8 +131,7 @@ fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
     for _ in 0..PORT_TRIES {
         to.sport = (MASQUERADE_PORT_MIN + (pick % span) as u16).to_be();
         // SAFETY: the value is read at once (BPF_F_NO_PREALLOC map).
-        let taken = unsafe { NAT.get(ct::reply_key(p.proto, &to)) }
-            .is_some_and(|v| ct::now().wrapping_sub(v.last_seen) <= v.lifetime);
+        let taken = unsafe { NAT.get(ct::reply_key(p.proto, &to)) }.is_some_and(ct::live);
         if !taken {
             let ((reply_key, reply), (key, forward)) = ct::entries(p, &to, 0, 0);
             // Reply entry first: a reply never arrives without its way back.
@@ -159,7 +155,10 @@ fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
 /// the pod's address and port back (`p` follows); an error is the verdict
 /// for a packet that could not be rewritten.
 pub fn reply_to_pod(ctx: &TcContext, p: &mut Packet) -> Result<(), i32> {
-    if config().masquerade == 0 {
+    // Masqueraded flows are answered to the node's address: anything else
+    // (pod to pod, NodePort) skips the NAT lookup.
+    let cfg = config();
+    if cfg.masquerade == 0 || p.daddr != cfg.node_addr {
         return Ok(());
     }
     // An echo's identity lives in a copy: other code keys ICMP by nothing.

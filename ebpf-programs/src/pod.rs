@@ -74,10 +74,7 @@ pub fn redirect_to_local_pod(
     if !hop(ctx, p) {
         return (Reason::PassToStack, pass);
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&endpoint.pod_mac);
-    macs[6..].copy_from_slice(&endpoint.host_mac);
-    if ctx.store(0, &macs, 0).is_err() {
+    if set_macs(ctx, &endpoint.pod_mac, &endpoint.host_mac).is_err() {
         return (Reason::RedirectFailed, pass);
     }
     // SAFETY: plain helper call; it only records the target for tc.
@@ -138,10 +135,7 @@ fn redirect_by_fib(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
     }
     let verdict = match found {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&fib.dmac);
-            macs[6..].copy_from_slice(&fib.smac);
-            if ctx.store(0, &macs, 0).is_err() {
+            if set_macs(ctx, &fib.dmac, &fib.smac).is_err() {
                 return (Reason::RedirectFailed, TC_ACT_OK);
             }
             // SAFETY: plain helper call; it only records the target for tc.
@@ -151,6 +145,14 @@ fn redirect_by_fib(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
         _ => unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) },
     };
     (Reason::RedirectFib, verdict as i32)
+}
+
+/// The Ethernet addresses of the next hop: destination, then source.
+fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), i64> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dst);
+    macs[6..].copy_from_slice(src);
+    ctx.store(0, &macs, 0)
 }
 
 /// Routing semantics as if the node had forwarded the packet: the TTL

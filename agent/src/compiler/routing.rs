@@ -2,7 +2,7 @@
 //! tunnel (overlay) or a route (native routing) points at. The local
 //! node's own PodCIDRs are delivered by the datapath directly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -20,6 +20,9 @@ pub struct RemoteNode {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutingState {
     pub remote: BTreeMap<Ipv4Network, RemoteNode>,
+    /// Every node's address (with a PodCIDR or not): traffic to the nodes
+    /// is never masqueraded.
+    pub node_ips: BTreeSet<Ipv4Addr>,
     /// Nodes (or PodCIDRs) left out, and why: no address, or a PodCIDR
     /// that overlaps one already taken.
     pub problems: Vec<String>,
@@ -32,7 +35,10 @@ pub fn compile(
     local_name: &str,
     local_cidrs: &[Ipv4Network],
 ) -> RoutingState {
-    let mut state = RoutingState::default();
+    let mut state = RoutingState {
+        node_ips: nodes.values().filter_map(|n| n.internal_ip).collect(),
+        ..RoutingState::default()
+    };
     let mut taken: Vec<(Ipv4Network, &str)> =
         local_cidrs.iter().map(|c| (*c, local_name)).collect();
     if let Some(local) = nodes.get(local_name) {
@@ -107,6 +113,8 @@ mod tests {
             ]
         );
         assert!(state.problems.is_empty(), "{:?}", state.problems);
+        // n3 has no PodCIDR yet, but its address is still a node's.
+        assert_eq!(state.node_ips.len(), 3);
     }
 
     #[test]
