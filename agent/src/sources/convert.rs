@@ -1,0 +1,798 @@
+//! Kubernetes objects -> model: Services, EndpointSlices and Nodes, each
+//! validated on its own, so one bad object never costs the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use ipnetwork::IpNetwork;
+
+use crate::model::{
+    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, Node, Protocol, Service, ServiceKey,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy,
+};
+
+/// Per-Service choice of backend selection: `maglev` or `random`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "tern.io/lb-algorithm";
+/// Services (and their slices) with this label belong to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set on the slices of headless Services: nothing for a proxy to do.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Names the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What became of one object.
+#[derive(Debug, PartialEq)]
+pub enum Conversion<T> {
+    /// Used; the warnings name the parts that were left out (SCTP ports,
+    /// IPv6 addresses) so an operator can see why they do nothing.
+    Accepted(T, Vec<String>),
+    /// Deliberately not ours (another proxy's, a headless slice, not IPv4).
+    Ignored(String),
+    Rejected(String),
+}
+
+impl<T> Conversion<T> {
+    fn from_result(result: Result<T, String>, warnings: Vec<String>) -> Self {
+        match result {
+            Ok(value) => Conversion::Accepted(value, warnings),
+            Err(reason) => Conversion::Rejected(reason),
+        }
+    }
+}
+
+pub fn service(object: &core::Service) -> Conversion<Service> {
+    let labels = object.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return Conversion::Ignored(format!(
+            "owned by another proxy ({SERVICE_PROXY_NAME_LABEL})"
+        ));
+    }
+    let mut warnings = Vec::new();
+    let result = convert_service(object, &mut warnings);
+    Conversion::from_result(result, warnings)
+}
+
+pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Conversion<EndpointSlice> {
+    let labels = object.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return Conversion::Ignored(format!(
+            "owned by another proxy ({SERVICE_PROXY_NAME_LABEL})"
+        ));
+    }
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return Conversion::Ignored(format!("slice of a headless Service ({HEADLESS_LABEL})"));
+    }
+    if object.address_type != "IPv4" {
+        return Conversion::Ignored(format!(
+            "addressType {}: only IPv4 is served",
+            object.address_type
+        ));
+    }
+    let mut warnings = Vec::new();
+    let result = convert_slice(object, &mut warnings);
+    Conversion::from_result(result, warnings)
+}
+
+/// A Node: its PodCIDRs and underlay address. A node without either is
+/// kept (it may get them later) but cannot be routed to.
+pub fn node(object: &core::Node) -> Conversion<Node> {
+    let mut warnings = Vec::new();
+    let result = convert_node(object, &mut warnings);
+    Conversion::from_result(result, warnings)
+}
+
+fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node, String> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err("metadata.name is missing".into());
+    }
+    let spec = object.spec.clone().unwrap_or_default();
+    // podCIDRs wins over podCIDR; the API keeps podCIDR = podCIDRs[0].
+    let raw: Vec<String> = match spec.pod_cidrs {
+        Some(cidrs) if !cidrs.is_empty() => cidrs,
+        _ => spec.pod_cidr.into_iter().collect(),
+    };
+    let mut pod_cidrs = Vec::new();
+    for text in &raw {
+        match text.parse::<IpNetwork>() {
+            Ok(IpNetwork::V4(cidr)) if cidr.network() == cidr.ip() => pod_cidrs.push(cidr),
+            Ok(IpNetwork::V4(cidr)) => {
+                return Err(format!(
+                    "spec.podCIDRs: {cidr} has host bits set (network is {}/{})",
+                    cidr.network(),
+                    cidr.prefix()
+                ));
+            }
+            Ok(IpNetwork::V6(cidr)) => {
+                warnings.push(format!("spec.podCIDRs: IPv6 {cidr} skipped (IPv4 only)"))
+            }
+            Err(_) => return Err(format!("spec.podCIDRs: {text:?} is not a CIDR")),
+        }
+    }
+    let addresses = object
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    // InternalIP is what nodes reach each other on; ExternalIP stands in
+    // on clusters whose nodes only have that.
+    let mut internal_ip = None;
+    for wanted in ["InternalIP", "ExternalIP"] {
+        for address in addresses.iter().filter(|a| a.type_ == wanted) {
+            match address.address.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => {
+                    internal_ip.get_or_insert(ip);
+                }
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => {
+                    return Err(format!(
+                        "status.addresses: {wanted} {:?} is not an IP address",
+                        address.address
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Node {
+        name,
+        internal_ip,
+        pod_cidrs,
+    })
+}
+
+/// (namespace, name); a missing namespace is "default", as kubectl does.
+fn identity(meta: &ObjectMeta) -> Result<(String, String), String> {
+    let name = meta.name.as_deref().unwrap_or_default();
+    if name.is_empty() {
+        return Err("metadata.name is missing".into());
+    }
+    let namespace = meta
+        .namespace
+        .as_deref()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or("default");
+    Ok((namespace.to_owned(), name.to_owned()))
+}
+
+fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result<Service, String> {
+    let (namespace, name) = identity(&object.metadata)?;
+    let spec = object.spec.clone().unwrap_or_default();
+    let service_type = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => return Err(format!("unknown spec.type {other:?}")),
+    };
+    let headless_label = object
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(HEADLESS_LABEL));
+    let cluster_ips = if service_type == ServiceType::ExternalName || headless_label {
+        Vec::new()
+    } else {
+        cluster_ips(&spec, warnings)?
+    };
+    let ingress_ips: Vec<String> = object
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ingress| ingress.ip.clone())
+        .collect();
+    let annotations = object.metadata.annotations.as_ref();
+    let lb_algorithm = match annotations
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => None,
+        Some("maglev") => Some(LbAlgorithm::Maglev),
+        Some("random") => Some(LbAlgorithm::Random),
+        Some(other) => {
+            return Err(format!(
+                "annotation {LB_ALGORITHM_ANNOTATION}: {other:?} is neither maglev nor random"
+            ));
+        }
+    };
+    Ok(Service {
+        key: ServiceKey { namespace, name },
+        service_type,
+        cluster_ips,
+        external_ips: ipv4s(
+            "spec.externalIPs",
+            spec.external_ips.as_deref().unwrap_or_default(),
+            warnings,
+        )?,
+        load_balancer_ips: ipv4s("status.loadBalancer.ingress.ip", &ingress_ips, warnings)?,
+        ports: service_ports(&spec, service_type, warnings)?,
+        session_affinity_timeout: session_affinity(&spec)?,
+        external_traffic_policy: traffic_policy(
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?,
+        internal_traffic_policy: traffic_policy(
+            "spec.internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        )?,
+        publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+        lb_algorithm,
+    })
+}
+
+/// `clusterIPs` wins over `clusterIP` (the API keeps them in step; `[0]` is
+/// the primary). Empty result = headless.
+fn cluster_ips(
+    spec: &core::ServiceSpec,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let raw: Vec<String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .filter(|ip| !ip.is_empty())
+            .cloned()
+            .collect(),
+    };
+    if raw.iter().any(|ip| ip == "None") {
+        return Ok(Vec::new());
+    }
+    if raw.is_empty() {
+        // Without an API server nobody allocates one; headless must be explicit.
+        return Err(
+            "spec.clusterIP is missing: give an address, or None for a headless Service".into(),
+        );
+    }
+    let ips = ipv4s("spec.clusterIPs", &raw, warnings)?;
+    if ips.is_empty() {
+        return Err(format!(
+            "only IPv6 cluster IPs ({}): Tern serves IPv4 only",
+            raw.join(", ")
+        ));
+    }
+    Ok(ips)
+}
+
+/// Parses every address; IPv6 ones are skipped with a warning.
+fn ipv4s(field: &str, raw: &[String], warnings: &mut Vec<String>) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for text in raw {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => out.push(ip),
+            Ok(IpAddr::V6(ip)) => {
+                warnings.push(format!("{field}: IPv6 address {ip} skipped (IPv4 only)"))
+            }
+            Err(_) => return Err(format!("{field}: {text:?} is not an IP address")),
+        }
+    }
+    Ok(out)
+}
+
+fn service_ports(
+    spec: &core::ServiceSpec,
+    service_type: ServiceType,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<ServicePort>, String> {
+    let raw = spec.ports.as_deref().unwrap_or_default();
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    let mut ports = Vec::new();
+    for (index, p) in raw.iter().enumerate() {
+        let name = p.name.clone().unwrap_or_default();
+        let label = if name.is_empty() {
+            format!("ports[{index}]")
+        } else {
+            format!("port {name:?}")
+        };
+        if name.is_empty() && raw.len() > 1 {
+            return Err(format!(
+                "{label}: a Service with several ports must name each of them"
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(format!("{label}: duplicate port name"));
+        }
+        let port = port_number(p.port)
+            .ok_or_else(|| format!("{label}: port {} is out of range 1..=65535", p.port))?;
+        let protocol = protocol(p.protocol.as_deref()).map_err(|e| format!("{label}: {e}"))?;
+        if protocol == Protocol::Sctp {
+            warnings.push(format!(
+                "{label}: SCTP is not supported; this port gets no datapath state"
+            ));
+        }
+        if !numbers.insert((port, protocol)) {
+            return Err(format!("{label}: port {port}/{protocol} is listed twice"));
+        }
+        let target_port = match &p.target_port {
+            // The API defaults an absent (or zero) targetPort to the port.
+            None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
+            Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(
+                port_number(*n)
+                    .ok_or_else(|| format!("{label}: targetPort {n} is out of range 1..=65535"))?,
+            ),
+            Some(IntOrString::String(s)) if is_port_name(s) => TargetPort::Name(s.clone()),
+            Some(IntOrString::String(s)) => {
+                return Err(format!(
+                    "{label}: targetPort {s:?} is neither a number nor a port name"
+                ));
+            }
+        };
+        let node_port = match p.node_port {
+            None => None,
+            Some(n) => {
+                let n = port_number(n)
+                    .ok_or_else(|| format!("{label}: nodePort {n} is out of range 1..=65535"))?;
+                if matches!(
+                    service_type,
+                    ServiceType::NodePort | ServiceType::LoadBalancer
+                ) {
+                    Some(n)
+                } else {
+                    warnings.push(format!(
+                        "{label}: nodePort {n} ignored: the Service type has no node ports"
+                    ));
+                    None
+                }
+            }
+        };
+        ports.push(ServicePort {
+            name,
+            protocol,
+            port,
+            target_port,
+            node_port,
+        });
+    }
+    Ok(ports)
+}
+
+fn port_number(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|&p| p != 0)
+}
+
+/// An IANA service name as the API requires for named ports: at most 15
+/// lowercase letters, digits and '-', with at least one letter.
+fn is_port_name(s: &str) -> bool {
+    s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn protocol(raw: Option<&str>) -> Result<Protocol, String> {
+    match raw {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(format!("unknown protocol {other:?} (TCP, UDP or SCTP)")),
+    }
+}
+
+fn session_affinity(spec: &core::ServiceSpec) -> Result<Option<u32>, String> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(Service::DEFAULT_AFFINITY_TIMEOUT)),
+                Some(t @ 1..=86400) => Ok(Some(t as u32)),
+                Some(t) => Err(format!(
+                    "sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of range 1..=86400"
+                )),
+            }
+        }
+        Some(other) => Err(format!("unknown spec.sessionAffinity {other:?}")),
+    }
+}
+
+fn traffic_policy(field: &str, raw: Option<&str>) -> Result<TrafficPolicy, String> {
+    match raw {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(format!("unknown {field} {other:?}")),
+    }
+}
+
+fn convert_slice(
+    object: &discovery::EndpointSlice,
+    warnings: &mut Vec<String>,
+) -> Result<EndpointSlice, String> {
+    let (namespace, name) = identity(&object.metadata)?;
+    let labels: Option<&BTreeMap<String, String>> = object.metadata.labels.as_ref();
+    let service = labels
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| format!("label {SERVICE_NAME_LABEL} is missing"))?;
+    let ports = match object.ports.as_deref() {
+        None | Some([]) => None,
+        Some(raw) => Some(slice_ports(raw, warnings)?),
+    };
+    let endpoints = object
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(index, e)| endpoint(index, e))
+        .collect::<Result<_, _>>()?;
+    Ok(EndpointSlice {
+        service: ServiceKey::new(namespace.clone(), service.clone()),
+        key: (namespace, name),
+        ports,
+        endpoints,
+    })
+}
+
+fn slice_ports(
+    raw: &[discovery::EndpointPort],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<EndpointPort>, String> {
+    let mut names = BTreeSet::new();
+    let mut ports = Vec::new();
+    for (index, p) in raw.iter().enumerate() {
+        let name = p.name.clone().unwrap_or_default();
+        let label = if name.is_empty() {
+            format!("ports[{index}]")
+        } else {
+            format!("port {name:?}")
+        };
+        if !names.insert(name.clone()) {
+            return Err(format!("{label}: duplicate port name"));
+        }
+        let Some(number) = p.port else {
+            // The API's "all ports" entry: nothing a Service port maps to.
+            warnings.push(format!("{label}: no port number, skipped"));
+            continue;
+        };
+        let port = port_number(number)
+            .ok_or_else(|| format!("{label}: port {number} is out of range 1..=65535"))?;
+        let protocol = protocol(p.protocol.as_deref()).map_err(|e| format!("{label}: {e}"))?;
+        ports.push(EndpointPort {
+            name,
+            port,
+            protocol,
+        });
+    }
+    Ok(ports)
+}
+
+fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, String> {
+    let addresses = raw
+        .addresses
+        .iter()
+        .map(|a| {
+            a.parse::<Ipv4Addr>()
+                .map_err(|_| format!("endpoints[{index}]: {a:?} is not an IPv4 address"))
+        })
+        .collect::<Result<_, _>>()?;
+    let conditions = raw.conditions.clone().unwrap_or_default();
+    // The API's nil meanings: unknown readiness counts as ready, serving
+    // follows ready, and nothing is terminating unless it says so.
+    let ready = conditions.ready.unwrap_or(true);
+    Ok(Endpoint {
+        addresses,
+        ready,
+        serving: conditions.serving.unwrap_or(ready),
+        terminating: conditions.terminating.unwrap_or(false),
+        node_name: raw.node_name.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_from(yaml: &str) -> Conversion<Service> {
+        service(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
+    }
+
+    fn slice_from(yaml: &str) -> Conversion<EndpointSlice> {
+        endpoint_slice(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
+    }
+
+    /// A ClusterIP Service `web` with the given `spec` body (indented 2).
+    fn web_with(spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n{spec}"
+        )
+    }
+
+    fn accepted<T: std::fmt::Debug>(c: Conversion<T>) -> (T, Vec<String>) {
+        match c {
+            Conversion::Accepted(value, warnings) => (value, warnings),
+            other => panic!("expected accepted, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_load_balancer_service_converts_field_by_field() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: shop
+  namespace: prod
+  annotations:
+    tern.io/lb-algorithm: maglev
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.12.34
+  clusterIPs: [10.96.12.34]
+  externalIPs: [198.51.100.9]
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Cluster
+  publishNotReadyAddresses: true
+  sessionAffinity: ClientIP
+  sessionAffinityConfig:
+    clientIP:
+      timeoutSeconds: 300
+  selector:
+    app: shop
+  ports:
+  - name: http
+    protocol: TCP
+    port: 80
+    targetPort: http-web
+    nodePort: 30080
+  - name: metrics
+    port: 9100
+    targetPort: 9100
+    nodePort: 30091
+status:
+  loadBalancer:
+    ingress:
+    - ip: 203.0.113.7
+    - hostname: lb.example.com
+"#;
+        let (svc, warnings) = accepted(service_from(yaml));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(svc.key.to_string(), "prod/shop");
+        assert_eq!(svc.service_type, ServiceType::LoadBalancer);
+        assert_eq!(svc.cluster_ips, [Ipv4Addr::new(10, 96, 12, 34)]);
+        assert_eq!(svc.external_ips, [Ipv4Addr::new(198, 51, 100, 9)]);
+        assert_eq!(svc.load_balancer_ips, [Ipv4Addr::new(203, 0, 113, 7)]);
+        assert_eq!(svc.session_affinity_timeout, Some(300));
+        assert_eq!(svc.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(svc.internal_traffic_policy, TrafficPolicy::Cluster);
+        assert!(svc.publish_not_ready_addresses);
+        assert_eq!(svc.lb_algorithm, Some(LbAlgorithm::Maglev));
+        assert_eq!(
+            svc.ports,
+            [
+                ServicePort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: TargetPort::Name("http-web".into()),
+                    node_port: Some(30080),
+                },
+                ServicePort {
+                    name: "metrics".into(),
+                    protocol: Protocol::Tcp,
+                    port: 9100,
+                    target_port: TargetPort::Number(9100),
+                    node_port: Some(30091),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn api_defaults_apply() {
+        let (svc, _) = accepted(service_from(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.5\n  sessionAffinity: ClientIP\n  ports:\n  - port: 8080\n",
+        ));
+        assert_eq!(svc.key.to_string(), "default/web");
+        assert_eq!(svc.service_type, ServiceType::ClusterIp);
+        assert_eq!(svc.session_affinity_timeout, Some(10800));
+        assert_eq!(svc.lb_algorithm, None);
+        let port = &svc.ports[0];
+        assert_eq!((port.name.as_str(), port.protocol), ("", Protocol::Tcp));
+        assert_eq!(port.target_port, TargetPort::Number(8080));
+    }
+
+    #[test]
+    fn every_bad_service_is_rejected_with_its_reason() {
+        let port80 = "  ports:\n  - port: 80\n";
+        let cases: Vec<(String, &str)> = vec![
+            ("apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.1\n".into(), "metadata.name is missing"),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 0\n"), "port 0 is out of range 1..=65535"),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 65536\n"), "port 65536 is out of range"),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: http\n    port: 80\n  - name: http\n    port: 81\n"), "port \"http\": duplicate port name"),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: http\n    port: 80\n  - port: 81\n"), "several ports must name each"),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: a\n    port: 80\n  - name: b\n    port: 80\n"), "port 80/TCP is listed twice"),
+            (web_with("  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    nodePort: 0\n"), "nodePort 0 is out of range 1..=65535"),
+            (web_with("  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    nodePort: 70000\n"), "nodePort 70000 is out of range"),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    protocol: HTTP\n"), "unknown protocol \"HTTP\""),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    targetPort: 70000\n"), "targetPort 70000 is out of range"),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    targetPort: Http_Port\n"), "targetPort \"Http_Port\" is neither"),
+            (web_with(&format!("  clusterIP: 10.96.0.300\n{port80}")), "spec.clusterIPs: \"10.96.0.300\" is not an IP address"),
+            (web_with(&format!("  clusterIPs: [fd00::10]\n{port80}")), "only IPv6 cluster IPs (fd00::10)"),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  externalIPs: [example.com]\n{port80}")), "spec.externalIPs: \"example.com\" is not an IP address"),
+            (web_with(&format!("  type: LoadBalancer\n  clusterIP: 10.96.0.1\n{port80}status:\n  loadBalancer:\n    ingress:\n    - ip: 1.2.3\n")), "status.loadBalancer.ingress.ip: \"1.2.3\""),
+            (web_with(&format!("  type: Ingress\n  clusterIP: 10.96.0.1\n{port80}")), "unknown spec.type \"Ingress\""),
+            (web_with(port80), "spec.clusterIP is missing"),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  sessionAffinity: Cookie\n{port80}")), "unknown spec.sessionAffinity \"Cookie\""),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 0\n{port80}")), "timeoutSeconds 0 is out of range 1..=86400"),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  externalTrafficPolicy: Global\n{port80}")), "unknown spec.externalTrafficPolicy \"Global\""),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  internalTrafficPolicy: Node\n{port80}")), "unknown spec.internalTrafficPolicy \"Node\""),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-algorithm: round-robin\nspec:\n  clusterIP: 10.96.0.1\n".into(),
+                "\"round-robin\" is neither maglev nor random",
+            ),
+        ];
+        for (yaml, reason) in cases {
+            match service_from(&yaml) {
+                Conversion::Rejected(e) => assert!(e.contains(reason), "{e:?} lacks {reason:?}"),
+                other => panic!("{reason}: got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sctp_ports_and_ipv6_addresses_are_kept_out_with_a_warning() {
+        let (svc, warnings) = accepted(service_from(&web_with(
+            "  clusterIPs: [10.96.0.7, fd00::7]\n  externalIPs: [2001:db8::1]\n  ports:\n  - name: sig\n    protocol: SCTP\n    port: 3868\n  - name: http\n    port: 80\n",
+        )));
+        assert_eq!(svc.cluster_ips, [Ipv4Addr::new(10, 96, 0, 7)]);
+        assert!(svc.external_ips.is_empty());
+        assert_eq!(svc.ports[0].protocol, Protocol::Sctp);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("port \"sig\": SCTP is not supported"))
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("IPv6 address fd00::7 skipped"))
+        );
+    }
+
+    #[test]
+    fn headless_external_name_and_foreign_services() {
+        let (headless, _) = accepted(service_from(&web_with(
+            "  clusterIP: None\n  ports:\n  - port: 80\n",
+        )));
+        assert!(headless.is_headless());
+        let labelled = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  labels:\n    service.kubernetes.io/headless: \"\"\nspec:\n  clusterIP: 10.96.0.1\n";
+        assert!(accepted(service_from(labelled)).0.is_headless());
+        let (alias, _) = accepted(service_from(&web_with(
+            "  type: ExternalName\n  externalName: db.example.com\n",
+        )));
+        assert_eq!(alias.service_type, ServiceType::ExternalName);
+        let foreign = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  labels:\n    service.kubernetes.io/service-proxy-name: other-proxy\nspec:\n  clusterIP: 10.96.0.1\n";
+        assert!(matches!(service_from(foreign), Conversion::Ignored(_)));
+    }
+
+    const SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- name: http
+  protocol: TCP
+  port: 8080
+endpoints:
+- addresses: ["10.244.1.5"]
+  nodeName: node-a
+- addresses: ["10.244.2.9"]
+  conditions:
+    ready: false
+    serving: true
+    terminating: true
+  nodeName: node-b
+- addresses: ["10.244.2.10"]
+  conditions:
+    ready: false
+"#;
+
+    #[test]
+    fn slice_conditions_take_the_apis_nil_meanings() {
+        let (slice, warnings) = accepted(slice_from(SLICE));
+        assert!(warnings.is_empty());
+        assert_eq!(slice.key, ("shop".into(), "web-abc12".into()));
+        assert_eq!(slice.service, ServiceKey::new("shop", "web"));
+        let port = EndpointPort {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(slice.ports, Some(vec![port]));
+        let conditions: Vec<(bool, bool, bool)> = slice
+            .endpoints
+            .iter()
+            .map(|e| (e.ready, e.serving, e.terminating))
+            .collect();
+        assert_eq!(
+            conditions,
+            [
+                (true, true, false),
+                (false, true, true),
+                (false, false, false)
+            ]
+        );
+        assert_eq!(slice.endpoints[0].node_name.as_deref(), Some("node-a"));
+
+        let bare = SLICE.replace(
+            "ports:\n- name: http\n  protocol: TCP\n  port: 8080\n",
+            "ports: []\n",
+        );
+        assert_eq!(accepted(slice_from(&bare)).0.ports, None);
+    }
+
+    #[test]
+    fn slices_that_are_not_ours_are_ignored() {
+        let ipv6 = SLICE.replace("addressType: IPv4", "addressType: IPv6");
+        let headless = SLICE.replace(
+            "    kubernetes.io/service-name: web",
+            "    kubernetes.io/service-name: web\n    service.kubernetes.io/headless: \"\"",
+        );
+        let foreign = SLICE.replace("    kubernetes.io/service-name: web", "    kubernetes.io/service-name: web\n    service.kubernetes.io/service-proxy-name: other");
+        for yaml in [ipv6, headless, foreign] {
+            assert!(
+                matches!(slice_from(&yaml), Conversion::Ignored(_)),
+                "{yaml}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_bad_slice_is_rejected_with_its_reason() {
+        let cases = [
+            (
+                SLICE.replace("  name: web-abc12\n", ""),
+                "metadata.name is missing",
+            ),
+            (
+                SLICE.replace("    kubernetes.io/service-name: web\n", "    app: web\n"),
+                "label kubernetes.io/service-name is missing",
+            ),
+            (
+                SLICE.replace("10.244.1.5", "10.244.1.500"),
+                "endpoints[0]: \"10.244.1.500\" is not an IPv4 address",
+            ),
+            (
+                SLICE.replace("10.244.1.5", "fd00::5"),
+                "\"fd00::5\" is not an IPv4 address",
+            ),
+            (
+                SLICE.replace("port: 8080", "port: 0"),
+                "port \"http\": port 0 is out of range",
+            ),
+            (
+                SLICE.replace("protocol: TCP", "protocol: QUIC"),
+                "unknown protocol \"QUIC\"",
+            ),
+            (
+                SLICE.replace("- name: http\n", "- name: http\n  port: 1\n- name: http\n"),
+                "duplicate port name",
+            ),
+        ];
+        for (yaml, reason) in cases {
+            match slice_from(&yaml) {
+                Conversion::Rejected(e) => assert!(e.contains(reason), "{e:?} lacks {reason:?}"),
+                other => panic!("{reason}: got {other:?}"),
+            }
+        }
+    }
+}
