@@ -10,6 +10,7 @@ pub mod compiler;
 pub mod config;
 pub mod datapath;
 pub mod endpoints;
+pub mod health;
 pub mod host;
 pub mod ipam;
 pub mod model;

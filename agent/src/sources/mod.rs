@@ -3,6 +3,7 @@
 //! plain Rust, shared by every source.
 
 mod convert;
+pub mod kube;
 pub mod manifests;
 
 pub use convert::*;
