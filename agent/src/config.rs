@@ -1,6 +1,6 @@
 //! Agent configuration: an optional JSON file, overridden by flags.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -44,6 +44,19 @@ pub struct AgentArgs {
     /// watched for changes.
     #[arg(long)]
     pub manifests_dir: Option<PathBuf>,
+    /// Where Services, EndpointSlices and Nodes come from: kube (the API
+    /// server), manifests (--manifests-dir) or none. Default: manifests when
+    /// a directory is given, else kube inside a cluster or with
+    /// --kubeconfig, else none.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The kubeconfig file to reach the API server with (default: the pod's
+    /// in-cluster service account).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of the HTTP endpoint serving /healthz, /readyz and /metrics.
+    #[arg(long)]
+    pub health_address: Option<SocketAddr>,
     /// Translate Service addresses at the socket (cgroup hooks): true or false.
     #[arg(long)]
     pub socket_lb: Option<bool>,
@@ -104,6 +117,9 @@ struct FileConfig {
     bpffs_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     manifests_dir: Option<PathBuf>,
+    source: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    health_address: Option<SocketAddr>,
     #[serde(rename = "socketLB")]
     socket_lb: Option<bool>,
     cgroup_root: Option<PathBuf>,
@@ -133,7 +149,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
-    pub manifests_dir: Option<PathBuf>,
+    pub source: Source,
+    pub health_address: SocketAddr,
     pub socket_lb: bool,
     pub cgroup_root: PathBuf,
     /// Empty: detect at start.
@@ -151,6 +168,34 @@ pub struct AgentConfig {
     pub masquerade: bool,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
 }
+
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The API server: in-cluster credentials, or this kubeconfig.
+    Kube { kubeconfig: Option<PathBuf> },
+    /// Standalone: a directory of manifests.
+    Manifests(PathBuf),
+    /// No Services; the agent only wires pods.
+    None,
+}
+
+impl Source {
+    /// How `tern status` names it.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Kube { kubeconfig: None } => "kube (in-cluster)".into(),
+            Source::Kube {
+                kubeconfig: Some(path),
+            } => format!("kube ({})", path.display()),
+            Source::Manifests(dir) => format!("manifests {}", dir.display()),
+            Source::None => "none".into(),
+        }
+    }
+}
+
+/// Set in every pod by the kubelet: the agent runs inside a cluster.
+const IN_CLUSTER_ENV: &str = "KUBERNETES_SERVICE_HOST";
 
 /// How traffic between pods of different nodes travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +316,15 @@ impl AgentConfig {
             tunnel_port,
             map_sizes,
             devices,
-            manifests_dir: args.manifests_dir.or(file.manifests_dir),
+            source: source(
+                args.source.or(file.source),
+                args.manifests_dir.or(file.manifests_dir),
+                args.kubeconfig.or(file.kubeconfig),
+            )?,
+            health_address: match args.health_address.or(file.health_address) {
+                Some(address) => address,
+                None => crate::health::DEFAULT_ADDRESS.parse()?,
+            },
             service_cidr: match args.service_cidr.or(file.service_cidr) {
                 Some(cidr) => cidr,
                 None => DEFAULT_SERVICE_CIDR.parse()?,
@@ -301,6 +354,30 @@ impl AgentConfig {
                 .unwrap_or_else(|| tern_cni::agent_api::DEFAULT_SOCKET.into()),
         })
     }
+}
+
+fn source(
+    kind: Option<String>,
+    manifests_dir: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+) -> anyhow::Result<Source> {
+    let kind = kind.unwrap_or_else(|| {
+        if manifests_dir.is_some() {
+            "manifests".into()
+        } else if kubeconfig.is_some() || std::env::var_os(IN_CLUSTER_ENV).is_some() {
+            "kube".into()
+        } else {
+            "none".into()
+        }
+    });
+    Ok(match kind.as_str() {
+        "kube" => Source::Kube { kubeconfig },
+        "manifests" => Source::Manifests(
+            manifests_dir.context("source manifests needs a manifests directory (manifestsDir)")?,
+        ),
+        "none" => Source::None,
+        other => anyhow::bail!("source {other:?} is not one of kube, manifests, none"),
+    })
 }
 
 fn parse_map_size(text: &str) -> Result<(String, u32), String> {
@@ -367,6 +444,19 @@ mod tests {
         assert!(AgentArgs::try_parse_from(["tern-agent", "--pod-cidr", "10.244.1.0/33"]).is_err());
         assert!(AgentConfig::from_args(args(&["--routing-mode", "tunnel"])).is_err());
         assert!(AgentConfig::from_args(args(&["--tunnel-port", "0"])).is_err());
+        assert!(AgentConfig::from_args(args(&["--source", "api"])).is_err());
+        assert!(AgentConfig::from_args(args(&["--source", "manifests"])).is_err());
+        let kube = AgentConfig::from_args(args(&["--kubeconfig", "/k"])).unwrap();
+        assert_eq!(
+            kube.source,
+            Source::Kube {
+                kubeconfig: Some("/k".into())
+            }
+        );
+        assert_eq!(
+            kube.health_address.to_string(),
+            crate::health::DEFAULT_ADDRESS
+        );
         let native = AgentConfig::from_args(args(&["--routing-mode", "native"])).unwrap();
         assert_eq!(native.routing_mode, RoutingMode::Native);
         assert_eq!(

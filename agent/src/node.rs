@@ -111,10 +111,7 @@ impl Node {
             lb,
             last_sync: SyncCounts::default(),
             last_sync_at: None,
-            source: match &config.manifests_dir {
-                Some(dir) => format!("manifests {}", dir.display()),
-                None => "none".into(),
-            },
+            source: config.source.describe(),
             socket_lb: config.socket_lb,
         };
         node.reconcile()?;

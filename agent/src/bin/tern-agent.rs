@@ -99,7 +99,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     let node = Arc::new(Mutex::new(node));
     runtime.block_on(async {
         tokio::spawn(conntrack_gc(config.bpffs_dir.clone()));
-        if let Some(dir) = config.manifests_dir.clone() {
+        if let tern_agent::config::Source::Manifests(dir) = config.source.clone() {
             let services = ServiceSync::new(context, node.clone());
             tokio::spawn(sync::run(dir, node.clone(), routing, services));
         }
