@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::metrics::Metrics;
 use crate::node::Node;
 
 /// Largest request accepted; a GC list of thousands of pods fits easily.
@@ -32,11 +33,11 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) {
+pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>, metrics: Arc<Metrics>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_one(stream, node.clone()));
+                tokio::spawn(serve_one(stream, node.clone(), metrics.clone()));
             }
             Err(e) => {
                 warn!("accept on the CNI socket failed: {e}");
@@ -46,7 +47,7 @@ pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) {
     }
 }
 
-async fn serve_one(stream: UnixStream, node: Arc<Mutex<Node>>) {
+async fn serve_one(stream: UnixStream, node: Arc<Mutex<Node>>, metrics: Arc<Metrics>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
@@ -55,16 +56,21 @@ async fn serve_one(stream: UnixStream, node: Arc<Mutex<Node>>) {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 debug!(?request, "request");
+                let op = request.op();
+                let started = std::time::Instant::now();
                 let handled = tokio::task::spawn_blocking(move || {
                     // A panic in a handler must not wedge every later request.
                     let mut node = node.lock().unwrap_or_else(|p| p.into_inner());
                     node.handle(request)
                 })
                 .await;
-                handled.unwrap_or_else(|e| Response::Error {
+                let response = handled.unwrap_or_else(|e| Response::Error {
                     message: format!("internal error: {e}"),
                     try_again: true,
-                })
+                });
+                let ok = !matches!(response, Response::Error { .. });
+                metrics.record_cni_request(op, ok, started.elapsed());
+                response
             }
             Err(e) => Response::Error {
                 message: format!("request not understood: {e}"),

@@ -54,6 +54,11 @@ pub struct AgentArgs {
     /// in-cluster service account).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL, e.g. https://192.168.1.10:6443, replacing the
+    /// one of the kubeconfig or the in-cluster default (the `kubernetes`
+    /// Service's ClusterIP, which needs kube-proxy or Tern already running).
+    #[arg(long)]
+    pub api_server: Option<String>,
     /// Address of the HTTP endpoint serving /healthz, /readyz and /metrics.
     #[arg(long)]
     pub health_address: Option<SocketAddr>,
@@ -119,6 +124,7 @@ struct FileConfig {
     manifests_dir: Option<PathBuf>,
     source: Option<String>,
     kubeconfig: Option<PathBuf>,
+    api_server: Option<String>,
     health_address: Option<SocketAddr>,
     #[serde(rename = "socketLB")]
     socket_lb: Option<bool>,
@@ -172,8 +178,12 @@ pub struct AgentConfig {
 /// Where the cluster's objects come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// The API server: in-cluster credentials, or this kubeconfig.
-    Kube { kubeconfig: Option<PathBuf> },
+    /// The API server: in-cluster credentials, or this kubeconfig; at
+    /// `api_server` when given.
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        api_server: Option<String>,
+    },
     /// Standalone: a directory of manifests.
     Manifests(PathBuf),
     /// No Services; the agent only wires pods.
@@ -184,10 +194,10 @@ impl Source {
     /// How `tern status` names it.
     pub fn describe(&self) -> String {
         match self {
-            Source::Kube { kubeconfig: None } => "kube (in-cluster)".into(),
-            Source::Kube {
-                kubeconfig: Some(path),
-            } => format!("kube ({})", path.display()),
+            Source::Kube { kubeconfig, .. } => match kubeconfig {
+                None => "kube (in-cluster)".into(),
+                Some(path) => format!("kube ({})", path.display()),
+            },
             Source::Manifests(dir) => format!("manifests {}", dir.display()),
             Source::None => "none".into(),
         }
@@ -320,6 +330,7 @@ impl AgentConfig {
                 args.source.or(file.source),
                 args.manifests_dir.or(file.manifests_dir),
                 args.kubeconfig.or(file.kubeconfig),
+                args.api_server.or(file.api_server),
             )?,
             health_address: match args.health_address.or(file.health_address) {
                 Some(address) => address,
@@ -360,18 +371,25 @@ fn source(
     kind: Option<String>,
     manifests_dir: Option<PathBuf>,
     kubeconfig: Option<PathBuf>,
+    api_server: Option<String>,
 ) -> anyhow::Result<Source> {
     let kind = kind.unwrap_or_else(|| {
         if manifests_dir.is_some() {
             "manifests".into()
-        } else if kubeconfig.is_some() || std::env::var_os(IN_CLUSTER_ENV).is_some() {
+        } else if kubeconfig.is_some()
+            || api_server.is_some()
+            || std::env::var_os(IN_CLUSTER_ENV).is_some()
+        {
             "kube".into()
         } else {
             "none".into()
         }
     });
     Ok(match kind.as_str() {
-        "kube" => Source::Kube { kubeconfig },
+        "kube" => Source::Kube {
+            kubeconfig,
+            api_server,
+        },
         "manifests" => Source::Manifests(
             manifests_dir.context("source manifests needs a manifests directory (manifestsDir)")?,
         ),
@@ -450,7 +468,8 @@ mod tests {
         assert_eq!(
             kube.source,
             Source::Kube {
-                kubeconfig: Some("/k".into())
+                kubeconfig: Some("/k".into()),
+                api_server: None,
             }
         );
         assert_eq!(

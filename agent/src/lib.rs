@@ -13,6 +13,7 @@ pub mod endpoints;
 pub mod health;
 pub mod host;
 pub mod ipam;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod routing;

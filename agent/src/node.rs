@@ -283,6 +283,11 @@ impl Node {
         Ok(Response::GcDone { released })
     }
 
+    /// The datapath's counters (METRICS), summed over CPUs.
+    pub fn datapath_metrics(&self) -> anyhow::Result<Vec<(tern_common::Reason, u64)>> {
+        self.datapath.maps.metrics()
+    }
+
     pub fn status(&self) -> AgentStatus {
         AgentStatus {
             node_name: self.node_name.clone(),

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::compiler::lb::{LbCompiler, NodeContext};
 use crate::node::Node;
-use crate::sources::manifests::LoadReport;
+use crate::sources::LoadReport;
 
 /// Map writes and deletes of a sync from which on the heap is trimmed.
 const TRIM_AFTER_MAP_CHANGES: usize = 1000;

@@ -57,6 +57,22 @@ pub enum Request {
     ListServices,
 }
 
+impl Request {
+    /// The `op` the request is sent as.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Allocate { .. } => "allocate",
+            Request::Release { .. } => "release",
+            Request::EndpointCreate { .. } => "endpoint_create",
+            Request::EndpointDelete { .. } => "endpoint_delete",
+            Request::Gc { .. } => "gc",
+            Request::Status => "status",
+            Request::ListEndpoints => "list_endpoints",
+            Request::ListServices => "list_services",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {

@@ -5,10 +5,11 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use tern_agent::compiler::lb::NodeContext;
 use tern_agent::config::{AgentArgs, AgentConfig, RoutingMode};
+use tern_agent::metrics::Metrics;
 use tern_agent::node::{Node, OverlayDevice};
 use tern_agent::routing::Routing;
 use tern_agent::services::ServiceSync;
-use tern_agent::{cni_api, host, sync};
+use tern_agent::{cni_api, health, host, sync};
 use tracing::{error, info};
 
 fn main() -> std::process::ExitCode {
@@ -93,21 +94,32 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         routing_mode = config.routing_mode.name(),
         mtu,
         socket = %config.socket.display(),
+        source = %config.source.describe(),
+        health = %config.health_address,
         bpffs = %config.bpffs_dir.display(),
         "tern-agent ready"
     );
     let node = Arc::new(Mutex::new(node));
+    let metrics = Arc::new(Metrics::default());
     runtime.block_on(async {
-        tokio::spawn(conntrack_gc(config.bpffs_dir.clone()));
-        if let tern_agent::config::Source::Manifests(dir) = config.source.clone() {
-            let services = ServiceSync::new(context, node.clone());
-            tokio::spawn(sync::run(dir, node.clone(), routing, services));
+        let health = health::bind(config.health_address).await?;
+        let source =
+            sync::start_source(&config.source, &config.node_name, metrics.clone()).await?;
+        tokio::spawn(health::serve(health, node.clone(), metrics.clone()));
+        tokio::spawn(conntrack_gc(config.bpffs_dir.clone(), metrics.clone()));
+        match source {
+            Some(snapshots) => {
+                let services = ServiceSync::new(context, node.clone());
+                let sync = sync::run(snapshots, node.clone(), routing, services, metrics.clone());
+                tokio::spawn(sync);
+            }
+            None => metrics.mark_synced(),
         }
         let listener = cni_api::bind(&config.socket)?;
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = cni_api::serve(listener, node) => {}
+            _ = cni_api::serve(listener, node, metrics) => {}
             _ = terminate.recv() => info!("SIGTERM: stopping; the pinned datapath keeps forwarding"),
             _ = tokio::signal::ctrl_c() => info!("interrupted: stopping; the pinned datapath keeps forwarding"),
         }
@@ -120,7 +132,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 /// Expired entries of the flow tables (CT: per-packet Services; NAT:
 /// masquerade) are removed every 10 s.
-async fn conntrack_gc(bpffs_dir: std::path::PathBuf) {
+async fn conntrack_gc(bpffs_dir: std::path::PathBuf, metrics: Arc<Metrics>) {
     use tern_agent::datapath::conntrack;
     let mut tables = Vec::new();
     for name in [tern_common::maps::CT, tern_common::maps::NAT] {
@@ -133,7 +145,7 @@ async fn conntrack_gc(bpffs_dir: std::path::PathBuf) {
     loop {
         ticker.tick().await;
         let (returned, removed) = match tokio::task::spawn_blocking(move || {
-            let removed: Vec<(&str, usize)> = tables
+            let removed: Vec<(&str, (usize, usize))> = tables
                 .iter_mut()
                 .map(|(name, table)| (*name, conntrack::collect_garbage(table)))
                 .collect();
@@ -145,8 +157,11 @@ async fn conntrack_gc(bpffs_dir: std::path::PathBuf) {
             Err(_) => return,
         };
         tables = returned;
-        for (table, removed) in removed.into_iter().filter(|(_, n)| *n > 0) {
-            tracing::debug!(table, removed, "expired entries removed");
+        for (table, (removed, left)) in removed {
+            metrics.set_table_entries(table, left);
+            if removed > 0 {
+                tracing::debug!(table, removed, left, "expired entries removed");
+            }
         }
     }
 }

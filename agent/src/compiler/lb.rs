@@ -120,6 +120,8 @@ pub struct LbCompiler {
 
 struct Memo {
     service: Arc<Service>,
+    /// The namespace's default algorithm it was compiled with.
+    namespace_algorithm: Option<LbAlgorithm>,
     slices: Vec<Arc<EndpointSlice>>,
     frontends: Vec<(Frontend, Arc<FrontendEntry>)>,
 }
@@ -149,9 +151,14 @@ impl LbCompiler {
             own_slices.extend(std::iter::from_fn(|| {
                 slices.next_if(|s| s.service == service.key)
             }));
+            let namespace_algorithm = cluster
+                .namespaces
+                .get(&service.key.namespace)
+                .and_then(|ns| ns.lb_algorithm);
             let (key, entry) = match old.next_if(|(key, _)| *key == service.key) {
                 Some((key, m))
                     if Arc::ptr_eq(&m.service, service)
+                        && m.namespace_algorithm == namespace_algorithm
                         && m.slices.len() == own_slices.len()
                         && m.slices
                             .iter()
@@ -162,10 +169,15 @@ impl LbCompiler {
                 }
                 _ => {
                     let plain: Vec<&EndpointSlice> = own_slices.iter().map(|s| &***s).collect();
+                    let algorithm = service
+                        .lb_algorithm
+                        .or(namespace_algorithm)
+                        .unwrap_or(self.ctx.default_algorithm);
                     let entry = Memo {
                         service: service.clone(),
+                        namespace_algorithm,
                         slices: own_slices.iter().map(|s| (*s).clone()).collect(),
-                        frontends: service_frontends(service, &plain, &self.ctx)
+                        frontends: service_frontends(service, &plain, algorithm, &self.ctx)
                             .into_iter()
                             .map(|(f, e)| (f, Arc::new(e)))
                             .collect(),
@@ -199,6 +211,7 @@ impl LbCompiler {
 fn service_frontends(
     service: &Service,
     slices: &[&EndpointSlice],
+    algorithm: LbAlgorithm,
     ctx: &NodeContext,
 ) -> Vec<(Frontend, FrontendEntry)> {
     let mut out = Vec::new();
@@ -207,7 +220,7 @@ fn service_frontends(
     }
     for port in &service.ports {
         if port.protocol != Protocol::Sctp {
-            compile_port(&mut out, service, port, slices, ctx);
+            compile_port(&mut out, service, port, slices, algorithm, ctx);
         }
     }
     out
@@ -231,9 +244,9 @@ fn compile_port(
     service: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
+    algorithm: LbAlgorithm,
     ctx: &NodeContext,
 ) {
-    let algorithm = service.lb_algorithm.unwrap_or(ctx.default_algorithm);
     let pool = |backends: Vec<BackendAddr>| Pool {
         maglev: maglev_table(algorithm, &backends, ctx.maglev_table_size),
         backends,
@@ -509,7 +522,7 @@ mod tests {
                 .into_iter()
                 .map(|s| (s.key.clone(), Arc::new(s)))
                 .collect(),
-            nodes: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -917,6 +930,34 @@ mod tests {
             maglev_of(Some(LbAlgorithm::Random), LbAlgorithm::Maglev),
             (LbAlgorithm::Random, None)
         );
+    }
+
+    #[test]
+    fn the_namespace_annotation_is_the_default_of_its_services() {
+        let slices = vec![slice(
+            "web-a",
+            8080,
+            vec![ep("10.0.1.1", NODE, State::Ready)],
+        )];
+        let mut c = cluster(vec![web()], slices);
+        let mut compiler = LbCompiler::new(ctx());
+        let algorithm = |state: &LbState| state.frontends.values().next().unwrap().algorithm;
+        assert_eq!(algorithm(&compiler.compile(&c)), LbAlgorithm::Random);
+        let namespace = |lb_algorithm| {
+            Arc::new(crate::model::Namespace {
+                name: "default".into(),
+                lb_algorithm,
+            })
+        };
+        // A kept compiler notices the namespace's change alone.
+        c.namespaces
+            .insert("default".into(), namespace(Some(LbAlgorithm::Maglev)));
+        assert_eq!(algorithm(&compiler.compile(&c)), LbAlgorithm::Maglev);
+        // The Service's own annotation wins.
+        let mut svc = web();
+        svc.lb_algorithm = Some(LbAlgorithm::Random);
+        c.services.insert(svc.key.clone(), Arc::new(svc));
+        assert_eq!(algorithm(&compiler.compile(&c)), LbAlgorithm::Random);
     }
 
     #[test]

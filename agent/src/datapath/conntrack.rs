@@ -39,15 +39,19 @@ fn expired(value: &CtValue, now: u32) -> bool {
 }
 
 /// Removes expired entries; returns how many.
-pub fn collect_garbage(ct: &mut CtMap) -> usize {
+/// Removes the expired entries: (entries removed, entries left).
+pub fn collect_garbage(ct: &mut CtMap) -> (usize, usize) {
     let now = now();
+    let mut seen = 0;
     let doomed: Vec<CtKey> = ct
         .iter()
         .filter_map(Result::ok)
+        .inspect(|_| seen += 1)
         .filter(|(_, v)| expired(v, now))
         .map(|(k, _)| k)
         .collect();
-    doomed.iter().filter(|k| ct.remove(k).is_ok()).count()
+    let removed = doomed.iter().filter(|k| ct.remove(k).is_ok()).count();
+    (removed, seen - removed)
 }
 
 /// One entry, readable.

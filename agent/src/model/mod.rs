@@ -2,14 +2,18 @@
 //! build it; compilers read it.
 
 mod endpoint_slice;
+mod namespace;
 mod node;
+mod pod;
 mod service;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
+pub use namespace::Namespace;
 pub use node::Node;
+pub use pod::Pod;
 pub use service::{
     LbAlgorithm, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
@@ -23,6 +27,10 @@ pub struct Cluster {
     pub slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
     /// Keyed by the node's name.
     pub nodes: BTreeMap<String, Arc<Node>>,
+    /// Keyed by name.
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    /// This node's pods (the API source only), keyed by (namespace, name).
+    pub pods: BTreeMap<(String, String), Arc<Pod>>,
 }
 
 impl Cluster {

@@ -12,11 +12,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use ipnetwork::IpNetwork;
 
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, Node, Protocol, Service, ServiceKey,
-    ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, Namespace, Node, Pod, Protocol, Service,
+    ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
-/// Per-Service choice of backend selection: `maglev` or `random`.
+/// Per-Service (or per-namespace default) backend selection: `maglev` or
+/// `random`.
 pub const LB_ALGORITHM_ANNOTATION: &str = "tern.io/lb-algorithm";
 /// Services (and their slices) with this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -188,20 +189,7 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         .flatten()
         .filter_map(|ingress| ingress.ip.clone())
         .collect();
-    let annotations = object.metadata.annotations.as_ref();
-    let lb_algorithm = match annotations
-        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
-        .map(String::as_str)
-    {
-        None => None,
-        Some("maglev") => Some(LbAlgorithm::Maglev),
-        Some("random") => Some(LbAlgorithm::Random),
-        Some(other) => {
-            return Err(format!(
-                "annotation {LB_ALGORITHM_ANNOTATION}: {other:?} is neither maglev nor random"
-            ));
-        }
-    };
+    let lb_algorithm = lb_algorithm(&object.metadata)?;
     Ok(Service {
         key: ServiceKey { namespace, name },
         service_type,
@@ -225,6 +213,58 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
         lb_algorithm,
     })
+}
+
+fn lb_algorithm(meta: &ObjectMeta) -> Result<Option<LbAlgorithm>, String> {
+    match meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => Ok(None),
+        Some("maglev") => Ok(Some(LbAlgorithm::Maglev)),
+        Some("random") => Ok(Some(LbAlgorithm::Random)),
+        Some(other) => Err(format!(
+            "annotation {LB_ALGORITHM_ANNOTATION}: {other:?} is neither maglev nor random"
+        )),
+    }
+}
+
+pub fn namespace(object: &core::Namespace) -> Conversion<Namespace> {
+    let result = match object.metadata.name.as_deref() {
+        None | Some("") => Err("metadata.name is missing".to_owned()),
+        Some(name) => lb_algorithm(&object.metadata).map(|lb_algorithm| Namespace {
+            name: name.to_owned(),
+            lb_algorithm,
+        }),
+    };
+    Conversion::from_result(result, Vec::new())
+}
+
+/// A pod of this node: its addresses, for matching endpoints to pods.
+pub fn pod(object: &core::Pod) -> Conversion<Pod> {
+    let mut warnings = Vec::new();
+    let result = identity(&object.metadata).and_then(|key| {
+        let raw: Vec<String> = object
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|ip| ip.ip.clone())
+            .collect();
+        Ok(Pod {
+            key,
+            ips: ipv4s("status.podIPs", &raw, &mut warnings)?,
+            host_network: object
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
+        })
+    });
+    Conversion::from_result(result, warnings)
 }
 
 /// `clusterIPs` wins over `clusterIP` (the API keeps them in step; `[0]` is

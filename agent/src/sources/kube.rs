@@ -1,5 +1,26 @@
-//! The Kubernetes API source: watchers on the objects Tern reads, folded
-//! into one consistent snapshot of the model.
+//! The Kubernetes API source: one watcher per kind Tern reads (list, then
+//! watch from the list's resourceVersion; a re-list after `410 Gone`;
+//! bookmarks; exponential back-off on errors: kube-runtime's watcher), all
+//! folded into one store. A snapshot goes out only once every kind has been
+//! listed in full, so the datapath never sees a Service whose slices have
+//! not arrived yet; a re-list replaces a kind's objects in one step.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use futures::stream::{BoxStream, StreamExt};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{Conversion, LoadReport};
+use crate::model::{Cluster, EndpointSlice, Namespace, Node, Pod, Service};
 
 /// Every resource the agent reads from the API, as (API group, resource),
 /// each only with `list` and `watch`: the ClusterRole in `manifests/` grants
@@ -11,3 +32,382 @@ pub const WATCHED_RESOURCES: &[(&str, &str)] = &[
     ("", "pods"),
     ("discovery.k8s.io", "endpointslices"),
 ];
+
+/// A client for the API server: from `kubeconfig`, or the pod's service
+/// account. `api_server` replaces the address either names: inside the
+/// cluster the default is the `kubernetes` Service's ClusterIP, which only
+/// works once a proxy (Tern itself) serves it.
+pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> anyhow::Result<Client> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster()
+            .context("no in-cluster service account (outside a pod, pass --kubeconfig)")?,
+    };
+    if let Some(url) = api_server {
+        config.cluster_url = url
+            .parse()
+            .with_context(|| format!("api server {url:?} is not a URL"))?;
+    }
+    Client::try_from(config).context("building the API client")
+}
+
+/// Watches the API and hands over a snapshot after the first full sync and
+/// after every change, until the receiver is gone. Changes that arrive
+/// while the receiver is busy are folded into one snapshot.
+pub async fn watch(
+    client: Client,
+    node_name: String,
+    tx: mpsc::Sender<LoadReport>,
+    on_error: impl Fn(),
+) {
+    let all = watcher::Config::default();
+    let local_pods = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    let mut updates = futures::stream::select_all([
+        kind(
+            Api::all(client.clone()),
+            all.clone(),
+            super::service,
+            Update::Services,
+        ),
+        kind(
+            Api::all(client.clone()),
+            all.clone(),
+            super::endpoint_slice,
+            Update::Slices,
+        ),
+        kind(
+            Api::all(client.clone()),
+            all.clone(),
+            super::node,
+            Update::Nodes,
+        ),
+        kind(
+            Api::all(client.clone()),
+            all,
+            super::namespace,
+            Update::Namespaces,
+        ),
+        kind(Api::all(client), local_pods, super::pod, Update::Pods),
+    ]);
+    let mut store = ApiStore::default();
+    let mut changed = false;
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            update = updates.next() => match update {
+                Some(Update::Error(error)) => {
+                    on_error();
+                    warn!("API watch: {error} (retrying with back-off)");
+                }
+                Some(update) => changed |= store.apply(update),
+                None => return,
+            },
+            permit = tx.reserve(), if changed && store.synced() => {
+                let Ok(permit) = permit else { return };
+                if !announced {
+                    announced = true;
+                    info!("API: first full sync");
+                }
+                permit.send(store.snapshot());
+                changed = false;
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// One watched object as kept: used (with warnings), rejected, or not ours.
+#[derive(Debug, PartialEq)]
+enum Entry<T> {
+    Used(Arc<T>, Vec<String>),
+    Rejected(String),
+    Ignored,
+}
+
+// Not derived: that would ask for `T: Clone`; sharing needs only the `Arc`.
+impl<T> Clone for Entry<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Entry::Used(object, warnings) => Entry::Used(object.clone(), warnings.clone()),
+            Entry::Rejected(reason) => Entry::Rejected(reason.clone()),
+            Entry::Ignored => Entry::Ignored,
+        }
+    }
+}
+
+impl<T> From<Conversion<T>> for Entry<T> {
+    fn from(conversion: Conversion<T>) -> Self {
+        match conversion {
+            Conversion::Accepted(object, warnings) => Entry::Used(Arc::new(object), warnings),
+            Conversion::Rejected(reason) => Entry::Rejected(reason),
+            Conversion::Ignored(_) => Entry::Ignored,
+        }
+    }
+}
+
+/// An object's "namespace/name" (or "name" when cluster-scoped) and entry.
+type Keyed<T> = (String, Entry<T>);
+
+enum Update {
+    Services(Event<Keyed<Service>>),
+    Slices(Event<Keyed<EndpointSlice>>),
+    Nodes(Event<Keyed<Node>>),
+    Namespaces(Event<Keyed<Namespace>>),
+    Pods(Event<Keyed<Pod>>),
+    Error(watcher::Error),
+}
+
+/// The watcher of one kind, its objects converted as they arrive (the API
+/// types are dropped at once).
+fn kind<K, T>(
+    api: Api<K>,
+    config: watcher::Config,
+    convert: fn(&K) -> Conversion<T>,
+    wrap: fn(Event<Keyed<T>>) -> Update,
+) -> BoxStream<'static, Update>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    T: Send + 'static,
+{
+    let keyed = move |object: K| {
+        let meta = object.meta();
+        let name = meta.name.clone().unwrap_or_default();
+        let key = match &meta.namespace {
+            Some(namespace) => format!("{namespace}/{name}"),
+            None => name,
+        };
+        (key, Entry::from(convert(&object)))
+    };
+    watcher::watcher(api, config)
+        .default_backoff()
+        .map(move |item| match item {
+            Ok(event) => wrap(match event {
+                Event::Apply(object) => Event::Apply(keyed(object)),
+                Event::Delete(object) => Event::Delete(keyed(object)),
+                Event::Init => Event::Init,
+                Event::InitApply(object) => Event::InitApply(keyed(object)),
+                Event::InitDone => Event::InitDone,
+            }),
+            Err(error) => Update::Error(error),
+        })
+        .boxed()
+}
+
+/// One kind's objects: those in force, and those of a list in progress.
+struct Objects<T> {
+    live: BTreeMap<String, Entry<T>>,
+    /// Filled between `Init` and `InitDone`, then swapped in whole.
+    listing: Option<BTreeMap<String, Entry<T>>>,
+    synced: bool,
+}
+
+impl<T> Default for Objects<T> {
+    fn default() -> Self {
+        Objects {
+            live: BTreeMap::new(),
+            listing: None,
+            synced: false,
+        }
+    }
+}
+
+impl<T: PartialEq> Objects<T> {
+    /// Whether the objects in force changed.
+    fn apply(&mut self, event: Event<Keyed<T>>) -> bool {
+        match event {
+            Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply((key, entry)) => {
+                self.listing.get_or_insert_default().insert(key, entry);
+                false
+            }
+            Event::InitDone => {
+                let mut listed = self.listing.take().unwrap_or_default();
+                // Objects that did not change keep their `Arc`: the
+                // compilers see them as the very same and skip them.
+                for (key, entry) in listed.iter_mut() {
+                    if let Some(old) = self.live.get(key)
+                        && old == entry
+                    {
+                        *entry = old.clone();
+                    }
+                }
+                let changed = !self.synced || listed != self.live;
+                self.live = listed;
+                self.synced = true;
+                changed
+            }
+            Event::Apply((key, entry)) => {
+                if self.live.get(&key) == Some(&entry) {
+                    return false; // e.g. a Pod's status moved on, not its IPs
+                }
+                self.live.insert(key, entry);
+                true
+            }
+            Event::Delete((key, _)) => self.live.remove(&key).is_some(),
+        }
+    }
+
+    /// The objects in use, keyed the model's way; rejections and warnings
+    /// named by `kind` and key.
+    fn collect<K: Ord>(
+        &self,
+        kind: &str,
+        model_key: impl Fn(&T) -> K,
+        report: &mut LoadReport,
+    ) -> BTreeMap<K, Arc<T>> {
+        let mut used = BTreeMap::new();
+        for (key, entry) in &self.live {
+            match entry {
+                Entry::Used(object, warnings) => {
+                    report
+                        .warnings
+                        .extend(warnings.iter().map(|w| format!("{kind} {key}: {w}")));
+                    used.insert(model_key(object), object.clone());
+                }
+                Entry::Rejected(reason) => report.errors.push(format!("{kind} {key}: {reason}")),
+                Entry::Ignored => report.ignored += 1,
+            }
+        }
+        used
+    }
+}
+
+#[derive(Default)]
+struct ApiStore {
+    services: Objects<Service>,
+    slices: Objects<EndpointSlice>,
+    nodes: Objects<Node>,
+    namespaces: Objects<Namespace>,
+    pods: Objects<Pod>,
+}
+
+impl ApiStore {
+    fn apply(&mut self, update: Update) -> bool {
+        match update {
+            Update::Services(event) => self.services.apply(event),
+            Update::Slices(event) => self.slices.apply(event),
+            Update::Nodes(event) => self.nodes.apply(event),
+            Update::Namespaces(event) => self.namespaces.apply(event),
+            Update::Pods(event) => self.pods.apply(event),
+            Update::Error(_) => false,
+        }
+    }
+
+    /// Every kind listed in full at least once.
+    fn synced(&self) -> bool {
+        self.services.synced
+            && self.slices.synced
+            && self.nodes.synced
+            && self.namespaces.synced
+            && self.pods.synced
+    }
+
+    fn snapshot(&self) -> LoadReport {
+        let mut report = LoadReport::default();
+        report.cluster = Cluster {
+            services: self
+                .services
+                .collect("Service", |s| s.key.clone(), &mut report),
+            slices: self
+                .slices
+                .collect("EndpointSlice", |s| s.key.clone(), &mut report),
+            nodes: self.nodes.collect("Node", |n| n.name.clone(), &mut report),
+            namespaces: self
+                .namespaces
+                .collect("Namespace", |n| n.name.clone(), &mut report),
+            pods: self.pods.collect("Pod", |p| p.key.clone(), &mut report),
+        };
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(name: &str, maglev: bool) -> Keyed<Namespace> {
+        let lb_algorithm = maglev.then_some(crate::model::LbAlgorithm::Maglev);
+        let namespace = Namespace {
+            name: name.into(),
+            lb_algorithm,
+        };
+        (name.into(), Entry::Used(Arc::new(namespace), vec![]))
+    }
+
+    fn used(objects: &Objects<Namespace>, key: &str) -> Arc<Namespace> {
+        match &objects.live[key] {
+            Entry::Used(object, _) => object.clone(),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_relist_takes_effect_whole_at_its_end() {
+        let mut objects = Objects::default();
+        assert!(!objects.apply(Event::Init));
+        assert!(!objects.apply(Event::InitApply(ns("a", false))));
+        assert!(!objects.synced && objects.live.is_empty());
+        assert!(objects.apply(Event::InitDone));
+        assert!(objects.synced);
+        let a = used(&objects, "a");
+
+        // A re-list (after 410 Gone): nothing changes until InitDone; then
+        // b is gone, c is new, and the unchanged a keeps its object.
+        assert!(objects.apply(Event::Apply(ns("b", false))));
+        assert!(!objects.apply(Event::Init));
+        assert!(!objects.apply(Event::InitApply(ns("a", false))));
+        assert!(!objects.apply(Event::InitApply(ns("c", true))));
+        assert_eq!(objects.live.len(), 2);
+        assert!(objects.apply(Event::InitDone));
+        assert_eq!(objects.live.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert!(Arc::ptr_eq(&a, &used(&objects, "a")));
+
+        // The same list again changes nothing.
+        objects.apply(Event::Init);
+        objects.apply(Event::InitApply(ns("a", false)));
+        objects.apply(Event::InitApply(ns("c", true)));
+        assert!(!objects.apply(Event::InitDone));
+    }
+
+    #[test]
+    fn an_update_that_converts_the_same_is_no_change() {
+        let mut objects = Objects::default();
+        objects.apply(Event::InitDone);
+        assert!(objects.apply(Event::Apply(ns("a", false))));
+        assert!(!objects.apply(Event::Apply(ns("a", false))));
+        assert!(objects.apply(Event::Apply(ns("a", true))));
+        assert!(objects.apply(Event::Delete(ns("a", true))));
+        assert!(!objects.apply(Event::Delete(ns("a", true))));
+    }
+
+    #[test]
+    fn a_snapshot_waits_for_every_kind_and_names_rejections() {
+        let mut store = ApiStore::default();
+        store.apply(Update::Namespaces(Event::InitDone));
+        store.apply(Update::Services(Event::InitApply((
+            "default/bad".into(),
+            Entry::Rejected("unknown spec.type \"X\"".into()),
+        ))));
+        store.apply(Update::Services(Event::InitDone));
+        store.apply(Update::Slices(Event::InitDone));
+        store.apply(Update::Nodes(Event::InitDone));
+        assert!(!store.synced());
+        store.apply(Update::Pods(Event::InitDone));
+        assert!(store.synced());
+        let report = store.snapshot();
+        assert_eq!(
+            report.errors,
+            ["Service default/bad: unknown spec.type \"X\""]
+        );
+        assert!(report.cluster.services.is_empty());
+    }
+}

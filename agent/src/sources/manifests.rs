@@ -15,21 +15,10 @@ use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAcc
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::Conversion;
-use crate::model::{Cluster, EndpointSlice, Node, Service};
+use super::{Conversion, LoadReport};
+use crate::model::{EndpointSlice, Namespace, Node, Service};
 
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
-
-#[derive(Debug, Default, PartialEq)]
-pub struct LoadReport {
-    pub cluster: Cluster,
-    /// One per rejected file or object: where it is and why.
-    pub errors: Vec<String>,
-    /// Objects used with parts left out (SCTP ports, IPv6 addresses).
-    pub warnings: Vec<String>,
-    /// Objects of other kinds, and ones that belong to another proxy.
-    pub ignored: usize,
-}
 
 /// Loads every manifest file in `dir` (not its subdirectories), in name
 /// order so duplicates always resolve the same way: the first one wins.
@@ -44,6 +33,7 @@ struct FileObjects {
     services: Vec<(String, Arc<Service>)>,
     slices: Vec<(String, Arc<EndpointSlice>)>,
     nodes: Vec<(String, Arc<Node>)>,
+    namespaces: Vec<(String, Arc<Namespace>)>,
     errors: Vec<String>,
     warnings: Vec<String>,
     ignored: usize,
@@ -148,6 +138,11 @@ impl ManifestSource {
         );
         report.cluster.nodes = merge_sorted(
             self.files.values().map(|(_, f)| &f.nodes[..]),
+            |n| &n.name,
+            &mut report.errors,
+        );
+        report.cluster.namespaces = merge_sorted(
+            self.files.values().map(|(_, f)| &f.namespaces[..]),
             |n| &n.name,
             &mut report.errors,
         );
@@ -420,12 +415,23 @@ fn add_listed(item: Value, place: String, file: &mut FileObjects) {
 
 impl FileObjects {
     fn merge(&mut self, other: FileObjects) {
-        self.services.extend(other.services);
-        self.slices.extend(other.slices);
-        self.nodes.extend(other.nodes);
-        self.errors.extend(other.errors);
-        self.warnings.extend(other.warnings);
-        self.ignored += other.ignored;
+        // Taken apart whole, so a new kind cannot be forgotten here.
+        let FileObjects {
+            services,
+            slices,
+            nodes,
+            namespaces,
+            errors,
+            warnings,
+            ignored,
+        } = other;
+        self.services.extend(services);
+        self.slices.extend(slices);
+        self.nodes.extend(nodes);
+        self.namespaces.extend(namespaces);
+        self.errors.extend(errors);
+        self.warnings.extend(warnings);
+        self.ignored += ignored;
     }
 }
 
@@ -480,8 +486,8 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("(unnamed)");
-    let what = if kind == "Node" {
-        format!("{place}: Node {name}") // cluster-scoped
+    let what = if kind == "Node" || kind == "Namespace" {
+        format!("{place}: {kind} {name}") // cluster-scoped
     } else {
         format!("{place}: {kind} {namespace}/{name}")
     };
@@ -504,6 +510,12 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
             let converted = typed::<core::Node>(object).map(|n| super::node(&n));
             if let Some(node) = accept(converted, &what, file) {
                 file.nodes.push((what, Arc::new(node)));
+            }
+        }
+        ("v1", "Namespace") => {
+            let converted = typed::<core::Namespace>(object).map(|n| super::namespace(&n));
+            if let Some(namespace) = accept(converted, &what, file) {
+                file.namespaces.push((what, Arc::new(namespace)));
             }
         }
         _ => file.ignored += 1,

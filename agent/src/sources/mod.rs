@@ -1,9 +1,24 @@
-//! Sources turn Kubernetes objects into the model: the manifest directory
-//! (standalone mode) reads them, `convert` turns each into the model's
-//! plain Rust, shared by every source.
+//! Sources turn Kubernetes objects into the model: the API server's
+//! watchers (`kube`) or the manifest directory (standalone mode) read
+//! them, `convert` turns each into the model's plain Rust, shared by every
+//! source. Both hand over whole snapshots: a `LoadReport`.
 
 mod convert;
 pub mod kube;
 pub mod manifests;
 
 pub use convert::*;
+
+use crate::model::Cluster;
+
+/// One consistent snapshot of the cluster, with what was left out of it.
+#[derive(Debug, Default, PartialEq)]
+pub struct LoadReport {
+    pub cluster: Cluster,
+    /// One per rejected file or object: where it is and why.
+    pub errors: Vec<String>,
+    /// Objects used with parts left out (SCTP ports, IPv6 addresses).
+    pub warnings: Vec<String>,
+    /// Objects of other kinds, and ones that belong to another proxy.
+    pub ignored: usize,
+}

@@ -1,0 +1,215 @@
+//! What the agent counts, and its rendering in the Prometheus text format.
+//! Event metrics (CNI requests, syncs, source errors) are recorded as they
+//! happen; state (Services, backends, endpoints, table entries, datapath
+//! counters) is read at scrape time, so it is never stale.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tern_common::Reason;
+
+use crate::node::Node;
+
+/// Datapath outcomes that lose the packet or refuse the connection.
+pub const DROP_REASONS: &[Reason] = &[
+    Reason::SockLbNoBackend,
+    Reason::SockLbBindRefused,
+    Reason::SockLbUnknownService,
+    Reason::LbReject,
+    Reason::CtFull,
+    Reason::NatFull,
+];
+
+type Labels = Vec<(&'static str, &'static str)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    /// The first snapshot from the source is in the datapath.
+    synced: AtomicBool,
+    services: Gauge,
+    sync_duration: Histogram,
+    source_errors: Counter,
+    cni_requests: Family<Labels, Counter>,
+    cni_duration: HistogramFamily,
+    /// Entry counts of the flow tables, from their last garbage collection
+    /// (counting a million-entry map per scrape would cost too much).
+    conntrack_entries: Gauge,
+    nat_entries: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            synced: AtomicBool::new(false),
+            services: Gauge::default(),
+            // 100 µs .. ~3.3 s.
+            sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            source_errors: Counter::default(),
+            cni_requests: Family::default(),
+            // 100 µs .. ~1.6 s: an ADD's agent part is milliseconds.
+            cni_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+            }),
+            conntrack_entries: Gauge::default(),
+            nat_entries: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// A snapshot of `services` Services is in the datapath.
+    pub fn record_sync(&self, services: usize, took: Duration) {
+        self.sync_duration.observe(took.as_secs_f64());
+        self.services.set(services as i64);
+        self.synced.store(true, Ordering::Relaxed);
+    }
+
+    /// With no source there is nothing to wait for.
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub fn record_source_error(&self) {
+        self.source_errors.inc();
+    }
+
+    pub fn record_cni_request(&self, op: &'static str, ok: bool, took: Duration) {
+        let result = if ok { "success" } else { "error" };
+        self.cni_requests
+            .get_or_create(&vec![("op", op), ("result", result)])
+            .inc();
+        self.cni_duration
+            .get_or_create(&vec![("op", op)])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn set_table_entries(&self, table: &str, entries: usize) {
+        let gauge = match table {
+            tern_common::maps::CT => &self.conntrack_entries,
+            tern_common::maps::NAT => &self.nat_entries,
+            _ => return,
+        };
+        gauge.set(entries as i64);
+    }
+
+    /// The Prometheus text exposition of everything, reading the node's
+    /// state now.
+    pub fn render(&self, node: &Node) -> String {
+        let mut registry = Registry::with_prefix("tern");
+        let status = node.status();
+        let gauge = |value: usize| {
+            let g: Gauge = Gauge::default();
+            g.set(value as i64);
+            g
+        };
+        registry.register(
+            "services",
+            "Services in the last snapshot from the source",
+            self.services.clone(),
+        );
+        registry.register(
+            "service_frontends",
+            "Service frontends (address, port, protocol) in the datapath",
+            gauge(status.frontends),
+        );
+        registry.register(
+            "service_backends",
+            "Backends of all frontends in the datapath",
+            gauge(status.backends),
+        );
+        registry.register(
+            "endpoints",
+            "Pod endpoints on this node",
+            gauge(status.endpoints),
+        );
+        registry.register(
+            "ipam_allocated",
+            "Pod addresses given out of the node's PodCIDR",
+            gauge(status.allocated),
+        );
+        registry.register(
+            "conntrack_entries",
+            "Entries of the per-packet Service path's connection table",
+            self.conntrack_entries.clone(),
+        );
+        registry.register(
+            "nat_entries",
+            "Entries of the masquerade table",
+            self.nat_entries.clone(),
+        );
+        let datapath: Family<Labels, Counter> = Family::default();
+        let drops: Family<Labels, Counter> = Family::default();
+        let translations: Counter = Counter::default();
+        if let Ok(counters) = node.datapath_metrics() {
+            for (reason, value) in counters {
+                datapath
+                    .get_or_create(&vec![("reason", reason.name())])
+                    .inc_by(value);
+                if DROP_REASONS.contains(&reason) {
+                    drops
+                        .get_or_create(&vec![("reason", reason.name())])
+                        .inc_by(value);
+                }
+                if reason == Reason::SockLbTranslated {
+                    translations.inc_by(value);
+                }
+            }
+        }
+        registry.register(
+            "datapath_packets",
+            "Packets (or socket calls) by the path the datapath gave them",
+            datapath,
+        );
+        registry.register(
+            "drops",
+            "Packets dropped or connections refused by the datapath, by reason",
+            drops,
+        );
+        registry.register(
+            "socket_lb_translations",
+            "Connects and sends to a Service translated at the socket",
+            translations,
+        );
+        registry.register(
+            "cni_requests",
+            "CNI API requests by operation and result",
+            self.cni_requests.clone(),
+        );
+        registry.register(
+            "cni_request_duration_seconds",
+            "Time the agent took to serve a CNI API request",
+            self.cni_duration.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "Time to bring routes and Service maps to a snapshot from the source",
+            self.sync_duration.clone(),
+        );
+        registry.register(
+            "source_errors",
+            "Failed list or watch calls to the source (each retried with back-off)",
+            self.source_errors.clone(),
+        );
+        let age: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64> =
+            Default::default();
+        age.set(status.last_sync_age_s.map_or(-1.0, |a| a as f64));
+        registry.register(
+            "last_sync_age_seconds",
+            "Seconds since the last sync from the source (-1: none yet)",
+            age,
+        );
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}

@@ -1,0 +1,294 @@
+//! The Kubernetes source against a stand-in API server speaking the real
+//! list/watch protocol: after a sequence of events (adds, updates, deletes,
+//! a bookmark, watches cut, a 410 Gone re-list, a period of errors) the
+//! source's snapshot, and the datapath state compiled from it, equal what
+//! the final objects give when read directly.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tern_agent::compiler::lb::{self, NodeContext};
+use tern_agent::model::LbAlgorithm;
+
+use tern_agent::sources::{self, Conversion, LoadReport, kube, manifests};
+use tern_tests::apiserver::ApiServer;
+use tokio::sync::mpsc;
+
+const NODE: &str = "n1";
+
+fn node(name: &str, cidr: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip},
+                                 {"type": "Hostname", "address": name}]}})
+}
+
+fn namespace(name: &str, lb_algorithm: Option<&str>) -> Value {
+    let annotations = match lb_algorithm {
+        Some(a) => json!({"tern.io/lb-algorithm": a}),
+        None => json!({}),
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "annotations": annotations},
+        "status": {"phase": "Active"}})
+}
+
+fn service(name: &str, cluster_ip: &str, port: u16, target: u16) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                 "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                 "sessionAffinity": "None", "internalTrafficPolicy": "Cluster",
+                 "selector": {"app": name},
+                 "ports": [{"name": "http", "protocol": "TCP", "port": port,
+                            "targetPort": target}]},
+        "status": {"loadBalancer": {}}})
+}
+
+fn slice(service: &str, suffix: &str, port: u16, addresses: &[&str]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| {
+            json!({"addresses": [a], "nodeName": NODE,
+                "conditions": {"ready": true, "serving": true, "terminating": false}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-{suffix}"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": service,
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "protocol": "TCP", "port": port}]})
+}
+
+fn pod(name: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+fn context() -> NodeContext {
+    NodeContext {
+        node_name: NODE.into(),
+        node_ips: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        maglev_table_size: 251,
+        default_algorithm: LbAlgorithm::Random,
+    }
+}
+
+/// What the final objects give read directly (the manifest source's path).
+fn expected(server: &ApiServer) -> LoadReport {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.json"), server.objects().to_string()).unwrap();
+    let mut report = manifests::load_dir(dir.path());
+    // The manifest source reads no pods; the watcher this node's.
+    let objects = server.objects();
+    for object in objects["items"].as_array().unwrap() {
+        if object["kind"] == "Pod" && object["spec"]["nodeName"] == NODE {
+            let typed: k8s_openapi::api::core::v1::Pod =
+                serde_json::from_value(object.clone()).unwrap();
+            let Conversion::Accepted(pod, _) = sources::pod(&typed) else {
+                panic!("{object}");
+            };
+            report.cluster.pods.insert(pod.key.clone(), Arc::new(pod));
+        }
+    }
+    report.ignored = 0;
+    report
+}
+
+/// The source's snapshots, and the latest one.
+struct Snapshots {
+    rx: mpsc::Receiver<LoadReport>,
+    latest: LoadReport,
+}
+
+fn matches(report: &LoadReport, want: &LoadReport) -> bool {
+    report.cluster == want.cluster && same_errors(&report.errors, &want.errors)
+}
+
+/// The manifest source puts the file and place before the same message.
+fn same_errors(got: &[String], want: &[String]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(g, w)| w.ends_with(g.as_str()))
+}
+
+/// Waits for a snapshot equal to `want`, returning the last one.
+async fn settle(snapshots: &mut Snapshots, want: &LoadReport) -> LoadReport {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !matches(&snapshots.latest, want) {
+        match tokio::time::timeout_at(deadline, snapshots.rx.recv()).await {
+            Ok(Some(report)) => snapshots.latest = report,
+            _ => break,
+        }
+    }
+    let last = LoadReport {
+        cluster: snapshots.latest.cluster.clone(),
+        errors: snapshots.latest.errors.clone(),
+        warnings: snapshots.latest.warnings.clone(),
+        ignored: snapshots.latest.ignored,
+    };
+    assert_eq!(
+        last.cluster, want.cluster,
+        "the source's view never matched the objects"
+    );
+    assert!(
+        same_errors(&last.errors, &want.errors),
+        "{:?} vs {:?}",
+        last.errors,
+        want.errors
+    );
+    // The datapath state: the same frontends and backends either way.
+    assert_eq!(
+        lb::compile(&last.cluster, &context()),
+        lb::compile(&want.cluster, &context())
+    );
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_the_api_through_relists_bookmarks_and_errors() {
+    let server = ApiServer::start().await.unwrap();
+    for object in [
+        node(NODE, "10.244.1.0/24", "10.0.0.1"),
+        node("n2", "10.244.2.0/24", "10.0.0.2"),
+        namespace("default", None),
+        service("web", "10.96.0.10", 80, 8080),
+        slice("web", "a", 8080, &["10.244.1.5", "10.244.2.7"]),
+        pod("web-1", NODE, "10.244.1.5"),
+        pod("web-2", "n2", "10.244.2.7"),
+    ] {
+        server.apply(object);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+    let client = kube::client(Some(&kubeconfig), None).await.unwrap();
+    let errors = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = errors.clone();
+    let (tx, mut rx) = mpsc::channel(1);
+    tokio::spawn(kube::watch(client, NODE.into(), tx, move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }));
+
+    // The first snapshot is whole: the Service comes with its slice.
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no first sync")
+        .unwrap();
+    assert_eq!(first.cluster.services.len(), 1);
+    assert_eq!(first.cluster.slices.len(), 1, "{:?}", first.cluster);
+    assert_eq!(first.cluster.nodes.len(), 2);
+    // Only this node's pods.
+    let pods: Vec<_> = first.cluster.pods.keys().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(pods, ["web-1"]);
+    let mut rx = Snapshots { rx, latest: first };
+    settle(&mut rx, &expected(&server)).await;
+
+    // Watch events: a new Service with its slice, a changed slice, a
+    // namespace default, a bad Service, a deleted pod.
+    server.apply(service("api", "10.96.0.11", 443, 8443));
+    server.apply(slice("api", "x", 8443, &["10.244.1.9"]));
+    server.apply(slice("web", "a", 8080, &["10.244.2.7"]));
+    server.apply(namespace("default", Some("maglev")));
+    let mut bad = service("bad", "10.96.0.12", 80, 80);
+    bad["spec"]["type"] = json!("Weird");
+    server.apply(bad.clone());
+    let want = expected(&server);
+    assert_eq!(want.errors.len(), 1, "{:?}", want.errors);
+    let after_events = settle(&mut rx, &want).await;
+    let compiled = lb::compile(&after_events.cluster, &context());
+    assert!(
+        compiled
+            .frontends
+            .values()
+            .all(|f| f.algorithm == LbAlgorithm::Maglev),
+        "the namespace's annotation is every Service's default"
+    );
+
+    // A bookmark, then the watches end: each comes back from the
+    // bookmark's resourceVersion, with no re-list.
+    let lists_before = server.requests().iter().filter(|r| !r.is_watch()).count();
+    let bookmark = server.bookmark();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.close_watches();
+    server.apply(pod("web-3", NODE, "10.244.1.10"));
+    server.delete(&bad);
+    let want = expected(&server);
+    let snapshot = settle(&mut rx, &want).await;
+    assert!(snapshot.cluster.pods.keys().any(|(_, n)| n == "web-3"));
+    let requests = server.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.is_watch() && r.query.get("resourceVersion") == Some(&bookmark.to_string())),
+        "no watch resumed from the bookmark {bookmark}: {requests:?}"
+    );
+    assert_eq!(
+        requests.iter().filter(|r| !r.is_watch()).count(),
+        lists_before,
+        "resuming a watch must not list again"
+    );
+
+    // The server fails every request for 2 s, and meanwhile a Service and
+    // its slice go, a node comes, and the history is compacted: the
+    // watchers back off (no busy loop), count the errors, then resume from
+    // expired resourceVersions, get 410 Gone, list every kind again and
+    // see all that happened.
+    let before = server.requests().len();
+    server.fail_for(Duration::from_secs(2));
+    server.delete(&service("api", "10.96.0.11", 443, 8443));
+    server.delete(&slice("api", "x", 8443, &[]));
+    server.apply(node("n3", "10.244.3.0/24", "10.0.0.3"));
+    server.write_elsewhere();
+    server.compact();
+    let want = expected(&server);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed = server.requests().len() - before;
+    assert!(
+        failed <= 5 * 4,
+        "{failed} requests in 2 s of errors from 5 watchers: no back-off"
+    );
+    assert!(errors.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    settle(&mut rx, &want).await;
+    // Lists that found nothing new changed nothing: wait for them too.
+    let relisted = |path: &str, requests: &[tern_tests::apiserver::Logged]| {
+        let gone = requests
+            .iter()
+            .position(|r| r.path == path && r.status == 410);
+        gone.is_some_and(|gone| {
+            requests[gone..]
+                .iter()
+                .any(|r| r.path == path && !r.is_watch() && r.status == 200)
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let requests = server.requests().split_off(before);
+        let pending: Vec<&str> = tern_tests::apiserver::RESOURCES
+            .iter()
+            .map(|(path, _, _)| *path)
+            .filter(|path| !relisted(path, &requests))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 410 Gone and re-list for {pending:?}: {requests:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // And plain watch events flow again.
+    server.apply(slice(
+        "web",
+        "a",
+        8080,
+        &["10.244.1.5", "10.244.2.7", "10.244.2.8"],
+    ));
+    settle(&mut rx, &expected(&server)).await;
+}

@@ -1,0 +1,377 @@
+//! A stand-in for the Kubernetes API server that speaks the real list and
+//! watch protocol for the kinds Tern reads: lists carry the collection's
+//! resourceVersion; a watch (`?watch=true&resourceVersion=N`) streams the
+//! events after N as newline-separated JSON over a chunked response, with
+//! BOOKMARK events when asked for; a watch from a compacted resourceVersion
+//! gets an ERROR event with a 410 Gone Status, as the real server sends.
+//! Tests drive it: apply and delete objects, send bookmarks, close open
+//! watches, compact the history, make requests fail for a while.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// The collections served: (URL path, kind, apiVersion).
+pub const RESOURCES: &[(&str, &str, &str)] = &[
+    ("/api/v1/nodes", "Node", "v1"),
+    ("/api/v1/namespaces", "Namespace", "v1"),
+    ("/api/v1/services", "Service", "v1"),
+    ("/api/v1/pods", "Pod", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSlice",
+        "discovery.k8s.io/v1",
+    ),
+];
+
+/// One request as received: path and query.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub status: u16,
+}
+
+impl Logged {
+    pub fn is_watch(&self) -> bool {
+        self.query
+            .get("watch")
+            .is_some_and(|w| w == "true" || w == "1")
+    }
+}
+
+struct Watch {
+    path: String,
+    field_selector: Option<String>,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct State {
+    resource_version: u64,
+    /// By (path, namespace, name).
+    objects: BTreeMap<(String, String, String), Value>,
+    /// Every event: (resourceVersion, path, type, object).
+    history: Vec<(u64, String, &'static str, Value)>,
+    /// Watches from below this resourceVersion get 410 Gone.
+    compacted_to: u64,
+    watches: Vec<Watch>,
+    failing_until: Option<Instant>,
+    log: Vec<Logged>,
+}
+
+#[derive(Clone)]
+pub struct ApiServer {
+    pub address: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl ApiServer {
+    /// Serves on 127.0.0.1 (an ephemeral port) of the calling thread's
+    /// network namespace, inside the current tokio runtime.
+    pub async fn start() -> std::io::Result<ApiServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let server = ApiServer {
+            address: listener.local_addr()?,
+            state: Arc::default(),
+        };
+        let state = server.state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(respond(&state, request)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(server)
+    }
+
+    /// A kubeconfig file's text that points a client here (plain HTTP).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+             users:\n- name: fake\n  user:\n    token: fake\ncontexts:\n- name: fake\n  context:\n    \
+             cluster: fake\n    user: fake\ncurrent-context: fake\n",
+            self.address
+        )
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply`.
+    pub fn apply(&self, mut object: Value) {
+        let mut state = self.lock();
+        let path = path_of(&object);
+        let key = key_of(&path, &object);
+        state.resource_version += 1;
+        let rv = state.resource_version;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind = if state.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        state.objects.insert(key, object.clone());
+        state.publish(rv, path, kind, object);
+    }
+
+    /// Deletes an object (DELETED carries its last state); false if absent.
+    pub fn delete(&self, object: &Value) -> bool {
+        let mut state = self.lock();
+        let path = path_of(object);
+        let Some(mut last) = state.objects.remove(&key_of(&path, object)) else {
+            return false;
+        };
+        state.resource_version += 1;
+        let rv = state.resource_version;
+        last["metadata"]["resourceVersion"] = json!(rv.to_string());
+        state.publish(rv, path, "DELETED", last);
+        true
+    }
+
+    /// Sends every open watch a BOOKMARK at the current resourceVersion;
+    /// returns it.
+    pub fn bookmark(&self) -> u64 {
+        let mut state = self.lock();
+        let rv = state.resource_version;
+        state.watches.retain(|w| {
+            let (_, kind, api_version) = resource(&w.path).expect("watched paths are known");
+            let event = json!({"type": "BOOKMARK", "object": {
+                "kind": kind, "apiVersion": api_version,
+                "metadata": {"resourceVersion": rv.to_string()}}});
+            w.tx.send(line(&event)).is_ok()
+        });
+        rv
+    }
+
+    /// Ends every open watch, as the server's watch timeout does; clients
+    /// come back from the last resourceVersion they saw.
+    pub fn close_watches(&self) {
+        self.lock().watches.clear();
+    }
+
+    /// Forgets the history up to now: a watch from an older
+    /// resourceVersion gets 410 Gone and has to list again.
+    pub fn compact(&self) {
+        let mut state = self.lock();
+        state.compacted_to = state.resource_version + 1;
+        state.history.clear();
+    }
+
+    /// A write to a kind nobody watches (a Lease, say): the
+    /// resourceVersion moves on, so a later compaction expires every watch.
+    pub fn write_elsewhere(&self) {
+        self.lock().resource_version += 1;
+    }
+
+    /// Every request gets 500 for `period` (open watches are closed).
+    pub fn fail_for(&self, period: Duration) {
+        let mut state = self.lock();
+        state.failing_until = Some(Instant::now() + period);
+        state.watches.clear();
+    }
+
+    pub fn requests(&self) -> Vec<Logged> {
+        self.lock().log.clone()
+    }
+
+    /// Every object now, as a `kind: List`: the final state a test
+    /// compares against.
+    pub fn objects(&self) -> Value {
+        let items: Vec<Value> = self.lock().objects.values().cloned().collect();
+        json!({"apiVersion": "v1", "kind": "List", "items": items})
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn publish(&mut self, rv: u64, path: String, kind: &'static str, object: Value) {
+        let event = json!({"type": kind, "object": object});
+        self.watches.retain(|w| {
+            w.path != path || !selected(w.field_selector.as_deref(), &object) || {
+                w.tx.send(line(&event)).is_ok()
+            }
+        });
+        self.history.push((rv, path, kind, object));
+    }
+}
+
+fn respond(
+    state: &Mutex<State>,
+    request: Request<Incoming>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    let path = request.uri().path().to_owned();
+    let query: BTreeMap<String, String> =
+        form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut logged = Logged {
+        path: path.clone(),
+        query: query.clone(),
+        status: 200,
+    };
+    let failing = state
+        .failing_until
+        .is_some_and(|until| Instant::now() < until);
+    let response = match resource(&path) {
+        _ if failing => {
+            logged.status = 500;
+            status(500, "InternalError", "failing on purpose")
+        }
+        None => {
+            logged.status = 404;
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        }
+        Some((path, kind, api_version)) => {
+            let selector = query.get("fieldSelector").cloned();
+            if logged.is_watch() {
+                let (response, code) =
+                    watch(&mut state, path, selector, query.get("resourceVersion"));
+                logged.status = code;
+                response
+            } else {
+                let items: Vec<Value> = state
+                    .objects
+                    .iter()
+                    .filter(|((p, _, _), o)| p == path && selected(selector.as_deref(), o))
+                    .map(|(_, o)| {
+                        // As the real server: list items leave their kind
+                        // to the list's.
+                        let mut item = o.clone();
+                        if let Some(fields) = item.as_object_mut() {
+                            fields.remove("kind");
+                            fields.remove("apiVersion");
+                        }
+                        item
+                    })
+                    .collect();
+                let list = json!({"kind": format!("{kind}List"), "apiVersion": api_version,
+                    "metadata": {"resourceVersion": state.resource_version.to_string()},
+                    "items": items});
+                json_response(200, &list)
+            }
+        }
+    };
+    state.log.push(logged);
+    response
+}
+
+fn watch(
+    state: &mut State,
+    path: &str,
+    field_selector: Option<String>,
+    from: Option<&String>,
+) -> (Response<BoxBody<Bytes, Infallible>>, u16) {
+    let from: u64 = from.and_then(|rv| rv.parse().ok()).unwrap_or(0);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let gone = from < state.compacted_to.saturating_sub(1);
+    if gone {
+        let gone = json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired",
+            "message": format!("too old resource version: {from} ({})", state.compacted_to),
+            "code": 410}});
+        let _ = tx.send(line(&gone));
+        drop(tx); // the stream ends after the error
+    } else {
+        for (rv, p, kind, object) in &state.history {
+            if *rv > from && p == path && selected(field_selector.as_deref(), object) {
+                let _ = tx.send(line(&json!({"type": kind, "object": object})));
+            }
+        }
+        state.watches.push(Watch {
+            path: path.to_owned(),
+            field_selector,
+            tx,
+        });
+    }
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    // The HTTP status is 200 either way; the log notes the 410 inside.
+    (response, if gone { 410 } else { 200 })
+}
+
+fn json_response(code: u16, body: &Value) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = StatusCode::from_u16(code).expect("valid status");
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<BoxBody<Bytes, Infallible>> {
+    json_response(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": reason, "message": message, "code": code}),
+    )
+}
+
+fn line(event: &Value) -> Bytes {
+    let mut text = event.to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+fn resource(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    RESOURCES.iter().copied().find(|(p, _, _)| *p == path)
+}
+
+/// Where an object's collection is served.
+fn path_of(object: &Value) -> String {
+    let kind = object["kind"].as_str().unwrap_or_default();
+    let (path, _, _) = RESOURCES
+        .iter()
+        .find(|(_, k, _)| *k == kind)
+        .unwrap_or_else(|| panic!("the fake API server does not serve {kind}"));
+    (*path).to_owned()
+}
+
+fn key_of(path: &str, object: &Value) -> (String, String, String) {
+    let meta = &object["metadata"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    (
+        path.to_owned(),
+        text(&meta["namespace"]),
+        text(&meta["name"]),
+    )
+}
+
+/// The one field selector Tern uses: `spec.nodeName=<node>`.
+fn selected(selector: Option<&str>, object: &Value) -> bool {
+    let Some((field, value)) = selector.and_then(|s| s.split_once('=')) else {
+        return true;
+    };
+    let pointer = format!("/{}", field.replace('.', "/"));
+    object.pointer(&pointer).and_then(Value::as_str) == Some(value)
+}
