@@ -76,8 +76,9 @@ pub struct AgentArgs {
     /// (repeatable; default: the devices holding the node IPs).
     #[arg(long = "device")]
     pub devices: Vec<String>,
-    /// Capacity of a map, e.g. SERVICES=2000000 (repeatable). Takes effect
-    /// when the map is created: remove its pin to resize an existing one.
+    /// Capacity of a map, e.g. SERVICES=2000000 (repeatable). A map pinned
+    /// with another capacity is replaced at start and its entries rebuilt
+    /// (CT and NAT lose their flows).
     #[arg(long = "map-size", value_parser = parse_map_size)]
     pub map_sizes: Vec<(String, u32)>,
     /// Maglev table size, a prime up to 16381.

@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 mod maps;
+mod pins;
 pub mod prefixes;
 pub mod routes;
 pub mod services;
@@ -52,11 +53,13 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs; maps already pinned in `bpffs_dir` are reused
-    /// with their content, missing ones are created and pinned.
+    /// with their content when their shape still fits, the others (and
+    /// missing ones) are created and pinned.
     pub fn load(bpffs_dir: &Path, map_sizes: &[(&'static str, u32)]) -> anyhow::Result<Self> {
         ensure_bpffs(bpffs_dir)?;
         std::fs::create_dir_all(bpffs_dir.join("links"))
             .with_context(|| format!("cannot create {}", bpffs_dir.display()))?;
+        pins::retire_incompatible(bpffs_dir, OBJECT, map_sizes)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(bpffs_dir);
         for (name, size) in map_sizes {
