@@ -63,6 +63,9 @@ pub enum Command {
         #[command(subcommand)]
         command: TunnelCommand,
     },
+    /// Install tern-cni and the network configuration list on this node
+    /// (the DaemonSet's init container runs it).
+    InstallCni(crate::install::InstallCniArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +107,7 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Tunnel {
             command: TunnelCommand::List,
         } => tunnel_list(&cli),
+        Command::InstallCni(args) => crate::install::run(&args),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod endpoints;
 pub mod health;
 pub mod host;
+pub mod install;
 pub mod ipam;
 pub mod metrics;
 pub mod model;
