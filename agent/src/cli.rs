@@ -143,6 +143,13 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
     match agent {
         Ok(Response::Status(s)) => {
             let used = format!("{}/{}", s.allocated, s.capacity);
+            let source = if s.last_sync_age_s.is_some() {
+                format!("{} (synced)", s.source)
+            } else if s.source == "none" {
+                s.source.clone()
+            } else {
+                format!("{} (waiting for the first full sync)", s.source)
+            };
             rows.push(vec![
                 "agent".into(),
                 if s.ready {
@@ -160,7 +167,14 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
             rows.push(vec!["endpoints".into(), s.endpoints.to_string()]);
             rows.push(vec!["pod MTU".into(), s.mtu.to_string()]);
             rows.push(vec!["bpffs".into(), s.bpffs_dir]);
-            rows.push(vec!["source".into(), s.source.clone()]);
+            rows.push(vec!["source".into(), source]);
+            rows.push(vec!["services".into(), s.services.to_string()]);
+            if let (Some(pods), Some(orphans)) = (s.pods, s.endpoints_without_pod) {
+                rows.push(vec![
+                    "pods (endpoints without a pod)".into(),
+                    format!("{pods} ({orphans})"),
+                ]);
+            }
             rows.push(vec!["services path".into(), s.service_path.clone()]);
             rows.push(vec!["routing mode".into(), s.routing_mode.clone()]);
             rows.push(vec![

@@ -44,6 +44,10 @@ pub struct Node {
     last_sync: SyncCounts,
     last_sync_at: Option<std::time::Instant>,
     source: String,
+    /// The last snapshot's Services, and this node's pod addresses (the
+    /// API source lists pods; the others do not).
+    snapshot_services: usize,
+    pod_ips: Option<(usize, std::collections::HashSet<std::net::Ipv4Addr>)>,
     socket_lb: bool,
 }
 
@@ -112,6 +116,8 @@ impl Node {
             last_sync: SyncCounts::default(),
             last_sync_at: None,
             source: config.source.describe(),
+            snapshot_services: 0,
+            pod_ips: None,
             socket_lb: config.socket_lb,
         };
         node.reconcile()?;
@@ -309,6 +315,14 @@ impl Node {
             last_sync: self.last_sync,
             source: self.source.clone(),
             last_sync_age_s: self.last_sync_at.map(|at| at.elapsed().as_secs()),
+            services: self.snapshot_services,
+            pods: self.pod_ips.as_ref().map(|(pods, _)| *pods),
+            endpoints_without_pod: self.pod_ips.as_ref().map(|(_, ips)| {
+                self.endpoints
+                    .iter()
+                    .filter(|e| !ips.contains(&e.ip))
+                    .count()
+            }),
             routing_mode: self.routing_mode.into(),
             service_path: if self.socket_lb {
                 "socket-lb"
@@ -349,6 +363,16 @@ impl Node {
         self.ipam = Some(Ipam::open(cidr, &self.ipam_path)?);
         info!(node = %self.node_name, %cidr, ?before, "PodCIDR from the Node object");
         Ok(true)
+    }
+
+    /// Notes what a snapshot from the source holds, for status.
+    pub fn note_snapshot(&mut self, cluster: &crate::model::Cluster, source_lists_pods: bool) {
+        self.snapshot_services = cluster.services.len();
+        self.pod_ips = source_lists_pods.then(|| {
+            let own = cluster.pods.values().filter(|p| !p.host_network);
+            let ips = own.clone().flat_map(|p| p.ips.iter().copied()).collect();
+            (own.count(), ips)
+        });
     }
 
     /// Brings the service maps to `state` (a compiled snapshot).

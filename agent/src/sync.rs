@@ -49,6 +49,7 @@ pub async fn run(
     mut routing: Routing,
     services: ServiceSync,
     metrics: Arc<Metrics>,
+    source_lists_pods: bool,
 ) {
     // Problems are logged when they first appear, not with every snapshot.
     let mut reported = HashSet::new();
@@ -64,6 +65,9 @@ pub async fn run(
             warn!("source: {problem}");
         }
         reported = now;
+        node.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note_snapshot(&report.cluster, source_lists_pods);
         adopt_pod_cidr(&report.cluster, &node, &mut routing);
         routing.apply(&report.cluster.nodes).await;
         let count = report.cluster.services.len();

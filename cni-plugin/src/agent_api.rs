@@ -143,6 +143,17 @@ pub struct AgentStatus {
     /// Seconds since the last service sync; `None` before the first.
     #[serde(default)]
     pub last_sync_age_s: Option<u64>,
+    /// Services in the last snapshot from the source.
+    #[serde(default)]
+    pub services: usize,
+    /// This node's pods with their own network, as the API lists them;
+    /// `None` when the source has no pods (manifests, none).
+    #[serde(default)]
+    pub pods: Option<usize>,
+    /// Endpoints whose address no pod of this node has: addresses the API
+    /// does not know (yet), or leaked ones.
+    #[serde(default)]
+    pub endpoints_without_pod: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -102,6 +102,42 @@ impl ApiServer {
         Ok(server)
     }
 
+    /// Serves from a thread of its own with its own runtime, after `enter`
+    /// (e.g. setns into a lab namespace) ran on that thread; the server
+    /// stops when the returned guard drops.
+    pub fn spawn(enter: impl FnOnce() + Send + 'static) -> std::io::Result<(ApiServer, Running)> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            enter();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => return drop(ready_tx.send(Err(e))),
+            };
+            runtime.block_on(async move {
+                let started = ApiServer::start().await;
+                let ok = started.is_ok();
+                let _ = ready_tx.send(started);
+                if ok {
+                    let _ = stop_rx.await;
+                }
+            });
+        });
+        let server = ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the API server thread died"))??;
+        Ok((
+            server,
+            Running {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            },
+        ))
+    }
+
     /// A kubeconfig file's text that points a client here (plain HTTP).
     pub fn kubeconfig(&self) -> String {
         format!(
@@ -198,6 +234,21 @@ impl ApiServer {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A server started by `ApiServer::spawn`; dropping it stops the server.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

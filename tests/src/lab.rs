@@ -224,6 +224,10 @@ pub struct LabNode {
     pub socket: PathBuf,
     /// Service and EndpointSlice manifests the agent watches.
     pub manifests_dir: PathBuf,
+    /// When set, the agent reads the API server this names instead.
+    pub kubeconfig: Option<PathBuf>,
+    /// More agent flags, after the lab's own.
+    pub extra_args: Vec<String>,
     /// The node's pods cgroup (v2): socket-LB applies to processes in it.
     pub cgroup: PathBuf,
     /// Service translation at the socket (true) or per packet (false).
@@ -260,6 +264,8 @@ impl LabNode {
             bpffs_dir: Path::new("/sys/fs/bpf").join(&unique),
             socket: dir.join("tern.sock"),
             manifests_dir,
+            kubeconfig: None,
+            extra_args: Vec::new(),
             cgroup,
             socket_lb: true,
             routing_mode: "overlay".into(),
@@ -288,8 +294,6 @@ impl LabNode {
             .arg(&self.bpffs_dir)
             .arg("--socket")
             .arg(&self.socket)
-            .arg("--manifests-dir")
-            .arg(&self.manifests_dir)
             .arg("--cgroup-root")
             .arg(&self.cgroup)
             .arg("--socket-lb")
@@ -301,12 +305,17 @@ impl LabNode {
             .arg("--routing-mode")
             .arg(&self.routing_mode)
             .env("TERN_LOG", "info");
+        match &self.kubeconfig {
+            Some(path) => cmd.arg("--kubeconfig").arg(path),
+            None => cmd.arg("--manifests-dir").arg(&self.manifests_dir),
+        };
         if let Some(cidr) = &self.pod_cidr {
             cmd.arg("--pod-cidr").arg(cidr);
         }
         if let Some(cidr) = &self.cluster_cidr {
             cmd.arg("--cluster-cidr").arg(cidr);
         }
+        cmd.args(&self.extra_args);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

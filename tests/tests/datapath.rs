@@ -131,3 +131,59 @@ fn agent_restart_keeps_pods_and_established_connections_working() -> Result<()> 
     );
     Ok(())
 }
+
+/// The `max_entries` of every BPF map the process `pid` holds open.
+fn open_map_sizes(pid: u32) -> Result<Vec<u64>> {
+    let mut sizes = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
+        if info.contains("map_type:") {
+            let entries = info
+                .lines()
+                .find_map(|l| l.strip_prefix("max_entries:"))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            sizes.extend(entries);
+        }
+    }
+    Ok(sizes)
+}
+
+#[test]
+fn a_pinned_map_of_another_shape_is_replaced_at_restart() -> Result<()> {
+    if !require_root("pinned_map_replaced") {
+        return Ok(());
+    }
+    let (_lab, mut node) = lab_node("10.244.24.0/24")?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let _sb = EchoServer::start(&b.ns, PORT, "b")?;
+    const CT_SIZE: u64 = 4093;
+    let pid = node.agent_pid().expect("agent runs");
+    assert!(!open_map_sizes(pid)?.contains(&CT_SIZE));
+
+    // As after an upgrade that changed a map: the pinned CT no longer fits
+    // what the agent wants (here its size). The agent replaces it instead
+    // of loading programs against the old one, and pods keep working.
+    node.kill_agent()?;
+    node.extra_args = vec!["--map-size".into(), format!("CT={CT_SIZE}")];
+    node.start_agent()?;
+    let pid = node.agent_pid().expect("agent runs");
+    assert!(
+        open_map_sizes(pid)?.contains(&CT_SIZE),
+        "the agent still uses the old CT map\n{}",
+        node.agent_log_tail()
+    );
+    let replaced = |node: &LabNode| -> Result<usize> {
+        let log = std::fs::read_to_string(node.agent_log())?;
+        Ok(log.lines().filter(|l| l.contains("replacing it")).count())
+    };
+    assert_eq!(replaced(&node)?, 1, "{}", node.agent_log_tail());
+    assert_eq!(tcp_roundtrip(&a.ns, at(b.ip), "after")?, "b:after");
+
+    // A map that fits is kept: the next restart replaces nothing.
+    node.kill_agent()?;
+    node.start_agent()?;
+    assert_eq!(replaced(&node)?, 1, "{}", node.agent_log_tail());
+    assert_eq!(tcp_roundtrip(&a.ns, at(b.ip), "again")?, "b:again");
+    Ok(())
+}

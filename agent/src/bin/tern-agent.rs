@@ -110,7 +110,15 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         match source {
             Some(snapshots) => {
                 let services = ServiceSync::new(context, node.clone());
-                let sync = sync::run(snapshots, node.clone(), routing, services, metrics.clone());
+                let lists_pods = matches!(config.source, tern_agent::config::Source::Kube { .. });
+                let sync = sync::run(
+                    snapshots,
+                    node.clone(),
+                    routing,
+                    services,
+                    metrics.clone(),
+                    lists_pods,
+                );
                 tokio::spawn(sync);
             }
             None => metrics.mark_synced(),
