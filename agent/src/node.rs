@@ -369,9 +369,9 @@ impl Node {
     pub fn note_snapshot(&mut self, cluster: &crate::model::Cluster, source_lists_pods: bool) {
         self.snapshot_services = cluster.services.len();
         self.pod_ips = source_lists_pods.then(|| {
-            let own = cluster.pods.values().filter(|p| !p.host_network);
-            let ips = own.clone().flat_map(|p| p.ips.iter().copied()).collect();
-            (own.count(), ips)
+            let own: Vec<_> = cluster.pods.values().filter(|p| !p.host_network).collect();
+            let ips = own.iter().flat_map(|p| p.ips.iter().copied()).collect();
+            (own.len(), ips)
         });
     }
 

@@ -70,7 +70,7 @@ impl Routing {
     }
 
     /// Brings tunnel entries or routes in line with `nodes`.
-    pub async fn apply(&mut self, nodes: &BTreeMap<String, Arc<Node>>) {
+    pub async fn apply(&mut self, nodes: &crate::model::Map<String, Arc<Node>>) {
         let state = routing::compile(nodes, &self.node_name, &self.local_cidrs);
         if self.applied.as_ref() == Some(&state) {
             return;

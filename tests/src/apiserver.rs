@@ -87,6 +87,9 @@ impl ApiServer {
         let state = server.state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // As Go's net/http (the real server): events go out at once,
+                // not held back by Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
@@ -136,6 +139,21 @@ impl ApiServer {
                 thread: Some(thread),
             },
         ))
+    }
+
+    /// Serves inside the network namespace at `netns` (a lab node's, so
+    /// its agent reaches it on the namespace's own loopback).
+    pub fn spawn_in(netns: &std::path::Path) -> std::io::Result<(ApiServer, Running)> {
+        let netns = std::fs::File::open(netns)?;
+        ApiServer::spawn(move || {
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("entering the namespace of the API server");
+        })
+    }
+
+    /// Writes a kubeconfig for this server to `path`.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig())
     }
 
     /// A kubeconfig file's text that points a client here (plain HTTP).

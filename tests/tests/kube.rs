@@ -108,13 +108,9 @@ fn agent_follows_the_api_server_and_restarts_cleanly() -> Result<()> {
     let lab = Lab::new()?;
     // No --pod-cidr: it has to come from the Node object.
     let mut node = LabNode::create(&lab, "n1", None, NODE_IP)?;
-    let ns_path = node.ns.path().to_owned();
-    let (api, _running) = ApiServer::spawn(move || {
-        let ns = std::fs::File::open(&ns_path).expect("opening the node namespace");
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-    })?;
+    let (api, _running) = ApiServer::spawn_in(node.ns.path())?;
     let kubeconfig = node.dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig())?;
+    api.write_kubeconfig(&kubeconfig)?;
     node.kubeconfig = Some(kubeconfig);
     api.apply(node_object());
     api.apply(service("old", "10.96.0.61"));

@@ -31,7 +31,7 @@ pub struct RoutingState {
 /// `local_name`'s PodCIDRs are this node's own: never routed elsewhere,
 /// whatever another node claims.
 pub fn compile(
-    nodes: &BTreeMap<String, Arc<Node>>,
+    nodes: &crate::model::Map<String, Arc<Node>>,
     local_name: &str,
     local_cidrs: &[Ipv4Network],
 ) -> RoutingState {
@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn remote_pod_cidrs_point_at_their_nodes() {
-        let nodes = BTreeMap::from([
+        let nodes = crate::model::Map::from_iter([
             node("n1", Some("10.0.0.1"), &["10.244.1.0/24"]),
             node("n2", Some("10.0.0.2"), &["10.244.2.0/24", "10.245.2.0/24"]),
             node("n3", Some("10.0.0.3"), &[]),
@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn overlaps_and_missing_addresses_are_reported_not_routed() {
-        let nodes = BTreeMap::from([
+        let nodes = crate::model::Map::from_iter([
             node("a", Some("10.0.0.9"), &["10.244.1.128/25"]),
             node("b", Some("10.0.0.2"), &["10.244.2.0/24"]),
             node("c", Some("10.0.0.3"), &["10.244.2.0/23"]),

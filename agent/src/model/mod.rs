@@ -7,7 +7,6 @@ mod node;
 mod pod;
 mod service;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
@@ -18,19 +17,24 @@ pub use service::{
     LbAlgorithm, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
-/// Objects are shared (`Arc`) with the source that read them, so handing a
-/// new snapshot over costs a pointer per object, not a copy.
+/// An ordered map whose clones share structure: a snapshot of the source's
+/// store is a copy of its root, and a changed object copies only its path.
+pub type Map<K, V> = imbl::OrdMap<K, V>;
+
+/// Objects are shared (`Arc`) with the source that read them, and the maps
+/// with the source's store, so handing a new snapshot over costs O(1), not
+/// a copy of every object or entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cluster {
-    pub services: BTreeMap<ServiceKey, Arc<Service>>,
+    pub services: Map<ServiceKey, Arc<Service>>,
     /// Keyed by the slice's (namespace, name).
-    pub slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
+    pub slices: Map<(String, String), Arc<EndpointSlice>>,
     /// Keyed by the node's name.
-    pub nodes: BTreeMap<String, Arc<Node>>,
+    pub nodes: Map<String, Arc<Node>>,
     /// Keyed by name.
-    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub namespaces: Map<String, Arc<Namespace>>,
     /// This node's pods (the API source only), keyed by (namespace, name).
-    pub pods: BTreeMap<(String, String), Arc<Pod>>,
+    pub pods: Map<(String, String), Arc<Pod>>,
 }
 
 impl Cluster {

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Conversion, LoadReport};
-use crate::model::{Cluster, EndpointSlice, Namespace, Node, Pod, Service};
+use crate::model::{Cluster, EndpointSlice, Map, Namespace, Node, Pod, Service, ServiceKey};
 
 /// Every resource the agent reads from the API, as (API group, resource),
 /// each only with `list` and `watch`: the ClusterRole in `manifests/` grants
@@ -199,25 +199,29 @@ where
         .boxed()
 }
 
-/// One kind's objects: those in force, and those of a list in progress.
-struct Objects<T> {
+/// One kind's objects: those in force (by API key, and the used ones by
+/// the model's key, ready to be handed over), and those of a list in
+/// progress.
+struct Objects<K, T> {
     live: BTreeMap<String, Entry<T>>,
+    used: Map<K, Arc<T>>,
+    model_key: fn(&T) -> K,
     /// Filled between `Init` and `InitDone`, then swapped in whole.
     listing: Option<BTreeMap<String, Entry<T>>>,
     synced: bool,
 }
 
-impl<T> Default for Objects<T> {
-    fn default() -> Self {
+impl<K: Ord + Clone, T: PartialEq> Objects<K, T> {
+    fn new(model_key: fn(&T) -> K) -> Self {
         Objects {
             live: BTreeMap::new(),
+            used: Map::new(),
+            model_key,
             listing: None,
             synced: false,
         }
     }
-}
 
-impl<T: PartialEq> Objects<T> {
     /// Whether the objects in force changed.
     fn apply(&mut self, event: Event<Keyed<T>>) -> bool {
         match event {
@@ -242,6 +246,14 @@ impl<T: PartialEq> Objects<T> {
                 }
                 let changed = !self.synced || listed != self.live;
                 self.live = listed;
+                self.used = self
+                    .live
+                    .values()
+                    .filter_map(|entry| match entry {
+                        Entry::Used(object, _) => Some(((self.model_key)(object), object.clone())),
+                        _ => None,
+                    })
+                    .collect();
                 self.synced = true;
                 changed
             }
@@ -249,45 +261,61 @@ impl<T: PartialEq> Objects<T> {
                 if self.live.get(&key) == Some(&entry) {
                     return false; // e.g. a Pod's status moved on, not its IPs
                 }
-                self.live.insert(key, entry);
+                if let Entry::Used(object, _) = &entry {
+                    self.used.insert((self.model_key)(object), object.clone());
+                }
+                if let Some(Entry::Used(old, _)) = self.live.insert(key, entry.clone())
+                    && !matches!(&entry, Entry::Used(new, _) if (self.model_key)(new) == (self.model_key)(&old))
+                {
+                    self.used.remove(&(self.model_key)(&old));
+                }
                 true
             }
-            Event::Delete((key, _)) => self.live.remove(&key).is_some(),
+            Event::Delete((key, _)) => match self.live.remove(&key) {
+                Some(Entry::Used(old, _)) => {
+                    self.used.remove(&(self.model_key)(&old));
+                    true
+                }
+                Some(_) => true,
+                None => false,
+            },
         }
     }
 
-    /// The objects in use, keyed the model's way; rejections and warnings
-    /// named by `kind` and key.
-    fn collect<K: Ord>(
-        &self,
-        kind: &str,
-        model_key: impl Fn(&T) -> K,
-        report: &mut LoadReport,
-    ) -> BTreeMap<K, Arc<T>> {
-        let mut used = BTreeMap::new();
+    /// The used objects (a structure-sharing copy); rejections and warnings
+    /// named by `kind` and key go into `report`.
+    fn collect(&self, kind: &str, report: &mut LoadReport) -> Map<K, Arc<T>> {
         for (key, entry) in &self.live {
             match entry {
-                Entry::Used(object, warnings) => {
-                    report
-                        .warnings
-                        .extend(warnings.iter().map(|w| format!("{kind} {key}: {w}")));
-                    used.insert(model_key(object), object.clone());
-                }
+                Entry::Used(_, warnings) => report
+                    .warnings
+                    .extend(warnings.iter().map(|w| format!("{kind} {key}: {w}"))),
                 Entry::Rejected(reason) => report.errors.push(format!("{kind} {key}: {reason}")),
                 Entry::Ignored => report.ignored += 1,
             }
         }
-        used
+        self.used.clone()
     }
 }
 
-#[derive(Default)]
 struct ApiStore {
-    services: Objects<Service>,
-    slices: Objects<EndpointSlice>,
-    nodes: Objects<Node>,
-    namespaces: Objects<Namespace>,
-    pods: Objects<Pod>,
+    services: Objects<ServiceKey, Service>,
+    slices: Objects<(String, String), EndpointSlice>,
+    nodes: Objects<String, Node>,
+    namespaces: Objects<String, Namespace>,
+    pods: Objects<(String, String), Pod>,
+}
+
+impl Default for ApiStore {
+    fn default() -> Self {
+        ApiStore {
+            services: Objects::new(|s| s.key.clone()),
+            slices: Objects::new(|s| s.key.clone()),
+            nodes: Objects::new(|n| n.name.clone()),
+            namespaces: Objects::new(|n| n.name.clone()),
+            pods: Objects::new(|p| p.key.clone()),
+        }
+    }
 }
 
 impl ApiStore {
@@ -314,17 +342,11 @@ impl ApiStore {
     fn snapshot(&self) -> LoadReport {
         let mut report = LoadReport::default();
         report.cluster = Cluster {
-            services: self
-                .services
-                .collect("Service", |s| s.key.clone(), &mut report),
-            slices: self
-                .slices
-                .collect("EndpointSlice", |s| s.key.clone(), &mut report),
-            nodes: self.nodes.collect("Node", |n| n.name.clone(), &mut report),
-            namespaces: self
-                .namespaces
-                .collect("Namespace", |n| n.name.clone(), &mut report),
-            pods: self.pods.collect("Pod", |p| p.key.clone(), &mut report),
+            services: self.services.collect("Service", &mut report),
+            slices: self.slices.collect("EndpointSlice", &mut report),
+            nodes: self.nodes.collect("Node", &mut report),
+            namespaces: self.namespaces.collect("Namespace", &mut report),
+            pods: self.pods.collect("Pod", &mut report),
         };
         report
     }
@@ -343,7 +365,11 @@ mod tests {
         (name.into(), Entry::Used(Arc::new(namespace), vec![]))
     }
 
-    fn used(objects: &Objects<Namespace>, key: &str) -> Arc<Namespace> {
+    fn namespaces() -> Objects<String, Namespace> {
+        Objects::new(|n| n.name.clone())
+    }
+
+    fn used(objects: &Objects<String, Namespace>, key: &str) -> Arc<Namespace> {
         match &objects.live[key] {
             Entry::Used(object, _) => object.clone(),
             other => panic!("{key}: {other:?}"),
@@ -352,7 +378,7 @@ mod tests {
 
     #[test]
     fn a_relist_takes_effect_whole_at_its_end() {
-        let mut objects = Objects::default();
+        let mut objects = namespaces();
         assert!(!objects.apply(Event::Init));
         assert!(!objects.apply(Event::InitApply(ns("a", false))));
         assert!(!objects.synced && objects.live.is_empty());
@@ -369,6 +395,7 @@ mod tests {
         assert_eq!(objects.live.len(), 2);
         assert!(objects.apply(Event::InitDone));
         assert_eq!(objects.live.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(objects.used.keys().collect::<Vec<_>>(), ["a", "c"]);
         assert!(Arc::ptr_eq(&a, &used(&objects, "a")));
 
         // The same list again changes nothing.
@@ -380,13 +407,23 @@ mod tests {
 
     #[test]
     fn an_update_that_converts_the_same_is_no_change() {
-        let mut objects = Objects::default();
+        let mut objects = namespaces();
         objects.apply(Event::InitDone);
         assert!(objects.apply(Event::Apply(ns("a", false))));
         assert!(!objects.apply(Event::Apply(ns("a", false))));
         assert!(objects.apply(Event::Apply(ns("a", true))));
+        assert_eq!(
+            objects.used["a"].lb_algorithm,
+            Some(crate::model::LbAlgorithm::Maglev)
+        );
+        // Rejected now: out of the used ones, into the errors.
+        let rejected = Entry::Rejected("bad annotation".into());
+        assert!(objects.apply(Event::Apply(("a".into(), rejected))));
+        assert!(objects.used.is_empty());
+        assert!(objects.apply(Event::Apply(ns("a", true))));
         assert!(objects.apply(Event::Delete(ns("a", true))));
         assert!(!objects.apply(Event::Delete(ns("a", true))));
+        assert!(objects.used.is_empty() && objects.live.is_empty());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{Conversion, LoadReport};
-use crate::model::{EndpointSlice, Namespace, Node, Service};
+use crate::model::{Cluster, EndpointSlice, Map, Namespace, Node, Service};
 
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -67,6 +67,9 @@ pub struct ManifestSource {
     /// first reload too, which always reports.
     list_error: Option<String>,
     loaded: bool,
+    /// The last report's objects: each report updates these in place, so
+    /// an unchanged object costs a comparison, not a new map entry.
+    last: Cluster,
 }
 
 impl ManifestSource {
@@ -76,6 +79,7 @@ impl ManifestSource {
             files: BTreeMap::new(),
             list_error: None,
             loaded: false,
+            last: Cluster::default(),
         }
     }
 
@@ -118,7 +122,7 @@ impl ManifestSource {
 
     /// The directory's objects in file-name order; the first of duplicates
     /// wins.
-    fn report(&self) -> LoadReport {
+    fn report(&mut self) -> LoadReport {
         let mut report = LoadReport::default();
         report.errors.extend(self.list_error.clone());
         for (_, file) in self.files.values() {
@@ -126,26 +130,31 @@ impl ManifestSource {
             report.warnings.extend(file.warnings.iter().cloned());
             report.ignored += file.ignored;
         }
-        report.cluster.services = merge_sorted(
+        merge_sorted(
             self.files.values().map(|(_, f)| &f.services[..]),
             |s| &s.key,
             &mut report.errors,
+            &mut self.last.services,
         );
-        report.cluster.slices = merge_sorted(
+        merge_sorted(
             self.files.values().map(|(_, f)| &f.slices[..]),
             |s| &s.key,
             &mut report.errors,
+            &mut self.last.slices,
         );
-        report.cluster.nodes = merge_sorted(
+        merge_sorted(
             self.files.values().map(|(_, f)| &f.nodes[..]),
             |n| &n.name,
             &mut report.errors,
+            &mut self.last.nodes,
         );
-        report.cluster.namespaces = merge_sorted(
+        merge_sorted(
             self.files.values().map(|(_, f)| &f.namespaces[..]),
             |n| &n.name,
             &mut report.errors,
+            &mut self.last.namespaces,
         );
+        report.cluster = self.last.clone();
         report
     }
 }
@@ -172,15 +181,15 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Merges the files' objects, each file's sorted by key, into one map; of
-/// objects with the same key the one of the earlier file wins and the rest
-/// are reported.
+/// Merges the files' objects, each file's sorted by key, and brings `map`
+/// to them; of objects with the same key the one of the earlier file wins
+/// and the rest are reported.
 fn merge_sorted<'a, K: Ord + Clone, T>(
     files: impl Iterator<Item = &'a [(String, Arc<T>)]>,
     key: impl Fn(&T) -> &K,
     errors: &mut Vec<String>,
-) -> BTreeMap<K, Arc<T>>
-where
+    map: &mut Map<K, Arc<T>>,
+) where
     T: 'a,
 {
     let mut all: Vec<&(String, Arc<T>)> = files.flatten().collect();
@@ -195,8 +204,25 @@ where
             _ => merged.push((key(object).clone(), object.clone())),
         }
     }
-    // Already sorted: the map is built in one pass.
-    merged.into_iter().collect()
+    // One ordered walk finds what differs from the map; only that changes.
+    let mut changes: Vec<(K, Option<Arc<T>>)> = Vec::new();
+    let mut have = map.iter().peekable();
+    for (key, object) in merged {
+        while let Some((gone, _)) = have.next_if(|(k, _)| **k < key) {
+            changes.push((gone.clone(), None));
+        }
+        match have.next_if(|(k, _)| **k == key) {
+            Some((_, kept)) if Arc::ptr_eq(kept, &object) => {}
+            _ => changes.push((key, Some(object))),
+        }
+    }
+    changes.extend(have.map(|(gone, _)| (gone.clone(), None)));
+    for (key, object) in changes {
+        match object {
+            Some(object) => map.insert(key, object),
+            None => map.remove(&key),
+        };
+    }
 }
 
 fn parse_file(path: &Path) -> FileObjects {

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use serde_json::json;
 use tern_common::{Backend, ServiceKey, ServiceValue, maps as map_names};
+use tern_tests::apiserver::ApiServer;
 use tern_tests::lab::{Lab, LabNode};
 use tern_tests::netns::Netns;
 
@@ -73,6 +74,16 @@ pub fn control_plane(profile: &Profile) -> Result<Vec<ScenarioResult>> {
         ));
     }
     drop(node);
+
+    // The same changes with the agent watching an API server (the stand-in
+    // the tests use, in the node's namespace): one watch event per change,
+    // folded into the agent's store, instead of a directory re-read.
+    let (api_alone, api_beside) = api_watch_changes(&lab, profile)?;
+    rows.push(change_row("Tern API watch, 1 Service loaded", api_alone));
+    rows.push(change_row(
+        &format!("Tern API watch, {big} Services loaded"),
+        api_beside,
+    ));
     drop(lab);
 
     // Loading the same set as kube-proxy's iptables rules (one
@@ -105,6 +116,31 @@ pub fn control_plane(profile: &Profile) -> Result<Vec<ScenarioResult>> {
         tern_load,
     ));
     Ok(rows)
+}
+
+fn api_watch_changes(lab: &Lab, profile: &Profile) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut node = LabNode::create(
+        lab,
+        "cpk",
+        Some("10.244.66.0/24"),
+        Ipv4Addr::new(10, 0, 0, 12),
+    )?;
+    let (api, _running) = ApiServer::spawn_in(node.ns.path())?;
+    let kubeconfig = node.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    node.kubeconfig = Some(kubeconfig);
+    node.start_agent()?;
+    let alone = api_endpoint_changes(&node, &api, profile.endpoint_changes)?;
+    let big = profile.control_plane_services;
+    let list: serde_json::Value =
+        serde_json::from_slice(&scale_manifest(big, BACKENDS_PER_SERVICE)?)?;
+    let started = Instant::now();
+    for object in list["items"].as_array().into_iter().flatten() {
+        api.apply(object.clone());
+    }
+    wait_for_frontends(&node, big, started)?;
+    let beside = api_endpoint_changes(&node, &api, profile.endpoint_changes)?;
+    Ok((alone, beside))
 }
 
 fn single(name: &str, unit: &str, value: f64) -> Metric {
@@ -143,19 +179,47 @@ fn change_row(name: &str, latencies_ms: Vec<f64>) -> ScenarioResult {
     )
 }
 
-/// Replaces the one endpoint of the Service at `VIP` `changes` times and
-/// times each from the manifest's rename to the moment the pinned maps
-/// send the Service's traffic to the new endpoint.
+/// Replaces the one endpoint of the Service at `VIP` `changes` times
+/// through the node's manifest directory: each timed from the manifest's
+/// rename.
 fn endpoint_changes(node: &LabNode, changes: usize) -> Result<Vec<f64>> {
+    timed_changes(node, changes, |endpoint| {
+        let tmp = node.manifests_dir.join(".changing.json.tmp");
+        std::fs::write(&tmp, changing_service(endpoint).to_string())?;
+        let started = Instant::now();
+        std::fs::rename(&tmp, node.manifests_dir.join("changing.json"))?;
+        Ok(started)
+    })
+}
+
+/// The same through the API: each timed from the slice's watch event.
+fn api_endpoint_changes(node: &LabNode, api: &ApiServer, changes: usize) -> Result<Vec<f64>> {
+    timed_changes(node, changes, |endpoint| {
+        let list = changing_service(endpoint);
+        let mut items = list["items"].as_array().cloned().unwrap_or_default();
+        let slice = items.pop().context("the changing slice")?;
+        for object in items {
+            api.apply(object); // the Service: unchanged after the first time
+        }
+        let started = Instant::now();
+        api.apply(slice);
+        Ok(started)
+    })
+}
+
+/// Makes `changes` endpoint changes with `publish` (which returns when it
+/// started the change) and times each to the moment the pinned maps send
+/// the Service's traffic to the new endpoint.
+fn timed_changes(
+    node: &LabNode,
+    changes: usize,
+    mut publish: impl FnMut(Ipv4Addr) -> Result<Instant>,
+) -> Result<Vec<f64>> {
     let maps = PinnedServiceMaps::open(&node.bpffs_dir)?;
     let mut latencies = Vec::with_capacity(changes);
     for i in 0..changes {
         let endpoint = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 1)) + i as u32);
-        let manifest = changing_service(endpoint);
-        let tmp = node.manifests_dir.join(".changing.json.tmp");
-        std::fs::write(&tmp, manifest)?;
-        let started = Instant::now();
-        std::fs::rename(&tmp, node.manifests_dir.join("changing.json"))?;
+        let started = publish(endpoint)?;
         while maps.first_backend(VIP, 80)? != Some(endpoint) {
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(30),
@@ -171,7 +235,7 @@ fn endpoint_changes(node: &LabNode, changes: usize) -> Result<Vec<f64>> {
     Ok(latencies)
 }
 
-fn changing_service(endpoint: Ipv4Addr) -> String {
+fn changing_service(endpoint: Ipv4Addr) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "changing", "namespace": "bench"},
          "spec": {"clusterIP": VIP.to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},
@@ -179,7 +243,6 @@ fn changing_service(endpoint: Ipv4Addr) -> String {
          "metadata": {"name": "changing-1", "namespace": "bench", "labels": {"kubernetes.io/service-name": "changing"}},
          "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
          "endpoints": [{"addresses": [endpoint.to_string()], "conditions": {"ready": true}}]}]})
-    .to_string()
 }
 
 /// Seconds from the rename of a `services` x 10 manifest into the
@@ -191,6 +254,12 @@ fn cold_load(node: &LabNode, services: usize) -> Result<f64> {
     drop(list);
     let started = Instant::now();
     std::fs::rename(&tmp, node.manifests_dir.join("scale.json"))?;
+    wait_for_frontends(node, services, started)
+}
+
+/// Waits until the agent has the changing Service and `services` more
+/// frontends; seconds since `started`.
+fn wait_for_frontends(node: &LabNode, services: usize, started: Instant) -> Result<f64> {
     // The changing Service stays loaded beside the set.
     let want = services as u64 + 1;
     loop {
