@@ -143,12 +143,10 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
     match agent {
         Ok(Response::Status(s)) => {
             let used = format!("{}/{}", s.allocated, s.capacity);
-            let source = if s.last_sync_age_s.is_some() {
-                format!("{} (synced)", s.source)
-            } else if s.source == "none" {
-                s.source.clone()
-            } else {
-                format!("{} (waiting for the first full sync)", s.source)
+            let source = match (s.synced, s.last_sync_age_s) {
+                (true, Some(_)) => format!("{} (synced)", s.source),
+                (true, None) => s.source.clone(),
+                (false, _) => format!("{} (waiting for the first full sync)", s.source),
             };
             rows.push(vec![
                 "agent".into(),

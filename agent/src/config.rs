@@ -192,6 +192,16 @@ pub enum Source {
 }
 
 impl Source {
+    /// Whether it hands over snapshots the datapath waits for.
+    pub fn syncs(&self) -> bool {
+        !matches!(self, Source::None)
+    }
+
+    /// Whether its snapshots list this node's pods.
+    pub fn lists_pods(&self) -> bool {
+        matches!(self, Source::Kube { .. })
+    }
+
     /// How `tern status` names it.
     pub fn describe(&self) -> String {
         match self {

@@ -77,21 +77,18 @@ async fn respond(
                 format!("agent state held for over {STATE_TIMEOUT:?}\n"),
             ),
         },
-        "/readyz" => {
-            let ready = metrics.synced();
-            match with_node(node, |n| n.status()).await {
-                None => text(StatusCode::SERVICE_UNAVAILABLE, "agent state held\n".into()),
-                Some(_) if !ready => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "waiting for the first full sync from the source\n".into(),
-                ),
-                Some(status) if !status.ready => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{}\n", status.reason.unwrap_or_default()),
-                ),
-                Some(_) => text(StatusCode::OK, "ok\n".into()),
-            }
-        }
+        "/readyz" => match with_node(node, |n| n.status()).await {
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "agent state held\n".into()),
+            Some(status) if !status.synced => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the first full sync from the source\n".into(),
+            ),
+            Some(status) if !status.ready => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{}\n", status.reason.unwrap_or_default()),
+            ),
+            Some(_) => text(StatusCode::OK, "ok\n".into()),
+        },
         "/metrics" => match with_node(node, move |n| metrics.render(n)).await {
             Some(body) => {
                 let mut response = text(StatusCode::OK, body);

@@ -3,7 +3,6 @@
 //! happen; state (Services, backends, endpoints, table entries, datapath
 //! counters) is read at scrape time, so it is never stale.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -29,8 +28,6 @@ type Labels = Vec<(&'static str, &'static str)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
-    /// The first snapshot from the source is in the datapath.
-    synced: AtomicBool,
     services: Gauge,
     sync_duration: Histogram,
     source_errors: Counter,
@@ -45,7 +42,6 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            synced: AtomicBool::new(false),
             services: Gauge::default(),
             // 100 µs .. ~3.3 s.
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -66,16 +62,6 @@ impl Metrics {
     pub fn record_sync(&self, services: usize, took: Duration) {
         self.sync_duration.observe(took.as_secs_f64());
         self.services.set(services as i64);
-        self.synced.store(true, Ordering::Relaxed);
-    }
-
-    /// With no source there is nothing to wait for.
-    pub fn mark_synced(&self) {
-        self.synced.store(true, Ordering::Relaxed);
-    }
-
-    pub fn synced(&self) -> bool {
-        self.synced.load(Ordering::Relaxed)
     }
 
     pub fn record_source_error(&self) {

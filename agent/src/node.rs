@@ -44,6 +44,7 @@ pub struct Node {
     last_sync: SyncCounts,
     last_sync_at: Option<std::time::Instant>,
     source: String,
+    source_syncs: bool,
     /// The last snapshot's Services, and this node's pod addresses (the
     /// API source lists pods; the others do not).
     snapshot_services: usize,
@@ -116,6 +117,7 @@ impl Node {
             last_sync: SyncCounts::default(),
             last_sync_at: None,
             source: config.source.describe(),
+            source_syncs: config.source.syncs(),
             snapshot_services: 0,
             pod_ips: None,
             socket_lb: config.socket_lb,
@@ -315,6 +317,7 @@ impl Node {
             last_sync: self.last_sync,
             source: self.source.clone(),
             last_sync_age_s: self.last_sync_at.map(|at| at.elapsed().as_secs()),
+            synced: !self.source_syncs || self.last_sync_at.is_some(),
             services: self.snapshot_services,
             pods: self.pod_ips.as_ref().map(|(pods, _)| *pods),
             endpoints_without_pod: self.pod_ips.as_ref().map(|(_, ips)| {

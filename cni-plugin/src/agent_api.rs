@@ -143,6 +143,10 @@ pub struct AgentStatus {
     /// Seconds since the last service sync; `None` before the first.
     #[serde(default)]
     pub last_sync_age_s: Option<u64>,
+    /// The first snapshot from the source is in the datapath (always, with
+    /// no source).
+    #[serde(default)]
+    pub synced: bool,
     /// Services in the last snapshot from the source.
     #[serde(default)]
     pub services: usize,

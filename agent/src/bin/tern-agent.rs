@@ -107,21 +107,17 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             sync::start_source(&config.source, &config.node_name, metrics.clone()).await?;
         tokio::spawn(health::serve(health, node.clone(), metrics.clone()));
         tokio::spawn(conntrack_gc(config.bpffs_dir.clone(), metrics.clone()));
-        match source {
-            Some(snapshots) => {
-                let services = ServiceSync::new(context, node.clone());
-                let lists_pods = matches!(config.source, tern_agent::config::Source::Kube { .. });
-                let sync = sync::run(
-                    snapshots,
-                    node.clone(),
-                    routing,
-                    services,
-                    metrics.clone(),
-                    lists_pods,
-                );
-                tokio::spawn(sync);
-            }
-            None => metrics.mark_synced(),
+        if let Some(snapshots) = source {
+            let services = ServiceSync::new(context, node.clone());
+            let sync = sync::run(
+                snapshots,
+                node.clone(),
+                routing,
+                services,
+                metrics.clone(),
+                config.source.lists_pods(),
+            );
+            tokio::spawn(sync);
         }
         let listener = cni_api::bind(&config.socket)?;
         let mut terminate =

@@ -261,14 +261,13 @@ impl<K: Ord + Clone, T: PartialEq> Objects<K, T> {
                 if self.live.get(&key) == Some(&entry) {
                     return false; // e.g. a Pod's status moved on, not its IPs
                 }
+                if let Some(Entry::Used(old, _)) = self.live.get(&key) {
+                    self.used.remove(&(self.model_key)(old));
+                }
                 if let Entry::Used(object, _) = &entry {
                     self.used.insert((self.model_key)(object), object.clone());
                 }
-                if let Some(Entry::Used(old, _)) = self.live.insert(key, entry.clone())
-                    && !matches!(&entry, Entry::Used(new, _) if (self.model_key)(new) == (self.model_key)(&old))
-                {
-                    self.used.remove(&(self.model_key)(&old));
-                }
+                self.live.insert(key, entry);
                 true
             }
             Event::Delete((key, _)) => match self.live.remove(&key) {
