@@ -1,0 +1,380 @@
+//! One manifest file -> its objects, converted: every document (JSON, or
+//! YAML with several documents), `List`s opened item by item without ever
+//! building the whole list, objects of the kinds Tern reads turned into the
+//! model, and the rest counted or reported.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use serde::Deserializer;
+use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+use crate::model::{EndpointSlice, Namespace, Node, Service};
+use crate::sources::{self, Conversion};
+
+/// What one file holds, converted: kept per file so a change re-reads only
+/// the files that changed.
+#[derive(Debug, Default)]
+pub(super) struct FileObjects {
+    pub services: Vec<(String, Arc<Service>)>,
+    pub slices: Vec<(String, Arc<EndpointSlice>)>,
+    pub nodes: Vec<(String, Arc<Node>)>,
+    pub namespaces: Vec<(String, Arc<Namespace>)>,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub ignored: usize,
+}
+
+pub(super) fn parse_file(path: &Path) -> FileObjects {
+    let file = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let json = path.extension().is_some_and(|e| e == "json");
+    let mut objects = FileObjects::default();
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read: {e}"))
+        .and_then(|text| read_documents(&text, json, &file, &mut objects));
+    match parsed {
+        Ok(()) => {
+            // Sorted once here, so that merging the files is one pass. The
+            // sort is stable: of two equal keys the file's first stays first.
+            objects.services.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            objects.slices.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            objects.nodes.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+            objects
+        }
+        // A file that does not parse is rejected whole: half a file could
+        // drop a slice and silently shrink a Service.
+        Err(e) => FileObjects {
+            errors: vec![format!("{file}: {e}")],
+            ..FileObjects::default()
+        },
+    }
+}
+
+/// Reads every document of the file into `objects`. JSON is YAML too, but
+/// serde_json reads it several times faster.
+fn read_documents(
+    text: &str,
+    json: bool,
+    file: &str,
+    objects: &mut FileObjects,
+) -> Result<(), String> {
+    let place = |index: usize| format!("{file}: document {index}");
+    if json {
+        let mut de = serde_json::Deserializer::from_str(text);
+        Document(place(1), objects)
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| format!("not valid JSON: {e}"))?;
+        return Ok(());
+    }
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        Document(place(index + 1), &mut *objects)
+            .deserialize(document)
+            .map_err(|e| format!("not valid YAML: {e}"))?;
+    }
+    Ok(())
+}
+
+/// One document, read without building it whole: the items of a `List`
+/// are converted one at a time, so a List of 100 000 objects never exists
+/// as a single tree (that tree is many times the size of the file).
+struct Document<'a>(String, &'a mut FileObjects);
+
+impl<'de> DeserializeSeed<'de> for Document<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Document<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Kubernetes object or list")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Document(place, file) = self;
+        let mut fields = serde_json::Map::new();
+        // Items are converted as they come, into their own set: only once
+        // the document's kind is known (kubectl writes it after the items)
+        // is it clear they belong to a List. Items without a kind wait for
+        // the List's (a typed list such as ServiceList leaves it out).
+        let mut listed = FileObjects::default();
+        let mut kindless = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                map.next_value_seed(Items {
+                    place: &place,
+                    listed: &mut listed,
+                    kindless: &mut kindless,
+                })?;
+            } else {
+                let value = map.next_value::<Value>()?;
+                fields.insert(key, value);
+            }
+        }
+        let kind = fields.get("kind").and_then(Value::as_str).unwrap_or("");
+        if let Some(item_kind) = kind.strip_suffix("List") {
+            let api_version = fields.get("apiVersion").cloned().unwrap_or(Value::Null);
+            for (place, mut item) in kindless {
+                if let (Value::Object(item), false) = (&mut item, item_kind.is_empty()) {
+                    item.insert("kind".into(), item_kind.into());
+                    item.entry("apiVersion")
+                        .or_insert_with(|| api_version.clone());
+                }
+                add_listed(item, place, &mut listed);
+            }
+            file.merge(listed);
+        } else {
+            // Not a list: an object that happens to have `items` (no kind
+            // Tern serves has one); judged by its other fields.
+            add_object(Value::Object(fields), &place, file);
+        }
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(()) // an empty document
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        self.not_an_object();
+        Ok(())
+    }
+}
+
+impl Document<'_> {
+    fn not_an_object(self) {
+        self.1
+            .errors
+            .push(format!("{}: not a Kubernetes object", self.0));
+    }
+}
+
+/// A List's `items`, each converted as soon as it is read.
+struct Items<'a> {
+    place: &'a str,
+    listed: &'a mut FileObjects,
+    kindless: &'a mut Vec<(String, Value)>,
+}
+
+impl<'de> DeserializeSeed<'de> for Items<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Items<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0;
+        while let Some(item) = seq.next_element::<Value>()? {
+            let place = format!("{}: items[{index}]", self.place);
+            index += 1;
+            if item.get("kind").is_some() {
+                add_listed(item, place, self.listed);
+            } else {
+                self.kindless.push((place, item));
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(()) // `items: null`
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// One List item, which may itself be a List.
+fn add_listed(item: Value, place: String, file: &mut FileObjects) {
+    let mut found = Vec::new();
+    flatten(item, place, &mut found);
+    for (place, object) in found {
+        add_object(object, &place, file);
+    }
+}
+
+impl FileObjects {
+    fn merge(&mut self, other: FileObjects) {
+        // Taken apart whole, so a new kind cannot be forgotten here.
+        let FileObjects {
+            services,
+            slices,
+            nodes,
+            namespaces,
+            errors,
+            warnings,
+            ignored,
+        } = other;
+        self.services.extend(services);
+        self.slices.extend(slices);
+        self.nodes.extend(nodes);
+        self.namespaces.extend(namespaces);
+        self.errors.extend(errors);
+        self.warnings.extend(warnings);
+        self.ignored += ignored;
+    }
+}
+
+/// Opens `List` documents (`kind: List` from kubectl, or a typed list such
+/// as `ServiceList` whose items may leave out their kind).
+fn flatten(mut object: Value, place: String, out: &mut Vec<(String, Value)>) {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let Some(items) = kind
+        .strip_suffix("List")
+        .and(object.get_mut("items"))
+        .map(Value::take)
+    else {
+        return out.push((place, object));
+    };
+    let item_kind = kind.trim_end_matches("List");
+    let api_version = object.get("apiVersion").cloned().unwrap_or(Value::Null);
+    let items = match items {
+        Value::Array(items) => items,
+        Value::Null => Vec::new(),
+        other => return out.push((place, other)),
+    };
+    for (index, mut item) in items.into_iter().enumerate() {
+        if let (Value::Object(fields), false) = (&mut item, item_kind.is_empty()) {
+            fields.entry("kind").or_insert_with(|| item_kind.into());
+            fields
+                .entry("apiVersion")
+                .or_insert_with(|| api_version.clone());
+        }
+        flatten(item, format!("{place}: items[{index}]"), out);
+    }
+}
+
+fn add_object(object: Value, place: &str, file: &mut FileObjects) {
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Some(kind) = object.get("kind").and_then(Value::as_str) else {
+        return file
+            .errors
+            .push(format!("{place}: not a Kubernetes object (no kind)"));
+    };
+    let namespace = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("(unnamed)");
+    let what = if kind == "Node" || kind == "Namespace" {
+        format!("{place}: {kind} {name}") // cluster-scoped
+    } else {
+        format!("{place}: {kind} {namespace}/{name}")
+    };
+    // Matching the group too keeps look-alikes out (a Knative Service).
+    match (api_version, kind) {
+        ("v1", "Service") => {
+            let converted = typed::<core::Service>(object).map(|s| sources::service(&s));
+            if let Some(service) = accept(converted, &what, file) {
+                file.services.push((what, Arc::new(service)));
+            }
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let converted =
+                typed::<discovery::EndpointSlice>(object).map(|s| sources::endpoint_slice(&s));
+            if let Some(slice) = accept(converted, &what, file) {
+                file.slices.push((what, Arc::new(slice)));
+            }
+        }
+        ("v1", "Node") => {
+            let converted = typed::<core::Node>(object).map(|n| sources::node(&n));
+            if let Some(node) = accept(converted, &what, file) {
+                file.nodes.push((what, Arc::new(node)));
+            }
+        }
+        ("v1", "Namespace") => {
+            let converted = typed::<core::Namespace>(object).map(|n| sources::namespace(&n));
+            if let Some(namespace) = accept(converted, &what, file) {
+                file.namespaces.push((what, Arc::new(namespace)));
+            }
+        }
+        _ => file.ignored += 1,
+    }
+}
+
+/// Files a conversion's errors, warnings or ignoring; the object if used.
+fn accept<T>(
+    converted: Result<Conversion<T>, String>,
+    what: &str,
+    file: &mut FileObjects,
+) -> Option<T> {
+    match converted {
+        Ok(Conversion::Accepted(object, warnings)) => {
+            file.warnings
+                .extend(warnings.into_iter().map(|w| format!("{what}: {w}")));
+            Some(object)
+        }
+        Ok(Conversion::Ignored(_)) => {
+            file.ignored += 1;
+            None
+        }
+        Ok(Conversion::Rejected(e)) | Err(e) => {
+            file.errors.push(format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+fn typed<T: DeserializeOwned>(object: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(object)
+        .map_err(|e| format!("malformed {}: {}", e.path(), e.inner()))
+}
