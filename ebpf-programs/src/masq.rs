@@ -16,8 +16,7 @@ use tern_common::{MASQUERADE_PORT_MAX, MASQUERADE_PORT_MIN, Reason};
 use crate::ct;
 use crate::maps::{ENDPOINTS, NAT, NON_MASQUERADE, config, count};
 use crate::packet::{
-    IP_CHECK, IP_DADDR, IP_SADDR, IPPROTO_ICMP, IPPROTO_TCP, Packet, TCP_ACK, TCP_SYN, Tuple,
-    parse, rewrite,
+    IP_CHECK, IP_DADDR, IP_SADDR, IPPROTO_ICMP, IPPROTO_TCP, Packet, Tuple, parse, rewrite,
 };
 
 /// Ports tried for a new flow before it is refused.
@@ -48,12 +47,8 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     // Only a new outgoing flow gets a NAT entry: a TCP segment other than
     // the opening SYN without one belongs to a connection made from
     // outside (the pod's answer), which keeps the pod's address.
-    let opens = p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    // SAFETY: a map value, updated in place (see ct::lookup).
-    let tracked = NAT
-        .get_ptr_mut(ct::key_of(&p))
-        .and_then(|entry| ct::refresh(unsafe { &mut *entry }, &p));
-    let to = match tracked {
+    let opens = p.proto != IPPROTO_TCP || ct::opens_connection(&p);
+    let to = match ct::lookup(&NAT, &p) {
         Some(entry) => Tuple::of(&entry),
         None if opens => match new_flow(&p, cfg.node_addr) {
             Some(to) => to,
@@ -130,9 +125,7 @@ fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
     let mut pick = p.saddr ^ (p.sport as u32) << 16 ^ p.daddr.rotate_left(5);
     for _ in 0..PORT_TRIES {
         to.sport = (MASQUERADE_PORT_MIN + (pick % span) as u16).to_be();
-        // SAFETY: the value is read at once (BPF_F_NO_PREALLOC map).
-        let taken = unsafe { NAT.get(ct::reply_key(p.proto, &to)) }.is_some_and(ct::live);
-        if !taken {
+        if !ct::reply_taken(&NAT, p.proto, &to) {
             let ((reply_key, reply), (key, forward)) = ct::entries(p, &to, 0, 0);
             // Reply entry first: a reply never arrives without its way back.
             if NAT.insert(reply_key, reply, 0).is_err() {
@@ -166,11 +159,7 @@ pub fn reply_to_pod(ctx: &TcContext, p: &mut Packet) -> Result<(), i32> {
     if !identify(ctx, &mut flow, ICMP_ECHO_REPLY) {
         return Ok(());
     }
-    let Some(entry) = NAT.get_ptr_mut(ct::key_of(&flow)) else {
-        return Ok(());
-    };
-    // SAFETY: a map value, updated in place (see ct::lookup).
-    let Some(entry) = ct::refresh(unsafe { &mut *entry }, &flow) else {
+    let Some(entry) = ct::lookup(&NAT, &flow) else {
         return Ok(());
     };
     let to = Tuple::of(&entry);

@@ -11,7 +11,7 @@ use tern_common::{HAIRPIN_ADDR, Reason, ServiceKey, ServiceValue, ct_flags, scop
 
 use crate::ct;
 use crate::lb::{lookup_service_for_pod, select_backend};
-use crate::maps::{SERVICES, config, count};
+use crate::maps::{CT, SERVICES, config, count};
 use crate::packet::{Packet, Tuple, ifindex, translate};
 use crate::reject::reject;
 
@@ -37,8 +37,10 @@ fn flow_hash(p: &Packet) -> u32 {
 }
 
 /// A packet of a tracked flow: translated as its entry says.
+// Inlined, so that the chain program -> CT lookup is one call deep.
+#[inline(always)]
 fn follow_ct(ctx: &TcContext, p: &mut Packet) -> Option<Outcome> {
-    let entry = ct::lookup(p)?;
+    let entry = ct::lookup(&CT, p)?;
     if translate(ctx, p, &Tuple::of(&entry)).is_err() {
         return Some(Outcome::Verdict(TC_ACT_SHOT));
     }
@@ -47,13 +49,22 @@ fn follow_ct(ctx: &TcContext, p: &mut Packet) -> Option<Outcome> {
     } else {
         Reason::LbDnat
     });
-    if entry.ifindex != 0 {
+    if entry.flags & ct_flags::REPLY != 0 && entry.ifindex != 0 {
         // A reply to a client outside: out of the device the request came
         // in on, next hop and MACs from the neighbour table.
         let verdict = unsafe { bpf_redirect_neigh(entry.ifindex, core::ptr::null_mut(), 0, 0) };
         return Some(Outcome::Verdict(verdict as i32));
     }
     Some(Outcome::Route)
+}
+
+/// A connection opened without translation (to a pod address, or one
+/// socket-LB translated) owns its tuple: replies left over from an earlier
+/// per-packet flow of the same client port must not rewrite its replies.
+fn claim_if_opening(p: &Packet) {
+    if ct::opens_connection(p) {
+        ct::claim(&CT, p);
+    }
 }
 
 /// Traffic from a pod on another node (overlay): replies of flows this
@@ -79,6 +90,7 @@ pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
             count(Reason::LbReject);
             return Outcome::Verdict(reject(ctx, p));
         }
+        claim_if_opening(p);
         return Outcome::Route;
     };
     let mut to = match to_backend(ctx, p, &master, &service) {
@@ -151,6 +163,7 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
         pad: 0,
     };
     let Some(service) = (unsafe { SERVICES.get(master) }).copied() else {
+        claim_if_opening(p);
         return Outcome::Route;
     };
     let mut to = match to_backend(ctx, p, &master, &service) {
@@ -163,7 +176,7 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
         let node = config().node_addr;
         to.saddr = if node != 0 { node } else { p.daddr };
         let mut tries = 0;
-        while ct::reply_taken(p.proto, &to) && tries < 8 {
+        while ct::reply_taken(&CT, p.proto, &to) && tries < 8 {
             let port = 32768 + (unsafe { bpf_get_prandom_u32() } % 28232) as u16;
             to.sport = port.to_be();
             tries += 1;

@@ -38,7 +38,6 @@ fn expired(value: &CtValue, now: u32) -> bool {
     now.wrapping_sub(value.last_seen) > value.lifetime
 }
 
-/// Removes expired entries; returns how many.
 /// Removes the expired entries: (entries removed, entries left).
 pub fn collect_garbage(ct: &mut CtMap) -> (usize, usize) {
     let now = now();
@@ -50,7 +49,15 @@ pub fn collect_garbage(ct: &mut CtMap) -> (usize, usize) {
         .filter(|(_, v)| expired(v, now))
         .map(|(k, _)| k)
         .collect();
-    let removed = doomed.iter().filter(|k| ct.remove(k).is_ok()).count();
+    // A new flow may have taken an expired entry's key since the walk (a
+    // client port reused): read it again right before removing it, so the
+    // live entry of a new connection is not removed in its place.
+    let mut removed = 0;
+    for key in &doomed {
+        if ct.get(key, 0).is_ok_and(|v| expired(&v, self::now())) && ct.remove(key).is_ok() {
+            removed += 1;
+        }
+    }
     (removed, seen - removed)
 }
 

@@ -143,7 +143,9 @@ pub struct CtKey {
 
 /// CT value: what the packet's tuple becomes, and where it goes then.
 /// A translated flow has two entries: the original direction (service
-/// address -> backend) and the reply direction (backend -> service).
+/// address -> backend) and the reply direction (backend -> service); the
+/// datapath keeps their state and last-seen time equal, so they expire
+/// together.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
@@ -151,8 +153,9 @@ pub struct CtValue {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
-    /// Send out of this device (redirect with neighbour lookup); 0 = route
-    /// as usual (a local pod, or the node's stack).
+    /// Replies leave through this device (redirect with neighbour
+    /// lookup); 0 = route as usual (a local pod, or the node's stack).
+    /// Both entries of a flow carry it, so either can re-create the other.
     pub ifindex: u32,
     pub rev_nat_id: u32,
     /// Seconds of CLOCK_MONOTONIC.
