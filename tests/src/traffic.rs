@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::netns::Netns;
 
@@ -16,7 +17,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Echoes every TCP connection and UDP datagram on one port, prefixing
 /// replies with `name:` so clients can tell who answered; the request
-/// `peer?` is answered with the client address the server sees. Stops on drop.
+/// `peer?` is answered with the client address the server sees, and after
+/// the answer to `close?` the server closes its side of a TCP connection
+/// first (as an HTTP server does with `Connection: close`). Stops on drop.
 pub struct EchoServer {
     pub port: u16,
     stop: Arc<AtomicBool>,
@@ -96,6 +99,9 @@ fn echo_tcp(mut conn: TcpStream, prefix: &str) {
                     if conn.write_all(&reply).is_err() {
                         return;
                     }
+                    if line == b"close?\n" {
+                        let _ = conn.shutdown(std::net::Shutdown::Write);
+                    }
                 }
             }
         }
@@ -130,6 +136,38 @@ pub fn tcp_connect(ns: &Netns, to: SocketAddr) -> Result<TcpStream> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(stream)
+}
+
+/// A TCP connection from inside `ns`, from local port `port` (reusable
+/// at once: SO_REUSEADDR; 0: the kernel picks one at connect, as for any
+/// client), made within `timeout`.
+pub fn tcp_connect_from(
+    ns: &Netns,
+    port: u16,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let stream = ns
+        .run(|| -> std::io::Result<TcpStream> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            if port != 0 {
+                socket.set_reuse_address(true)?;
+                socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            }
+            socket.connect_timeout(&to.into(), timeout)?;
+            Ok(socket.into())
+        })
+        .with_context(|| format!("TCP connect from netns {} port {port} to {to}", ns.name()))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Closes with a RST instead of a FIN (SO_LINGER 0): the connection ends
+/// at once, leaving no TIME_WAIT behind.
+pub fn tcp_abort(stream: TcpStream) -> Result<()> {
+    Socket::from(stream).set_linger(Some(Duration::ZERO))?;
+    Ok(())
 }
 
 /// Sends one line and returns the echoed answer (without the newline).
