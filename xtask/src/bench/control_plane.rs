@@ -218,6 +218,7 @@ fn timed_changes(
     let maps = PinnedServiceMaps::open(&node.bpffs_dir)?;
     let mut latencies = Vec::with_capacity(changes);
     for i in 0..changes {
+        super::interrupt::check()?;
         let endpoint = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 1)) + i as u32);
         let started = publish(endpoint)?;
         while maps.first_backend(VIP, 80)? != Some(endpoint) {
@@ -274,6 +275,7 @@ fn wait_for_frontends(node: &LabNode, services: usize, started: Instant) -> Resu
                 node.agent_log_tail()
             );
         }
+        super::interrupt::check()?;
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
             "{services} Services not loaded after 10 minutes:\n{}",

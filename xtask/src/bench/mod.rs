@@ -4,9 +4,11 @@
 //! A scenario is a topology (`topology`), a data path and the measures
 //! taken (`scenarios`); tools are wrapped in `tools`, kube-proxy's rules
 //! are generated in `kube_proxy`, and `report` / `charts` write the results.
+//! Ctrl-C or SIGTERM ends a run like an error, cleaning up (`interrupt`).
 
 pub mod charts;
 pub mod control_plane;
+pub mod interrupt;
 pub mod kube_proxy;
 pub mod report;
 pub mod scenarios;
@@ -85,6 +87,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         profile: profile.name.into(),
         scenarios: Vec::new(),
     };
+    // From here on the run creates namespaces, agents and pins: a signal
+    // stops it through the same clean-up as an error.
+    interrupt::install()?;
     type Scenario = fn(&Profile) -> Result<Vec<report::ScenarioResult>>;
     let all: [(&str, Scenario); 6] = [
         ("pod-to-pod", scenarios::pod_to_pod),
@@ -98,6 +103,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.only.as_deref().is_some_and(|only| !key.contains(only)) {
             continue;
         }
+        interrupt::check()?;
         results
             .scenarios
             .extend(scenario(&profile).with_context(|| format!("scenario {key}"))?);
@@ -111,6 +117,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     });
     std::fs::create_dir_all(&out)?;
+    report::flag_spreads(&mut results);
     report::save_json(&results, &out.join("results.json"))?;
     let mut markdown = report::markdown(&results);
     if profile
@@ -168,7 +175,7 @@ fn write_charts(results: &Results, out: &std::path::Path) -> Result<()> {
         ("pod -> ClusterIP -> pod", "TCP RR p50", "clusterip-latency"),
         (
             "pod -> ClusterIP -> pod",
-            "connections/s (Connection: close)",
+            "connections/s c=8",
             "clusterip-connection-rate",
         ),
     ] {
@@ -180,7 +187,7 @@ fn write_charts(results: &Results, out: &std::path::Path) -> Result<()> {
         charts::scale_chart(
             results,
             "service scale",
-            "connection latency p50",
+            "connection latency c=8 p50",
             "services",
             out,
             "scale-connection-latency",
@@ -188,7 +195,7 @@ fn write_charts(results: &Results, out: &std::path::Path) -> Result<()> {
         charts::scale_chart(
             results,
             "service scale",
-            "connections/s (Connection: close)",
+            "connections/s c=8",
             "services",
             out,
             "scale-connection-rate",

@@ -6,7 +6,9 @@
 //! A run is a list of [`ScenarioResult`]s, each in a *group* (one table, e.g.
 //! "pod -> ClusterIP -> pod"). A row names the row of its group it is compared
 //! to ([`ScenarioResult::baseline`]); every metric keeps one sample per
-//! repetition, and the tables show the median with the min–max range.
+//! repetition, and the tables show the median with the min–max range, the
+//! samples themselves, and a flag on metrics whose repetitions differ by
+//! more than [`SPREAD_LIMIT`]×.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -61,6 +63,11 @@ pub struct ScenarioResult {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, String>,
     pub metrics: Vec<Metric>,
+    /// The metrics whose repetitions differ by more than [`SPREAD_LIMIT`]×
+    /// ([`spread_flagged`]), set by [`flag_spreads`]; a row with any is
+    /// FLAGGED in the report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flagged: Vec<String>,
 }
 
 impl ScenarioResult {
@@ -125,12 +132,63 @@ impl Metric {
             .unwrap_or(f64::NAN)
     }
 
+    /// Whether the repetitions differ by more than [`SPREAD_LIMIT`]×. Only
+    /// rates and medians count: a tail (p99, p99.9, max) is one or a few
+    /// samples and varies by more than that on a shared machine from one
+    /// repetition to the next; a stall shows in the rate as well.
+    pub fn flagged(&self) -> bool {
+        !self.is_tail() && spread_flagged(&self.samples)
+    }
+
+    /// A tail latency: p99, p99.9 or max.
+    fn is_tail(&self) -> bool {
+        self.name.contains("p99") || self.name.ends_with(" max")
+    }
+
     fn direction(&self) -> &'static str {
         if self.higher_is_better {
             "higher is better"
         } else {
             "lower is better"
         }
+    }
+}
+
+/// Repetitions of one metric that differ by more than this factor (largest
+/// over smallest) make the row FLAGGED: its median stands for unstable
+/// measurements.
+pub const SPREAD_LIMIT: f64 = 2.0;
+
+/// Whether `samples` spread by more than [`SPREAD_LIMIT`]×: max/min above
+/// it, or zero next to a non-zero sample (a ratio without bound). One
+/// sample, all zeros, or values that are not finite (no measurement) are
+/// not flagged. Magnitudes are compared, so the sign does not matter.
+pub fn spread_flagged(samples: &[f64]) -> bool {
+    let values: Vec<f64> = samples
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|v| v.abs())
+        .collect();
+    if values.len() < 2 {
+        return false;
+    }
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(0.0, f64::max);
+    if max == 0.0 {
+        return false;
+    }
+    min == 0.0 || max / min > SPREAD_LIMIT
+}
+
+/// Sets [`ScenarioResult::flagged`] of every row from its samples.
+pub fn flag_spreads(results: &mut Results) {
+    for row in &mut results.scenarios {
+        row.flagged = row
+            .metrics
+            .iter()
+            .filter(|m| m.flagged())
+            .map(|m| m.name.clone())
+            .collect();
     }
 }
 
@@ -292,7 +350,7 @@ fn fmt_ratio(r: f64) -> String {
 }
 
 /// `median (min–max)`, or the single value when there is one sample.
-fn fmt_cell(m: &Metric) -> String {
+pub fn fmt_cell(m: &Metric) -> String {
     if m.samples.is_empty() {
         return "n/a".into();
     }
@@ -343,10 +401,16 @@ fn repetitions(results: &Results) -> String {
     }
 }
 
+/// What marks a flagged metric and row ([`spread_flagged`]).
+pub const FLAG: &str = "⚠";
+
 /// The report of one run: machine facts, command and date on top, then one
 /// table per group with a row per scenario and a column per metric. A cell is
 /// `median (min–max)`; a row with a baseline also gets `×ratio`, its median
 /// divided by the baseline row's (the header says which direction is better).
+/// A metric whose repetitions spread by more than [`SPREAD_LIMIT`]× gets
+/// [`FLAG`], its row `FLAGGED`, with a note under the table; with more than
+/// one repetition, every sample follows in run order (collapsed).
 pub fn markdown(results: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Tern network benchmark\n");
@@ -360,7 +424,12 @@ pub fn markdown(results: &Results) -> String {
         "\nEach cell is the median over the repetitions ({}) with the min–max \
          range in parentheses. `×r` is the row's median divided by the median \
          of its baseline row, measured in the same run: above 1 is better for a \
-         \"higher is better\" column, below 1 for a \"lower is better\" one.",
+         \"higher is better\" column, below 1 for a \"lower is better\" one. \
+         Rows of a group run their repetitions interleaved (the baseline's first, \
+         then each row's, round after round), so drift of the machine hits them \
+         alike. {FLAG} marks a metric whose repetitions differ by more than \
+         {SPREAD_LIMIT}× (largest / smallest, or zero next to non-zero); its row \
+         is FLAGGED.",
         repetitions(results)
     );
     for group in groups(results) {
@@ -389,6 +458,9 @@ pub fn markdown(results: &Results) -> String {
             if compared_to {
                 label.push_str(" (baseline)");
             }
+            if row.metrics.iter().any(Metric::flagged) {
+                let _ = write!(label, " **{FLAG} FLAGGED**");
+            }
             let mut line = format!("| {label} |");
             for m in &metrics {
                 let text = match row.metric(&m.name) {
@@ -400,6 +472,9 @@ pub fn markdown(results: &Results) -> String {
                             .and_then(|b| ratio(value.median(), b.median()));
                         if let Some(r) = r {
                             let _ = write!(text, " {}", fmt_ratio(r));
+                        }
+                        if value.flagged() {
+                            let _ = write!(text, " {FLAG}");
                         }
                         text
                     }
@@ -434,7 +509,67 @@ pub fn markdown(results: &Results) -> String {
         if !missing.is_empty() {
             let _ = writeln!(out, "\nBaseline row not found for: {}.", missing.join(", "));
         }
+        let flagged: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                let names: Vec<&str> = r
+                    .metrics
+                    .iter()
+                    .filter(|m| m.flagged())
+                    .map(|m| m.name.as_str())
+                    .collect();
+                (!names.is_empty())
+                    .then(|| format!("{} ({})", cell(&r.label()), cell(&names.join(", "))))
+            })
+            .collect();
+        if !flagged.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n**{FLAG} FLAGGED** — repetitions differ by more than {SPREAD_LIMIT}×, \
+                 so the median stands for unstable measurements (a stall, a \
+                 retry, a noisy neighbour); see the values per repetition \
+                 below: {}.",
+                flagged.join("; ")
+            );
+        }
+        out.push_str(&repetition_details(&rows, &metrics));
     }
+    out
+}
+
+/// Every sample of every row and metric of a group in run order, in a
+/// collapsed block; empty when no metric was repeated.
+fn repetition_details(rows: &[&ScenarioResult], metrics: &[&Metric]) -> String {
+    if rows
+        .iter()
+        .all(|r| r.metrics.iter().all(|m| m.samples.len() < 2))
+    {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n<details><summary>Values per repetition, in run order</summary>\n\n\
+         | Scenario | Metric | Repetitions |\n| --- | --- | --- |\n",
+    );
+    for row in rows {
+        for name in metrics.iter().map(|m| &m.name) {
+            let Some(m) = row.metric(name) else { continue };
+            let values: Vec<String> = m.samples.iter().map(|&v| fmt_num(v)).collect();
+            let flag = if m.flagged() {
+                format!(" {FLAG}")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} ({}) | {}{flag} |",
+                cell(&row.label()),
+                cell(&m.name),
+                cell(&m.unit),
+                values.join(", ")
+            );
+        }
+    }
+    out.push_str("\n</details>\n");
     out
 }
 
@@ -581,6 +716,7 @@ pub(crate) mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             metrics,
+            flagged: Vec::new(),
         }
     }
 
@@ -813,6 +949,93 @@ pub(crate) mod tests {
         assert!(md.contains("| kube-proxy iptables (services=1) (baseline) | 30.0 (29.1–31.5) |"));
         assert!(md.contains("| orphan | — | 1.00 |"));
         assert!(md.contains("Baseline row not found for: orphan."));
+    }
+
+    #[test]
+    fn spread_flag() {
+        assert!(!spread_flagged(&[]));
+        assert!(!spread_flagged(&[5.0]));
+        assert!(!spread_flagged(&[0.0, 0.0, 0.0]));
+        assert!(!spread_flagged(&[10.0, 20.0])); // exactly 2×: not more
+        assert!(spread_flagged(&[10.0, 20.1]));
+        assert!(spread_flagged(&[6000.0, 50.0, 5900.0]));
+        // Zero next to non-zero: no bound on the ratio.
+        assert!(spread_flagged(&[0.0, 1.0]));
+        assert!(spread_flagged(&[3.0, 0.0, 3.0]));
+        // Not measured (NaN) is not a spread; the rest still counts.
+        assert!(!spread_flagged(&[f64::NAN, 4.0]));
+        assert!(spread_flagged(&[f64::NAN, 4.0, 1.0]));
+        assert!(!spread_flagged(&[-2.0, -3.0]));
+        let metric = |name: &str| Metric {
+            name: name.into(),
+            unit: "ms".into(),
+            higher_is_better: false,
+            samples: vec![1.0, 3.0],
+        };
+        assert!(metric("connection latency c=1 p50").flagged());
+        assert!(!metric("connection latency c=1 p99").flagged());
+        assert!(!metric("connection latency c=1 max").flagged());
+    }
+
+    #[test]
+    fn flagged_rows_and_repetitions() {
+        let mut r = sample();
+        r.scenarios.retain(|s| s.group == "pod -> ClusterIP -> pod");
+        r.scenarios[1].metrics.push(metric(
+            "connections/s c=1",
+            "conn/s",
+            true,
+            &[6000.0, 50.0, 5900.0],
+        ));
+        r.scenarios[0].metrics.push(metric(
+            "connections/s c=1",
+            "conn/s",
+            true,
+            &[6100.0, 6050.0, 6200.0],
+        ));
+        flag_spreads(&mut r);
+        assert_eq!(r.scenarios[1].flagged, vec!["connections/s c=1"]);
+        assert!(r.scenarios[0].flagged.is_empty());
+        let md = markdown(&r);
+        // The row and the cell carry the flag; the median alone would hide
+        // the stalled repetition.
+        assert!(
+            md.contains(
+                "| Tern socket-LB **⚠ FLAGGED** | 38.5 (37.5–39.0) ×0.987 \
+                 | 5900 (50.0–6000) ×0.967 ⚠ |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| direct pod IP (baseline) | 39.0 (38.0–40.0) | 6100 (6050–6200) |"));
+        assert!(md.contains(
+            "**⚠ FLAGGED** — repetitions differ by more than 2×, so the median \
+             stands for unstable measurements"
+        ));
+        assert!(md.contains(": Tern socket-LB (connections/s c=1)."), "{md}");
+        // Every sample, in run order.
+        assert!(md.contains("<details><summary>Values per repetition, in run order</summary>"));
+        assert!(
+            md.contains("| Tern socket-LB | connections/s c=1 (conn/s) | 6000, 50.0, 5900 ⚠ |")
+        );
+        assert!(md.contains("| direct pod IP | throughput 1 stream (Gbit/s) | 38.0, 39.0, 40.0 |"));
+        // In the JSON too.
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains(r#""flagged":["connections/s c=1"]"#),
+            "{json}"
+        );
+        // One repetition: nothing to flag, no per-repetition block.
+        let mut one = r.clone();
+        for s in &mut one.scenarios {
+            for m in &mut s.metrics {
+                m.samples.truncate(1);
+            }
+        }
+        let md = markdown(&one);
+        assert!(
+            !md.contains("**⚠ FLAGGED**") && !md.contains("<details>"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! The scenarios: each a topology, a data path and the measures taken, run
 //! next to its baseline in the same run with the same CPU pinning.
+//!
+//! A group's rows are [`Arm`]s, all set up before the first measurement and
+//! kept alive to the end: repetition after repetition, the baseline runs
+//! once, then every other row once ([`interleave`]), so drift of the
+//! machine (a noisy neighbour, thermal state, a background task) falls on
+//! all rows alike instead of on whichever ran last.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -9,11 +15,13 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tern_tests::netns::Netns;
 
+use super::interrupt;
 use super::kube_proxy::{self, IptablesBackend, KpService, Proto};
 use super::report::{Metric, ScenarioResult};
 use super::tools;
 use super::topology::{
-    KernelNodes, KernelRouting, PLAIN_CLUSTER_CIDR, PLAIN_SERVER, Plain, Tern, TernNodes, at,
+    KernelNodes, KernelRouting, PLAIN_CLUSTER_CIDR, PLAIN_SERVER, Plain, Tern, TernNodes, Topology,
+    at,
 };
 
 pub const IPERF_PORT: u16 = 5201;
@@ -28,11 +36,56 @@ const CPUS: Option<(usize, usize)> = Some((0, 1));
 /// which would hide the data path.
 const RR_CPUS: Option<(usize, usize)> = Some((1, 1));
 
+/// The client's ephemeral ports in the connection-rate measures
+/// (`net.ipv4.ip_local_port_range` of its namespace): 16 384 ports, so that
+/// ports come back as they do for a client pod of a busy node that keeps
+/// opening connections to a Service. connect() takes the 8 192 ports of the
+/// range's even half (Linux leaves the other half to bind()) in a random
+/// walk, so at the 3 000–25 000 connections/s measured here a port is reused
+/// every 0.3–3 s on average: several times per repetition (at the faster
+/// rows within the quick profile's 1 s too), each time while the datapath's
+/// conntrack still holds the previous connection (closing: 10 s). Not
+/// narrower: wrk closes a few % of the connections itself, and their ports
+/// stay in TIME_WAIT on the client for 60 s; with 4 096 ports they starve
+/// connect() and the measure times the kernel's port search instead (c=8
+/// halved on plain veths).
+pub const BUSY_PORT_RANGE: (u16, u16) = (32768, 49151);
+
+/// The mean time after which the port-reuse measure's client takes a port
+/// again, see [`reuse_port_range`].
+pub const REUSE_INTERVAL_S: f64 = 10.0;
+/// The fewest ports the port-reuse measure runs with (a stalled row).
+const REUSE_MIN_PORTS: u32 = 2048;
+/// All unprivileged ports, 1024–65535.
+const REUSE_MAX_PORTS: u32 = 64512;
+
+/// The client's port range for the port-reuse measure (wrk -c1, `Connection:
+/// close`), sized from the row's own c=1 rate of the same repetition so that
+/// a port is taken again [`REUSE_INTERVAL_S`] after its last use on average:
+/// twice `rate` × 10 s ports (connect() uses every other one), ending at
+/// 65535, at most 1024–65535. The kernel's random walk over the range spreads
+/// the intervals from a fraction of that mean to over twice it (measured with
+/// nginx logging client ports: at 9 100 connections/s over all 64 512 ports,
+/// 695 reuses 10–12 s after the port's previous connection within 15 s).
+/// That is where conntrack entries of the previous connection expire: Tern's
+/// closing state lasts 10 s, and issue 13 (a port reused ~10 s later stalled
+/// for ~30 s) hid from a benchmark whose ports came back within ~1 s.
+pub fn reuse_port_range(rate: f64) -> (u16, u16) {
+    // NaN (nothing measured) counts as 0: f64::max returns the other operand.
+    let want = 2.0 * rate.max(0.0) * REUSE_INTERVAL_S;
+    let ports = (want.min(f64::from(REUSE_MAX_PORTS)) as u32).max(REUSE_MIN_PORTS) & !1;
+    // An even first port and an odd last one: the halves stay equal.
+    ((65536 - ports) as u16, 65535)
+}
+
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: &'static str,
     pub repetitions: usize,
     pub seconds: u32,
+    /// How long the port-reuse measure runs: long enough that ports come
+    /// back 10–12 s after their previous use (full profile).
+    pub reuse_seconds: u32,
     pub service_counts: Vec<usize>,
     pub cni_pods: usize,
     /// kube-proxy's nftables rules for more Services than this are not
@@ -52,6 +105,8 @@ impl Profile {
             name: "quick",
             repetitions: 1,
             seconds: 1,
+            // Checks that the measure runs; too short for reuse.
+            reuse_seconds: 1,
             service_counts: vec![1, 100],
             cni_pods: 20,
             nftables_max_services: 100,
@@ -65,6 +120,7 @@ impl Profile {
             name: "full",
             repetitions: 5,
             seconds: 5,
+            reuse_seconds: 15,
             service_counts: vec![1, 1_000, 10_000, 100_000],
             cni_pods: 100,
             nftables_max_services: 10_000,
@@ -80,8 +136,12 @@ impl Profile {
 pub struct Measures {
     pub throughput: bool,
     pub latency: bool,
+    /// Connection rate and latency, wrk -c1 and -c8 with `Connection: close`.
     pub http: bool,
     pub keep_alive: bool,
+    /// wrk -c1 with ports coming back ~10 s after their last use
+    /// ([`reuse_port_range`]); needs `http` (sized from its c=1 rate).
+    pub port_reuse: bool,
 }
 
 const ALL: Measures = Measures {
@@ -89,7 +149,16 @@ const ALL: Measures = Measures {
     latency: true,
     http: true,
     keep_alive: true,
+    port_reuse: false,
 };
+/// Pod -> ClusterIP -> pod: everything, and ports reused when the
+/// datapath's conntrack entries of their previous connection expire.
+const CLUSTER_IP: Measures = Measures {
+    port_reuse: true,
+    ..ALL
+};
+// The port-reuse measure is sized from the c=1 rate of `http`.
+const _: () = assert!(CLUSTER_IP.http);
 /// Service scale: per-connection cost is what grows with the rule count
 /// (a new connection walks kube-proxy's rules; an established one is
 /// conntrack's), so connections are opened and closed per request.
@@ -98,136 +167,277 @@ const CONNECTIONS: Measures = Measures {
     latency: false,
     http: true,
     keep_alive: false,
+    port_reuse: false,
 };
 
-fn metric(name: &str, unit: &str, higher_is_better: bool) -> Metric {
-    Metric {
-        name: name.into(),
-        unit: unit.into(),
-        higher_is_better,
-        samples: Vec::new(),
+/// Adds `value` to the metric `name` of `metrics`, created on first use.
+fn push(metrics: &mut Vec<Metric>, name: &str, unit: &str, higher_is_better: bool, value: f64) {
+    match metrics.iter_mut().find(|m| m.name == name) {
+        Some(m) => m.samples.push(value),
+        None => metrics.push(Metric {
+            name: name.into(),
+            unit: unit.into(),
+            higher_is_better,
+            samples: vec![value],
+        }),
     }
 }
 
-/// Runs the measures `profile.repetitions` times between `client` and the
-/// `server` namespace, reaching it at `target`.
-pub fn measure(
-    server: &Netns,
-    client: &Netns,
+fn set_port_range(client: &Netns, (first, last): (u16, u16)) -> Result<()> {
+    client.sysctl("net.ipv4.ip_local_port_range", &format!("{first} {last}"))
+}
+
+/// One row of a group while it is measured: its topology (alive until the
+/// group is done), where the client connects to, and the samples so far.
+pub struct Arm {
+    // Fields drop in order: nginx stops before its namespace goes.
+    nginx: Option<tools::NginxGuard>,
+    topology: Topology,
     target: Ipv4Addr,
+    /// Measure from inside the node's pods cgroup (socket-LB applies to
+    /// processes in it).
+    pods_cgroup: bool,
     what: Measures,
-    profile: &Profile,
-) -> Result<Vec<Metric>> {
-    let mut metrics = Vec::new();
-    let push = |metrics: &mut Vec<Metric>, m: Metric, v: f64| match metrics
-        .iter_mut()
-        .find(|x: &&mut Metric| x.name == m.name)
-    {
-        Some(existing) => existing.samples.push(v),
-        None => metrics.push(Metric {
-            samples: vec![v],
-            ..m
-        }),
-    };
-    let nginx = if what.http || what.keep_alive {
-        Some(tools::nginx(server, HTTP_PORT)?)
-    } else {
-        None
-    };
-    let url = format!("http://{target}:{HTTP_PORT}/");
-    let mut retried = 0;
-    for _ in 0..profile.repetitions {
+    row: ScenarioResult,
+    retried: usize,
+}
+
+impl Arm {
+    /// The row `row` (its metrics filled in by [`interleave`]) measured on
+    /// `topology` against `target`.
+    pub fn new(
+        row: ScenarioResult,
+        topology: Topology,
+        target: Ipv4Addr,
+        pods_cgroup: bool,
+        what: Measures,
+    ) -> Arm {
+        Arm {
+            nginx: None,
+            topology,
+            target,
+            pods_cgroup,
+            what,
+            row,
+            retried: 0,
+        }
+    }
+
+    /// The row against the server pod's own address.
+    pub fn direct(row: ScenarioResult, topology: Topology, what: Measures) -> Arm {
+        let target = topology.server_ip();
+        Arm::new(row, topology, target, false, what)
+    }
+
+    /// One repetition of every measure, added to the row's samples.
+    fn measure_once(&mut self, profile: &Profile) -> Result<()> {
+        let Arm {
+            nginx,
+            topology,
+            target,
+            pods_cgroup,
+            what,
+            row,
+            retried,
+        } = self;
+        let _pods = match (*pods_cgroup, topology.node()) {
+            (true, Some(node)) => Some(node.enter_pods_cgroup()?),
+            (true, None) => anyhow::bail!("no pods cgroup in this topology"),
+            (false, _) => None,
+        };
+        let (server, client, target) = (topology.server(), topology.client(), *target);
+        if (what.http || what.keep_alive) && nginx.is_none() {
+            *nginx = Some(tools::nginx(server, HTTP_PORT)?);
+        }
+        let metrics = &mut row.metrics;
+        let url = format!("http://{target}:{HTTP_PORT}/");
         let s = profile.seconds;
         let mut again = |what: &str, e: anyhow::Error| {
             eprintln!("bench: {what} failed, running it once more: {e:#}");
-            retried += 1;
+            *retried += 1;
         };
         if what.throughput {
-            let one =
-                tools::iperf3(server, client, at(target, IPERF_PORT), 1, s, CPUS).or_else(|e| {
-                    again("iperf3", e);
-                    tools::iperf3(server, client, at(target, IPERF_PORT), 1, s, CPUS)
-                })?;
+            let iperf =
+                |streams| tools::iperf3(server, client, at(target, IPERF_PORT), streams, s, CPUS);
+            let one = iperf(1).or_else(|e| {
+                interrupt::check()?;
+                again("iperf3", e);
+                iperf(1)
+            })?;
             push(
-                &mut metrics,
-                metric("throughput 1 stream", "Gbit/s", true),
+                metrics,
+                "throughput 1 stream",
+                "Gbit/s",
+                true,
                 one.gbit_per_s,
             );
-            let four =
-                tools::iperf3(server, client, at(target, IPERF_PORT), 4, s, CPUS).or_else(|e| {
-                    again("iperf3", e);
-                    tools::iperf3(server, client, at(target, IPERF_PORT), 4, s, CPUS)
-                })?;
+            let four = iperf(4).or_else(|e| {
+                interrupt::check()?;
+                again("iperf3", e);
+                iperf(4)
+            })?;
             push(
-                &mut metrics,
-                metric("throughput 4 streams", "Gbit/s", true),
+                metrics,
+                "throughput 4 streams",
+                "Gbit/s",
+                true,
                 four.gbit_per_s,
             );
             push(
-                &mut metrics,
-                metric("sender CPU, 1 stream", "%", false),
+                metrics,
+                "sender CPU, 1 stream",
+                "%",
+                false,
                 one.sender_cpu_pct,
             );
         }
         if what.latency {
-            let tcp = tools::sockperf_ping_pong(
-                server,
-                client,
-                at(target, SOCKPERF_PORT),
-                true,
-                s,
-                RR_CPUS,
-            )?;
-            push(&mut metrics, metric("TCP RR p50", "µs", false), tcp.p50_us);
-            push(&mut metrics, metric("TCP RR p99", "µs", false), tcp.p99_us);
-            push(
-                &mut metrics,
-                metric("TCP RR p99.9", "µs", false),
-                tcp.p999_us,
-            );
-            let udp = tools::sockperf_ping_pong(
-                server,
-                client,
-                at(target, SOCKPERF_PORT),
-                false,
-                s,
-                RR_CPUS,
-            )?;
-            push(&mut metrics, metric("UDP RR p50", "µs", false), udp.p50_us);
-            push(&mut metrics, metric("UDP RR p99", "µs", false), udp.p99_us);
+            let rr = |tcp| {
+                tools::sockperf_ping_pong(
+                    server,
+                    client,
+                    at(target, SOCKPERF_PORT),
+                    tcp,
+                    s,
+                    RR_CPUS,
+                )
+            };
+            let tcp = rr(true)?;
+            push(metrics, "TCP RR p50", "µs", false, tcp.p50_us);
+            push(metrics, "TCP RR p99", "µs", false, tcp.p99_us);
+            push(metrics, "TCP RR p99.9", "µs", false, tcp.p999_us);
+            let udp = rr(false)?;
+            push(metrics, "UDP RR p50", "µs", false, udp.p50_us);
+            push(metrics, "UDP RR p99", "µs", false, udp.p99_us);
         }
+        let wrk = |connections, seconds, close| {
+            let r = tools::wrk(client, &url, connections, seconds, close, CPUS.map(|c| c.1))?;
+            if r.errors > 0 {
+                eprintln!(
+                    "bench: wrk -c{connections} against {url}: {} errors (non-2xx, connect, read, write, timeout)",
+                    r.errors
+                );
+            }
+            anyhow::Ok(r)
+        };
+        let mut c1_rate = None;
         if what.http {
-            let close = tools::wrk(client, &url, 8, s, true, CPUS.map(|c| c.1))?;
-            push(
-                &mut metrics,
-                metric("connections/s (Connection: close)", "req/s", true),
-                close.requests_per_s,
-            );
-            push(
-                &mut metrics,
-                metric("connection latency p50", "ms", false),
-                close.p50_ms,
-            );
+            set_port_range(client, BUSY_PORT_RANGE)?;
+            for c in [1, 8] {
+                let r = wrk(c, s, true)?;
+                push(
+                    metrics,
+                    &format!("connections/s c={c}"),
+                    "conn/s",
+                    true,
+                    r.requests_per_s,
+                );
+                push(
+                    metrics,
+                    &format!("connection latency c={c} p50"),
+                    "ms",
+                    false,
+                    r.p50_ms,
+                );
+                push(
+                    metrics,
+                    &format!("connection latency c={c} p99"),
+                    "ms",
+                    false,
+                    r.p99_ms,
+                );
+                push(
+                    metrics,
+                    &format!("connection latency c={c} max"),
+                    "ms",
+                    false,
+                    r.max_ms,
+                );
+                if c == 1 {
+                    c1_rate = Some(r.requests_per_s);
+                }
+            }
         }
         if what.keep_alive {
-            let keep = tools::wrk(client, &url, 8, s, false, CPUS.map(|c| c.1))?;
+            let keep = wrk(8, s, false)?;
             push(
-                &mut metrics,
-                metric("requests/s (keep-alive)", "req/s", true),
+                metrics,
+                "requests/s (keep-alive)",
+                "req/s",
+                true,
                 keep.requests_per_s,
             );
         }
+        if what.port_reuse {
+            let rate = c1_rate.context("the port-reuse measure is sized from the c=1 rate")?;
+            let range = reuse_port_range(rate);
+            eprintln!(
+                "bench: port reuse: {rate:.0} connections/s at c=1, ports {}-{}",
+                range.0, range.1
+            );
+            set_port_range(client, range)?;
+            let r = wrk(1, profile.reuse_seconds, true)?;
+            set_port_range(client, BUSY_PORT_RANGE)?;
+            let name = "port reuse ~10 s";
+            push(
+                metrics,
+                &format!("connections/s c=1, {name}"),
+                "conn/s",
+                true,
+                r.requests_per_s,
+            );
+            push(
+                metrics,
+                &format!("connection latency c=1 max, {name}"),
+                "ms",
+                false,
+                r.max_ms,
+            );
+        }
+        Ok(())
     }
-    drop(nginx);
-    if retried > 0 {
-        // Shown in the table, so a flaky path cannot hide behind retries.
-        push(
-            &mut metrics,
-            metric("tool runs retried", "runs", false),
-            retried as f64,
-        );
+
+    /// The row with all its samples; the topology is torn down.
+    fn into_row(self) -> ScenarioResult {
+        let Arm {
+            nginx,
+            topology,
+            mut row,
+            retried,
+            ..
+        } = self;
+        drop(nginx);
+        drop(topology);
+        if retried > 0 {
+            // Shown in the table, so a flaky path cannot hide behind retries.
+            push(
+                &mut row.metrics,
+                "tool runs retried",
+                "runs",
+                false,
+                retried as f64,
+            );
+        }
+        row
     }
-    Ok(metrics)
+}
+
+/// Measures every arm `profile.repetitions` times, interleaved: round after
+/// round, each arm once in order (the baseline first). Returns the rows.
+pub fn interleave(
+    group: &str,
+    mut arms: Vec<Arm>,
+    profile: &Profile,
+) -> Result<Vec<ScenarioResult>> {
+    let n = profile.repetitions;
+    for rep in 1..=n {
+        for arm in &mut arms {
+            interrupt::check()?;
+            eprintln!("bench: {group}: {} ({rep}/{n})", arm.row.label());
+            arm.measure_once(profile).with_context(|| arm.row.label())?;
+        }
+    }
+    Ok(arms.into_iter().map(Arm::into_row).collect())
 }
 
 pub fn row(
@@ -246,6 +456,7 @@ pub fn row(
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
         metrics,
+        flagged: Vec::new(),
     }
 }
 
@@ -253,59 +464,55 @@ pub fn row(
 pub fn pod_to_pod(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     let group = "pod-to-pod, same node";
     let baseline = "physical limit (veth + routes, no BPF)";
-    eprintln!("bench: {group}");
-    let plain = Plain::new()?;
-    let physical = measure(&plain.server, &plain.client, PLAIN_SERVER, ALL, profile)?;
-    drop(plain);
-    let tern = Tern::new(true, "10.244.61.0/24")?;
-    let redirect = measure(
-        &tern.server.ns,
-        &tern.client.ns,
-        tern.server.ip,
-        ALL,
-        profile,
-    )?;
-    Ok(vec![
-        row(group, baseline, None, &[], physical),
-        row(group, "Tern eBPF redirect", Some(baseline), &[], redirect),
-    ])
+    eprintln!("bench: {group}: setting up");
+    let arms = vec![
+        Arm::direct(
+            row(group, baseline, None, &[], vec![]),
+            Topology::Plain(Plain::new()?),
+            ALL,
+        ),
+        Arm::direct(
+            row(group, "Tern eBPF redirect", Some(baseline), &[], vec![]),
+            Topology::Tern(Box::new(Tern::new(true, "10.244.61.0/24")?)),
+            ALL,
+        ),
+    ];
+    interleave(group, arms, profile)
 }
 
 /// Pod to pod across two nodes: the physical limit, the kernel's own
 /// routes and VXLAN as Flannel sets them up, and Tern in both routing modes.
+/// Each topology has its own lab switch, so all coexist.
 pub fn cross_node(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     let group = "pod-to-pod, across nodes";
     let baseline = "physical limit (veth + routes, no BPF)";
-    eprintln!("bench: {group}");
-    let plain = Plain::new()?;
-    let physical = measure(&plain.server, &plain.client, PLAIN_SERVER, ALL, profile)?;
-    drop(plain);
-    let mut rows = vec![row(group, baseline, None, &[], physical)];
+    eprintln!("bench: {group}: setting up");
+    let mut arms = vec![Arm::direct(
+        row(group, baseline, None, &[], vec![]),
+        Topology::Plain(Plain::new()?),
+        ALL,
+    )];
     for (name, routing) in [
         ("kernel routes (Flannel host-gw)", KernelRouting::Routes),
         ("kernel VXLAN (Flannel vxlan)", KernelRouting::Vxlan),
     ] {
-        eprintln!("bench: {group}: {name}");
-        let nodes = KernelNodes::new(routing)?;
-        let metrics = measure(&nodes.server, &nodes.client, nodes.server_ip, ALL, profile)?;
-        rows.push(row(group, name, Some(baseline), &[], metrics));
+        arms.push(Arm::direct(
+            row(group, name, Some(baseline), &[], vec![]),
+            Topology::KernelNodes(KernelNodes::new(routing)?),
+            ALL,
+        ));
     }
     for (name, mode) in [
         ("Tern native routing", "native"),
         ("Tern overlay (VXLAN)", "overlay"),
     ] {
-        eprintln!("bench: {group}: {name}");
-        let nodes = TernNodes::new(mode)?;
-        let metrics = measure(
-            &nodes.server.ns,
-            &nodes.client.ns,
-            nodes.server.ip,
+        arms.push(Arm::direct(
+            row(group, name, Some(baseline), &[], vec![]),
+            Topology::TernNodes(TernNodes::new(mode)?),
             ALL,
-            profile,
-        )?;
-        rows.push(row(group, name, Some(baseline), &[], metrics));
+        ));
     }
-    Ok(rows)
+    interleave(group, arms, profile)
 }
 
 /// The Service (and `fillers` more) as manifests for the Tern agent.
@@ -348,6 +555,7 @@ fn tern_services(tern: &Tern, fillers: usize) -> Result<()> {
         if status["frontends"].as_u64() >= Some(4 + fillers as u64) {
             return Ok(());
         }
+        interrupt::check()?;
         anyhow::ensure!(
             started.elapsed().as_secs() < 600,
             "services not synced:\n{}",
@@ -383,100 +591,146 @@ fn kube_proxy_services(fillers: usize) -> Vec<KpService> {
     services
 }
 
-/// One ClusterIP row per data path, with `services` Services loaded.
-fn cluster_ip_rows(
-    group: &str,
-    baseline: Option<&str>,
+/// The Service data paths compared.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DataPath {
+    SocketLb,
+    PerPacket,
+    Iptables,
+    Nftables,
+}
+
+impl DataPath {
+    const ALL: [DataPath; 4] = [
+        DataPath::SocketLb,
+        DataPath::PerPacket,
+        DataPath::Iptables,
+        DataPath::Nftables,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            DataPath::SocketLb => "Tern socket-LB",
+            DataPath::PerPacket => "Tern per-packet",
+            DataPath::Iptables => "kube-proxy iptables",
+            DataPath::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+/// The row `row` on `path` with `services` Services loaded, against the
+/// VIP. A Tern node gets PodCIDR `cidr`: each Tern arm of a group has its
+/// own lab (switch, node namespace, pins, cgroup), so they coexist; distinct
+/// PodCIDRs keep their addresses apart in logs too.
+fn service_arm(
+    path: DataPath,
     services: usize,
     what: Measures,
-    profile: &Profile,
-    params: &[(&str, String)],
-) -> Result<Vec<ScenarioResult>> {
+    row: ScenarioResult,
+    cidr: &str,
+) -> Result<Arm> {
+    eprintln!(
+        "bench: {}: setting up {} with {services} Service(s)",
+        row.group,
+        row.label()
+    );
     let fillers = services.saturating_sub(1);
-    let mut rows = Vec::new();
-    for (name, socket_lb) in [("Tern socket-LB", true), ("Tern per-packet", false)] {
-        eprintln!("bench: {group}: {name} ({services} services)");
-        let tern = Tern::new(socket_lb, "10.244.62.0/24")?;
-        tern_services(&tern, fillers)?;
-        let metrics = {
+    match path {
+        DataPath::SocketLb | DataPath::PerPacket => {
+            let tern = Tern::new(path == DataPath::SocketLb, cidr)?;
+            tern_services(&tern, fillers)?;
             // Socket-LB applies to processes in the pods' cgroup.
-            let _pods = tern.node.enter_pods_cgroup()?;
-            measure(&tern.server.ns, &tern.client.ns, VIP, what, profile)?
-        };
-        rows.push(row(group, name, baseline, params, metrics));
-    }
-    for (name, nft) in [
-        ("kube-proxy iptables", false),
-        ("kube-proxy nftables", true),
-    ] {
-        if nft && services > profile.nftables_max_services {
-            eprintln!("bench: {group}: {name} skipped for {services} services (nft load time)");
-            continue;
+            Ok(Arm::new(
+                row,
+                Topology::Tern(Box::new(tern)),
+                VIP,
+                true,
+                what,
+            ))
         }
-        eprintln!("bench: {group}: {name} ({services} services)");
-        let plain = Plain::new()?;
-        let rules = kube_proxy_services(fillers);
-        if nft {
-            kube_proxy::apply_nftables(&plain.router, &rules, PLAIN_CLUSTER_CIDR)?;
-        } else {
-            // iptables-nft 1.8.9 needs about half an hour for 100 000
-            // Services' rules (it looks chains up one by one); the legacy
-            // backend loads them in seconds and walks them the same way.
-            kube_proxy::apply_iptables_with(
-                &plain.router,
-                &rules,
-                PLAIN_CLUSTER_CIDR,
-                IptablesBackend::Legacy,
-            )?;
+        DataPath::Iptables | DataPath::Nftables => {
+            let plain = Plain::new()?;
+            let rules = kube_proxy_services(fillers);
+            if path == DataPath::Nftables {
+                kube_proxy::apply_nftables(&plain.router, &rules, PLAIN_CLUSTER_CIDR)?;
+            } else {
+                // iptables-nft 1.8.9 needs about half an hour for 100 000
+                // Services' rules (it looks chains up one by one); the legacy
+                // backend loads them in seconds and walks them the same way.
+                kube_proxy::apply_iptables_with(
+                    &plain.router,
+                    &rules,
+                    PLAIN_CLUSTER_CIDR,
+                    IptablesBackend::Legacy,
+                )?;
+            }
+            Ok(Arm::new(row, Topology::Plain(plain), VIP, false, what))
         }
-        let metrics = measure(&plain.server, &plain.client, VIP, what, profile)
-            .with_context(|| name.to_owned())?;
-        rows.push(row(group, name, baseline, params, metrics));
     }
-    Ok(rows)
 }
 
 /// Scenario 3: pod -> ClusterIP -> pod on every data path, against the
-/// same pods reached by address.
+/// same pods reached by address; all five set up, then measured
+/// interleaved.
 pub fn cluster_ip(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     let group = "pod -> ClusterIP -> pod";
     let baseline = "direct pod IP (Tern)";
-    eprintln!("bench: {group}: {baseline}");
-    let tern = Tern::new(true, "10.244.63.0/24")?;
-    let direct = measure(
-        &tern.server.ns,
-        &tern.client.ns,
-        tern.server.ip,
-        ALL,
-        profile,
-    )?;
-    drop(tern);
-    let mut rows = vec![row(group, baseline, None, &[], direct)];
-    rows.extend(cluster_ip_rows(
-        group,
-        Some(baseline),
-        1,
-        ALL,
-        profile,
-        &[],
-    )?);
-    Ok(rows)
+    eprintln!("bench: {group}: setting up {baseline}");
+    // From inside the pods cgroup, as every pod of a Tern node connects:
+    // the socket hooks run for a pod address too (and find no Service).
+    let direct = Tern::new(true, "10.244.63.0/24")?;
+    let server = direct.server.ip;
+    let mut arms = vec![Arm::new(
+        row(group, baseline, None, &[], vec![]),
+        Topology::Tern(Box::new(direct)),
+        server,
+        true,
+        CLUSTER_IP,
+    )];
+    for (path, cidr) in DataPath::ALL
+        .into_iter()
+        .zip(["10.244.62.0/24", "10.244.68.0/24", "", ""])
+    {
+        arms.push(service_arm(
+            path,
+            1,
+            CLUSTER_IP,
+            row(group, path.name(), Some(baseline), &[], vec![]),
+            cidr,
+        )?);
+    }
+    interleave(group, arms, profile)
 }
 
 /// Scenario 4: per-connection latency and rate as Services grow; each data
-/// path against itself with one Service.
+/// path against itself with one Service. A data path's instances at every
+/// Service count are set up side by side and measured interleaved (the
+/// 1-Service one first each round); data paths follow each other, as they
+/// are not compared with each other here.
 pub fn service_scale(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     let group = "service scale";
+    let first = profile.service_counts[0];
     let mut rows: Vec<ScenarioResult> = Vec::new();
-    for &n in &profile.service_counts {
-        let params = [("services", n.to_string())];
-        for mut r in cluster_ip_rows(group, None, n, CONNECTIONS, profile, &params)? {
-            let first = profile.service_counts[0];
-            if n != first {
-                r.baseline = Some(format!("{} (services={first})", r.name));
+    for (p, path) in DataPath::ALL.into_iter().enumerate() {
+        let mut arms = Vec::new();
+        for (i, &n) in profile.service_counts.iter().enumerate() {
+            if path == DataPath::Nftables && n > profile.nftables_max_services {
+                eprintln!(
+                    "bench: {group}: {} skipped for {n} services (nft load time)",
+                    path.name()
+                );
+                continue;
             }
-            rows.push(r);
+            let baseline = (n != first).then(|| format!("{} (services={first})", path.name()));
+            let params = [("services", n.to_string())];
+            let cidr = format!("10.244.{}.0/24", 80 + 10 * p + i);
+            let r = row(group, path.name(), baseline.as_deref(), &params, vec![]);
+            arms.push(
+                service_arm(path, n, CONNECTIONS, r, &cidr)
+                    .with_context(|| format!("{} ({n} services)", path.name()))?,
+            );
         }
+        rows.extend(interleave(group, arms, profile)?);
     }
     Ok(rows)
 }
@@ -496,48 +750,67 @@ pub fn cni(profile: &Profile) -> Result<Vec<ScenarioResult>> {
         "ipam": {"type": "host-local", "subnet": "10.88.0.0/22", "dataDir": data_dir}
     });
     let tern_conf = node.netconf("1.0.0");
-    let mut rows = Vec::new();
-    for (name, conf, bin) in [
+    let tern_bin = node.bins.cni.to_str().unwrap_or_default().to_owned();
+    let plugins = [
         (baseline, bridge_conf, "/usr/lib/cni/bridge"),
-        (
-            "Tern",
-            tern_conf,
-            node.bins.cni.to_str().unwrap_or_default(),
-        ),
-    ] {
-        let mut add = metric("ADD p50", "ms", false);
-        let mut add99 = metric("ADD p99", "ms", false);
-        let mut del = metric("DEL p50", "ms", false);
-        let mut del99 = metric("DEL p99", "ms", false);
-        let mut cadd = metric("ADD p50, 20 concurrent", "ms", false);
-        let mut cadd99 = metric("ADD p99, 20 concurrent", "ms", false);
-        let mut cdel = metric("DEL p50, 20 concurrent", "ms", false);
-        let mut cdel99 = metric("DEL p99, 20 concurrent", "ms", false);
-        for _ in 0..profile.repetitions {
-            let (a, d) = cni_latencies(&node, bin, &conf, profile.cni_pods, 1)?;
-            add.samples.push(percentile(&a, 0.50));
-            add99.samples.push(percentile(&a, 0.99));
-            del.samples.push(percentile(&d, 0.50));
-            del99.samples.push(percentile(&d, 0.99));
-            let (a, d) = cni_latencies(&node, bin, &conf, 20, 20)?;
-            cadd.samples.push(percentile(&a, 0.50));
-            cadd99.samples.push(percentile(&a, 0.99));
-            cdel.samples.push(percentile(&d, 0.50));
-            cdel99.samples.push(percentile(&d, 0.99));
+        ("Tern", tern_conf, tern_bin.as_str()),
+    ];
+    let mut metrics: Vec<Vec<Metric>> = vec![Vec::new(); plugins.len()];
+    // Interleaved: each repetition times the baseline, then Tern.
+    for rep in 1..=profile.repetitions {
+        for ((name, conf, bin), metrics) in plugins.iter().zip(&mut metrics) {
+            interrupt::check()?;
+            eprintln!("bench: {group}: {name} ({rep}/{})", profile.repetitions);
+            let (a, d) = cni_latencies(&node, bin, conf, profile.cni_pods, 1)?;
+            push(metrics, "ADD p50", "ms", false, percentile(&a, 0.50));
+            push(metrics, "ADD p99", "ms", false, percentile(&a, 0.99));
+            push(metrics, "DEL p50", "ms", false, percentile(&d, 0.50));
+            push(metrics, "DEL p99", "ms", false, percentile(&d, 0.99));
+            let (a, d) = cni_latencies(&node, bin, conf, 20, 20)?;
+            push(
+                metrics,
+                "ADD p50, 20 concurrent",
+                "ms",
+                false,
+                percentile(&a, 0.50),
+            );
+            push(
+                metrics,
+                "ADD p99, 20 concurrent",
+                "ms",
+                false,
+                percentile(&a, 0.99),
+            );
+            push(
+                metrics,
+                "DEL p50, 20 concurrent",
+                "ms",
+                false,
+                percentile(&d, 0.50),
+            );
+            push(
+                metrics,
+                "DEL p99, 20 concurrent",
+                "ms",
+                false,
+                percentile(&d, 0.99),
+            );
         }
-        let b = if name == baseline {
-            None
-        } else {
-            Some(baseline)
-        };
-        rows.push(row(
-            group,
-            name,
-            b,
-            &[("pods", profile.cni_pods.to_string())],
-            vec![add, add99, del, del99, cadd, cadd99, cdel, cdel99],
-        ));
     }
+    let rows = plugins
+        .iter()
+        .zip(metrics)
+        .map(|((name, _, _), metrics)| {
+            let b = (*name != baseline).then_some(baseline);
+            row(
+                group,
+                name,
+                b,
+                &[("pods", profile.cni_pods.to_string())],
+                metrics,
+            )
+        })
+        .collect();
     let _ = std::fs::remove_dir_all(&data_dir);
     Ok(rows)
 }
@@ -608,4 +881,40 @@ fn cni_latencies(
         del.extend(all("DEL", &group)?);
     }
     Ok((add, del))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuse_port_range_sizes_for_ten_seconds() {
+        // 3 000 connections/s: 30 000 ports of one parity, 60 000 in all.
+        assert_eq!(reuse_port_range(3000.0), (5536, 65535));
+        assert_eq!(reuse_port_range(500.0), (55536, 65535));
+        // Faster than the unprivileged ports allow: all of them.
+        assert_eq!(reuse_port_range(9100.0), (1024, 65535));
+        // Nothing measured, or a stalled row: the floor.
+        assert_eq!(reuse_port_range(0.0), (63488, 65535));
+        assert_eq!(reuse_port_range(f64::NAN), (63488, 65535));
+        assert_eq!(reuse_port_range(-1.0), (63488, 65535));
+        for rate in [1.0, 77.7, 1234.5, 3225.6, 1e9] {
+            let (first, last) = reuse_port_range(rate);
+            // Even first port, odd last: both halves equal.
+            assert!(first % 2 == 0 && last == 65535 && first >= 1024, "{rate}");
+        }
+        // The busy range: an even first port and an odd last one too.
+        assert_eq!(BUSY_PORT_RANGE.0 % 2, 0);
+        assert_eq!(BUSY_PORT_RANGE.1 % 2, 1);
+    }
+
+    #[test]
+    fn profiles() {
+        for p in [Profile::quick(), Profile::full()] {
+            assert!(p.repetitions >= 1 && p.seconds >= 1 && p.reuse_seconds >= 1);
+            assert_eq!(p.service_counts[0], 1, "the scale baseline is 1 Service");
+        }
+        // Ports come back after 10-12 s only in a run longer than that.
+        assert!(f64::from(Profile::full().reuse_seconds) > REUSE_INTERVAL_S + 2.0);
+    }
 }

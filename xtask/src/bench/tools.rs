@@ -75,12 +75,17 @@ pub struct Latency {
     pub observations: u64,
 }
 
-/// wrk: completed requests per second and their latency percentiles.
+/// wrk: completed requests per second and their latency percentiles. wrk
+/// times a request from its first write to the end of its response: with
+/// `Connection: close` that is on a new connection, after the handshake (a
+/// connect that stalls shows in the rate, not here).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpRate {
     pub requests_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The slowest request (`Max` of the `Latency` thread-stats line).
+    pub max_ms: f64,
     /// Non-2xx/3xx responses plus socket errors (connect, read, write, timeout).
     pub errors: u64,
 }
@@ -372,10 +377,16 @@ impl Tool {
     }
 
     /// Waits for the tool to exit by itself; kills it (by its pid) and fails
-    /// when it is still running after `limit`.
+    /// when it is still running after `limit`, or at once when the run is
+    /// interrupted ([`super::interrupt`]).
     fn finish(mut self, limit: Duration) -> Result<Finished> {
         let deadline = Instant::now() + limit;
         loop {
+            if super::interrupt::interrupted() {
+                let what = std::mem::take(&mut self.what);
+                drop(self); // the guard stops it
+                bail!("{what}: stopped, the run was interrupted");
+            }
             if let Some(status) = self
                 .guard
                 .try_wait()
@@ -405,6 +416,8 @@ impl Tool {
         let deadline = Instant::now() + limit;
         let pid = self.guard.id();
         loop {
+            // The caller's guard stops the server.
+            super::interrupt::check()?;
             if let Some(status) = self.guard.try_wait()? {
                 bail!(
                     "{} exited ({status}) before listening on port {port}{}",
@@ -702,17 +715,22 @@ fn wrk_ms(s: &str) -> Result<f64> {
     Ok(value * scale)
 }
 
-/// wrk --latency output: `Requests/sec:`, the 50% and 99% lines of the
-/// Latency Distribution, `Non-2xx or 3xx responses:` and `Socket errors:`.
+/// wrk --latency output: `Requests/sec:`, the `Max` column of the
+/// `Latency` thread-stats line, the 50% and 99% lines of the Latency
+/// Distribution, `Non-2xx or 3xx responses:` and `Socket errors:`.
 pub fn parse_wrk(out: &str) -> Result<HttpRate> {
     let mut requests_per_s = None;
-    let (mut p50_ms, mut p99_ms) = (None, None);
+    let (mut p50_ms, mut p99_ms, mut max_ms) = (None, None, None);
     let mut errors = 0u64;
     let mut in_distribution = false;
     for line in out.lines() {
         let line = line.trim();
         if line.starts_with("Latency Distribution") {
             in_distribution = true;
+        } else if let Some(stats) = line.strip_prefix("Latency ") {
+            // Thread stats: Avg, Stdev, Max, +/- Stdev.
+            let max = stats.split_whitespace().nth(2);
+            max_ms = Some(wrk_ms(max.with_context(|| format!("wrk: {line:?}"))?)?);
         } else if let Some(v) = line.strip_prefix("Requests/sec:") {
             requests_per_s = Some(v.trim().parse::<f64>().context("wrk: Requests/sec")?);
         } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
@@ -738,6 +756,7 @@ pub fn parse_wrk(out: &str) -> Result<HttpRate> {
         requests_per_s: requests_per_s.context("wrk: no Requests/sec")?,
         p50_ms: p50_ms.context("wrk: no 50% latency")?,
         p99_ms: p99_ms.context("wrk: no 99% latency")?,
+        max_ms: max_ms.context("wrk: no Latency thread stats")?,
         errors,
     })
 }
@@ -818,6 +837,23 @@ Requests/sec:   9859.43
 Transfer/sec:      1.38MB
 ";
 
+    // One connection per request (`-c1 -H 'Connection: close'`).
+    const WRK_CLOSE_C1: &str = "\
+Running 5s test @ http://10.231.9.1:18080/
+  1 threads and 1 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   382.45us    0.89ms   8.37ms   88.50%
+    Req/Sec     7.76k     2.70k   12.14k    60.00%
+  Latency Distribution
+     50%   41.00us
+     75%   55.00us
+     90%    1.55ms
+     99%    3.98ms
+  38703 requests in 5.01s, 5.32MB read
+Requests/sec:   7719.98
+Transfer/sec:      1.06MB
+";
+
     const PROC_NET_TCP: &str = "\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000:3B62 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 247354 1 000000008c8665e2 100 0 0 10 0
@@ -862,10 +898,24 @@ Transfer/sec:      1.38MB
         assert_eq!(r.requests_per_s, 103922.79);
         assert!((r.p50_ms - 0.104).abs() < 1e-9, "{r:?}");
         assert!((r.p99_ms - 2.51).abs() < 1e-9);
+        assert!((r.max_ms - 5.89).abs() < 1e-9);
         assert_eq!(r.errors, 0);
         let r = parse_wrk(WRK_ERRORS).unwrap();
         assert_eq!(r.requests_per_s, 9859.43);
+        assert!((r.max_ms - 6.2).abs() < 1e-9);
         assert_eq!(r.errors, 12 + 9 + 845);
+        let r = parse_wrk(WRK_CLOSE_C1).unwrap();
+        assert_eq!(r.requests_per_s, 7719.98);
+        assert!((r.p50_ms - 0.041).abs() < 1e-9, "{r:?}");
+        assert!((r.p99_ms - 3.98).abs() < 1e-9);
+        assert!((r.max_ms - 8.37).abs() < 1e-9);
+        // A stalled request: Max in seconds, the Req/Sec line untouched.
+        let stalled = WRK_CLOSE_C1.replace("8.37ms   88.50%", "1.03s   99.90%");
+        assert!((parse_wrk(&stalled).unwrap().max_ms - 1030.0).abs() < 1e-9);
+        let no_max =
+            WRK_CLOSE_C1.replace("    Latency   382.45us    0.89ms   8.37ms   88.50%\n", "");
+        let err = format!("{:#}", parse_wrk(&no_max).unwrap_err());
+        assert!(err.contains("thread stats"), "{err}");
         assert!(parse_wrk("unable to connect to 10.250.0.1:18099 Connection refused").is_err());
         assert_eq!(wrk_ms("1.50s").unwrap(), 1500.0);
         assert_eq!(wrk_ms("2m").unwrap(), 120e3);
@@ -995,7 +1045,10 @@ Transfer/sec:      1.38MB
             let r = wrk(&b, &url, 8, 1, close, Some(1))?;
             eprintln!("wrk close={close}: {r:?}");
             assert!(r.requests_per_s > 0.0, "{r:?}");
-            assert!(0.0 < r.p50_ms && r.p50_ms <= r.p99_ms, "{r:?}");
+            assert!(
+                0.0 < r.p50_ms && r.p50_ms <= r.p99_ms && r.p99_ms <= r.max_ms,
+                "{r:?}"
+            );
             assert_eq!(r.errors, 0, "{r:?}");
         }
         drop(server);

@@ -11,6 +11,11 @@
 //!   and forwarding entries (vxlan backend). No BPF.
 //! - `TernNodes`: two lab nodes running the real agent (overlay or native
 //!   routing), a client pod on the first and a server pod on the second.
+//!
+//! Every instance is its own set of namespaces (unique names), its own lab
+//! switch, and for a Tern node its own pins, cgroup and state directory, so
+//! any number of them coexist: a group keeps all of its rows' topologies up
+//! while it measures them interleaved ([`Topology`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -176,6 +181,55 @@ impl TernNodes {
             _nodes: nodes,
             _lab: lab,
         })
+    }
+}
+
+/// Any of the above, as one row of a group measures it.
+pub enum Topology {
+    Plain(Plain),
+    // Boxed: a lab node is large, and a group holds a few of these.
+    Tern(Box<Tern>),
+    KernelNodes(KernelNodes),
+    TernNodes(TernNodes),
+}
+
+impl Topology {
+    /// Where the servers run.
+    pub fn server(&self) -> &Netns {
+        match self {
+            Topology::Plain(t) => &t.server,
+            Topology::Tern(t) => &t.server.ns,
+            Topology::KernelNodes(t) => &t.server,
+            Topology::TernNodes(t) => &t.server.ns,
+        }
+    }
+
+    /// Where the clients run.
+    pub fn client(&self) -> &Netns {
+        match self {
+            Topology::Plain(t) => &t.client,
+            Topology::Tern(t) => &t.client.ns,
+            Topology::KernelNodes(t) => &t.client,
+            Topology::TernNodes(t) => &t.client.ns,
+        }
+    }
+
+    /// The server's own address.
+    pub fn server_ip(&self) -> Ipv4Addr {
+        match self {
+            Topology::Plain(_) => PLAIN_SERVER,
+            Topology::Tern(t) => t.server.ip,
+            Topology::KernelNodes(t) => t.server_ip,
+            Topology::TernNodes(t) => t.server.ip,
+        }
+    }
+
+    /// The node whose pods cgroup a client joins for socket-LB.
+    pub fn node(&self) -> Option<&LabNode> {
+        match self {
+            Topology::Tern(t) => Some(&t.node),
+            _ => None,
+        }
     }
 }
 
