@@ -229,6 +229,7 @@ fn up(nodes: u8, pods: usize, routing_mode: &str) -> Result<()> {
             "dir": node.dir,
             "bpffsDir": node.bpffs_dir,
             "socket": node.socket,
+            "cgroup": node.cgroup,
             "agentLog": node.agent_log(),
         })).collect::<Vec<_>>(),
         "pods": running.pods.iter().map(|(n, p)| json!({
@@ -386,9 +387,14 @@ fn down() -> Result<()> {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }
+        // The pods cgroup: empty once its processes are gone, and rmdir is
+        // how a cgroup goes away.
+        if let Some(cgroup) = node["cgroup"].as_str() {
+            let _ = std::fs::remove_dir(cgroup);
+        }
     }
     std::fs::remove_file(state_file())?;
-    println!("lab down: namespaces, processes, pins and state removed");
+    println!("lab down: namespaces, processes, pins, cgroups and state removed");
     Ok(())
 }
 
