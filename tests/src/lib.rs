@@ -5,3 +5,25 @@ pub mod apiserver;
 pub mod lab;
 pub mod netns;
 pub mod traffic;
+
+/// Runs each named case once per Service path, as two root tests in the
+/// modules `socket_lb` and `per_packet`; each calls `super::case(arg)` with
+/// the argument given for its path (an expression resolved in the module).
+#[macro_export]
+macro_rules! both_service_paths {
+    (socket_lb: $socket_lb:expr, per_packet: $per_packet:expr; $($name:ident),* $(,)?) => {
+        $crate::both_service_paths!(@path socket_lb, $socket_lb; $($name),*);
+        $crate::both_service_paths!(@path per_packet, $per_packet; $($name),*);
+    };
+    (@path $module:ident, $arg:expr; $($name:ident),*) => {
+        mod $module {
+            $(#[test]
+            fn $name() -> anyhow::Result<()> {
+                if !$crate::netns::require_root(stringify!($name)) {
+                    return Ok(());
+                }
+                super::$name($arg)
+            })*
+        }
+    };
+}

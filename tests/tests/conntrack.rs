@@ -21,30 +21,9 @@ const BACKEND_PORT: u16 = 8080;
 /// one was stalled by the datapath.
 const CONNECT_BOUND: Duration = Duration::from_millis(500);
 
-macro_rules! both_paths {
-    ($($name:ident),* $(,)?) => {
-        mod socket_lb {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_tests::netns::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name(true)
-            })*
-        }
-        mod per_packet {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_tests::netns::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name(false)
-            })*
-        }
-    };
-}
-
-both_paths!(
+tern_tests::both_service_paths!(
+    socket_lb: true,
+    per_packet: false;
     a_port_reused_after_its_flow_expired_apart_connects_at_once,
     thousands_of_connections_on_a_narrow_port_range_never_stall,
     a_reply_entry_left_by_a_service_flow_captures_no_later_connection,

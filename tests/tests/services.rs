@@ -23,31 +23,9 @@ struct Cluster {
     _lab: Lab,
 }
 
-/// Runs a case once per Service path, as two tests.
-macro_rules! both_paths {
-    ($($name:ident),* $(,)?) => {
-        mod socket_lb {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_tests::netns::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name(super::Path::SocketLb)
-            })*
-        }
-        mod per_packet {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_tests::netns::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name(super::Path::PerPacket)
-            })*
-        }
-    };
-}
-
-both_paths!(
+tern_tests::both_service_paths!(
+    socket_lb: super::Path::SocketLb,
+    per_packet: super::Path::PerPacket;
     cluster_ip_spreads_over_ready_backends_only,
     multi_port_service_resolves_named_target_ports_per_slice,
     udp_service_answers_from_the_service_address,
