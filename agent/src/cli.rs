@@ -10,7 +10,7 @@ use serde_json::json;
 use tern_cni::agent_api::{self, Request, Response};
 use tern_cni::podnet::format_mac;
 
-use crate::datapath::{DatapathMaps, attached_pods};
+use crate::datapath::{Counters, Endpoints, attached_pods};
 use crate::table;
 
 #[derive(Debug, Parser)]
@@ -120,7 +120,7 @@ fn ask(cli: &Cli, request: &Request) -> anyhow::Result<Response> {
 }
 
 fn status(cli: &Cli) -> anyhow::Result<String> {
-    let counters = DatapathMaps::open_pinned(&cli.bpffs_dir).and_then(|m| m.metrics());
+    let counters = Counters::open_pinned(&cli.bpffs_dir).and_then(|c| c.all());
     let agent = ask(cli, &Request::Status);
     if cli.output == Output::Json {
         let agent = match &agent {
@@ -251,10 +251,10 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
         Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
         Err(agent_error) => {
             // The agent is down; the pinned datapath still shows what it serves.
-            let maps = DatapathMaps::open_pinned(&cli.bpffs_dir)
+            let pinned = Endpoints::open_pinned(&cli.bpffs_dir)
                 .map_err(|e| anyhow::anyhow!("{agent_error}; and {e:#}"))?;
             let attached = attached_pods(&cli.bpffs_dir).unwrap_or_default();
-            let entries = maps.endpoints()?;
+            let entries = pinned.list()?;
             if cli.output == Output::Json {
                 let list: Vec<_> = entries
                     .iter()

@@ -1,9 +1,11 @@
 //! The CNI API: a unix socket where `tern-cni` (and the `tern` CLI) send one
-//! JSON request per connection. Connections are served concurrently; the
-//! node state is changed by one request at a time.
+//! JSON request per connection. Connections are served concurrently:
+//! endpoint requests go to the endpoint manager (requests for different
+//! pods do not wait on each other), status and listings are read from
+//! snapshots.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use tern_cni::agent_api::{Request, Response};
@@ -11,8 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::endpoints::EndpointManager;
 use crate::metrics::Metrics;
-use crate::node::Node;
+use crate::status::StatusView;
 
 /// Largest request accepted; a GC list of thousands of pods fits easily.
 const MAX_REQUEST_BYTES: u64 = 4 << 20;
@@ -33,11 +36,37 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>, metrics: Arc<Metrics>) {
+/// Who answers the requests.
+#[derive(Clone)]
+pub struct Handlers {
+    pub endpoints: Arc<EndpointManager>,
+    pub status: StatusView,
+}
+
+impl Handlers {
+    fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Allocate { attachment } => self.endpoints.allocate(&attachment),
+            Request::Release { attachment } => self.endpoints.release(&attachment),
+            Request::EndpointCreate { endpoint } => self.endpoints.create(endpoint),
+            Request::EndpointDelete { attachment } => self.endpoints.delete(&attachment),
+            Request::Gc { valid } => self.endpoints.gc(&valid),
+            Request::ListEndpoints => self.endpoints.list(),
+            Request::Status => Ok(Response::Status(Box::new(self.status.agent_status()))),
+            Request::ListServices => Ok(self.status.services()),
+        };
+        result.unwrap_or_else(|e| Response::Error {
+            message: format!("{e:#}"),
+            try_again: false,
+        })
+    }
+}
+
+pub async fn serve(listener: UnixListener, handlers: Handlers) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_one(stream, node.clone(), metrics.clone()));
+                tokio::spawn(serve_one(stream, handlers.clone()));
             }
             Err(e) => {
                 warn!("accept on the CNI socket failed: {e}");
@@ -47,7 +76,8 @@ pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>, metrics: Arc<
     }
 }
 
-async fn serve_one(stream: UnixStream, node: Arc<Mutex<Node>>, metrics: Arc<Metrics>) {
+async fn serve_one(stream: UnixStream, handlers: Handlers) {
+    let metrics: Arc<Metrics> = handlers.status.metrics.clone();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
@@ -58,12 +88,8 @@ async fn serve_one(stream: UnixStream, node: Arc<Mutex<Node>>, metrics: Arc<Metr
                 debug!(?request, "request");
                 let op = request.op();
                 let started = std::time::Instant::now();
-                let handled = tokio::task::spawn_blocking(move || {
-                    // A panic in a handler must not wedge every later request.
-                    let mut node = node.lock().unwrap_or_else(|p| p.into_inner());
-                    node.handle(request)
-                })
-                .await;
+                // Handlers do netlink and map syscalls: off the async workers.
+                let handled = tokio::task::spawn_blocking(move || handlers.handle(request)).await;
                 let response = handled.unwrap_or_else(|e| Response::Error {
                     message: format!("internal error: {e}"),
                     try_again: true,

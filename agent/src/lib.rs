@@ -1,8 +1,12 @@
 //! tern-agent: the per-node half of Tern.
 //!
-//! Data flows one way: configuration and CNI requests (sources) change the
-//! node model (IPAM, endpoints), which is compiled into eBPF map entries and
-//! links (datapath).
+//! Data flows one way: sources (the API server or a manifest directory)
+//! -> model -> pure compilers -> datapath sync -> maps -> eBPF. Each piece
+//! of state and each map has one owner that writes it: the endpoint
+//! manager (CNI requests: IPAM, endpoints, ENDPOINTS, pod links), node
+//! routing (TUNNEL, NON_MASQUERADE, routes), the Service pipeline (the five
+//! Service maps), the flow-table GC (CT, NAT). Readers get snapshots
+//! (`status`).
 
 pub mod cli;
 pub mod cni_api;
@@ -16,9 +20,10 @@ pub mod install;
 pub mod ipam;
 pub mod metrics;
 pub mod model;
-pub mod node;
 pub mod routing;
 pub mod services;
 pub mod sources;
+pub mod startup;
+pub mod status;
 pub mod sync;
 pub mod table;

@@ -3,6 +3,7 @@
 //! happen; state (Services, backends, endpoints, table entries, datapath
 //! counters) is read at scrape time, so it is never stale.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +13,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tern_common::Reason;
 
-use crate::node::Node;
+use tern_cni::agent_api::AgentStatus;
+
+use crate::datapath::Counters;
 
 /// Datapath outcomes that lose the packet or refuse the connection.
 pub const DROP_REASONS: &[Reason] = &[
@@ -37,6 +40,9 @@ pub struct Metrics {
     /// (counting a million-entry map per scrape would cost too much).
     conntrack_entries: Gauge,
     nat_entries: Gauge,
+    /// CNI API requests served and failed, for `tern status`.
+    requests: AtomicU64,
+    requests_failed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -53,6 +59,8 @@ impl Default for Metrics {
             }),
             conntrack_entries: Gauge::default(),
             nat_entries: Gauge::default(),
+            requests: AtomicU64::new(0),
+            requests_failed: AtomicU64::new(0),
         }
     }
 }
@@ -69,6 +77,10 @@ impl Metrics {
     }
 
     pub fn record_cni_request(&self, op: &'static str, ok: bool, took: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.requests_failed.fetch_add(1, Ordering::Relaxed);
+        }
         let result = if ok { "success" } else { "error" };
         self.cni_requests
             .get_or_create(&vec![("op", op), ("result", result)])
@@ -76,6 +88,14 @@ impl Metrics {
         self.cni_duration
             .get_or_create(&vec![("op", op)])
             .observe(took.as_secs_f64());
+    }
+
+    /// (requests served, of which failed) since the agent started.
+    pub fn cni_request_totals(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.requests_failed.load(Ordering::Relaxed),
+        )
     }
 
     pub fn set_table_entries(&self, table: &str, entries: usize) {
@@ -87,11 +107,10 @@ impl Metrics {
         gauge.set(entries as i64);
     }
 
-    /// The Prometheus text exposition of everything, reading the node's
-    /// state now.
-    pub fn render(&self, node: &Node) -> String {
+    /// The Prometheus text exposition of everything: `status` and the
+    /// datapath's `counters` as they are now.
+    pub fn render(&self, status: &AgentStatus, counters: &Counters) -> String {
         let mut registry = Registry::with_prefix("tern");
-        let status = node.status();
         let gauge = |value: usize| {
             let g: Gauge = Gauge::default();
             g.set(value as i64);
@@ -135,7 +154,7 @@ impl Metrics {
         let datapath: Family<Labels, Counter> = Family::default();
         let drops: Family<Labels, Counter> = Family::default();
         let translations: Counter = Counter::default();
-        if let Ok(counters) = node.datapath_metrics() {
+        if let Ok(counters) = counters.all() {
             for (reason, value) in counters {
                 datapath
                     .get_or_create(&vec![("reason", reason.name())])

@@ -9,11 +9,10 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
-use tern_common::{TunnelEndpoint, maps};
+use tern_common::TunnelEndpoint;
 use tracing::{info, warn};
 
 use crate::compiler::routing::{self, RoutingState};
@@ -27,52 +26,56 @@ pub struct Routing {
     node_name: String,
     /// The VXLAN device's ifindex in overlay mode.
     overlay_ifindex: Option<u32>,
-    local_cidrs: Vec<Ipv4Network>,
     cluster_cidr: Option<Ipv4Network>,
     /// Kept unmasqueraded whatever the nodes are: the node's own
     /// addresses and the operator's nonMasqueradeCIDRs.
     static_non_masquerade: Vec<Ipv4Network>,
     tunnel: PrefixMap<TunnelEndpoint>,
     non_masquerade: PrefixMap<u8>,
-    /// What was applied last; `None` before the first sync.
-    applied: Option<RoutingState>,
+    /// What was applied last, and for which local PodCIDRs; `None` before
+    /// the first sync.
+    applied: Option<(Vec<Ipv4Network>, RoutingState)>,
 }
 
 impl Routing {
+    /// Routing owns the TUNNEL and NON_MASQUERADE maps.
     pub fn new(
         config: &AgentConfig,
         node_ips: &[Ipv4Addr],
         overlay_ifindex: Option<u32>,
-    ) -> anyhow::Result<Self> {
-        let bpffs_dir: &Path = &config.bpffs_dir;
+        tunnel: PrefixMap<TunnelEndpoint>,
+        non_masquerade: PrefixMap<u8>,
+    ) -> Self {
         let mut static_non_masquerade = config.non_masquerade_cidrs.clone();
         static_non_masquerade.extend(node_ips.iter().map(|ip| Ipv4Network::from(*ip)));
-        Ok(Routing {
-            tunnel: PrefixMap::open_pinned(bpffs_dir, maps::TUNNEL)?,
-            non_masquerade: PrefixMap::open_pinned(bpffs_dir, maps::NON_MASQUERADE)?,
+        Routing {
+            tunnel,
+            non_masquerade,
             static_non_masquerade,
             overlay_ifindex,
             node_name: config.node_name.clone(),
-            local_cidrs: config.pod_cidr.into_iter().collect(),
             cluster_cidr: config.cluster_cidr,
             applied: None,
-        })
+        }
     }
 
     pub fn node_name(&self) -> &str {
         &self.node_name
     }
 
-    /// This node's own PodCIDRs changed (its Node object names them).
-    pub fn set_local_cidrs(&mut self, cidrs: Vec<Ipv4Network>) {
-        self.local_cidrs = cidrs;
-        self.applied = None;
-    }
-
-    /// Brings tunnel entries or routes in line with `nodes`.
-    pub async fn apply(&mut self, nodes: &crate::model::Map<String, Arc<Node>>) {
-        let state = routing::compile(nodes, &self.node_name, &self.local_cidrs);
-        if self.applied.as_ref() == Some(&state) {
+    /// Brings tunnel entries or routes in line with `nodes`; `local_cidrs`
+    /// are the PodCIDRs this node serves (the endpoint manager's).
+    pub async fn apply(
+        &mut self,
+        nodes: &crate::model::Map<String, Arc<Node>>,
+        local_cidrs: Vec<Ipv4Network>,
+    ) {
+        let state = routing::compile(nodes, &self.node_name, &local_cidrs);
+        if self
+            .applied
+            .as_ref()
+            .is_some_and(|(cidrs, applied)| *cidrs == local_cidrs && *applied == state)
+        {
             return;
         }
         for problem in &state.problems {
@@ -104,7 +107,7 @@ impl Routing {
                 (*cidr, TunnelEndpoint { node_addr })
             })
             .collect();
-        let non_masquerade = self.non_masquerade_destinations(&state);
+        let non_masquerade = self.non_masquerade_destinations(&state, &local_cidrs);
         let mut stats = RouteStats::default();
         stats.add("TUNNEL map", self.tunnel.sync(&tunnel));
         stats.add(
@@ -120,15 +123,19 @@ impl Routing {
             "routing synced"
         );
         // A failed sync is retried with the next snapshot.
-        self.applied = (stats.errors == 0).then_some(state);
+        self.applied = (stats.errors == 0).then_some((local_cidrs, state));
     }
 
     /// Pod ranges (the cluster CIDR, this node's and every remote
     /// PodCIDR), every node's address, and the static ones.
-    fn non_masquerade_destinations(&self, state: &RoutingState) -> BTreeMap<Ipv4Network, u8> {
+    fn non_masquerade_destinations(
+        &self,
+        state: &RoutingState,
+        local_cidrs: &[Ipv4Network],
+    ) -> BTreeMap<Ipv4Network, u8> {
         self.cluster_cidr
             .iter()
-            .chain(&self.local_cidrs)
+            .chain(local_cidrs)
             .chain(state.remote.keys())
             .chain(&self.static_non_masquerade)
             .copied()

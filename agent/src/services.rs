@@ -1,88 +1,141 @@
-//! The service pipeline: model -> lb compiler -> service maps, re-run on
-//! every snapshot the source hands over.
+//! The Service pipeline: model -> lb compiler -> ordered diff (`LbSync`)
+//! -> the Service maps, re-run on every snapshot the source hands over.
+//! It owns all of that alone — the compiler, the sync state and the five
+//! Service maps — and lives in the sync task; readers get
+//! `ServicesStatus` snapshots.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
+use tern_cni::agent_api::SyncCounts;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::compiler::lb::{LbCompiler, NodeContext};
-use crate::node::Node;
+use crate::compiler::lb::{LbCompiler, LbState, NodeContext};
+use crate::datapath::services::{LbSync, ServiceMaps, SyncStats};
 use crate::sources::LoadReport;
 
 /// Map writes and deletes of a sync from which on the heap is trimmed.
 const TRIM_AFTER_MAP_CHANGES: usize = 1000;
 
-pub struct ServiceSync {
-    /// Kept across syncs: it recompiles only the Services that changed.
-    compiler: Arc<Mutex<LbCompiler>>,
-    node: Arc<Mutex<Node>>,
+/// What readers see of the Service pipeline, replaced after every sync.
+#[derive(Debug, Clone, Default)]
+pub struct ServicesStatus {
+    /// What the datapath was last told to serve.
+    pub state: Arc<LbState>,
+    pub frontends: usize,
+    pub backends: usize,
+    pub last_sync: SyncCounts,
+    pub last_sync_at: Option<Instant>,
 }
 
-impl ServiceSync {
-    pub fn new(context: NodeContext, node: Arc<Mutex<Node>>) -> Self {
-        ServiceSync {
-            compiler: Arc::new(Mutex::new(LbCompiler::new(context))),
-            node,
-        }
+pub struct ServicePipeline {
+    /// Kept across syncs: it recompiles only the Services that changed.
+    compiler: LbCompiler,
+    sync: LbSync,
+    maps: ServiceMaps,
+    status: watch::Sender<ServicesStatus>,
+}
+
+impl ServicePipeline {
+    /// Adopts what the (pinned) maps hold, so the first sync after a
+    /// restart writes only what changed.
+    pub fn adopt(context: NodeContext, mut maps: ServiceMaps) -> anyhow::Result<Self> {
+        let sync = LbSync::adopt(&mut maps)?;
+        let status = watch::Sender::new(ServicesStatus {
+            frontends: sync.frontends(),
+            backends: sync.backends(),
+            ..ServicesStatus::default()
+        });
+        Ok(ServicePipeline {
+            compiler: LbCompiler::new(context),
+            sync,
+            maps,
+            status,
+        })
     }
 
-    /// Compiles the snapshot and brings the service maps to it. Takes the
-    /// report so it is freed (and the heap trimmed) inside the sync.
-    pub async fn apply(&self, report: LoadReport) {
+    pub fn subscribe(&self) -> watch::Receiver<ServicesStatus> {
+        self.status.subscribe()
+    }
+
+    /// Compiles the snapshot and brings the Service maps to it, off the
+    /// async workers. Takes the report so it is freed (and the heap
+    /// trimmed) inside the sync. `None` if the sync task panicked (the
+    /// pipeline is then gone).
+    pub async fn apply(mut self, report: LoadReport) -> Option<Self> {
         let started = Instant::now();
-        let compiler = self.compiler.clone();
-        let node = self.node.clone();
         let applied = tokio::task::spawn_blocking(move || {
-            let mut took = StageTimes::default();
-            let stage = Instant::now();
-            let state = compiler
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .compile(&report.cluster);
-            for conflict in &state.conflicts {
-                warn!("services: {conflict}");
-            }
-            let services = report.cluster.services.len();
-            let frontends = state.frontends.len();
-            took.compile_us = stage.elapsed().as_micros() as u64;
-            let stage = Instant::now();
-            let stats = node
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .apply_services(state);
-            took.apply_us = stage.elapsed().as_micros() as u64;
-            let stage = Instant::now();
-            let rejected = report.errors.len();
-            drop(report);
-            // Parsing a large manifest set peaks high; hand the freed memory
-            // back to the system instead of keeping it in malloc's lists.
-            // Not after small changes: trimming a large heap takes ~10 ms.
-            #[cfg(target_env = "gnu")]
-            if stats.writes + stats.deletes >= TRIM_AFTER_MAP_CHANGES {
-                // SAFETY: malloc_trim only releases free heap memory.
-                unsafe { libc::malloc_trim(0) };
-            }
-            took.release_us = stage.elapsed().as_micros() as u64;
-            (services, frontends, stats, rejected, took)
+            let outcome = self.apply_now(report);
+            (self, outcome)
         })
         .await;
         match applied {
-            Ok((services, frontends, stats, rejected, took)) => info!(
-                services,
-                frontends,
-                rejected,
-                writes = stats.writes,
-                deletes = stats.deletes,
-                errors = stats.errors,
-                took_us = started.elapsed().as_micros() as u64,
-                compile_us = took.compile_us,
-                apply_us = took.apply_us,
-                release_us = took.release_us,
-                "services synced"
-            ),
-            Err(e) => warn!("service sync failed: {e}"),
+            Ok((pipeline, (services, frontends, stats, rejected, took))) => {
+                info!(
+                    services,
+                    frontends,
+                    rejected,
+                    writes = stats.writes,
+                    deletes = stats.deletes,
+                    errors = stats.errors,
+                    took_us = started.elapsed().as_micros() as u64,
+                    compile_us = took.compile_us,
+                    apply_us = took.apply_us,
+                    release_us = took.release_us,
+                    "services synced"
+                );
+                Some(pipeline)
+            }
+            Err(e) => {
+                warn!("service sync failed: {e}");
+                None
+            }
         }
+    }
+
+    fn apply_now(&mut self, report: LoadReport) -> (usize, usize, SyncStats, usize, StageTimes) {
+        let mut took = StageTimes::default();
+        let stage = Instant::now();
+        let state = self.compiler.compile(&report.cluster);
+        for conflict in &state.conflicts {
+            warn!("services: {conflict}");
+        }
+        let services = report.cluster.services.len();
+        let frontends = state.frontends.len();
+        took.compile_us = stage.elapsed().as_micros() as u64;
+        let stage = Instant::now();
+        let stats = self.sync.apply(&mut self.maps, state);
+        self.publish_status(stats);
+        took.apply_us = stage.elapsed().as_micros() as u64;
+        let stage = Instant::now();
+        let rejected = report.errors.len();
+        drop(report);
+        // Parsing a large manifest set peaks high; hand the freed memory
+        // back to the system instead of keeping it in malloc's lists.
+        // Not after small changes: trimming a large heap takes ~10 ms.
+        #[cfg(target_env = "gnu")]
+        if stats.writes + stats.deletes >= TRIM_AFTER_MAP_CHANGES {
+            // SAFETY: malloc_trim only releases free heap memory.
+            unsafe { libc::malloc_trim(0) };
+        }
+        took.release_us = stage.elapsed().as_micros() as u64;
+        (services, frontends, stats, rejected, took)
+    }
+
+    fn publish_status(&self, stats: SyncStats) {
+        self.status.send_modify(|status| {
+            status.state = self.sync.state().clone();
+            status.frontends = self.sync.frontends();
+            status.backends = self.sync.backends();
+            status.last_sync_at = Some(Instant::now());
+            status.last_sync = SyncCounts {
+                syncs: status.last_sync.syncs + 1,
+                writes: stats.writes as u64,
+                deletes: stats.deletes as u64,
+                errors: stats.errors as u64,
+            };
+        });
     }
 }
 

@@ -3,18 +3,19 @@
 //! Service's remote backends need their routes), then to the services.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-use tracing::warn;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, warn};
 
 use crate::config::Source;
+use crate::endpoints::EndpointManager;
 use crate::metrics::Metrics;
 use crate::model::Cluster;
-use crate::node::Node;
 use crate::routing::Routing;
-use crate::services::ServiceSync;
+use crate::services::ServicePipeline;
+use crate::status::SourceStatus;
 use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL};
 use crate::sources::{LoadReport, kube};
 
@@ -43,14 +44,27 @@ pub async fn start_source(
     Ok(Some(rx))
 }
 
+/// The owners the snapshots drive.
+pub struct Pipelines {
+    pub endpoints: Arc<EndpointManager>,
+    pub routing: Routing,
+    pub services: ServicePipeline,
+    /// Published for readers after every snapshot.
+    pub source_status: watch::Sender<SourceStatus>,
+}
+
 pub async fn run(
     mut snapshots: mpsc::Receiver<LoadReport>,
-    node: Arc<Mutex<Node>>,
-    mut routing: Routing,
-    services: ServiceSync,
+    pipelines: Pipelines,
     metrics: Arc<Metrics>,
     source_lists_pods: bool,
 ) {
+    let Pipelines {
+        endpoints,
+        mut routing,
+        mut services,
+        source_status,
+    } = pipelines;
     // Problems are logged when they first appear, not with every snapshot.
     let mut reported = HashSet::new();
     while let Some(report) = snapshots.recv().await {
@@ -65,31 +79,34 @@ pub async fn run(
             warn!("source: {problem}");
         }
         reported = now;
-        node.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .note_snapshot(&report.cluster, source_lists_pods);
-        adopt_pod_cidr(&report.cluster, &node, &mut routing);
-        routing.apply(&report.cluster.nodes).await;
+        source_status.send_replace(SourceStatus::of(&report.cluster, source_lists_pods));
+        adopt_pod_cidr(&report.cluster, &endpoints, routing.node_name());
+        let local_cidrs = endpoints.pod_cidr().into_iter().collect();
+        routing.apply(&report.cluster.nodes, local_cidrs).await;
         let count = report.cluster.services.len();
-        services.apply(report).await;
+        services = match services.apply(report).await {
+            Some(services) => services,
+            None => {
+                error!("the Service pipeline is gone; Services are no longer synced");
+                return;
+            }
+        };
         metrics.record_sync(count, started.elapsed());
     }
 }
 
 /// The Node object's PodCIDR wins over the configured one, which stays
-/// the fallback while the object has none.
-fn adopt_pod_cidr(cluster: &Cluster, node: &Mutex<Node>, routing: &mut Routing) {
+/// the fallback while the object has none. The endpoint manager holds it;
+/// routing reads it from there.
+fn adopt_pod_cidr(cluster: &Cluster, endpoints: &EndpointManager, node_name: &str) {
     let Some(cidr) = cluster
         .nodes
-        .get(routing.node_name())
+        .get(node_name)
         .and_then(|n| n.pod_cidrs.first().copied())
     else {
         return;
     };
-    let mut node = node.lock().unwrap_or_else(|p| p.into_inner());
-    match node.set_pod_cidr(cidr) {
-        Ok(true) => routing.set_local_cidrs(vec![cidr]),
-        Ok(false) => {}
-        Err(e) => warn!(%cidr, "cannot serve the Node object's PodCIDR: {e:#}"),
+    if let Err(e) = endpoints.serve_pod_cidr(cidr) {
+        warn!(%cidr, "cannot serve the Node object's PodCIDR: {e:#}");
     }
 }

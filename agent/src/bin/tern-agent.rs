@@ -1,15 +1,18 @@
 //! tern-agent: the per-node daemon.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use clap::Parser;
 use tern_agent::compiler::lb::NodeContext;
 use tern_agent::config::{AgentArgs, AgentConfig, RoutingMode};
+use tern_agent::datapath::conntrack::CtMap;
 use tern_agent::metrics::Metrics;
-use tern_agent::node::{Node, OverlayDevice};
 use tern_agent::routing::Routing;
-use tern_agent::services::ServiceSync;
+use tern_agent::services::ServicePipeline;
+use tern_agent::startup::{self, OverlayDevice};
+use tern_agent::status::{NodeFacts, SourceStatus, StatusView};
 use tern_agent::{cni_api, health, host, sync};
+use tokio::sync::watch;
 use tracing::{error, info};
 
 fn main() -> std::process::ExitCode {
@@ -77,8 +80,14 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mtu = config
         .mtu
         .unwrap_or(overlay.as_ref().map_or(underlay_mtu, |o| o.mtu));
-    let node = Node::start(&config, mtu, &node_ips, &devices, overlay.as_ref())?;
-    let routing = Routing::new(&config, &node_ips, overlay.as_ref().map(|o| o.ifindex))?;
+    let started = startup::start(&config, mtu, &node_ips, &devices, overlay.as_ref())?;
+    let routing = Routing::new(
+        &config,
+        &node_ips,
+        overlay.as_ref().map(|o| o.ifindex),
+        started.tunnel,
+        started.non_masquerade,
+    );
     // 0.0.0.0 stands for "any local address": the NodePort entry that
     // local binds are checked against.
     node_ips.insert(0, std::net::Ipv4Addr::UNSPECIFIED);
@@ -99,31 +108,58 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         bpffs = %config.bpffs_dir.display(),
         "tern-agent ready"
     );
-    let node = Arc::new(Mutex::new(node));
+    let services = ServicePipeline::adopt(context, started.service_maps)?;
+    let endpoints = Arc::new(started.endpoints);
     let metrics = Arc::new(Metrics::default());
+    let source_status = watch::Sender::new(SourceStatus::default());
+    let status = StatusView {
+        facts: Arc::new(NodeFacts {
+            node_name: config.node_name.clone(),
+            routing_mode: config.routing_mode.name(),
+            mtu,
+            bpffs_dir: config.bpffs_dir.clone(),
+            socket_lb: config.socket_lb,
+            source: config.source.describe(),
+            source_syncs: config.source.syncs(),
+        }),
+        endpoints: endpoints.subscribe(),
+        services: services.subscribe(),
+        source: source_status.subscribe(),
+        metrics: metrics.clone(),
+    };
+    let handlers = cni_api::Handlers {
+        endpoints: endpoints.clone(),
+        status: status.clone(),
+    };
+    let tables = vec![
+        (tern_common::maps::CT, started.ct),
+        (tern_common::maps::NAT, started.nat),
+    ];
     runtime.block_on(async {
         let health = health::bind(config.health_address).await?;
         let source =
             sync::start_source(&config.source, &config.node_name, metrics.clone()).await?;
-        tokio::spawn(health::serve(health, node.clone(), metrics.clone()));
-        tokio::spawn(conntrack_gc(config.bpffs_dir.clone(), metrics.clone()));
+        tokio::spawn(health::serve(health, status, Arc::new(started.counters)));
+        tokio::spawn(conntrack_gc(tables, metrics.clone()));
         if let Some(snapshots) = source {
-            let services = ServiceSync::new(context, node.clone());
-            let sync = sync::run(
-                snapshots,
-                node.clone(),
+            let pipelines = sync::Pipelines {
+                endpoints,
                 routing,
                 services,
+                source_status,
+            };
+            tokio::spawn(sync::run(
+                snapshots,
+                pipelines,
                 metrics.clone(),
                 config.source.lists_pods(),
-            );
-            tokio::spawn(sync);
+            ));
         }
         let listener = cni_api::bind(&config.socket)?;
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = cni_api::serve(listener, node, metrics) => {}
+            _ = cni_api::serve(listener, handlers) => {}
             _ = terminate.recv() => info!("SIGTERM: stopping; the pinned datapath keeps forwarding"),
             _ = tokio::signal::ctrl_c() => info!("interrupted: stopping; the pinned datapath keeps forwarding"),
         }
@@ -136,15 +172,8 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 /// Expired entries of the flow tables (CT: per-packet Services; NAT:
 /// masquerade) are removed every 10 s.
-async fn conntrack_gc(bpffs_dir: std::path::PathBuf, metrics: Arc<Metrics>) {
+async fn conntrack_gc(mut tables: Vec<(&'static str, CtMap)>, metrics: Arc<Metrics>) {
     use tern_agent::datapath::conntrack;
-    let mut tables = Vec::new();
-    for name in [tern_common::maps::CT, tern_common::maps::NAT] {
-        match conntrack::open_pinned_table(&bpffs_dir, name) {
-            Ok(table) => tables.push((name, table)),
-            Err(e) => tracing::warn!("{name} garbage collection disabled: {e:#}"),
-        }
-    }
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         ticker.tick().await;

@@ -3,28 +3,16 @@
 
 use std::path::Path;
 
-use anyhow::Context;
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use tern_common::{CtKey, CtValue, ct_flags, maps};
 
 use super::maps::ip_from_key;
 
 pub type CtMap = HashMap<MapData, CtKey, CtValue>;
 
+/// CT opened from its pin, for reading (the CLI).
 pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<CtMap> {
-    open_pinned_table(bpffs_dir, maps::CT)
-}
-
-/// CT, or NAT: the masquerade table has the same entries.
-pub fn open_pinned_table(bpffs_dir: &Path, name: &str) -> anyhow::Result<CtMap> {
-    let path = bpffs_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "no pinned map at {} (is the agent running?)",
-            path.display()
-        )
-    })?;
-    Ok(Map::from_map_data(data)?.try_into()?)
+    super::maps::open_pinned(bpffs_dir, maps::CT)
 }
 
 /// Seconds of CLOCK_MONOTONIC, the clock the datapath stamps entries with.

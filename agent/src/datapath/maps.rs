@@ -1,46 +1,87 @@
-//! Typed access to Tern's pinned maps, for the agent and for read-only
-//! tools (the `tern` CLI, tests) that open them from bpffs by path.
+//! Typed handles on Tern's maps. The agent takes each map once from the
+//! loaded object and hands it to the one pipeline that writes it (see
+//! `MapOwners`); read-only tools (the `tern` CLI, tests, the benchmark)
+//! open the pins instead, and only read.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use tern_common::{DatapathConfig, EndpointInfo, Reason, maps};
 
 pub type EndpointsMap = HashMap<MapData, u32, EndpointInfo>;
 pub type MetricsMap = PerCpuArray<MapData, u64>;
+pub type ConfigMap = Array<MapData, DatapathConfig>;
 
-/// The datapath's maps, whoever opened them.
-pub struct DatapathMaps {
-    pub endpoints: EndpointsMap,
-    pub metrics: MetricsMap,
-    pub config: Array<MapData, DatapathConfig>,
+/// Takes map `name` out of the loaded object, typed: from then on the
+/// caller's handle is the only one the agent holds.
+pub fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object (or taken twice)"))?;
+    T::try_from(map).with_context(|| format!("map {name} is not of the expected type"))
 }
 
-impl DatapathMaps {
-    /// Opens the maps an agent pinned under `bpffs_dir`.
-    pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<Map> {
-            let path = bpffs_dir.join(name);
-            let data = MapData::from_pin(&path).with_context(|| {
-                format!(
-                    "no pinned map at {} (is the agent running?)",
-                    path.display()
-                )
-            })?;
-            Map::from_map_data(data).with_context(|| format!("map {name}"))
-        };
-        Ok(DatapathMaps {
-            endpoints: open(maps::ENDPOINTS)?.try_into()?,
-            metrics: open(maps::METRICS)?.try_into()?,
-            config: open(maps::CONFIG)?.try_into()?,
-        })
+/// Opens the pin of map `name` under `bpffs_dir`, for reading.
+pub fn open_pinned<T: TryFrom<Map, Error = MapError>>(
+    bpffs_dir: &Path,
+    name: &str,
+) -> anyhow::Result<T> {
+    let path = bpffs_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no pinned map at {} (is the agent running?)",
+            path.display()
+        )
+    })?;
+    let map = Map::from_map_data(data).with_context(|| format!("map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} is not of the expected type"))
+}
+
+/// The datapath's counters (METRICS): written by the eBPF programs only,
+/// read here summed over CPUs. Reading needs no lock.
+pub struct Counters(MetricsMap);
+
+impl Counters {
+    pub fn new(map: MetricsMap) -> Self {
+        Counters(map)
     }
 
-    pub fn endpoints(&self) -> anyhow::Result<Vec<(Ipv4Addr, EndpointInfo)>> {
+    pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Counters(open_pinned(bpffs_dir, maps::METRICS)?))
+    }
+
+    /// Packet counters summed over CPUs, by reason.
+    pub fn all(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
+        Reason::ALL
+            .iter()
+            .map(|reason| Ok((*reason, self.get(*reason)?)))
+            .collect()
+    }
+
+    pub fn get(&self, reason: Reason) -> anyhow::Result<u64> {
+        Ok(self.0.get(&(reason as u32), 0)?.iter().sum())
+    }
+}
+
+/// Local pods by address (ENDPOINTS): the endpoint manager writes it,
+/// the CLI reads its pin while the agent is down.
+pub struct Endpoints(EndpointsMap);
+
+impl Endpoints {
+    pub fn new(map: EndpointsMap) -> Self {
+        Endpoints(map)
+    }
+
+    pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Endpoints(open_pinned(bpffs_dir, maps::ENDPOINTS)?))
+    }
+
+    pub fn list(&self) -> anyhow::Result<Vec<(Ipv4Addr, EndpointInfo)>> {
         let mut all = Vec::new();
-        for entry in self.endpoints.iter() {
+        for entry in self.0.iter() {
             let (key, info) = entry?;
             all.push((ip_from_key(key), info));
         }
@@ -48,45 +89,35 @@ impl DatapathMaps {
         Ok(all)
     }
 
-    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> anyhow::Result<()> {
-        self.endpoints
+    pub fn upsert(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> anyhow::Result<()> {
+        self.0
             .insert(ip_to_key(ip), info, 0)
             .with_context(|| format!("cannot write endpoint {ip} to the ENDPOINTS map (full?)"))
     }
 
     /// Removes `ip`; an absent entry is not an error.
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        match self.endpoints.remove(&ip_to_key(ip)) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).with_context(|| format!("cannot remove endpoint {ip}")),
+    pub fn remove(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        remove_if_present(&mut self.0, &ip_to_key(ip))
+            .with_context(|| format!("cannot remove endpoint {ip}"))
+    }
+}
+
+/// Writes the node's settings (CONFIG) once, at start.
+pub fn write_config(mut map: ConfigMap, config: DatapathConfig) -> anyhow::Result<()> {
+    map.set(0, config, 0).context("writing the CONFIG map")
+}
+
+/// Removes `key`; a key that is already gone is not an error.
+pub fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+) -> Result<(), MapError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
         }
-    }
-
-    pub fn set_config(&mut self, config: DatapathConfig) -> anyhow::Result<()> {
-        self.config
-            .set(0, config, 0)
-            .context("writing the CONFIG map")
-    }
-
-    /// Packet counters summed over CPUs, by reason.
-    pub fn metrics(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
-        Reason::ALL
-            .iter()
-            .map(|reason| {
-                let per_cpu = self.metrics.get(&(*reason as u32), 0)?;
-                Ok((*reason, per_cpu.iter().sum()))
-            })
-            .collect()
-    }
-
-    pub fn metric(&self, reason: Reason) -> anyhow::Result<u64> {
-        Ok(self.metrics.get(&(reason as u32), 0)?.iter().sum())
+        Err(e) => Err(e),
     }
 }
 

@@ -1,12 +1,13 @@
 //! The eBPF datapath: loads tern-ebpf, pins its maps and per-pod links under
-//! the bpffs dir, and attaches `from_pod` to pod veths.
+//! the bpffs dir, hands each map to its one writer (`MapOwners`), and
+//! attaches the programs.
 //!
 //! Everything is pinned, so the datapath keeps forwarding while the agent is
 //! down; a starting agent re-adopts the pins and swaps its freshly loaded
 //! program into each existing link atomically.
 
 pub mod conntrack;
-mod maps;
+pub mod maps;
 mod pins;
 pub mod prefixes;
 pub mod routes;
@@ -19,9 +20,12 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-pub use maps::{DatapathMaps, ip_from_key, ip_to_key};
-use tern_common::programs;
+pub use maps::{Counters, Endpoints, ip_from_key, ip_to_key};
+use tern_common::{TunnelEndpoint, maps as names, programs};
 
+use self::conntrack::CtMap;
+use self::maps::{ConfigMap, take};
+use self::prefixes::PrefixMap;
 use self::services::ServiceMaps;
 
 /// The tc programs: pod veths, underlay devices (both ways), the overlay
@@ -44,18 +48,42 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-ebpf"));
 
+/// The loaded programs and the links they are attached by. Its maps have
+/// been handed out (`MapOwners`).
 pub struct Datapath {
     ebpf: Ebpf,
     bpffs_dir: PathBuf,
-    pub maps: DatapathMaps,
+}
+
+/// Every map the agent writes, each taken once from the loaded object for
+/// the one pipeline that writes it. SOCK_REVNAT is not here: only the
+/// socket-LB programs write and read it.
+pub struct MapOwners {
+    /// ENDPOINTS: the endpoint manager.
+    pub endpoints: Endpoints,
+    /// SERVICES, BACKENDS, REVNAT, MAGLEV, AFFINITY: the Service pipeline.
     pub services: ServiceMaps,
+    /// TUNNEL and NON_MASQUERADE: node routing.
+    pub tunnel: PrefixMap<TunnelEndpoint>,
+    pub non_masquerade: PrefixMap<u8>,
+    /// CT and NAT: the eBPF programs write them; the agent's garbage
+    /// collection removes expired entries.
+    pub ct: CtMap,
+    pub nat: CtMap,
+    /// CONFIG: written once, at start.
+    pub config: ConfigMap,
+    /// METRICS: written by the eBPF programs, only read by the agent.
+    pub counters: Counters,
 }
 
 impl Datapath {
     /// Loads the programs; maps already pinned in `bpffs_dir` are reused
     /// with their content when their shape still fits, the others (and
     /// missing ones) are created and pinned.
-    pub fn load(bpffs_dir: &Path, map_sizes: &[(&'static str, u32)]) -> anyhow::Result<Self> {
+    pub fn load(
+        bpffs_dir: &Path,
+        map_sizes: &[(&'static str, u32)],
+    ) -> anyhow::Result<(Self, MapOwners)> {
         ensure_bpffs(bpffs_dir)?;
         std::fs::create_dir_all(bpffs_dir.join("links"))
             .with_context(|| format!("cannot create {}", bpffs_dir.display()))?;
@@ -91,14 +119,21 @@ impl Datapath {
         post_bind
             .load()
             .context("the verifier refused sock_post_bind4")?;
-        let maps = DatapathMaps::open_pinned(bpffs_dir)?;
-        let services = ServiceMaps::open_pinned(bpffs_dir)?;
-        Ok(Datapath {
+        let maps = MapOwners {
+            endpoints: Endpoints::new(take(&mut ebpf, names::ENDPOINTS)?),
+            services: ServiceMaps::take(&mut ebpf)?,
+            tunnel: PrefixMap::take(&mut ebpf, names::TUNNEL)?,
+            non_masquerade: PrefixMap::take(&mut ebpf, names::NON_MASQUERADE)?,
+            ct: take(&mut ebpf, names::CT)?,
+            nat: take(&mut ebpf, names::NAT)?,
+            config: take(&mut ebpf, names::CONFIG)?,
+            counters: Counters::new(take(&mut ebpf, names::METRICS)?),
+        };
+        let datapath = Datapath {
             ebpf,
             bpffs_dir: bpffs_dir.to_owned(),
-            maps,
-            services,
-        })
+        };
+        Ok((datapath, maps))
     }
 
     pub fn bpffs_dir(&self) -> &Path {

@@ -5,10 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::Context;
 use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Map, MapData};
+use aya::maps::MapData;
 use ipnetwork::Ipv4Network;
 
 use super::{ip_from_key, ip_to_key};
@@ -20,13 +19,19 @@ pub struct PrefixMap<V: Pod> {
 }
 
 impl<V: Pod + PartialEq> PrefixMap<V> {
-    pub fn open_pinned(bpffs_dir: &Path, name: &'static str) -> anyhow::Result<Self> {
-        let path = bpffs_dir.join(name);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("no pinned map at {}", path.display()))?;
+    /// Takes map `name` from the loaded object: routing is its one writer.
+    pub fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> anyhow::Result<Self> {
         Ok(PrefixMap {
             name,
-            map: Map::from_map_data(data)?.try_into()?,
+            map: super::maps::take(ebpf, name)?,
+        })
+    }
+
+    /// Opens map `name` from its pin, for reading (the CLI).
+    pub fn open_pinned(bpffs_dir: &Path, name: &'static str) -> anyhow::Result<Self> {
+        Ok(PrefixMap {
+            name,
+            map: super::maps::open_pinned(bpffs_dir, name)?,
         })
     }
 

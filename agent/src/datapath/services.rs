@@ -10,18 +10,17 @@
 //! a few map writes, not a pass over every Service.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use tern_common::{
     AffinityKey, AffinityValue, Backend, MAGLEV_TABLE_MAX, MaglevTable, RevNat, ServiceKey,
     ServiceValue, maps, service_flags,
 };
 use tracing::warn;
 
-use super::maps::{ip_from_key, ip_to_key};
+use super::maps::{ip_from_key, ip_to_key, remove_if_present, take};
 use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState};
 use crate::model::LbAlgorithm;
 
@@ -34,19 +33,15 @@ pub struct ServiceMaps {
 }
 
 impl ServiceMaps {
-    pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<Map> {
-            let path = bpffs_dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("no pinned map at {}", path.display()))?;
-            Map::from_map_data(data).with_context(|| format!("map {name}"))
-        };
+    /// Takes the five Service maps out of the loaded object: the Service
+    /// pipeline is their one writer.
+    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         Ok(ServiceMaps {
-            services: open(maps::SERVICES)?.try_into()?,
-            backends: open(maps::BACKENDS)?.try_into()?,
-            revnat: open(maps::REVNAT)?.try_into()?,
-            maglev: open(maps::MAGLEV)?.try_into()?,
-            affinity: open(maps::AFFINITY)?.try_into()?,
+            services: take(ebpf, maps::SERVICES)?,
+            backends: take(ebpf, maps::BACKENDS)?,
+            revnat: take(ebpf, maps::REVNAT)?,
+            maglev: take(ebpf, maps::MAGLEV)?,
+            affinity: take(ebpf, maps::AFFINITY)?,
         })
     }
 }
@@ -97,8 +92,8 @@ pub struct LbSync {
     maybe_unused: BTreeSet<u32>,
     ids: IdAllocator,
     rev_nat_ids: IdAllocator,
-    /// The state of the last apply.
-    state: LbState,
+    /// The state of the last apply, shared with readers' snapshots.
+    state: Arc<LbState>,
     /// The maps hold `state` exactly (the last apply had no error): the next
     /// apply may compare by pointer against it.
     in_sync: bool,
@@ -236,7 +231,7 @@ impl LbSync {
     }
 
     /// The state of the last apply (what the maps hold unless it failed).
-    pub fn state(&self) -> &LbState {
+    pub fn state(&self) -> &Arc<LbState> {
         &self.state
     }
 
@@ -283,7 +278,7 @@ impl LbSync {
         }
         self.remove_unused_backends(maps, &mut stats);
         self.in_sync = stats.errors == 0;
-        self.state = desired;
+        self.state = Arc::new(desired);
         stats
     }
 
@@ -592,21 +587,6 @@ fn invalidate_affinity(
     for key in doomed {
         let _ = maps.affinity.remove(&key);
         stats.deletes += 1;
-    }
-}
-
-fn remove_if_present<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    key: &K,
-) -> anyhow::Result<()> {
-    match map.remove(key) {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
     }
 }
 

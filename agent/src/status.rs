@@ -1,0 +1,156 @@
+//! What the agent reports (`tern status`, `/readyz`, `/metrics`, the
+//! Service listing), assembled from the snapshots each owner publishes.
+//! Reading takes no pipeline's lock: a long Service sync or a busy CNI
+//! request never holds up a probe or a scrape.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tern_cni::agent_api::{AgentStatus, FrontendStatus, Response};
+use tokio::sync::watch;
+
+use crate::compiler::lb::{FrontendKind, Scope};
+use crate::endpoints::EndpointsStatus;
+use crate::metrics::Metrics;
+use crate::model::Cluster;
+use crate::services::ServicesStatus;
+
+/// What the sync loop saw in the source's last snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SourceStatus {
+    pub services: usize,
+    /// This node's pods with their own network, and their addresses;
+    /// `None` when the source does not list pods.
+    pub pods: Option<(usize, Arc<HashSet<Ipv4Addr>>)>,
+}
+
+impl SourceStatus {
+    pub fn of(cluster: &Cluster, source_lists_pods: bool) -> Self {
+        SourceStatus {
+            services: cluster.services.len(),
+            pods: source_lists_pods.then(|| {
+                let own: Vec<_> = cluster.pods.values().filter(|p| !p.host_network).collect();
+                let ips = own.iter().flat_map(|p| p.ips.iter().copied()).collect();
+                (own.len(), Arc::new(ips))
+            }),
+        }
+    }
+}
+
+/// The node's settings, fixed at start.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub node_name: String,
+    pub routing_mode: &'static str,
+    pub mtu: u32,
+    pub bpffs_dir: PathBuf,
+    pub socket_lb: bool,
+    /// The source's description, and whether it syncs at all.
+    pub source: String,
+    pub source_syncs: bool,
+}
+
+/// The readers' side of every owner's snapshot.
+#[derive(Clone)]
+pub struct StatusView {
+    pub facts: Arc<NodeFacts>,
+    pub endpoints: watch::Receiver<EndpointsStatus>,
+    pub services: watch::Receiver<ServicesStatus>,
+    pub source: watch::Receiver<SourceStatus>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl StatusView {
+    pub fn agent_status(&self) -> AgentStatus {
+        let facts = &self.facts;
+        let endpoints = self.endpoints.borrow().clone();
+        let services = self.services.borrow().clone();
+        let source = self.source.borrow().clone();
+        let (requests, requests_failed) = self.metrics.cni_request_totals();
+        AgentStatus {
+            node_name: facts.node_name.clone(),
+            pod_cidr: endpoints.pod_cidr.map(|c| c.to_string()),
+            mtu: facts.mtu,
+            allocated: endpoints.allocated,
+            capacity: endpoints.capacity,
+            endpoints: endpoints.endpoints,
+            ready: endpoints.pod_cidr.is_some(),
+            reason: endpoints
+                .pod_cidr
+                .is_none()
+                .then(|| "node has no PodCIDR".to_owned()),
+            bpffs_dir: facts.bpffs_dir.display().to_string(),
+            requests,
+            requests_failed,
+            frontends: services.frontends,
+            backends: services.backends,
+            last_sync: services.last_sync,
+            source: facts.source.clone(),
+            last_sync_age_s: services.last_sync_at.map(|at| at.elapsed().as_secs()),
+            synced: !facts.source_syncs || services.last_sync_at.is_some(),
+            services: source.services,
+            pods: source.pods.as_ref().map(|(pods, _)| *pods),
+            endpoints_without_pod: source.pods.as_ref().map(|(_, ips)| {
+                endpoints
+                    .endpoint_ips
+                    .iter()
+                    .filter(|ip| !ips.contains(ip))
+                    .count()
+            }),
+            routing_mode: facts.routing_mode.into(),
+            service_path: if facts.socket_lb {
+                "socket-lb"
+            } else {
+                "per-packet"
+            }
+            .into(),
+        }
+    }
+
+    /// The Service frontends in the datapath, with their backends.
+    pub fn services(&self) -> Response {
+        let state = self.services.borrow().state.clone();
+        let frontends = state
+            .frontends
+            .iter()
+            .map(|(frontend, entry)| {
+                let mut flags = Vec::new();
+                if let Some(t) = entry.affinity_timeout {
+                    flags.push(format!("affinity={t}s"));
+                }
+                if entry.maglev.is_some() {
+                    flags.push("maglev".into());
+                }
+                if entry.external_traffic_local {
+                    flags.push("local".into());
+                }
+                FrontendStatus {
+                    frontend: format!("{}:{}/{}", frontend.ip, frontend.port, frontend.protocol),
+                    kind: match entry.kind {
+                        FrontendKind::ClusterIp => "ClusterIP",
+                        FrontendKind::NodePort => "NodePort",
+                        FrontendKind::LoadBalancer => "LoadBalancer",
+                        FrontendKind::ExternalIp => "ExternalIP",
+                    }
+                    .into(),
+                    scope: match frontend.scope {
+                        Scope::External => "external",
+                        Scope::Internal => "internal",
+                    }
+                    .into(),
+                    service: entry.service.to_string(),
+                    port_name: entry.port_name.clone(),
+                    flags,
+                    backends: entry
+                        .backends
+                        .iter()
+                        .map(|b| format!("{}:{}", b.ip, b.port))
+                        .collect(),
+                }
+            })
+            .collect();
+        Response::Services { frontends }
+    }
+}
