@@ -15,9 +15,9 @@ use crate::metrics::Metrics;
 use crate::model::Cluster;
 use crate::routing::Routing;
 use crate::services::ServicePipeline;
-use crate::status::SourceStatus;
 use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL};
 use crate::sources::{LoadReport, kube};
+use crate::status::SourceStatus;
 
 /// Starts the configured source; `None` when there is none.
 pub async fn start_source(

@@ -114,9 +114,7 @@ pub fn remove_if_present<K: aya::Pod, V: aya::Pod>(
 ) -> Result<(), MapError> {
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e),
     }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use aya::Pod;
-use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::MapData;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use ipnetwork::Ipv4Network;
 
 use super::{ip_from_key, ip_to_key};
