@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::Context;
-use tern_cni::agent_api::{
+use tern_api::{
     AgentStatus, Attachment, Endpoint, EndpointStatus, FrontendStatus, Request, Response,
     SyncCounts,
 };

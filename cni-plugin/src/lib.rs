@@ -1,6 +1,5 @@
 //! tern-cni: the CNI plugin half of Tern.
 
-pub mod agent_api;
 pub mod delegate;
 pub mod plugin;
 pub mod podnet;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::Value;
+use tern_api::{Attachment, CallError, Endpoint, Request, Response};
 
-use crate::agent_api::{self, Attachment, CallError, Endpoint, Request, Response};
 use crate::delegate::Delegate;
 use crate::podnet::{self, GATEWAY, PodInterfaceSpec, PodNetError};
 use crate::spec::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
@@ -58,7 +58,7 @@ impl<'a> Context<'a> {
         let socket = conf
             .agent_socket
             .clone()
-            .unwrap_or_else(|| agent_api::DEFAULT_SOCKET.into());
+            .unwrap_or_else(|| tern_api::DEFAULT_SOCKET.into());
         Context {
             env,
             conf,
@@ -88,7 +88,7 @@ impl<'a> Context<'a> {
     }
 
     fn agent(&self, request: &Request) -> Result<Response, CniError> {
-        match agent_api::call(&self.socket, request, AGENT_TIMEOUT) {
+        match tern_api::call(&self.socket, request, AGENT_TIMEOUT) {
             Ok(Response::Error { message, try_again }) => Err(if try_again {
                 CniError::try_again_later(format!("tern-agent: {message}"))
             } else {
