@@ -8,7 +8,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tern_api::{Request, Response};
-use tern_cni::podnet::format_mac;
+use tern_podnet::format_mac;
 
 use crate::datapath::{DatapathMaps, attached_pods};
 use crate::table;

@@ -9,8 +9,8 @@ use tern_api::{
     AgentStatus, Attachment, Endpoint, EndpointStatus, FrontendStatus, Request, Response,
     SyncCounts,
 };
-use tern_cni::podnet;
 use tern_common::{DatapathConfig, EndpointInfo};
+use tern_podnet as podnet;
 use tracing::{info, warn};
 
 use crate::compiler::lb::{FrontendKind, LbState, Scope};

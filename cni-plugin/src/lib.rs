@@ -2,5 +2,4 @@
 
 pub mod delegate;
 pub mod plugin;
-pub mod podnet;
 pub mod spec;

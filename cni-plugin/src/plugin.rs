@@ -8,9 +8,9 @@ use std::time::Duration;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::Value;
 use tern_api::{Attachment, CallError, Endpoint, Request, Response};
+use tern_podnet::{self as podnet, GATEWAY, PodInterfaceSpec, PodNetError};
 
 use crate::delegate::Delegate;
-use crate::podnet::{self, GATEWAY, PodInterfaceSpec, PodNetError};
 use crate::spec::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
 
 /// Plugin-specific error codes (the spec leaves 100 and up to plugins).
