@@ -2,4 +2,3 @@
 
 pub mod delegate;
 pub mod plugin;
-pub mod spec;
