@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use tern_cni::agent_api::{self, Request, Response};
-use tern_cni::podnet::format_mac;
+use tern_api::{Request, Response};
+use tern_podnet::format_mac;
 
 use crate::datapath::{Counters, Endpoints, attached_pods};
 use crate::table;
@@ -21,7 +21,7 @@ use crate::table;
 )]
 pub struct Cli {
     /// The agent's CNI API socket.
-    #[arg(long, global = true, default_value = agent_api::DEFAULT_SOCKET)]
+    #[arg(long, global = true, default_value = tern_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// Where the agent pins its maps (read when the agent is down).
     #[arg(long, global = true, default_value = crate::config::DEFAULT_BPFFS_DIR)]
@@ -112,7 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
 }
 
 fn ask(cli: &Cli, request: &Request) -> anyhow::Result<Response> {
-    Ok(agent_api::call(
+    Ok(tern_api::call(
         &cli.socket,
         request,
         Duration::from_secs(5),

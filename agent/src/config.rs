@@ -373,7 +373,7 @@ impl AgentConfig {
             socket: args
                 .socket
                 .or(file.socket)
-                .unwrap_or_else(|| tern_cni::agent_api::DEFAULT_SOCKET.into()),
+                .unwrap_or_else(|| tern_api::DEFAULT_SOCKET.into()),
         })
     }
 }

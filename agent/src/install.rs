@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use tern_cni::spec::NetConf;
+use tern_cni_spec::NetConf;
 
 /// The plugin's file name in the CNI bin directory: the `type` the
 /// configuration's first plugin names.

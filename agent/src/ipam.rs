@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
-use tern_cni::agent_api::Attachment;
+use tern_api::Attachment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {

@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tern_common::Reason;
 
-use tern_cni::agent_api::AgentStatus;
+use tern_api::AgentStatus;
 
 use crate::datapath::Counters;
 

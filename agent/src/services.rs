@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tern_cni::agent_api::SyncCounts;
+use tern_api::SyncCounts;
 use tokio::sync::watch;
 use tracing::{info, warn};
 

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tern_cni::agent_api::{AgentStatus, FrontendStatus, Response};
+use tern_api::{AgentStatus, FrontendStatus, Response};
 use tokio::sync::watch;
 
 use crate::compiler::lb::{FrontendKind, Scope};

@@ -808,7 +808,7 @@ fn agent_files_land_in_the_right_host_directories() {
     let (_, backing) = resolve(agent(), &config.socket);
     let plugin_socket = conflist()["plugins"][0]["agentSocket"]
         .as_str()
-        .unwrap_or(tern_cni::agent_api::DEFAULT_SOCKET)
+        .unwrap_or(tern_api::DEFAULT_SOCKET)
         .to_owned();
     let Backing::Host(host_socket) = backing else {
         unreachable!("checked above")

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-
-use crate::spec::{CniError, CniResult};
+use tern_cni_spec::{CniError, CniResult};
 
 pub struct Delegate<'a> {
     pub plugin_type: &'a str,

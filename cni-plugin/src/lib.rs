@@ -1,7 +1,4 @@
 //! tern-cni: the CNI plugin half of Tern.
 
-pub mod agent_api;
 pub mod delegate;
 pub mod plugin;
-pub mod podnet;
-pub mod spec;

@@ -8,14 +8,14 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use tern_cni::plugin;
-use tern_cni::spec::{CniEnv, LATEST_VERSION, requested_version};
+use tern_cni_spec::{CniEnv, LATEST_VERSION, requested_version};
 
 fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     let version = requested_version(&stdin).unwrap_or_else(|| LATEST_VERSION.to_owned());
     let outcome = match read {
-        Err(e) => Err(tern_cni::spec::CniError::io_failure(format!(
+        Err(e) => Err(tern_cni_spec::CniError::io_failure(format!(
             "reading stdin: {e}"
         ))),
         Ok(_) => CniEnv::from_process_env().and_then(|env| plugin::run(&env, &stdin)),

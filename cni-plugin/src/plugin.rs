@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::Value;
+use tern_api::{Attachment, CallError, Endpoint, Request, Response};
+use tern_cni_spec::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
+use tern_podnet::{self as podnet, GATEWAY, PodInterfaceSpec, PodNetError};
 
-use crate::agent_api::{self, Attachment, CallError, Endpoint, Request, Response};
 use crate::delegate::Delegate;
-use crate::podnet::{self, GATEWAY, PodInterfaceSpec, PodNetError};
-use crate::spec::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
 
 /// Plugin-specific error codes (the spec leaves 100 and up to plugins).
 pub mod codes {
@@ -30,9 +30,9 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs one CNI command; `Ok(Some(json))` is printed on stdout.
 pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     if env.command == Command::Version {
-        let requested = crate::spec::requested_version(stdin)
-            .unwrap_or_else(|| crate::spec::LATEST_VERSION.to_owned());
-        return Ok(Some(crate::spec::version_json(&requested)));
+        let requested = tern_cni_spec::requested_version(stdin)
+            .unwrap_or_else(|| tern_cni_spec::LATEST_VERSION.to_owned());
+        return Ok(Some(tern_cni_spec::version_json(&requested)));
     }
     let conf = NetConf::parse(stdin)?;
     let ctx = Context::new(env, &conf, stdin);
@@ -58,7 +58,7 @@ impl<'a> Context<'a> {
         let socket = conf
             .agent_socket
             .clone()
-            .unwrap_or_else(|| agent_api::DEFAULT_SOCKET.into());
+            .unwrap_or_else(|| tern_api::DEFAULT_SOCKET.into());
         Context {
             env,
             conf,
@@ -88,7 +88,7 @@ impl<'a> Context<'a> {
     }
 
     fn agent(&self, request: &Request) -> Result<Response, CniError> {
-        match agent_api::call(&self.socket, request, AGENT_TIMEOUT) {
+        match tern_api::call(&self.socket, request, AGENT_TIMEOUT) {
             Ok(Response::Error { message, try_again }) => Err(if try_again {
                 CniError::try_again_later(format!("tern-agent: {message}"))
             } else {
@@ -265,7 +265,7 @@ impl<'a> Context<'a> {
     }
 
     fn check(&self) -> Result<(), CniError> {
-        if !crate::spec::supports_check(&self.conf.cni_version) {
+        if !tern_cni_spec::supports_check(&self.conf.cni_version) {
             return Err(CniError::incompatible_version(format!(
                 "CHECK needs cniVersion 0.4.0 or later, got {}",
                 self.conf.cni_version

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
-use tern_cni::agent_api::{Attachment, Endpoint, EndpointStatus, Response};
-use tern_cni::podnet;
+use tern_api::{Attachment, Endpoint, EndpointStatus, Response};
 use tern_common::EndpointInfo;
+use tern_podnet as podnet;
 use tokio::sync::watch;
 use tracing::{info, warn};
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use tern_cni::agent_api::{Attachment, Endpoint};
+use tern_api::{Attachment, Endpoint};
 
 use crate::ipam::write_atomically;
 

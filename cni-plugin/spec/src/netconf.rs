@@ -320,7 +320,7 @@ mod tests {
                 "dns": {"nameservers": ["10.1.0.1"]}
             })
         };
-        for &version in crate::spec::SUPPORTED_VERSIONS {
+        for &version in crate::SUPPORTED_VERSIONS {
             let mut v = with("prevResult", prev(version));
             v["cniVersion"] = json!(version);
             let conf = parse(v).unwrap();

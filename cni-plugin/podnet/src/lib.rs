@@ -1,6 +1,10 @@
-//! Pod-side wiring: the veth pair between the node and a pod, the pod's
-//! address, its routes through the link-local gateway and the static
-//! neighbour entry for that gateway.
+//! tern-podnet: pod-side wiring. The veth pair between the node and a pod,
+//! the pod's address, its routes through the link-local gateway and the
+//! static neighbour entry for that gateway.
+//!
+//! `tern-cni` builds, checks and deletes the wiring; `tern-agent` looks up
+//! host veths and deletes the ones GC finds stale, and the `tern` CLI
+//! formats MACs the same way.
 //!
 //! The API is synchronous. Netlink sockets and `setns()` act on the calling
 //! *thread*, so every function here does its netlink work on dedicated

@@ -1,5 +1,9 @@
-//! The CNI specification (1.1.0 and the older versions it still accepts)
-//! as pure data: environment, network configuration, results and errors.
+//! tern-cni-spec: the CNI specification (1.1.0 and the older versions it
+//! still accepts) as pure data: environment, network configuration, results
+//! and errors.
+//!
+//! `tern-cni` parses its input and writes its answers with it; `tern install-cni`
+//! (in the agent) checks the network configuration it installs the same way.
 
 pub mod env;
 pub mod error;

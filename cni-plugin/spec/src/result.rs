@@ -288,7 +288,7 @@ fn ip_of_family(o: &Obj, key: &str, v4: bool) -> Result<Option<IpAddr>, CniError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::version::SUPPORTED_VERSIONS;
+    use crate::version::SUPPORTED_VERSIONS;
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()

@@ -1,14 +1,7 @@
-//! The protocol between `tern-cni` and `tern-agent` on the agent's unix
-//! socket: one JSON request per connection, one JSON response back.
-//!
-//! The plugin owns this definition because it is the client; the agent
-//! depends on it so both sides always agree.
+//! The messages on the agent's unix socket: one JSON [`Request`] per
+//! connection, one JSON [`Response`] back.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -194,48 +187,6 @@ pub struct EndpointStatus {
     pub attached: bool,
 }
 
-/// Why a call to the agent failed; the plugin maps these to CNI codes.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    /// The agent is not there (socket missing, refused, timed out).
-    #[error("cannot reach the tern agent at {path}: {source}")]
-    Unreachable {
-        path: String,
-        source: std::io::Error,
-    },
-    /// The agent answered with something that is not a response.
-    #[error("the tern agent sent an answer that is not understood: {0}")]
-    Protocol(String),
-}
-
-/// Sends one request and waits for its response.
-pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, CallError> {
-    let unreachable = |source| CallError::Unreachable {
-        path: socket.display().to_string(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(unreachable)?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(unreachable)?;
-    let mut line = serde_json::to_vec(request).map_err(|e| CallError::Protocol(e.to_string()))?;
-    line.push(b'\n');
-    stream.write_all(&line).map_err(unreachable)?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(unreachable)?;
-    if answer.is_empty() {
-        return Err(CallError::Protocol(
-            "connection closed without an answer".into(),
-        ));
-    }
-    serde_json::from_str(&answer).map_err(|e| CallError::Protocol(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,16 +204,5 @@ mod tests {
         assert_eq!(json["attachment"]["container_id"], "c1");
         let back: Request = serde_json::from_value(json).unwrap();
         assert_eq!(back, req);
-    }
-
-    #[test]
-    fn unreachable_socket_is_reported_as_such() {
-        let err = call(
-            Path::new("/nonexistent/tern-test.sock"),
-            &Request::Status,
-            Duration::from_millis(100),
-        )
-        .unwrap_err();
-        assert!(matches!(err, CallError::Unreachable { .. }), "{err}");
     }
 }
