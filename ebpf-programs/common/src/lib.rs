@@ -4,8 +4,18 @@
 //! raw loads, the user side (feature "user") writes it through aya maps.
 #![no_std]
 
-/// Map names, as the eBPF object defines them and the agent pins them.
+/// Every map of the datapath: its name, as the eBPF object defines it and
+/// the agent pins it, with its type and key/value layout. The `#[map]`
+/// statics in tern-ebpf are declared separately (each needs its Rust type);
+/// the agent's tests check the built object against this list, both ways.
 pub mod maps {
+    use core::mem::size_of;
+
+    use super::{
+        AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, EndpointInfo,
+        MaglevTable, RevNat, ServiceKey, ServiceValue, SockRevNatKey, TunnelEndpoint,
+    };
+
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const METRICS: &str = "METRICS";
     pub const SERVICES: &str = "SERVICES";
@@ -20,20 +30,75 @@ pub mod maps {
     pub const NAT: &str = "NAT";
     pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
 
-    /// Maps whose capacity an operator may change (agent `--map-size`).
-    pub const RESIZABLE: [&str; 11] = [
-        ENDPOINTS,
-        SERVICES,
-        BACKENDS,
-        REVNAT,
-        MAGLEV,
-        AFFINITY,
-        SOCK_REVNAT,
-        CT,
-        TUNNEL,
-        NAT,
-        NON_MASQUERADE,
+    /// The BPF map type (the aya-ebpf map the static is declared as).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum MapKind {
+        Hash,
+        LruHash,
+        Array,
+        PerCpuArray,
+        /// Keys carry a 32-bit prefix length in front of the data.
+        LpmTrie,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MapSpec {
+        pub name: &'static str,
+        pub kind: MapKind,
+        /// Bytes, as the kernel sees them (LPM trie keys include the prefix
+        /// length).
+        pub key_size: u32,
+        pub value_size: u32,
+        /// An operator may change its capacity (agent `--map-size`).
+        pub resizable: bool,
+    }
+
+    impl MapSpec {
+        const fn new<K, V>(name: &'static str, kind: MapKind, resizable: bool) -> Self {
+            let prefix_len = match kind {
+                MapKind::LpmTrie => size_of::<u32>(),
+                _ => 0,
+            };
+            MapSpec {
+                name,
+                kind,
+                key_size: (prefix_len + size_of::<K>()) as u32,
+                value_size: size_of::<V>() as u32,
+                resizable,
+            }
+        }
+    }
+
+    const RESIZABLE: bool = true;
+    const FIXED: bool = false;
+
+    pub const ALL: [MapSpec; 13] = [
+        MapSpec::new::<u32, EndpointInfo>(ENDPOINTS, MapKind::Hash, RESIZABLE),
+        // Indexed by `Reason`: its size is `Reason::COUNT`.
+        MapSpec::new::<u32, u64>(METRICS, MapKind::PerCpuArray, FIXED),
+        MapSpec::new::<ServiceKey, ServiceValue>(SERVICES, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, Backend>(BACKENDS, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, RevNat>(REVNAT, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, MaglevTable>(MAGLEV, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<AffinityKey, AffinityValue>(AFFINITY, MapKind::LruHash, RESIZABLE),
+        MapSpec::new::<SockRevNatKey, RevNat>(SOCK_REVNAT, MapKind::LruHash, RESIZABLE),
+        // One entry.
+        MapSpec::new::<u32, DatapathConfig>(CONFIG, MapKind::Array, FIXED),
+        MapSpec::new::<CtKey, CtValue>(CT, MapKind::LruHash, RESIZABLE),
+        MapSpec::new::<u32, TunnelEndpoint>(TUNNEL, MapKind::LpmTrie, RESIZABLE),
+        MapSpec::new::<CtKey, CtValue>(NAT, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, u8>(NON_MASQUERADE, MapKind::LpmTrie, RESIZABLE),
     ];
+
+    /// The map called `name`.
+    pub fn spec(name: &str) -> Option<&'static MapSpec> {
+        ALL.iter().find(|map| map.name == name)
+    }
+
+    /// Names of the maps whose capacity an operator may change.
+    pub fn resizable() -> impl Iterator<Item = &'static str> {
+        ALL.iter().filter(|map| map.resizable).map(|map| map.name)
+    }
 }
 
 /// Program names (the Rust function names in tern-ebpf).
