@@ -4,6 +4,9 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+// RFC 1071: 0 over data that includes a correct checksum.
+use tern_tests::traffic::internet_checksum as checksum;
+
 pub const ICMP: u8 = 1;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -102,18 +105,6 @@ fn l4_checksummed(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8>
     }
     data.extend_from_slice(l4);
     data
-}
-
-/// The Internet checksum (RFC 1071); 0 over data that includes a correct one.
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|word| u32::from(u16::from_be_bytes([word[0], *word.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// A frame a program returned.
