@@ -312,17 +312,17 @@ impl AgentConfig {
             .into_iter()
             .chain(args.map_sizes);
         for (name, size) in requested {
-            let Some(known) = tern_common::maps::RESIZABLE.iter().find(|m| **m == name) else {
+            let Some(known) = tern_common::maps::spec(&name).filter(|m| m.resizable) else {
                 anyhow::bail!(
                     "map {name:?} cannot be resized; choose one of {:?}",
-                    tern_common::maps::RESIZABLE
+                    tern_common::maps::resizable().collect::<Vec<_>>()
                 );
             };
             if size == 0 {
                 anyhow::bail!("map {name} needs at least one entry");
             }
-            map_sizes.retain(|(n, _)| n != known);
-            map_sizes.push((*known, size));
+            map_sizes.retain(|(n, _)| *n != known.name);
+            map_sizes.push((known.name, size));
         }
         let non_masquerade_cidrs = if args.non_masquerade_cidrs.is_empty() {
             file.non_masquerade_cidrs.unwrap_or_default()
@@ -461,6 +461,7 @@ mod tests {
         assert!(format!("{err:#}").contains("podCidr"), "{err:#}");
         assert!(AgentConfig::from_args(args(&["--mtu", "10"])).is_err());
         assert!(AgentConfig::from_args(args(&["--map-size", "NOPE=5"])).is_err());
+        assert!(AgentConfig::from_args(args(&["--map-size", "METRICS=5"])).is_err());
         assert!(AgentArgs::try_parse_from(["tern-agent", "--map-size", "SERVICES"]).is_err());
         let sized = AgentConfig::from_args(args(&[
             "--map-size",

@@ -1,5 +1,7 @@
 //! Every map of the datapath. All are pinned by name (the agent gives the
-//! directory), so they outlive an agent restart.
+//! directory), so they outlive an agent restart. Each is listed, with its
+//! type and key/value sizes, in `tern_common::maps::ALL`; an agent test
+//! checks the built object against that list.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,

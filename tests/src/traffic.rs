@@ -282,7 +282,7 @@ pub fn icmp_echo(ns: &Netns, to: std::net::Ipv4Addr, id: u16) -> Result<()> {
 }
 
 /// RFC 1071 checksum.
-fn internet_checksum(data: &[u8]) -> u16 {
+pub fn internet_checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
         .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)

@@ -46,7 +46,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     programs::SOCK_GETPEERNAME4,
 ];
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-ebpf"));
+/// The eBPF object (tern-ebpf), as build.rs built it.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-ebpf"));
 
 /// The loaded programs and the links they are attached by. Its maps have
 /// been handed out (`MapOwners`).
@@ -339,4 +340,53 @@ pub fn ensure_cgroup2(dir: &Path) -> anyhow::Result<()> {
         None::<&str>,
     )
     .with_context(|| format!("mounting cgroup2 at {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use aya_obj::generated::bpf_map_type;
+    use tern_common::maps::{self, MapKind};
+
+    use super::OBJECT;
+
+    fn bpf_type(kind: MapKind) -> u32 {
+        (match kind {
+            MapKind::Hash => bpf_map_type::BPF_MAP_TYPE_HASH,
+            MapKind::LruHash => bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
+            MapKind::Array => bpf_map_type::BPF_MAP_TYPE_ARRAY,
+            MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+            MapKind::LpmTrie => bpf_map_type::BPF_MAP_TYPE_LPM_TRIE,
+        }) as u32
+    }
+
+    /// The object's maps are exactly `tern_common::maps::ALL`: same names,
+    /// types and key/value sizes (what the agent opens and writes by them).
+    #[test]
+    fn object_maps_match_the_map_list() {
+        let object = aya_obj::Object::parse(OBJECT).expect("parsing the eBPF object");
+        let mut problems = Vec::new();
+        for (name, map) in &object.maps {
+            let Some(spec) = maps::spec(name) else {
+                problems.push(format!(
+                    "{name}: in the object, not in tern_common::maps::ALL"
+                ));
+                continue;
+            };
+            let object_shape = (map.map_type(), map.key_size(), map.value_size());
+            let listed_shape = (bpf_type(spec.kind), spec.key_size, spec.value_size);
+            if object_shape != listed_shape {
+                problems.push(format!(
+                    "{name}: (type, key size, value size) is {object_shape:?} in the object, \
+                     {listed_shape:?} ({:?}) in the list",
+                    spec.kind
+                ));
+            }
+        }
+        for spec in &maps::ALL {
+            if !object.maps.contains_key(spec.name) {
+                problems.push(format!("{}: in the list, not in the object", spec.name));
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 }

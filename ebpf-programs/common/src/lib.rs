@@ -4,8 +4,18 @@
 //! raw loads, the user side (feature "user") writes it through aya maps.
 #![no_std]
 
-/// Map names, as the eBPF object defines them and the agent pins them.
+/// Every map of the datapath: its name, as the eBPF object defines it and
+/// the agent pins it, with its type and key/value layout. The `#[map]`
+/// statics in tern-ebpf are declared separately (each needs its Rust type);
+/// the agent's tests check the built object against this list, both ways.
 pub mod maps {
+    use core::mem::size_of;
+
+    use super::{
+        AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, EndpointInfo,
+        MaglevTable, RevNat, ServiceKey, ServiceValue, SockRevNatKey, TunnelEndpoint,
+    };
+
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const METRICS: &str = "METRICS";
     pub const SERVICES: &str = "SERVICES";
@@ -20,20 +30,75 @@ pub mod maps {
     pub const NAT: &str = "NAT";
     pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
 
-    /// Maps whose capacity an operator may change (agent `--map-size`).
-    pub const RESIZABLE: [&str; 11] = [
-        ENDPOINTS,
-        SERVICES,
-        BACKENDS,
-        REVNAT,
-        MAGLEV,
-        AFFINITY,
-        SOCK_REVNAT,
-        CT,
-        TUNNEL,
-        NAT,
-        NON_MASQUERADE,
+    /// The BPF map type (the aya-ebpf map the static is declared as).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum MapKind {
+        Hash,
+        LruHash,
+        Array,
+        PerCpuArray,
+        /// Keys carry a 32-bit prefix length in front of the data.
+        LpmTrie,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MapSpec {
+        pub name: &'static str,
+        pub kind: MapKind,
+        /// Bytes, as the kernel sees them (LPM trie keys include the prefix
+        /// length).
+        pub key_size: u32,
+        pub value_size: u32,
+        /// An operator may change its capacity (agent `--map-size`).
+        pub resizable: bool,
+    }
+
+    impl MapSpec {
+        const fn new<K, V>(name: &'static str, kind: MapKind, resizable: bool) -> Self {
+            let prefix_len = match kind {
+                MapKind::LpmTrie => size_of::<u32>(),
+                _ => 0,
+            };
+            MapSpec {
+                name,
+                kind,
+                key_size: (prefix_len + size_of::<K>()) as u32,
+                value_size: size_of::<V>() as u32,
+                resizable,
+            }
+        }
+    }
+
+    const RESIZABLE: bool = true;
+    const FIXED: bool = false;
+
+    pub const ALL: [MapSpec; 13] = [
+        MapSpec::new::<u32, EndpointInfo>(ENDPOINTS, MapKind::Hash, RESIZABLE),
+        // Indexed by `Reason`: its size is `Reason::COUNT`.
+        MapSpec::new::<u32, u64>(METRICS, MapKind::PerCpuArray, FIXED),
+        MapSpec::new::<ServiceKey, ServiceValue>(SERVICES, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, Backend>(BACKENDS, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, RevNat>(REVNAT, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, MaglevTable>(MAGLEV, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<AffinityKey, AffinityValue>(AFFINITY, MapKind::LruHash, RESIZABLE),
+        MapSpec::new::<SockRevNatKey, RevNat>(SOCK_REVNAT, MapKind::LruHash, RESIZABLE),
+        // One entry.
+        MapSpec::new::<u32, DatapathConfig>(CONFIG, MapKind::Array, FIXED),
+        MapSpec::new::<CtKey, CtValue>(CT, MapKind::LruHash, RESIZABLE),
+        MapSpec::new::<u32, TunnelEndpoint>(TUNNEL, MapKind::LpmTrie, RESIZABLE),
+        MapSpec::new::<CtKey, CtValue>(NAT, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, u8>(NON_MASQUERADE, MapKind::LpmTrie, RESIZABLE),
     ];
+
+    /// The map called `name`.
+    pub fn spec(name: &str) -> Option<&'static MapSpec> {
+        ALL.iter().find(|map| map.name == name)
+    }
+
+    /// Names of the maps whose capacity an operator may change.
+    pub fn resizable() -> impl Iterator<Item = &'static str> {
+        ALL.iter().filter(|map| map.resizable).map(|map| map.name)
+    }
 }
 
 /// Program names (the Rust function names in tern-ebpf).
@@ -60,6 +125,35 @@ pub mod programs {
     pub const SOCK_POST_BIND4: &str = "sock_post_bind4";
 }
 
+/// Every map key and value below is read by the eBPF programs and written by
+/// the agent (possibly an older one, through pinned maps): both sides must
+/// agree on the exact bytes. `layout!` fixes each type's size and alignment,
+/// so a change is a deliberate one, and checks that its fields (all of them
+/// listed) fill it: padding must be an explicit `pad` field, since the kernel
+/// compares keys bytewise and implicit padding is uninitialised.
+macro_rules! layout {
+    ($type:ty { $($field:ident),+ }, size $size:expr, align $align:expr) => {
+        const _: () = {
+            assert!(
+                core::mem::size_of::<$type>() == $size && core::mem::align_of::<$type>() == $align,
+                concat!("the size or alignment of ", stringify!($type), " changed")
+            );
+            let value = core::mem::MaybeUninit::<$type>::uninit();
+            let base = value.as_ptr();
+            // SAFETY: field addresses only; nothing is read.
+            let fields = 0 $(+ field_size(unsafe { &raw const (*base).$field }))+;
+            assert!(
+                fields == $size,
+                concat!(stringify!($type), " has implicit padding, or a field is not listed")
+            );
+        };
+    };
+}
+
+const fn field_size<F>(_: *const F) -> usize {
+    core::mem::size_of::<F>()
+}
+
 /// Default capacity of the ENDPOINTS map (local pods on one node).
 pub const ENDPOINTS_MAX: u32 = 16384;
 
@@ -76,6 +170,7 @@ pub struct EndpointInfo {
     /// MAC of the host-side veth (source MAC on delivery: the pod's gateway).
     pub host_mac: [u8; 6],
 }
+layout!(EndpointInfo { ifindex, flags, pod_mac, host_mac }, size 20, align 4);
 
 /// Default capacity of the TUNNEL map (remote PodCIDRs: one or two per node).
 pub const TUNNEL_MAX: u32 = 16384;
@@ -105,6 +200,7 @@ pub struct TunnelEndpoint {
     /// The node's underlay address (network order): the outer destination.
     pub node_addr: u32,
 }
+layout!(TunnelEndpoint { node_addr }, size 4, align 4);
 
 /// Default capacities of the service maps: 100k services x 10 backends fit
 /// with room to spare (a frontend takes 1 + backends entries in SERVICES;
@@ -140,6 +236,7 @@ pub struct CtKey {
     pub proto: u8,
     pub pad: [u8; 3],
 }
+layout!(CtKey { saddr, daddr, sport, dport, proto, pad }, size 16, align 4);
 
 /// CT value: what the packet's tuple becomes, and where it goes then.
 /// A translated flow has two entries: the original direction (service
@@ -163,6 +260,10 @@ pub struct CtValue {
     pub lifetime: u32,
     pub flags: u32,
 }
+layout!(
+    CtValue { saddr, daddr, sport, dport, ifindex, rev_nat_id, last_seen, lifetime, flags },
+    size 32, align 4
+);
 
 pub mod ct_flags {
     /// Entry of the reply direction.
@@ -210,6 +311,7 @@ pub struct ServiceKey {
     pub scope: u8,
     pub pad: u16,
 }
+layout!(ServiceKey { addr, port, slot, proto, scope, pad }, size 12, align 4);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -227,6 +329,10 @@ pub struct ServiceValue {
     /// Master: session affinity timeout in seconds (AFFINITY flag).
     pub affinity_timeout: u32,
 }
+layout!(
+    ServiceValue { backend_id, rev_nat_id, count, flags, maglev_size, pad, affinity_timeout },
+    size 20, align 4
+);
 
 /// BACKENDS value, keyed by backend id (u32).
 #[repr(C)]
@@ -237,6 +343,7 @@ pub struct Backend {
     pub proto: u8,
     pub flags: u8,
 }
+layout!(Backend { addr, port, proto, flags }, size 8, align 4);
 
 /// REVNAT value, keyed by rev_nat_id (u32): the frontend to show replies from.
 #[repr(C)]
@@ -246,6 +353,7 @@ pub struct RevNat {
     pub port: u16,
     pub pad: u16,
 }
+layout!(RevNat { addr, port, pad }, size 8, align 4);
 
 /// MAGLEV value, keyed by rev_nat_id (u32): backend ids by table position.
 #[repr(C)]
@@ -253,6 +361,7 @@ pub struct RevNat {
 pub struct MaglevTable {
     pub backend_ids: [u32; MAGLEV_TABLE_MAX],
 }
+layout!(MaglevTable { backend_ids }, size 4 * MAGLEV_TABLE_MAX, align 4);
 
 /// AFFINITY key: a client (netns cookie for socket-LB, address for the
 /// per-packet path) and the service it talks to.
@@ -263,6 +372,7 @@ pub struct AffinityKey {
     pub rev_nat_id: u32,
     pub pad: u32,
 }
+layout!(AffinityKey { client, rev_nat_id, pad }, size 16, align 8);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,6 +381,7 @@ pub struct AffinityValue {
     /// Seconds of CLOCK_MONOTONIC (bpf_ktime_get_ns / 1e9) at last use.
     pub last_used: u32,
 }
+layout!(AffinityValue { backend_id, last_used }, size 8, align 4);
 
 /// SOCK_REVNAT key: a socket and the backend it was sent to; the value (a
 /// RevNat) is the Service address recvmsg/getpeername must show instead.
@@ -282,6 +393,7 @@ pub struct SockRevNatKey {
     pub port: u16,
     pub pad: u16,
 }
+layout!(SockRevNatKey { cookie, addr, port, pad }, size 16, align 8);
 
 /// CONFIG value (an array of one): settings the agent gives the datapath.
 #[repr(C)]
@@ -302,6 +414,10 @@ pub struct DatapathConfig {
     /// `node_addr` as source.
     pub masquerade: u32,
 }
+layout!(
+    DatapathConfig { service_cidr_addr, service_cidr_mask, node_addr, tunnel_ifindex, masquerade },
+    size 20, align 4
+);
 
 /// Why a packet took the path it took; index into the per-CPU METRICS array.
 #[repr(u32)]
