@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Value, json};
-use tern_tests::lab::{Lab, LabNode, OUTSIDE_IP, Outside, Pod};
-use tern_tests::netns::ChildGuard;
-use tern_tests::netns::Netns;
-use tern_tests::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
+use tern_lab::lab::{Lab, LabNode, OUTSIDE_IP, Outside, Pod};
+use tern_lab::netns::ChildGuard;
+use tern_lab::netns::Netns;
+use tern_lab::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
 
 const STATE_DIR: &str = "/run/tern-lab";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
@@ -312,14 +312,14 @@ fn status() -> Result<()> {
             println!("{}", tern_cli(&state, node, &["tunnel", "list"])?);
         }
     }
-    let pods: Vec<(String, tern_tests::netns::Netns, Ipv4Addr)> = state["pods"]
+    let pods: Vec<(String, tern_lab::netns::Netns, Ipv4Addr)> = state["pods"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|p| {
             Ok((
                 str_of(&p["node"])?.to_owned(),
-                tern_tests::netns::Netns::existing(str_of(&p["netns"])?)?,
+                tern_lab::netns::Netns::existing(str_of(&p["netns"])?)?,
                 str_of(&p["ip"])?.parse()?,
             ))
         })
@@ -503,8 +503,8 @@ fn cni_latency(pods: usize) -> Result<()> {
     let mut add = Vec::new();
     let mut del = Vec::new();
     for i in 0..pods {
-        let ns = tern_tests::netns::Netns::new(&format!("l{i}"))?;
-        let id = tern_tests::netns::unique_name("lat");
+        let ns = tern_lab::netns::Netns::new(&format!("l{i}"))?;
+        let id = tern_lab::netns::unique_name("lat");
         let t = Instant::now();
         let out = node.cni("ADD", &id, ns.path(), "1.1.0")?;
         add.push(t.elapsed());

@@ -31,7 +31,7 @@ enum Command {
     /// (the agent's build.rs builds the eBPF object).
     Build,
     /// Setup, then fmt check, clippy, unit tests, release build and the root
-    /// integration tests (tern-tests, serially). The README/CI test command.
+    /// integration tests (tern-lab, tern-tests, serially). The README/CI test command.
     Test,
     /// Benchmarks: Tern against the physical limit and kube-proxy, side by side.
     Bench(bench::BenchArgs),

@@ -29,16 +29,18 @@ pub fn run() -> Result<()> {
             ])
             .args(["-Z", "build-std=core", "--bins", "--", "-D", "warnings"]),
     )?;
-    // Unit tests: everything but the root integration tests.
+    // Unit tests: everything but the root integration tests and the lab
+    // library's own tests (they need root too).
     exec(
         cargo()
-            .args(["test", "--workspace", "--tests", "--exclude", "tern-tests"])
+            .args(["test", "--workspace", "--tests"])
+            .args(["--exclude", "tern-tests", "--exclude", "tern-lab"])
             .args(ws.ebpf_exclude()),
     )?;
 
     if !is_root() {
         bail!(
-            "the integration tests (tern-tests) need root: they create network \
+            "the integration tests (tern-lab, tern-tests) need root: they create network \
              namespaces, veths and eBPF programs. Run `cargo xtask test` as root."
         );
     }
@@ -47,6 +49,8 @@ pub fn run() -> Result<()> {
     // They share the kernel (bpffs pins, namespaces): run them one at a time.
     exec(cargo().env("TERN_BIN_DIR", &bin_dir).args([
         "test",
+        "-p",
+        "tern-lab",
         "-p",
         "tern-tests",
         // No doc tests: the run ends on the integration tests' own summary.

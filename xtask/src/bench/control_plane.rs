@@ -11,9 +11,9 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use serde_json::json;
 use tern_common::{Backend, ServiceKey, ServiceValue, maps as map_names};
-use tern_tests::apiserver::ApiServer;
-use tern_tests::lab::{Lab, LabNode};
-use tern_tests::netns::Netns;
+use tern_lab::apiserver::ApiServer;
+use tern_lab::lab::{Lab, LabNode};
+use tern_lab::netns::Netns;
 
 use super::kube_proxy::{self, IptablesBackend};
 use super::report::{Metric, ScenarioResult};

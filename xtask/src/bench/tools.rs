@@ -36,7 +36,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tern_tests::netns::{ChildGuard, Netns, unique_name};
+use tern_lab::netns::{ChildGuard, Netns, unique_name};
 
 use crate::util::display;
 
@@ -767,7 +767,7 @@ pub fn parse_wrk(out: &str) -> Result<HttpRate> {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, SocketAddrV4};
-    use tern_tests::netns::{require_root, unique_ifname};
+    use tern_lab::netns::{require_root, unique_ifname};
 
     // Real outputs captured on this machine (iperf3 3.12, sockperf 3.7,
     // wrk 4.1.0), cut to the parts the parsers read.

@@ -1,5 +1,6 @@
-//! Root integration tests' support: network namespaces, the lab (a cluster
-//! made of namespaces running the real binaries) and real traffic.
+//! The lab: network namespaces, a cluster made of namespaces running the
+//! real binaries, and real traffic. The root integration tests (package
+//! tern-tests), the agent's tests, xtask and the benchmark build on it.
 
 pub mod apiserver;
 pub mod lab;
