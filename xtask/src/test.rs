@@ -3,7 +3,9 @@
 
 use anyhow::{Result, bail};
 
-use crate::util::{Workspace, cargo, exec, is_root, rustup_proxy, workspace_root};
+use tern_lab::host::{exec, is_root};
+
+use crate::util::{Workspace, cargo, rustup_proxy, workspace_root};
 
 pub fn run() -> Result<()> {
     crate::setup::run()?;

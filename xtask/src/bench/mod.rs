@@ -56,8 +56,8 @@ impl BenchArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     crate::setup::run()?;
     // The tools, kube-proxy's rule front ends, and a font for the charts.
-    crate::setup::apt(tools::PACKAGES)?;
-    crate::setup::apt(&["iptables", "nftables", "fonts-dejavu-core"])?;
+    tern_lab::host::apt(tools::PACKAGES)?;
+    tern_lab::host::apt(&["iptables", "nftables", "fonts-dejavu-core"])?;
     crate::build::release_bins(&crate::util::Workspace::load()?)?;
     let profile = if args.quick {
         Profile::quick()
@@ -66,12 +66,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let mut results = Results {
-        date: crate::util::output(
+        date: tern_lab::host::output(
             std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
         )?
         .trim()
         .to_owned(),
-        commit: crate::util::probe(std::process::Command::new("git").args([
+        commit: tern_lab::host::probe(std::process::Command::new("git").args([
             "rev-parse",
             "--short",
             "HEAD",

@@ -38,7 +38,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tern_lab::netns::{ChildGuard, Netns, unique_name};
 
-use crate::util::display;
+use tern_lab::host::display;
 
 /// The Debian packages of the tools (installed with `setup::apt`).
 pub const PACKAGES: &[&str] = &["iperf3", "sockperf", "wrk", "nginx-light"];
@@ -986,7 +986,7 @@ Transfer/sec:      1.06MB
         if !require_root(test) {
             return false;
         }
-        crate::setup::apt(PACKAGES).expect("installing the benchmark tools");
+        tern_lab::host::apt(PACKAGES).expect("installing the benchmark tools");
         true
     }
 
