@@ -3,6 +3,7 @@
 //! tern-tests), the agent's tests, xtask and the benchmark build on it.
 
 pub mod apiserver;
+pub mod commands;
 pub mod host;
 pub mod lab;
 pub mod netns;

@@ -19,7 +19,7 @@ use super::kube_proxy::{self, IptablesBackend};
 use super::report::{Metric, ScenarioResult};
 use super::scenarios::{Profile, percentile, row};
 use super::topology::PLAIN_CLUSTER_CIDR;
-use crate::lab::{map_memlock_kib, rss_kib, scale_manifest};
+use tern_lab::commands::{map_memlock_kib, rss_kib, scale_manifest};
 
 const GROUP: &str = "control plane";
 /// The Service whose endpoint changes.
