@@ -53,8 +53,7 @@ pub fn run(command: LabCommand) -> Result<()> {
     if let LabCommand::Serve { name } = command {
         return commands::serve(&name);
     }
-    crate::setup::run()?;
-    crate::build::release_bins(&crate::util::Workspace::load()?)?;
+    crate::build::run()?;
     match command {
         LabCommand::Up {
             pods,

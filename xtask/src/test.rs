@@ -61,8 +61,9 @@ pub fn run() -> Result<()> {
         "--test-threads=1",
     ]))?;
     // The benchmark harness's smoke run: every scenario once, briefly; it
-    // checks the harness works and asserts no figure.
-    crate::bench::run(crate::bench::BenchArgs::quick())?;
+    // checks the harness works and asserts no figure. Setup and the release
+    // build are done above.
+    tern_bench::run(tern_bench::BenchArgs::quick())?;
     eprintln!("all tests passed");
     Ok(())
 }

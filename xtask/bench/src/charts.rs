@@ -701,7 +701,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::tests::sample;
+    use crate::report::tests::sample;
 
     fn assert_written(dir: &Path, stem: &str) {
         let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();
