@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 use anyhow::Result;
 use tern_lab::lab::{Lab, LabNode};
-use tern_lab::netns::require_root;
+use tern_lab::skip::require_root;
 use tern_lab::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);

@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tern_lab::apiserver::ApiServer;
 use tern_lab::lab::{Lab, LabNode};
-use tern_lab::netns::{Netns, require_root};
+use tern_lab::netns::Netns;
+use tern_lab::skip::require_root;
 use tern_lab::traffic::{EchoServer, tcp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 31);

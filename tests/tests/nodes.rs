@@ -22,7 +22,7 @@ macro_rules! both_modes {
         mod overlay {
             $(#[test]
             fn $name() -> anyhow::Result<()> {
-                if !tern_lab::netns::require_root(stringify!($name)) {
+                if !tern_lab::skip::require_root(stringify!($name)) {
                     return Ok(());
                 }
                 super::$name("overlay")
@@ -31,7 +31,7 @@ macro_rules! both_modes {
         mod native {
             $(#[test]
             fn $name() -> anyhow::Result<()> {
-                if !tern_lab::netns::require_root(stringify!($name)) {
+                if !tern_lab::skip::require_root(stringify!($name)) {
                     return Ok(());
                 }
                 super::$name("native")

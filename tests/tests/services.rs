@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tern_lab::lab::{Lab, LabNode, Pod};
-use tern_lab::netns::require_root;
+use tern_lab::skip::require_root;
 use tern_lab::traffic::{EchoServer, IO_TIMEOUT, tcp_connect, tcp_exchange, udp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);

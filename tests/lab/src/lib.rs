@@ -7,6 +7,7 @@ pub mod commands;
 pub mod host;
 pub mod lab;
 pub mod netns;
+pub mod skip;
 pub mod traffic;
 
 /// Runs each named case once per Service path, as two root tests in the
@@ -22,7 +23,7 @@ macro_rules! both_service_paths {
         mod $module {
             $(#[test]
             fn $name() -> anyhow::Result<()> {
-                if !$crate::netns::require_root(stringify!($name)) {
+                if !$crate::skip::require_root(stringify!($name)) {
                     return Ok(());
                 }
                 super::$name($arg)

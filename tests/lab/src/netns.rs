@@ -76,17 +76,6 @@ pub fn unique_ifname(prefix: &str) -> String {
     format!("{prefix}{tail}")
 }
 
-/// Whether this process may run the root tests; prints why not when it may not.
-/// Use at the top of a root test: `if !netns::require_root("my_test") { return; }`.
-pub fn require_root(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        true
-    } else {
-        eprintln!("skipping {test}: needs root (network namespaces)");
-        false
-    }
-}
-
 /// A named network namespace at /run/netns/<name>, deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
@@ -385,6 +374,7 @@ fn run_checked(cmd: &mut Command) -> Result<Output> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::skip::require_root;
     use std::collections::HashSet;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};

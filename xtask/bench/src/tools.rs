@@ -767,7 +767,8 @@ pub fn parse_wrk(out: &str) -> Result<HttpRate> {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, SocketAddrV4};
-    use tern_lab::netns::{require_root, unique_ifname};
+    use tern_lab::netns::unique_ifname;
+    use tern_lab::skip::require_root;
 
     // Real outputs captured on this machine (iperf3 3.12, sockperf 3.7,
     // wrk 4.1.0), cut to the parts the parsers read.

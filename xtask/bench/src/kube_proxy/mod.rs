@@ -890,7 +890,8 @@ mod tests {
     use std::io;
     use std::net::{SocketAddr, TcpListener, UdpSocket};
     use std::time::{Duration, Instant};
-    use tern_lab::netns::{require_root, unique_ifname};
+    use tern_lab::netns::unique_ifname;
+    use tern_lab::skip::require_root;
     use tern_lab::traffic::{EchoServer, tcp_roundtrip, udp_roundtrip};
 
     fn svc(
