@@ -74,20 +74,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(subcommand)]
-        command: Command,
-    }
-
-    #[derive(Subcommand)]
-    enum Command {
-        Lab {
-            #[command(subcommand)]
-            command: LabCommand,
-        },
-    }
+    use crate::{Cli, Command};
 
     /// The lab starts its echo servers as `<this binary> SERVE_COMMAND
     /// --name <name>`: that must be `lab serve`.
@@ -97,7 +84,9 @@ mod tests {
             .into_iter()
             .chain(commands::SERVE_COMMAND)
             .chain(["--name", "pod0"]);
-        let Command::Lab { command } = Cli::parse_from(args).command;
-        assert!(matches!(command, LabCommand::Serve { name } if name == "pod0"));
+        assert!(matches!(
+            Cli::parse_from(args).command,
+            Command::Lab { command: LabCommand::Serve { name } } if name == "pod0"
+        ));
     }
 }
