@@ -13,7 +13,7 @@ use tern_agent::compiler::lb::{self, NodeContext};
 use tern_agent::model::LbAlgorithm;
 
 use tern_agent::sources::{self, Conversion, LoadReport, kube, manifests};
-use tern_tests::apiserver::ApiServer;
+use tern_lab::apiserver::ApiServer;
 use tokio::sync::mpsc;
 
 const NODE: &str = "n1";
@@ -255,7 +255,7 @@ async fn watch_follows_the_api_through_relists_bookmarks_and_errors() {
     assert!(errors.load(std::sync::atomic::Ordering::Relaxed) > 0);
     settle(&mut rx, &want).await;
     // Lists that found nothing new changed nothing: wait for them too.
-    let relisted = |path: &str, requests: &[tern_tests::apiserver::Logged]| {
+    let relisted = |path: &str, requests: &[tern_lab::apiserver::Logged]| {
         let gone = requests
             .iter()
             .position(|r| r.path == path && r.status == 410);
@@ -268,7 +268,7 @@ async fn watch_follows_the_api_through_relists_bookmarks_and_errors() {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let requests = server.requests().split_off(before);
-        let pending: Vec<&str> = tern_tests::apiserver::RESOURCES
+        let pending: Vec<&str> = tern_lab::apiserver::RESOURCES
             .iter()
             .map(|(path, _, _)| *path)
             .filter(|path| !relisted(path, &requests))

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use serde_json::{Value, json};
-use tern_tests::lab::{Lab, LabNode, NODES_MANIFEST, nodes_manifest, pod_ip};
-use tern_tests::netns::{Netns, require_root, unique_name};
+use tern_lab::lab::{Lab, LabNode, NODES_MANIFEST, nodes_manifest, pod_ip};
+use tern_lab::netns::{Netns, unique_name};
+use tern_lab::skip::require_root;
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 

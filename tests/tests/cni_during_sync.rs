@@ -9,8 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use tern_tests::lab::{Lab, LabNode};
-use tern_tests::netns::{Netns, require_root, unique_name};
+use tern_lab::lab::{Lab, LabNode};
+use tern_lab::netns::{Netns, unique_name};
+use tern_lab::skip::require_root;
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const SERVICES: usize = 10_000;

@@ -10,8 +10,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use tern_tests::lab::{CgroupGuard, Lab, LabNode, Pod};
-use tern_tests::traffic::{EchoServer, tcp_abort, tcp_connect_from, tcp_exchange};
+use tern_lab::lab::{CgroupGuard, Lab, LabNode, Pod};
+use tern_lab::traffic::{EchoServer, tcp_abort, tcp_connect_from, tcp_exchange};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -21,7 +21,7 @@ const BACKEND_PORT: u16 = 8080;
 /// one was stalled by the datapath.
 const CONNECT_BOUND: Duration = Duration::from_millis(500);
 
-tern_tests::both_service_paths!(
+tern_lab::both_service_paths!(
     socket_lb: true,
     per_packet: false;
     a_port_reused_after_its_flow_expired_apart_connects_at_once,

@@ -5,9 +5,9 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 use anyhow::Result;
-use tern_tests::lab::{Lab, LabNode};
-use tern_tests::netns::require_root;
-use tern_tests::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
+use tern_lab::lab::{Lab, LabNode};
+use tern_lab::skip::require_root;
+use tern_lab::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const PORT: u16 = 8080;

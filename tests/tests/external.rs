@@ -6,9 +6,10 @@
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Result;
-use tern_tests::lab::{Lab, LabNode, Pod};
-use tern_tests::netns::{Netns, require_root};
-use tern_tests::traffic::{EchoServer, tcp_roundtrip, udp_roundtrip};
+use tern_lab::lab::{Lab, LabNode, Pod};
+use tern_lab::netns::Netns;
+use tern_lab::skip::require_root;
+use tern_lab::traffic::{EchoServer, tcp_roundtrip, udp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use tern_tests::apiserver::ApiServer;
-use tern_tests::lab::{Lab, LabNode};
-use tern_tests::netns::{Netns, require_root};
-use tern_tests::traffic::{EchoServer, tcp_roundtrip};
+use tern_lab::apiserver::ApiServer;
+use tern_lab::lab::{Lab, LabNode};
+use tern_lab::netns::Netns;
+use tern_lab::skip::require_root;
+use tern_lab::traffic::{EchoServer, tcp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 31);
 const POD_CIDR: &str = "10.244.93.0/24";

@@ -7,9 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use tern_tests::lab::{Lab, LabNode, NODES_MANIFEST, OUTSIDE_IP, Pod, nodes_manifest};
-use tern_tests::netns::Netns;
-use tern_tests::traffic::{
+use tern_lab::lab::{Lab, LabNode, NODES_MANIFEST, OUTSIDE_IP, Pod, nodes_manifest};
+use tern_lab::netns::Netns;
+use tern_lab::traffic::{
     EchoServer, IO_TIMEOUT, icmp_echo, tcp_connect, tcp_roundtrip, udp_roundtrip,
 };
 
@@ -22,7 +22,7 @@ macro_rules! both_modes {
         mod overlay {
             $(#[test]
             fn $name() -> anyhow::Result<()> {
-                if !tern_tests::netns::require_root(stringify!($name)) {
+                if !tern_lab::skip::require_root(stringify!($name)) {
                     return Ok(());
                 }
                 super::$name("overlay")
@@ -31,7 +31,7 @@ macro_rules! both_modes {
         mod native {
             $(#[test]
             fn $name() -> anyhow::Result<()> {
-                if !tern_tests::netns::require_root(stringify!($name)) {
+                if !tern_lab::skip::require_root(stringify!($name)) {
                     return Ok(());
                 }
                 super::$name("native")

@@ -8,9 +8,9 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tern_tests::lab::{Lab, LabNode, Pod};
-use tern_tests::netns::require_root;
-use tern_tests::traffic::{EchoServer, IO_TIMEOUT, tcp_connect, tcp_exchange, udp_roundtrip};
+use tern_lab::lab::{Lab, LabNode, Pod};
+use tern_lab::skip::require_root;
+use tern_lab::traffic::{EchoServer, IO_TIMEOUT, tcp_connect, tcp_exchange, udp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -23,7 +23,7 @@ struct Cluster {
     _lab: Lab,
 }
 
-tern_tests::both_service_paths!(
+tern_lab::both_service_paths!(
     socket_lb: super::Path::SocketLb,
     per_packet: super::Path::PerPacket;
     cluster_ip_spreads_over_ready_backends_only,

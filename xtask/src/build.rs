@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 
-use crate::util::{Workspace, cargo, exec};
+use tern_lab::host::exec;
+
+use crate::util::{Workspace, cargo};
 
 pub fn run() -> Result<()> {
     crate::setup::run()?;

@@ -1,8 +1,10 @@
 //! `cargo xtask <command>`: project tasks that are easier to keep in Rust than
 //! in shell scripts. One module per concern; `main` only parses and dispatches.
 //!
-//! xtask is built by the default (stable) toolchain and depends on none of the
-//! project's crates, so it works even when they do not build.
+//! xtask is built by the default (stable) toolchain. Of the project's crates
+//! it uses only the host-side lab library (tern-lab) and the benchmark
+//! (tern-bench, with tern-common's map types), not the agent, the CNI
+//! plugin or the eBPF programs.
 
 mod bench;
 mod build;
@@ -31,7 +33,7 @@ enum Command {
     /// (the agent's build.rs builds the eBPF object).
     Build,
     /// Setup, then fmt check, clippy, unit tests, release build and the root
-    /// integration tests (tern-tests, serially). The README/CI test command.
+    /// integration tests (tern-lab, tern-tests, serially). The README/CI test command.
     Test,
     /// Benchmarks: Tern against the physical limit and kube-proxy, side by side.
     Bench(bench::BenchArgs),

@@ -11,7 +11,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{self, exec, probe, rustup_proxy};
+use tern_lab::host::{apt, exec, need_root, output, probe};
+
+use crate::util::rustup_proxy;
 
 /// Debian packages the lab and the root tests use.
 /// containernetworking-plugins provides /usr/lib/cni/host-local & co.
@@ -42,37 +44,6 @@ pub fn run() -> Result<()> {
 
 fn apt_packages() -> Result<()> {
     apt(APT_PACKAGES)
-}
-
-/// Installs the Debian `packages` that are missing (one `apt-get update`
-/// first); quick when all are there.
-pub fn apt(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| {
-            let status = probe(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]));
-            status.as_deref() != Some("install ok installed")
-        })
-        .collect();
-    if missing.is_empty() {
-        println!("ok   apt packages: {}", packages.join(" "));
-        return Ok(());
-    }
-    need_root(&format!("install apt packages {}", missing.join(" ")))?;
-    exec(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    exec(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    println!("did  install apt packages: {}", missing.join(" "));
-    Ok(())
 }
 
 fn bpffs_mounted() -> Result<bool> {
@@ -122,7 +93,7 @@ fn lists_nightly(list: &str) -> bool {
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    let out = util::output(rustup_proxy("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let out = output(rustup_proxy("rustc").args(["+nightly", "--print", "sysroot"]))?;
     Ok(PathBuf::from(out.trim()))
 }
 
@@ -177,7 +148,7 @@ fn working_bpf_linker() -> Option<PathBuf> {
 
 /// The major LLVM version of the nightly rustc ("LLVM version: 22.1.4" -> 22).
 fn nightly_llvm_major() -> Result<String> {
-    let vv = util::output(rustup_proxy("rustc").args(["+nightly", "-vV"]))?;
+    let vv = output(rustup_proxy("rustc").args(["+nightly", "-vV"]))?;
     llvm_major(&vv)
 }
 
@@ -261,13 +232,6 @@ fn bpf_linker() -> Result<()> {
         "did  install bpf-linker {BPF_LINKER_VERSION} (LLVM {major}, {})",
         libllvm.display()
     );
-    Ok(())
-}
-
-fn need_root(what: &str) -> Result<()> {
-    if !util::is_root() {
-        bail!("need root to {what}: run `cargo xtask setup` as root");
-    }
     Ok(())
 }
 

@@ -1,13 +1,22 @@
 //! `cargo xtask test`: the project's whole test suite, the command README and
-//! CI run. Stops at the first failing step.
+//! CI run. Stops at the first failing step. Tests that cannot run (not root)
+//! are counted ([`tern_lab::skip`]) and reported at the end.
+
+use std::path::Path;
 
 use anyhow::{Result, bail};
+use tern_lab::host::{exec, is_root};
+use tern_lab::skip;
 
-use crate::util::{Workspace, cargo, exec, is_root, rustup_proxy, workspace_root};
+use crate::util::{Workspace, cargo, rustup_proxy, workspace_root};
 
 pub fn run() -> Result<()> {
     crate::setup::run()?;
     let ws = Workspace::load()?;
+    let skipped = ws.target_dir.join("tern-skipped.txt");
+    if skipped.exists() {
+        std::fs::remove_file(&skipped)?;
+    }
 
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
     exec(
@@ -29,34 +38,58 @@ pub fn run() -> Result<()> {
             ])
             .args(["-Z", "build-std=core", "--bins", "--", "-D", "warnings"]),
     )?;
-    // Unit tests: everything but the root integration tests.
+    // Unit tests: everything but the root integration tests and the lab
+    // library's own tests (they need root too).
     exec(
         cargo()
-            .args(["test", "--workspace", "--tests", "--exclude", "tern-tests"])
+            .env(skip::LOG_ENV, &skipped)
+            .args(["test", "--workspace", "--tests"])
+            .args(["--exclude", "tern-tests", "--exclude", "tern-lab"])
             .args(ws.ebpf_exclude()),
     )?;
 
     if !is_root() {
+        report_skips(&skipped);
         bail!(
-            "the integration tests (tern-tests) need root: they create network \
+            "the integration tests (tern-lab, tern-tests) need root: they create network \
              namespaces, veths and eBPF programs. Run `cargo xtask test` as root."
         );
     }
     crate::build::release_bins(&ws)?;
     let bin_dir = ws.target_dir.join("release");
     // They share the kernel (bpffs pins, namespaces): run them one at a time.
-    exec(cargo().env("TERN_BIN_DIR", &bin_dir).args([
-        "test",
-        "-p",
-        "tern-tests",
-        // No doc tests: the run ends on the integration tests' own summary.
-        "--tests",
-        "--",
-        "--test-threads=1",
-    ]))?;
+    exec(
+        cargo()
+            .env("TERN_BIN_DIR", &bin_dir)
+            .env(skip::LOG_ENV, &skipped)
+            .args([
+                "test",
+                "-p",
+                "tern-lab",
+                "-p",
+                "tern-tests",
+                // No doc tests: the run ends on the integration tests' own summary.
+                "--tests",
+                "--",
+                "--test-threads=1",
+            ]),
+    )?;
     // The benchmark harness's smoke run: every scenario once, briefly; it
-    // checks the harness works and asserts no figure.
-    crate::bench::run(crate::bench::BenchArgs::quick())?;
+    // checks the harness works and asserts no figure. Setup and the release
+    // build are done above.
+    tern_bench::run(tern_bench::BenchArgs::quick())?;
+    report_skips(&skipped);
     eprintln!("all tests passed");
     Ok(())
+}
+
+/// Says how many tests did not run, and which, from the skip log.
+fn report_skips(log: &Path) {
+    let skipped = skip::read_log(log);
+    if !skipped.is_empty() {
+        eprintln!("{} test(s) skipped, they did not run:", skipped.len());
+        for line in &skipped {
+            eprintln!("  {line}");
+        }
+    }
 }

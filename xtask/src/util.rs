@@ -1,75 +1,12 @@
-//! Running commands and finding the workspace.
+//! Finding the workspace and its toolchain's commands (running them:
+//! [`tern_lab::host`]).
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{Context, Result, bail};
-
-/// Human-readable form of a command line, for logs and error messages.
-pub fn display(cmd: &Command) -> String {
-    let mut s = String::new();
-    for (k, v) in cmd.get_envs() {
-        if let Some(v) = v {
-            s.push_str(&format!("{}={} ", k.to_string_lossy(), v.to_string_lossy()));
-        }
-    }
-    let program = cmd.get_program();
-    if std::env::var_os("CARGO").as_deref() == Some(program) {
-        s.push_str("cargo"); // the toolchain's own cargo, see `cargo()`
-    } else {
-        s.push_str(&program.to_string_lossy());
-    }
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-/// Runs `cmd` with inherited stdio (output streams to the terminal) and fails
-/// when it does not exit with status 0.
-pub fn exec(cmd: &mut Command) -> Result<()> {
-    let line = display(cmd);
-    eprintln!("$ {line}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start `{line}`"))?;
-    if !status.success() {
-        bail!("`{line}` failed ({status})");
-    }
-    Ok(())
-}
-
-/// Runs `cmd` quietly and returns its stdout, or `None` when it cannot be
-/// started or fails. For probes ("is X there?").
-pub fn probe(cmd: &mut Command) -> Option<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `cmd` capturing stdout; fails with stderr in the message.
-pub fn output(cmd: &mut Command) -> Result<String> {
-    let line = display(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{line}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{line}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use anyhow::{Context, Result};
+use tern_lab::host::output;
 
 /// A `cargo` of the toolchain that runs xtask (stable), for workspace commands.
 pub fn cargo() -> Command {
@@ -89,10 +26,6 @@ pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask has a parent directory")
-}
-
-pub fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
 }
 
 /// What `cargo metadata --no-deps` says about the workspace.

@@ -15,15 +15,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sched::{CloneFlags, setns};
-
-fn is_root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        true
-    } else {
-        eprintln!("skipping podnet test: needs root (CAP_NET_ADMIN, ip netns)");
-        false
-    }
-}
+use tern_lab::skip::require_root;
 
 /// A named netns (`ip netns add`), deleted on drop (also when unwinding).
 struct Netns {
@@ -125,7 +117,7 @@ fn temp_peer_name_fits() {
 /// the thread that spawned it, not in the process's "main" netns.
 #[test]
 fn new_thread_inherits_creator_thread_netns() {
-    if !is_root() {
+    if !require_root("podnet::new_thread_inherits_creator_thread_netns") {
         return;
     }
     let host = Netns::new();
@@ -144,7 +136,7 @@ fn new_thread_inherits_creator_thread_netns() {
 
 #[test]
 fn create_check_delete_lifecycle() {
-    if !is_root() {
+    if !require_root("podnet::create_check_delete_lifecycle") {
         return;
     }
     let host = Netns::new();
@@ -262,7 +254,7 @@ fn create_check_delete_lifecycle() {
 
 #[test]
 fn delete_removes_pod_end_when_host_end_is_gone() {
-    if !is_root() {
+    if !require_root("podnet::delete_removes_pod_end_when_host_end_is_gone") {
         return;
     }
     let host = Netns::new();
@@ -279,7 +271,7 @@ fn delete_removes_pod_end_when_host_end_is_gone() {
 
 #[test]
 fn check_reports_differences() {
-    if !is_root() {
+    if !require_root("podnet::check_reports_differences") {
         return;
     }
     let host = Netns::new();
@@ -356,7 +348,7 @@ fn check_reports_differences() {
 
 #[test]
 fn missing_netns_fails_and_leaves_nothing() {
-    if !is_root() {
+    if !require_root("podnet::missing_netns_fails_and_leaves_nothing") {
         return;
     }
     let host = Netns::new();
@@ -394,7 +386,7 @@ fn missing_netns_fails_and_leaves_nothing() {
 
 #[test]
 fn failure_after_veth_creation_rolls_back() {
-    if !is_root() {
+    if !require_root("podnet::failure_after_veth_creation_rolls_back") {
         return;
     }
     let host = Netns::new();

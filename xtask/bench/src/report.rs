@@ -200,7 +200,7 @@ pub fn machine_facts() -> Machine {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .or_else(|| {
-            crate::util::probe(std::process::Command::new("uname").arg("-r"))
+            tern_lab::host::probe(std::process::Command::new("uname").arg("-r"))
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());

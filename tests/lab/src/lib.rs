@@ -1,9 +1,13 @@
-//! Root integration tests' support: network namespaces, the lab (a cluster
-//! made of namespaces running the real binaries) and real traffic.
+//! The lab: network namespaces, a cluster made of namespaces running the
+//! real binaries, and real traffic. The root integration tests (package
+//! tern-tests), the agent's tests, xtask and the benchmark build on it.
 
 pub mod apiserver;
+pub mod commands;
+pub mod host;
 pub mod lab;
 pub mod netns;
+pub mod skip;
 pub mod traffic;
 
 /// Runs each named case once per Service path, as two root tests in the
@@ -19,7 +23,7 @@ macro_rules! both_service_paths {
         mod $module {
             $(#[test]
             fn $name() -> anyhow::Result<()> {
-                if !$crate::netns::require_root(stringify!($name)) {
+                if !$crate::skip::require_root(stringify!($name)) {
                     return Ok(());
                 }
                 super::$name($arg)

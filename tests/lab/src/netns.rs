@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
+use crate::host::output;
+
 /// Where `ip netns add` puts its namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
 
@@ -76,17 +78,6 @@ pub fn unique_ifname(prefix: &str) -> String {
     format!("{prefix}{tail}")
 }
 
-/// Whether this process may run the root tests; prints why not when it may not.
-/// Use at the top of a root test: `if !netns::require_root("my_test") { return; }`.
-pub fn require_root(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        true
-    } else {
-        eprintln!("skipping {test}: needs root (network namespaces)");
-        false
-    }
-}
-
 /// A named network namespace at /run/netns/<name>, deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
@@ -109,7 +100,7 @@ impl Netns {
                 break name;
             }
         };
-        run_checked(Command::new("ip").args(["netns", "add", &name]))?;
+        output(Command::new("ip").args(["netns", "add", &name]))?;
         let path = Path::new(NETNS_DIR).join(&name);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -367,24 +358,10 @@ impl Drop for ChildGuard {
     }
 }
 
-fn run_checked(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::skip::require_root;
     use std::collections::HashSet;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
@@ -432,8 +409,7 @@ mod tests {
         assert!(links.contains("lo:") && links.contains("UP"), "{links}");
         drop(ns);
         assert!(!path.exists(), "{} still exists", path.display());
-        let list = run_checked(Command::new("ip").args(["netns", "list"]))?;
-        let list = String::from_utf8_lossy(&list.stdout);
+        let list = output(Command::new("ip").args(["netns", "list"]))?;
         assert!(
             !list
                 .lines()

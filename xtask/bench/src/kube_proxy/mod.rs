@@ -58,7 +58,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
-use tern_tests::netns::Netns;
+use tern_lab::netns::Netns;
 
 /// The nftables table kube-proxy's nftables mode owns (family `ip`).
 pub const NFT_TABLE: &str = "kube-proxy";
@@ -890,8 +890,9 @@ mod tests {
     use std::io;
     use std::net::{SocketAddr, TcpListener, UdpSocket};
     use std::time::{Duration, Instant};
-    use tern_tests::netns::{require_root, unique_ifname};
-    use tern_tests::traffic::{EchoServer, tcp_roundtrip, udp_roundtrip};
+    use tern_lab::netns::unique_ifname;
+    use tern_lab::skip::require_root;
+    use tern_lab::traffic::{EchoServer, tcp_roundtrip, udp_roundtrip};
 
     fn svc(
         name: &str,

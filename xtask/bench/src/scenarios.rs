@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use tern_tests::netns::Netns;
+use tern_lab::netns::Netns;
 
 use super::interrupt;
 use super::kube_proxy::{self, IptablesBackend, KpService, Proto};
@@ -741,9 +741,9 @@ pub fn cni(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     let group = "CNI";
     let baseline = "bridge + host-local";
     eprintln!("bench: {group}");
-    let lab = tern_tests::lab::Lab::new()?;
+    let lab = tern_lab::lab::Lab::new()?;
     let node = lab.node("cni", "10.244.64.0/22", Ipv4Addr::new(10, 0, 0, 11))?;
-    let data_dir = std::env::temp_dir().join(tern_tests::netns::unique_name("hl"));
+    let data_dir = std::env::temp_dir().join(tern_lab::netns::unique_name("hl"));
     let bridge_conf = json!({
         "cniVersion": "1.0.0", "name": "bench-bridge", "type": "bridge", "bridge": "cni-bench0",
         "isGateway": true, "ipMasq": false,
@@ -824,7 +824,7 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 /// ADD then DEL of `pods` pods with `binary` as the plugin, `parallel` at
 /// a time: each group's ADDs run together, then their DELs.
 fn cni_latencies(
-    node: &tern_tests::lab::LabNode,
+    node: &tern_lab::lab::LabNode,
     binary: &str,
     conf: &Value,
     pods: usize,
@@ -873,7 +873,7 @@ fn cni_latencies(
             .map(|i| {
                 Ok((
                     Netns::new(&format!("c{i}"))?,
-                    tern_tests::netns::unique_name("cni"),
+                    tern_lab::netns::unique_name("cni"),
                 ))
             })
             .collect::<Result<Vec<_>>>()?;

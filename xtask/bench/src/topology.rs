@@ -20,8 +20,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Result;
-use tern_tests::lab::{Lab, LabNode, Pod};
-use tern_tests::netns::Netns;
+use tern_lab::lab::{Lab, LabNode, Pod};
+use tern_lab::netns::Netns;
 
 pub const PLAIN_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const PLAIN_SERVER: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);

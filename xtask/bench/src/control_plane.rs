@@ -11,15 +11,15 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use serde_json::json;
 use tern_common::{Backend, ServiceKey, ServiceValue, maps as map_names};
-use tern_tests::apiserver::ApiServer;
-use tern_tests::lab::{Lab, LabNode};
-use tern_tests::netns::Netns;
+use tern_lab::apiserver::ApiServer;
+use tern_lab::lab::{Lab, LabNode};
+use tern_lab::netns::Netns;
 
 use super::kube_proxy::{self, IptablesBackend};
 use super::report::{Metric, ScenarioResult};
 use super::scenarios::{Profile, percentile, row};
 use super::topology::PLAIN_CLUSTER_CIDR;
-use crate::lab::{map_memlock_kib, rss_kib, scale_manifest};
+use tern_lab::commands::{map_memlock_kib, rss_kib, scale_manifest};
 
 const GROUP: &str = "control plane";
 /// The Service whose endpoint changes.

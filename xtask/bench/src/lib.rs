@@ -15,10 +15,11 @@ pub mod scenarios;
 pub mod tools;
 pub mod topology;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tern_lab::host::{apt, output, probe};
 
 use self::report::Results;
 use self::scenarios::Profile;
@@ -53,12 +54,13 @@ impl BenchArgs {
     }
 }
 
+/// A run: every scenario of the profile (or of `--only`), then results.json,
+/// results.md and the charts. Needs root and the release binaries of the
+/// workspace (`cargo xtask bench` builds them first).
 pub fn run(args: BenchArgs) -> Result<()> {
-    crate::setup::run()?;
     // The tools, kube-proxy's rule front ends, and a font for the charts.
-    crate::setup::apt(tools::PACKAGES)?;
-    crate::setup::apt(&["iptables", "nftables", "fonts-dejavu-core"])?;
-    crate::build::release_bins(&crate::util::Workspace::load()?)?;
+    apt(tools::PACKAGES)?;
+    apt(&["iptables", "nftables", "fonts-dejavu-core"])?;
     let profile = if args.quick {
         Profile::quick()
     } else {
@@ -66,19 +68,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let started = std::time::Instant::now();
     let mut results = Results {
-        date: crate::util::output(
-            std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
-        )?
-        .trim()
-        .to_owned(),
-        commit: crate::util::probe(std::process::Command::new("git").args([
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ]))
-        .unwrap_or_default()
-        .trim()
-        .to_owned(),
+        date: output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?
+            .trim()
+            .to_owned(),
+        commit: probe(std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]))
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
         command: format!(
             "cargo xtask bench{}",
             if args.quick { " --quick" } else { "" }
@@ -109,7 +105,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .extend(scenario(&profile).with_context(|| format!("scenario {key}"))?);
     }
     let out = args.out.unwrap_or_else(|| {
-        let root = crate::util::workspace_root();
+        let root = workspace_root();
         if args.quick {
             root.join("target/bench/quick")
         } else {
@@ -147,6 +143,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("{markdown}");
     println!("results, charts and raw JSON in {}", out.display());
     Ok(())
+}
+
+/// The workspace root: this crate is xtask/bench.
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("xtask/bench sits two levels below the workspace root")
 }
 
 fn write_charts(results: &Results, out: &std::path::Path) -> Result<()> {

@@ -29,7 +29,7 @@ pub struct Binaries {
 impl Binaries {
     /// `$TERN_BIN_DIR`, else the workspace's target/release, else target/debug.
     pub fn locate() -> Result<Binaries> {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let candidates: Vec<PathBuf> = match std::env::var_os("TERN_BIN_DIR") {
             Some(dir) => vec![PathBuf::from(dir)],
             None => vec![

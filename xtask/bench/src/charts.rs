@@ -7,7 +7,6 @@
 //! (the chart functions call it themselves).
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 
 use ab_glyph::{Font, FontRef, PxScale, ScaleFont, point};
@@ -16,9 +15,9 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
+use tern_lab::host;
 
 use super::report::{self, Results, ScenarioResult, fmt_num};
-use crate::util;
 
 /// The regular and bold faces, from Debian's fonts-dejavu-core.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -30,24 +29,7 @@ const FAMILY: &str = "sans-serif";
 /// fonts-dejavu-core with apt-get when [`FONT`] is missing (needs root).
 pub fn ensure_font() -> Result<()> {
     if !Path::new(FONT).exists() {
-        if !util::is_root() {
-            bail!(
-                "{FONT} is missing and only root can install it: \
-                 run `apt-get install fonts-dejavu-core`"
-            );
-        }
-        let apt = || {
-            let mut cmd = Command::new("apt-get");
-            cmd.env("DEBIAN_FRONTEND", "noninteractive");
-            cmd
-        };
-        util::exec(apt().arg("update"))?;
-        util::exec(apt().args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "fonts-dejavu-core",
-        ]))?;
+        host::apt(&["fonts-dejavu-core"])?;
         if !Path::new(FONT).exists() {
             bail!("fonts-dejavu-core is installed but {FONT} is still missing");
         }
@@ -719,7 +701,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::tests::sample;
+    use crate::report::tests::sample;
 
     fn assert_written(dir: &Path, stem: &str) {
         let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();

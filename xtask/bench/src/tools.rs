@@ -36,9 +36,9 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tern_tests::netns::{ChildGuard, Netns, unique_name};
+use tern_lab::netns::{ChildGuard, Netns, unique_name};
 
-use crate::util::display;
+use tern_lab::host::display;
 
 /// The Debian packages of the tools (installed with `setup::apt`).
 pub const PACKAGES: &[&str] = &["iperf3", "sockperf", "wrk", "nginx-light"];
@@ -767,7 +767,8 @@ pub fn parse_wrk(out: &str) -> Result<HttpRate> {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, SocketAddrV4};
-    use tern_tests::netns::{require_root, unique_ifname};
+    use tern_lab::netns::unique_ifname;
+    use tern_lab::skip::require_root;
 
     // Real outputs captured on this machine (iperf3 3.12, sockperf 3.7,
     // wrk 4.1.0), cut to the parts the parsers read.
@@ -986,7 +987,7 @@ Transfer/sec:      1.06MB
         if !require_root(test) {
             return false;
         }
-        crate::setup::apt(PACKAGES).expect("installing the benchmark tools");
+        tern_lab::host::apt(PACKAGES).expect("installing the benchmark tools");
         true
     }
 
