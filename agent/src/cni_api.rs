@@ -111,7 +111,14 @@ async fn serve_one(stream: UnixStream, handlers: Handlers) {
     if let Response::Error { message, .. } = &response {
         warn!("request failed: {message}");
     }
-    let mut bytes = serde_json::to_vec(&response).expect("responses always serialize");
+    let mut bytes = match serde_json::to_vec(&response) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // The client sees the connection close without an answer.
+            warn!("encoding a response failed: {e}");
+            return;
+        }
+    };
     bytes.push(b'\n');
     if let Err(e) = write.write_all(&bytes).await {
         warn!("writing a response failed: {e}");

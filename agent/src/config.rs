@@ -427,6 +427,7 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

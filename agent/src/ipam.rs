@@ -200,11 +200,13 @@ impl Ipam {
                 })
                 .collect(),
         };
-        let bytes = serde_json::to_vec_pretty(&state).expect("IPAM state always serializes");
-        write_atomically(&self.path, &bytes).map_err(|source| IpamError::Persist {
-            path: self.path.clone(),
-            source,
-        })
+        let bytes = serde_json::to_vec_pretty(&state).map_err(std::io::Error::other);
+        bytes
+            .and_then(|bytes| write_atomically(&self.path, &bytes))
+            .map_err(|source| IpamError::Persist {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
@@ -222,6 +224,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -5,6 +5,9 @@
 //! health, the mounts with where its configuration puts files, the init
 //! container's arguments with the real `tern install-cni` parser.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -4,6 +4,9 @@
 //! source's snapshot, and the datapath state compiled from it, equal what
 //! the final objects give when read directly.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::Ipv4Addr;
 use std::time::Duration;
 

@@ -2,6 +2,9 @@
 //! global allocator: the manifest source's per-file cache and the compiled
 //! state must stay small next to the maps they describe.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -13,6 +13,12 @@ use tern_podnet::{self as podnet, GATEWAY, PodInterfaceSpec, PodNetError};
 
 use crate::delegate::Delegate;
 
+/// 0.0.0.0/0, checked when compiled.
+const DEFAULT_ROUTE: Ipv4Network = match Ipv4Network::new_checked(Ipv4Addr::UNSPECIFIED, 0) {
+    Some(net) => net,
+    None => panic!("0.0.0.0/0 is a valid network"),
+};
+
 /// Plugin-specific error codes (the spec leaves 100 and up to plugins).
 pub mod codes {
     /// The agent answered but refused (e.g. PodCIDR exhausted).
@@ -232,13 +238,11 @@ impl<'a> Context<'a> {
         });
         let pod_if = result.interfaces.len() - 1;
         result.ips.push(IpConfig {
-            address: IpNetwork::V4(Ipv4Network::new(address, 32).expect("/32 is valid")),
+            address: IpNetwork::V4(Ipv4Network::from(address)),
             gateway: Some(IpAddr::V4(GATEWAY)),
             interface: Some(pod_if),
         });
-        let mut default = Route::new(IpNetwork::V4(
-            Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid"),
-        ));
+        let mut default = Route::new(IpNetwork::V4(DEFAULT_ROUTE));
         default.gw = Some(IpAddr::V4(GATEWAY));
         result.routes.push(default);
         result
@@ -396,6 +400,7 @@ fn pod_error(e: PodNetError) -> CniError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

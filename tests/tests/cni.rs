@@ -1,6 +1,9 @@
 //! tern-cni invoked exactly as a container runtime invokes it, against a
 //! real agent in a lab node namespace. Needs root.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::Ipv4Addr;
 use std::path::Path;
 

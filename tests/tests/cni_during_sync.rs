@@ -76,8 +76,8 @@ fn map_write_window(node: &LabNode) -> Result<(f64, f64)> {
     let log = std::fs::read_to_string(node.agent_log())?;
     let line = log
         .lines()
-        .filter(|l| l.contains("services synced") && l.contains(&format!("services={SERVICES}")))
-        .last()
+        .rev()
+        .find(|l| l.contains("services synced") && l.contains(&format!("services={SERVICES}")))
         .context("no 'services synced' line for the big snapshot in the agent log")?;
     let logged_at = line
         .split_whitespace()

@@ -2,6 +2,9 @@
 //! between namespaces. The node forwards nothing itself (ip_forward=0), so
 //! pod-to-pod traffic only works if from_pod redirects it. Needs root.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 use anyhow::Result;

@@ -3,6 +3,9 @@
 //! SNAT to the node with externalTrafficPolicy Cluster, the client's own
 //! address and local backends only with Local. Needs root.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Result;

@@ -2,6 +2,9 @@
 //! eBPF programs encapsulate) and native (routes via the nodes). Real
 //! agents on a lab underlay, real traffic. Needs root.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

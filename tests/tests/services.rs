@@ -3,6 +3,9 @@
 //! with socket-LB (the client's process is in the node's pods cgroup) and
 //! with the per-packet path only (`--socket-lb false`). Needs root.
 
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};

@@ -246,6 +246,7 @@ fn warn_if_not_on_path(path: &Path) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

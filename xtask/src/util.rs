@@ -23,9 +23,7 @@ pub fn rustup_proxy(name: &str) -> Command {
 
 pub fn workspace_root() -> &'static Path {
     // xtask/ sits directly under the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent directory")
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 /// What `cargo metadata --no-deps` says about the workspace.

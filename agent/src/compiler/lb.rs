@@ -406,6 +406,7 @@ fn maglev_table(algorithm: LbAlgorithm, backends: &[BackendAddr], size: u32) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::model::EndpointPort;

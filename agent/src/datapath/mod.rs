@@ -343,6 +343,7 @@ pub fn ensure_cgroup2(dir: &Path) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use aya_obj::generated::bpf_map_type;
     use tern_common::maps::{self, MapKind};

@@ -532,6 +532,7 @@ fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, String>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

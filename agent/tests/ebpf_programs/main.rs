@@ -4,12 +4,14 @@
 //! program and checks the frame it returns (every checksum recomputed) and
 //! the maps it left. A redirect is only a verdict here: nothing is sent.
 //!
-//! Loading needs root: without it a test says "skipped: needs root", and
-//! fails if CI is set.
+//! Loading needs root: without it a test is a counted, printed skip
+//! (`tern_lab::skip`), and fails if CI is set.
+
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod packet;
 
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -82,17 +84,8 @@ impl Drop for PinDir {
 impl Datapath {
     /// None (after saying so) when not root and CI is not set.
     fn load() -> Option<Datapath> {
-        if !nix::unistd::geteuid().is_root() {
-            let thread = std::thread::current();
-            let test = thread.name().unwrap_or("this test");
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test} needs root to load eBPF programs (CI is set: not skipped)"
-            );
-            // Straight to stderr (the test harness captures eprintln!), in
-            // one write.
-            let line = format!("{test}: skipped: needs root\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
+        let thread = std::thread::current();
+        if !tern_lab::skip::require_root(thread.name().unwrap_or("ebpf_programs")) {
             return None;
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);

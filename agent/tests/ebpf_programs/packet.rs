@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 // RFC 1071: 0 over data that includes a correct checksum.
-use tern_tests::traffic::internet_checksum as checksum;
+use tern_lab::traffic::internet_checksum as checksum;
 
 pub const ICMP: u8 = 1;
 pub const TCP: u8 = 6;

@@ -50,6 +50,7 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -541,4 +541,5 @@ pub fn format_mac(mac: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;

@@ -185,6 +185,7 @@ fn parse_args(raw: &str) -> Result<Vec<(String, String)>, CniError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -286,6 +286,7 @@ fn ip_of_family(o: &Obj, key: &str, v4: bool) -> Result<Option<IpAddr>, CniError
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::version::SUPPORTED_VERSIONS;

@@ -7,6 +7,9 @@
 //! Tests drive it: apply and delete objects, send bookmarks, close open
 //! watches, compact the history, make requests fail for a while.
 
+// Serves tests only: a broken invariant here is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

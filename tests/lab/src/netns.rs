@@ -53,14 +53,13 @@ fn base36(mut v: u32) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut out = Vec::new();
     loop {
-        out.push(DIGITS[(v % 36) as usize]);
+        out.push(char::from(DIGITS[(v % 36) as usize]));
         v /= 36;
         if v == 0 {
             break;
         }
     }
-    out.reverse();
-    String::from_utf8(out).expect("ascii")
+    out.iter().rev().collect()
 }
 
 /// A unique interface name of at most 15 bytes: `<prefix>-<pid>-<counter>`
@@ -359,6 +358,7 @@ impl Drop for ChildGuard {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::skip::require_root;

@@ -688,6 +688,7 @@ pub fn compare_markdown(old: &Results, new: &Results) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
 

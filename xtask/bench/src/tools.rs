@@ -764,6 +764,7 @@ pub fn parse_wrk(out: &str) -> Result<HttpRate> {
 // ---------------------------------------------------------------------------
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, SocketAddrV4};

@@ -211,6 +211,7 @@ fn merge_sorted<'a, K: Ord + Clone, T>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::compiler::lb::{self, NodeContext};

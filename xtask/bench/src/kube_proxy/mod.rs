@@ -884,6 +884,7 @@ fn offending_line<'a>(stderr: &str, input: &'a str) -> Option<&'a str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::names::{base32_prefix, sha256};
     use super::*;
