@@ -8,7 +8,7 @@
 FROM rust:1.95-slim-trixie AS build
 
 # The eBPF programs build with this nightly (-Z build-std=core needs its
-# rust-src), linked by bpf-linker against the same LLVM (TOOLCHAIN.md).
+# rust-src), linked by bpf-linker against the same LLVM (docs/toolchain.md).
 ARG NIGHTLY=nightly-2026-05-19
 ARG BPF_LINKER_VERSION=0.13.0
 RUN rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src

@@ -2,8 +2,8 @@
 //! installed only when missing. Prints one line per step: `ok ...` when it was
 //! already in place, `did ...` when this run changed something.
 //!
-//! See /work/shared/TOOLCHAIN.md (or the project's toolchain notes) for why
-//! bpf-linker is built against the nightly's own libLLVM.
+//! docs/toolchain.md says why bpf-linker is built against the nightly's own
+//! libLLVM.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! Network namespaces for the root integration tests and the lab.
 //!
-//! Safety rules (DESIGN.md, "The lab"):
+//! Safety rules (docs/lab.md):
 //! - nothing here ever touches the machine's root network namespace: every
 //!   command, thread and sysctl runs *inside* a namespace made by [`Netns::new`];
 //! - every object gets a unique name ([`unique_name`], [`unique_ifname`]);

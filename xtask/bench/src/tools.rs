@@ -5,7 +5,7 @@
 //! inside another, both entered with `setns` only ([`Netns::spawn`]; never
 //! `ip netns exec`), optionally pinned to a CPU with `taskset -c N`, and
 //! returns the tool's figures parsed into a struct. The rules that keep this
-//! safe (DESIGN.md, "The lab"):
+//! safe (docs/lab.md):
 //! - every process is started here and stopped by its own pid through a
 //!   [`ChildGuard`], also when a step fails;
 //! - a server is ready (its own socket listens on the port, read from
