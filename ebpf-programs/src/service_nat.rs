@@ -175,13 +175,16 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
         // this node, so the source becomes the node (port kept if free).
         let node = config().node_addr;
         to.saddr = if node != 0 { node } else { p.daddr };
+        let mut taken = ct::reply_taken(&CT, p.proto, &to);
         let mut tries = 0;
-        while ct::reply_taken(&CT, p.proto, &to) && tries < 8 {
+        while taken && tries < 8 {
             let port = 32768 + (unsafe { bpf_get_prandom_u32() } % 28232) as u16;
             to.sport = port.to_be();
+            taken = ct::reply_taken(&CT, p.proto, &to);
             tries += 1;
         }
-        if tries == 8 {
+        // Dropped only when the last port tried is taken too.
+        if taken {
             count(Reason::CtFull);
             return Outcome::Verdict(TC_ACT_SHOT);
         }
