@@ -127,8 +127,8 @@ impl<'a> Context<'a> {
                 "",
             ));
         }
-        let (address, ipam_result, agent_mtu) = self.add_address(&attachment)?;
-        let mtu = self.conf.mtu.or(agent_mtu).unwrap_or(1500);
+        let (address, ipam_result, node_mtu) = self.add_address(&attachment)?;
+        let mtu = self.conf.mtu.unwrap_or(node_mtu);
         let netns = self.env.netns.clone().unwrap_or_default();
         let spec = PodInterfaceSpec {
             netns: &netns,
@@ -165,16 +165,19 @@ impl<'a> Context<'a> {
     fn add_address(
         &self,
         attachment: &Attachment,
-    ) -> Result<(Ipv4Addr, Option<CniResult>, Option<u32>), CniError> {
+    ) -> Result<(Ipv4Addr, Option<CniResult>, u32), CniError> {
         match self.delegate() {
             Some(delegate) => {
+                // The pod's MTU is the node's whichever IPAM gives the
+                // address (asked first, so a failure leaks no lease).
+                let mtu = self.node_mtu()?;
                 let result = delegate.add()?;
                 let ip = result.ips.iter().find_map(|ip| match ip.address {
                     IpNetwork::V4(net) => Some(net.ip()),
                     IpNetwork::V6(_) => None,
                 });
                 match ip {
-                    Some(ip) => Ok((ip, Some(result), None)),
+                    Some(ip) => Ok((ip, Some(result), mtu)),
                     None => {
                         let _ = delegate.del();
                         Err(CniError::invalid_config(format!(
@@ -187,7 +190,7 @@ impl<'a> Context<'a> {
             None => match self.agent(&Request::Allocate {
                 attachment: attachment.clone(),
             })? {
-                Response::Allocated { ip, mtu, .. } => Ok((ip, None, Some(mtu))),
+                Response::Allocated { ip, mtu, .. } => Ok((ip, None, mtu)),
                 other => Err(unexpected(other)),
             },
         }
@@ -294,13 +297,18 @@ impl<'a> Context<'a> {
             .find(|i| Some(&i.name) == self.env.ifname.as_ref())
             .and_then(|i| i.mtu);
         let host_ifname = self.host_ifname();
-        let current_mtu = self.conf.mtu.or(mtu);
+        // What ADD configured: the netconf's MTU, else the node's. Only
+        // 1.1.0 results carry it in prevResult.
+        let expected_mtu = match self.conf.mtu.or(mtu) {
+            Some(mtu) => mtu,
+            None => self.node_mtu()?,
+        };
         let spec = PodInterfaceSpec {
             netns: &netns,
             ifname: &attachment.ifname,
             host_ifname: &host_ifname,
             address,
-            mtu: current_mtu.unwrap_or(0),
+            mtu: expected_mtu,
         };
         podnet::check(&spec).map_err(pod_error)?;
         match self.agent(&Request::ListEndpoints)? {
@@ -324,7 +332,27 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// The MTU the agent gives this node's pods.
+    fn node_mtu(&self) -> Result<u32, CniError> {
+        match self.agent(&Request::Status)? {
+            Response::Status(status) => Ok(status.mtu),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// STATUS and GC exist from cniVersion 1.1.0 on.
+    fn require_status_gc(&self, command: &str) -> Result<(), CniError> {
+        if tern_cni_spec::supports_status_gc(&self.conf.cni_version) {
+            return Ok(());
+        }
+        Err(CniError::incompatible_version(format!(
+            "{command} needs cniVersion 1.1.0 or later, got {}",
+            self.conf.cni_version
+        )))
+    }
+
     fn status(&self) -> Result<(), CniError> {
+        self.require_status_gc("STATUS")?;
         match self.agent(&Request::Status) {
             Ok(Response::Status(status)) if status.ready => Ok(()),
             Ok(Response::Status(status)) => Err(CniError::plugin_unavailable(format!(
@@ -337,6 +365,7 @@ impl<'a> Context<'a> {
     }
 
     fn gc(&self) -> Result<(), CniError> {
+        self.require_status_gc("GC")?;
         let valid: Vec<Attachment> = self
             .conf
             .valid_attachments

@@ -38,6 +38,14 @@ fn host_veths(node: &LabNode) -> Vec<String> {
         .collect()
 }
 
+/// The MTU of the pod's eth0.
+fn pod_mtu(ns: &Netns) -> Option<u64> {
+    let link = ns.sh("ip -o link show dev eth0").ok()?;
+    let mut words = link.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
 fn pod_addrs(ns: &Netns) -> String {
     ns.sh("ip -4 -o addr show dev eth0").unwrap_or_default()
 }
@@ -464,6 +472,13 @@ fn delegated_host_local_ipam() -> Result<()> {
     assert_eq!(ip.octets()[..3], [10, 250, 0], "{r}");
     assert!(pod_addrs(&ns).contains(&format!("{ip}/32")));
     assert_eq!(allocated(&node), 0, "the agent's IPAM was not used");
+    // The node's MTU (the overlay's in the lab), whichever IPAM is used.
+    let node_mtu = node.agent_request(&json!({"op": "status"}))?["mtu"].clone();
+    assert_eq!(
+        pod_mtu(&ns),
+        node_mtu.as_u64(),
+        "pod MTU with delegated IPAM"
+    );
     let lease = data_dir.join("tern-lab").join(ip.to_string());
     assert!(lease.exists(), "host-local lease {lease:?} missing");
     let out = node.invoke_cni(&env("DEL"), conf.to_string().as_bytes())?;
@@ -560,5 +575,67 @@ fn pod_cidr_comes_from_the_node_object() -> Result<()> {
     );
     assert!(status["last_sync_age_s"].as_u64().is_some(), "{status}");
     assert!(node.tern(&["status"])?.contains("manifests "));
+    Ok(())
+}
+
+/// CHECK compares against what ADD configured at every version that has
+/// CHECK, also when the netconf names no MTU and prevResult (before 1.1.0)
+/// carries none.
+#[test]
+fn check_passes_after_add_at_every_version_without_an_mtu_in_the_netconf() -> Result<()> {
+    if !require_root("check_passes_after_add_at_every_version") {
+        return Ok(());
+    }
+    let (_lab, node) = lab_node("10.244.41.0/24")?;
+    for version in ["0.4.0", "1.0.0", "1.1.0"] {
+        let ns = Netns::new("cv")?;
+        let id = unique_name("cv");
+        let added = node.cni("ADD", &id, ns.path(), version)?.success_json()?;
+        let mut conf = node.netconf(version);
+        assert!(conf.get("mtu").is_none());
+        conf["prevResult"] = added;
+        let netns = ns.path().display().to_string();
+        let env = |cmd| {
+            [
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", id.as_str()),
+                ("CNI_NETNS", netns.as_str()),
+                ("CNI_IFNAME", "eth0"),
+            ]
+        };
+        let check = node.invoke_cni(&env("CHECK"), conf.to_string().as_bytes())?;
+        assert_eq!(check.code, Some(0), "CHECK at {version}: {check:?}");
+        let del = node.invoke_cni(&env("DEL"), conf.to_string().as_bytes())?;
+        assert_eq!(del.code, Some(0), "DEL at {version}: {del:?}");
+    }
+    Ok(())
+}
+
+/// STATUS and GC arrived in 1.1.0: an older netconf gets the spec's
+/// incompatible-version error, and a refused GC releases nothing.
+#[test]
+fn status_and_gc_are_refused_before_cni_version_1_1_0() -> Result<()> {
+    if !require_root("status_and_gc_are_refused_before_1_1_0") {
+        return Ok(());
+    }
+    let (_lab, node) = lab_node("10.244.42.0/24")?;
+    let pod = node.add_pod("g")?;
+    for version in ["0.4.0", "1.0.0"] {
+        let status = node.invoke_cni(
+            &[("CNI_COMMAND", "STATUS")],
+            node.netconf(version).to_string().as_bytes(),
+        )?;
+        assert_eq!(status.error_code()?, 1, "STATUS at {version}: {status:?}");
+        let mut conf = node.netconf(version);
+        conf["cni.dev/valid-attachments"] = json!([]);
+        let gc = node.invoke_cni(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes())?;
+        assert_eq!(gc.error_code()?, 1, "GC at {version}: {gc:?}");
+        assert_eq!(allocated(&node), 1, "a refused GC released {:?}", pod.ip);
+    }
+    let status = node.invoke_cni(
+        &[("CNI_COMMAND", "STATUS")],
+        node.netconf("1.1.0").to_string().as_bytes(),
+    )?;
+    assert_eq!(status.code, Some(0), "STATUS at 1.1.0: {status:?}");
     Ok(())
 }
