@@ -1,12 +1,14 @@
 //! Running a delegated IPAM plugin (e.g. host-local) from CNI_PATH, the way
 //! every CNI plugin does: same environment, the network config on stdin.
+//! It is spoken to at the newest version both understand (its VERSION
+//! answer), and asked only for the commands that version defines.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use tern_cni_spec::{CniError, CniResult};
+use tern_cni_spec::{CniError, CniResult, supports_check, supports_status_gc};
 
 pub struct Delegate<'a> {
     pub plugin_type: &'a str,
@@ -42,9 +44,46 @@ impl Delegate<'_> {
             })
     }
 
-    /// Runs the plugin with `command`; returns its stdout on success and
-    /// its own error object (code and message kept) on failure.
-    fn run(&self, command: &str) -> Result<Vec<u8>, CniError> {
+    /// The version to speak to the plugin: the newest it supports that is
+    /// not newer than the network configuration's.
+    fn negotiate(&self) -> Result<String, CniError> {
+        let request = serde_json::json!({"cniVersion": self.cni_version}).to_string();
+        let stdout = self.exec("VERSION", request.as_bytes())?;
+        let supported: Vec<String> = serde_json::from_slice::<Value>(&stdout)
+            .ok()
+            .and_then(|v| serde_json::from_value(v.get("supportedVersions")?.clone()).ok())
+            .ok_or_else(|| {
+                CniError::decode_failure(format!(
+                    "ipam plugin {} gave no supportedVersions to VERSION",
+                    self.plugin_type
+                ))
+            })?;
+        match tern_cni_spec::highest_common(self.cni_version, &supported) {
+            Some(version) => Ok(version.to_owned()),
+            None => Err(CniError::incompatible_version(format!(
+                "ipam plugin {} supports cniVersion {}, none of them at or below this network configuration's {}",
+                self.plugin_type,
+                supported.join(", "),
+                self.cni_version
+            ))),
+        }
+    }
+
+    /// Runs `command` at `version` (the network configuration's cniVersion
+    /// rewritten to it when they differ).
+    fn run_at(&self, command: &str, version: &str) -> Result<Vec<u8>, CniError> {
+        if version == self.cni_version {
+            return self.exec(command, self.netconf);
+        }
+        let mut conf: Value = serde_json::from_slice(self.netconf)
+            .map_err(|e| CniError::decode_failure(format!("network configuration: {e}")))?;
+        conf["cniVersion"] = Value::from(version);
+        self.exec(command, conf.to_string().as_bytes())
+    }
+
+    /// Runs the plugin with `command` and `stdin`; returns its stdout on
+    /// success and its own error object (code and message kept) on failure.
+    fn exec(&self, command: &str, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
         let binary = self.find()?;
         let mut child = Command::new(&binary)
             .env("CNI_COMMAND", command)
@@ -53,9 +92,9 @@ impl Delegate<'_> {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| CniError::io_failure(format!("cannot run {}: {e}", binary.display())))?;
-        if let Some(mut stdin) = child.stdin.take() {
+        if let Some(mut pipe) = child.stdin.take() {
             // A plugin that exits without reading stdin is not our error.
-            let _ = stdin.write_all(self.netconf);
+            let _ = pipe.write_all(stdin);
         }
         let output = child
             .wait_with_output()
@@ -67,7 +106,8 @@ impl Delegate<'_> {
     }
 
     pub fn add(&self) -> Result<CniResult, CniError> {
-        let stdout = self.run("ADD")?;
+        let version = self.negotiate()?;
+        let stdout = self.run_at("ADD", &version)?;
         let value: Value = serde_json::from_slice(&stdout).map_err(|e| {
             CniError::decode_failure(format!(
                 "ipam plugin {} printed no valid result",
@@ -78,17 +118,37 @@ impl Delegate<'_> {
         let version = value
             .get("cniVersion")
             .and_then(Value::as_str)
-            .unwrap_or(self.cni_version)
+            .unwrap_or(&version)
             .to_owned();
         CniResult::from_json(&version, &value)
     }
 
     pub fn del(&self) -> Result<(), CniError> {
-        self.run("DEL").map(drop)
+        let version = self.negotiate()?;
+        self.run_at("DEL", &version).map(drop)
     }
 
+    /// CHECK, when the version spoken has it (0.4.0 on).
+    pub fn check(&self) -> Result<(), CniError> {
+        self.run_if("CHECK", supports_check)
+    }
+
+    /// STATUS, when the version spoken has it (1.1.0 on).
+    pub fn status(&self) -> Result<(), CniError> {
+        self.run_if("STATUS", supports_status_gc)
+    }
+
+    /// GC, when the version spoken has it (1.1.0 on).
     pub fn gc(&self) -> Result<(), CniError> {
-        self.run("GC").map(drop)
+        self.run_if("GC", supports_status_gc)
+    }
+
+    fn run_if(&self, command: &str, defined_at: fn(&str) -> bool) -> Result<(), CniError> {
+        let version = self.negotiate()?;
+        if !defined_at(&version) {
+            return Ok(());
+        }
+        self.run_at(command, &version).map(drop)
     }
 }
 

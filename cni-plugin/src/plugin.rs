@@ -311,11 +311,26 @@ impl<'a> Context<'a> {
             mtu: expected_mtu,
         };
         podnet::check(&spec).map_err(pod_error)?;
+        self.check_endpoint(&attachment, address, &host_ifname)?;
+        // The spec has a plugin that delegates IPAM delegate CHECK too.
+        match self.delegate() {
+            Some(delegate) => delegate.check(),
+            None => Ok(()),
+        }
+    }
+
+    /// The agent holds the pod at `address` with the datapath attached.
+    fn check_endpoint(
+        &self,
+        attachment: &Attachment,
+        address: Ipv4Addr,
+        host_ifname: &str,
+    ) -> Result<(), CniError> {
         match self.agent(&Request::ListEndpoints)? {
             Response::Endpoints { endpoints } => {
                 let found = endpoints
                     .iter()
-                    .find(|s| s.endpoint.attachment == attachment);
+                    .find(|s| s.endpoint.attachment == *attachment);
                 match found {
                     Some(s) if s.attached && s.endpoint.ip == address => Ok(()),
                     Some(s) if !s.attached => Err(check_failed(format!(
@@ -354,7 +369,11 @@ impl<'a> Context<'a> {
     fn status(&self) -> Result<(), CniError> {
         self.require_status_gc("STATUS")?;
         match self.agent(&Request::Status) {
-            Ok(Response::Status(status)) if status.ready => Ok(()),
+            // The delegated IPAM plugin must be able to serve too.
+            Ok(Response::Status(status)) if status.ready => match self.delegate() {
+                Some(delegate) => delegate.status(),
+                None => Ok(()),
+            },
             Ok(Response::Status(status)) => Err(CniError::plugin_unavailable(format!(
                 "tern-agent cannot serve pods yet: {}",
                 status.reason.unwrap_or_else(|| "not ready".into())

@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tern_lab::lab::{Lab, LabNode, NODES_MANIFEST, nodes_manifest, pod_ip};
 use tern_lab::netns::{Netns, unique_name};
@@ -637,5 +637,92 @@ fn status_and_gc_are_refused_before_cni_version_1_1_0() -> Result<()> {
         node.netconf("1.1.0").to_string().as_bytes(),
     )?;
     assert_eq!(status.code, Some(0), "STATUS at 1.1.0: {status:?}");
+    Ok(())
+}
+
+/// A netconf at 1.1.0 with host-local (which speaks up to 1.0.0): the
+/// plugin speaks 1.0.0 to it, and delegates CHECK (so a lost lease fails
+/// CHECK).
+#[test]
+fn delegated_ipam_is_spoken_to_at_a_common_version_and_asked_to_check() -> Result<()> {
+    if !require_root("delegated_ipam_common_version_and_check") {
+        return Ok(());
+    }
+    assert!(
+        Path::new("/usr/lib/cni/host-local").is_file(),
+        "/usr/lib/cni/host-local missing: run `cargo xtask setup` (containernetworking-plugins)"
+    );
+    let (_lab, node) = lab_node("10.244.43.0/24")?;
+    let data_dir = std::env::temp_dir().join(unique_name("hl11"));
+    let mut conf = node.netconf("1.1.0");
+    conf["ipam"] = json!({"type": "host-local", "subnet": "10.251.0.0/24", "dataDir": data_dir});
+    let ns = Netns::new("hl11")?;
+    let id = unique_name("hl11");
+    let netns = ns.path().display().to_string();
+    let env = |cmd| {
+        [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", id.as_str()),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ]
+    };
+    let added = node
+        .invoke_cni(&env("ADD"), conf.to_string().as_bytes())?
+        .success_json()
+        .context("ADD at 1.1.0 with host-local")?;
+    assert_eq!(added["cniVersion"], "1.1.0", "{added}");
+    let ip = pod_ip(&added)?;
+    assert_eq!(ip.octets()[..3], [10, 251, 0], "{added}");
+    conf["prevResult"] = added;
+    let check = node.invoke_cni(&env("CHECK"), conf.to_string().as_bytes())?;
+    assert_eq!(check.code, Some(0), "CHECK: {check:?}");
+    // host-local forgets the lease: its CHECK fails, so ours must.
+    let lease = data_dir.join("tern-lab").join(ip.to_string());
+    std::fs::remove_file(&lease).with_context(|| format!("removing {lease:?}"))?;
+    let check = node.invoke_cni(&env("CHECK"), conf.to_string().as_bytes())?;
+    assert!(
+        check.code != Some(0),
+        "CHECK passed without the lease: {check:?}"
+    );
+    assert!(check.stdout.contains("host-local"), "{check:?}");
+    let del = node.invoke_cni(&env("DEL"), conf.to_string().as_bytes())?;
+    assert_eq!(del.code, Some(0), "DEL: {del:?}");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    Ok(())
+}
+
+/// STATUS asks a delegated IPAM plugin that speaks 1.1.0 too, and fails
+/// with its error. (No installed IPAM plugin speaks 1.1.0, so this one is a
+/// script that answers VERSION and STATUS as the spec defines them.)
+#[test]
+fn status_is_delegated_to_an_ipam_plugin_that_has_it() -> Result<()> {
+    if !require_root("status_is_delegated") {
+        return Ok(());
+    }
+    let (_lab, node) = lab_node("10.244.44.0/24")?;
+    let dir = std::env::temp_dir().join(unique_name("ipam"));
+    std::fs::create_dir_all(&dir)?;
+    let plugin = dir.join("offline-ipam");
+    std::fs::write(
+        &plugin,
+        "#!/bin/sh\ncat >/dev/null\ncase \"$CNI_COMMAND\" in\n\
+         VERSION) echo '{\"cniVersion\":\"1.1.0\",\"supportedVersions\":[\"1.0.0\",\"1.1.0\"]}' ;;\n\
+         STATUS) echo '{\"cniVersion\":\"1.1.0\",\"code\":50,\"msg\":\"address pool offline\"}'; exit 1 ;;\n\
+         *) echo '{\"cniVersion\":\"1.1.0\",\"code\":4,\"msg\":\"not in this test\"}'; exit 1 ;;\n\
+         esac\n",
+    )?;
+    std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let mut conf = node.netconf("1.1.0");
+    conf["ipam"] = json!({"type": "offline-ipam"});
+    let path = dir.display().to_string();
+    let status = node.invoke_cni(
+        &[("CNI_COMMAND", "STATUS"), ("CNI_PATH", path.as_str())],
+        conf.to_string().as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status.error_code()?, 50, "{status:?}");
+    assert!(status.stdout.contains("address pool offline"), "{status:?}");
     Ok(())
 }

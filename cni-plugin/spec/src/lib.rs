@@ -17,6 +17,6 @@ pub use error::CniError;
 pub use netconf::{IpamConf, NetConf, requested_version};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{
-    LATEST_VERSION, SUPPORTED_VERSIONS, is_supported, supports_check, supports_status_gc,
-    version_json,
+    LATEST_VERSION, SUPPORTED_VERSIONS, highest_common, is_supported, supports_check,
+    supports_status_gc, version_json,
 };

@@ -43,6 +43,17 @@ pub(crate) fn unsupported(v: &str) -> CniError {
     ))
 }
 
+/// The newest of `theirs` (another plugin's supportedVersions) that is not
+/// newer than `ours`: the version to speak to that plugin.
+pub fn highest_common<'a>(ours: &str, theirs: &'a [String]) -> Option<&'a str> {
+    let ours = parse(ours)?;
+    theirs
+        .iter()
+        .filter_map(|v| parse(v).filter(|t| *t <= ours).map(|t| (t, v.as_str())))
+        .max()
+        .map(|(_, v)| v)
+}
+
 /// Whether `v` parses as MAJOR.MINOR.PATCH and is >= `min`.
 pub(crate) fn at_least(v: &str, min: (u64, u64, u64)) -> bool {
     parse(v).is_some_and(|t| t >= min)
@@ -59,6 +70,15 @@ fn parse(v: &str) -> Option<(u64, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn highest_common_version_is_the_newest_not_above_ours() {
+        let theirs: Vec<String> = ["0.3.1", "0.4.0", "1.0.0"].map(String::from).to_vec();
+        assert_eq!(highest_common("1.1.0", &theirs), Some("1.0.0"));
+        assert_eq!(highest_common("0.4.0", &theirs), Some("0.4.0"));
+        assert_eq!(highest_common("0.3.0", &theirs), None);
+        assert_eq!(highest_common("garbage", &theirs), None);
+    }
 
     #[test]
     fn supported_set() {
