@@ -29,6 +29,8 @@ pub mod codes {
     pub const CHECK_FAILED: u32 = 102;
     /// A netlink operation failed.
     pub const NETLINK: u32 = 103;
+    /// The pod already has a Tern interface under another CNI_IFNAME.
+    pub const SECOND_INTERFACE: u32 = 104;
 }
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -443,6 +445,9 @@ fn pod_error(e: PodNetError) -> CniError {
             "",
         ),
         PodNetError::Check(msg) => check_failed(msg),
+        e @ PodNetError::SecondInterface(_) => {
+            CniError::new(codes::SECOND_INTERFACE, e.to_string(), "")
+        }
         other => netlink_error(other),
     }
 }

@@ -726,3 +726,40 @@ fn status_is_delegated_to_an_ipam_plugin_that_has_it() -> Result<()> {
     assert!(status.stdout.contains("address pool offline"), "{status:?}");
     Ok(())
 }
+
+/// A second CNI_IFNAME for a pod Tern already wired (as multi-network
+/// runtimes ask) is refused with a clear error before anything is made;
+/// the first interface and the address count are untouched.
+#[test]
+fn a_second_interface_in_the_same_pod_is_refused_clearly() -> Result<()> {
+    if !require_root("a_second_interface_is_refused") {
+        return Ok(());
+    }
+    let (_lab, node) = lab_node("10.244.45.0/24")?;
+    let pod = node.add_pod("two")?;
+    let conf = node.netconf("1.1.0");
+    let netns = pod.ns.path().display().to_string();
+    let second = node.invoke_cni(
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", pod.container_id.as_str()),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "net1"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ],
+        conf.to_string().as_bytes(),
+    )?;
+    assert_eq!(second.error_code()?, 104, "{second:?}");
+    assert!(
+        second.stdout.contains("one interface per pod") && second.stdout.contains("eth0"),
+        "{second:?}"
+    );
+    assert_eq!(allocated(&node), 1, "the refused ADD kept an address");
+    assert_eq!(host_veths(&node).len(), 1, "{:?}", host_veths(&node));
+    assert!(pod_addrs(&pod.ns).contains(&format!("{}/32", pod.ip)));
+    assert!(
+        pod.ns.sh("ip -o link show dev net1").is_err(),
+        "net1 was made"
+    );
+    Ok(())
+}

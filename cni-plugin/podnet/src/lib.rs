@@ -89,6 +89,12 @@ pub enum PodNetError {
     /// CNI_IFNAME already exists in the pod, or host_ifname on the host.
     #[error("interface {0} already exists")]
     InterfaceExists(String),
+    /// The pod netns already has a Tern interface (named): one per pod,
+    /// since both would need the same gateway and default route.
+    #[error(
+        "the pod network namespace already has a Tern interface ({0}); Tern serves one interface per pod, attach further networks with another plugin"
+    )]
+    SecondInterface(String),
     /// [`check`] found a difference from the expected state.
     #[error("check failed: {0}")]
     Check(String),
@@ -102,6 +108,37 @@ type Result<T, E = PodNetError> = std::result::Result<T, E>;
 /// Builds a [`PodNetError::Netlink`] mapper carrying `what` as context.
 fn nl<E: Display>(what: impl Display) -> impl FnOnce(E) -> PodNetError {
     move |e| PodNetError::Netlink(format!("{what}: {e}"))
+}
+
+/// The name of the interface Tern's gateway route uses in this netns, if
+/// an earlier ADD wired one.
+async fn tern_interface(h: &rtnetlink::Handle) -> Result<Option<String>> {
+    let routes = dump_main_v4_routes(h).await?;
+    let Some(index) = routes
+        .iter()
+        .filter(|r| r.header.destination_prefix_length == 32 && route_dst(r) == Some(GATEWAY))
+        .find_map(route_oif)
+    else {
+        return Ok(None);
+    };
+    let link = h
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten();
+    let name = link
+        .and_then(|l| {
+            l.attributes.into_iter().find_map(|a| match a {
+                rtnetlink::packet_route::link::LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            })
+        })
+        .unwrap_or_else(|| format!("ifindex {index}"));
+    Ok(Some(name))
 }
 
 /// Creates the veth pair and configures both ends as described in the
@@ -127,6 +164,9 @@ pub fn create(spec: &PodInterfaceSpec) -> Result<PodInterface> {
             .is_some()
         {
             return Err(PodNetError::InterfaceExists(spec.ifname.to_string()));
+        }
+        if let Some(existing) = tern_interface(&h).await? {
+            return Err(PodNetError::SecondInterface(existing));
         }
         if get_link(&h, tmp)
             .await
