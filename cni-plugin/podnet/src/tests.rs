@@ -219,13 +219,25 @@ fn create_check_delete_lifecycle() {
         "{err:?}"
     );
     assert!(!host.run(|| host_link_exists("ternpn1")).unwrap());
-    let other_pod_if = spec(&pod_path, "eth1", "ternpn0");
-    let err = host.run(|| create(&other_pod_if)).unwrap_err();
+    // A taken host name, for another pod.
+    let other_pod = Netns::new();
+    let other_pod_path = other_pod.path();
+    let taken_host = spec(&other_pod_path, "eth0", "ternpn0");
+    let err = host.run(|| create(&taken_host)).unwrap_err();
     assert!(
         matches!(&err, PodNetError::InterfaceExists(n) if n == "ternpn0"),
         "{err:?}"
     );
+    assert!(!other_pod.try_ip("link show eth0").0);
+    // A second interface in a pod Tern already wired: refused, nothing made.
+    let other_pod_if = spec(&pod_path, "eth1", "ternpn2");
+    let err = host.run(|| create(&other_pod_if)).unwrap_err();
+    assert!(
+        matches!(&err, PodNetError::SecondInterface(n) if n == "eth0"),
+        "{err:?}"
+    );
     assert!(!pod.try_ip("link show eth1").0);
+    assert!(!host.run(|| host_link_exists("ternpn2")).unwrap());
     assert_eq!(host.run(|| check(&s)).expect("check still ok"), pi);
 
     // Delete, twice.
