@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod arp;
 mod ct;
 mod lb;
 mod maps;

@@ -21,13 +21,16 @@ use tern_common::{EndpointInfo, Reason};
 use crate::maps::{ENDPOINTS, TUNNEL, config, count};
 use crate::packet::{IP_CHECK, L3, Packet, ifindex, parse};
 use crate::service_nat::{self, Outcome};
-use crate::{masq, overlay};
+use crate::{arp, masq, overlay};
 
 const IPV4_TTL: usize = L3 + 8;
 const AF_INET: u8 = 2;
 
 pub fn from_pod(ctx: &TcContext) -> i32 {
     let Some(mut p) = parse(ctx) else {
+        if let Some(verdict) = arp::answer_gateway(ctx) {
+            return verdict;
+        }
         count(Reason::NotIpv4);
         return TC_ACT_OK;
     };

@@ -29,7 +29,14 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "fonts-dejavu-core",
+    // libcni (Debian's Go sources of containernetworking/cni) and a Go
+    // compiler: tests/libcni, the runtimes' conflist chaining for the tests.
+    "golang-go",
+    "golang-github-appc-cni-dev",
 ];
+
+/// Debian's GOPATH with libcni's sources (golang-github-appc-cni-dev).
+const GOCODE: &str = "/usr/share/gocode";
 
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -39,6 +46,26 @@ pub fn run() -> Result<()> {
     bpffs()?;
     nightly()?;
     bpf_linker()?;
+    libcni_runner()?;
+    Ok(())
+}
+
+/// Builds tests/libcni (offline: GOPATH mode against Debian's sources)
+/// into target/tools, where `tern_lab::libcni` looks for it.
+fn libcni_runner() -> Result<()> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tern_lab::libcni::runner_path();
+    exec(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(workspace.join("tests/libcni"))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", GOCODE)
+            .env("GOFLAGS", ""),
+    )?;
+    println!("did  build {}", out.display());
     Ok(())
 }
 

@@ -27,8 +27,8 @@ use tern_common::{
 };
 
 use packet::{
-    ACK, ICMP, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_PORT_UNREACHABLE,
-    Packet, RST, SYN, TCP, UDP,
+    ACK, ARP_REPLY, ARP_REQUEST, ICMP, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+    ICMP_PORT_UNREACHABLE, Packet, RST, SYN, TCP, UDP,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -571,4 +571,57 @@ fn traffic_to_other_nodes_pods_goes_into_the_overlay() {
     );
     assert_eq!(dp.run(programs::TO_OVERLAY, &nowhere).0, TC_ACT_SHOT);
     dp.assert_counts(&[(Reason::EncapOverlay, 2)]);
+}
+
+/// The pod's ARP request for its gateway is answered from the host veth's
+/// MAC, back out of the device it came in on; requests for anything else,
+/// from another pod's address, or replies are left to the kernel.
+#[test]
+fn the_gateway_answers_its_pods_arp() {
+    let Some(mut dp) = Datapath::load() else {
+        return;
+    };
+    let gateway = Ipv4Addr::from(tern_common::POD_GATEWAY);
+    // The pod behind the device the test run uses; BACKEND is elsewhere.
+    let pod = LocalPod {
+        ifindex: TEST_RUN_IFINDEX,
+        ..CLIENT
+    };
+    dp.add_endpoint(&pod);
+    dp.add_endpoint(&BACKEND);
+    let new_mac = [0xc2, 0, 0, 0, 0, 0x42];
+
+    let request = packet::arp(ARP_REQUEST, new_mac, pod.ip, [0; 6], gateway);
+    let (verdict, out) = dp.run(programs::FROM_POD, &request);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        packet::arp(ARP_REPLY, pod.host_mac, gateway, new_mac, pod.ip)
+    );
+
+    let unanswered = [
+        packet::arp(
+            ARP_REQUEST,
+            new_mac,
+            pod.ip,
+            [0; 6],
+            Ipv4Addr::new(10, 244, 0, 1),
+        ),
+        packet::arp(ARP_REQUEST, new_mac, BACKEND.ip, [0; 6], gateway),
+        packet::arp(
+            ARP_REQUEST,
+            new_mac,
+            Ipv4Addr::new(10, 244, 0, 99),
+            [0; 6],
+            gateway,
+        ),
+        packet::arp(ARP_REPLY, new_mac, pod.ip, pod.host_mac, gateway),
+    ];
+    for frame in &unanswered {
+        assert_eq!(
+            dp.run(programs::FROM_POD, frame),
+            (TC_ACT_OK, frame.clone())
+        );
+    }
+    dp.assert_counts(&[(Reason::NotIpv4, 4), (Reason::GatewayArpReply, 1)]);
 }

@@ -28,6 +28,28 @@ pub const ETH_LEN: usize = 14;
 pub const IP_LEN: usize = 20;
 const TTL: u8 = 64;
 
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
+
+/// An ARP frame for IPv4 over Ethernet (RFC 826): `op` from `sha`/`spa`
+/// about `tha`/`tpa`; requests go to the broadcast address.
+pub fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+    let eth_dst = if op == ARP_REQUEST { [0xff; 6] } else { tha };
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&eth_dst);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&op.to_be_bytes());
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa.octets());
+    f.extend_from_slice(&tha);
+    f.extend_from_slice(&tpa.octets());
+    f
+}
+
 /// A TCP segment without payload.
 pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32) -> Vec<u8> {
     let mut l4 = vec![0; 20];

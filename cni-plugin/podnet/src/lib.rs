@@ -51,10 +51,14 @@ use netlink::{
     valid_ifname, validate_ifname,
 };
 
-/// Link-local gateway every pod routes through. It answers with the host
-/// veth's MAC through a permanent neighbour entry in the pod, so the host
-/// side needs neither an address nor proxy-ARP.
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Link-local gateway every pod routes through. The pod resolves it to the
+/// host veth's MAC through a permanent neighbour entry, or, once that is
+/// flushed, through the datapath's ARP answer; the host side needs neither
+/// an address nor proxy-ARP.
+pub const GATEWAY: Ipv4Addr = {
+    let [a, b, c, d] = tern_common::POD_GATEWAY;
+    Ipv4Addr::new(a, b, c, d)
+};
 
 /// What to build for one pod.
 #[derive(Debug, Clone, Copy)]
@@ -393,8 +397,8 @@ pub fn delete(netns: Option<&Path>, ifname: &str, host_ifname: &str) -> Result<(
 /// Host (calling thread's netns): `host_ifname` exists, is up, and the
 /// `address/32` route points at it. Pod: `ifname` exists, is up, is the peer
 /// of `host_ifname`, has MTU `spec.mtu`, carries `address/32`, and has the
-/// gateway route, the default route via [`GATEWAY`] and the permanent
-/// neighbour entry for the gateway with the host veth's MAC.
+/// gateway route and the default route via [`GATEWAY`]; a neighbour entry
+/// for the gateway, if the pod has one, names the host veth's MAC.
 pub fn check(spec: &PodInterfaceSpec) -> Result<PodInterface> {
     validate_ifname("ifname", spec.ifname)?;
     validate_ifname("host_ifname", spec.host_ifname)?;
@@ -510,20 +514,20 @@ pub fn check(spec: &PodInterfaceSpec) -> Result<PodInterface> {
                     matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if *ip == GATEWAY)
                 })
         });
-        let Some(neigh) = neigh else {
-            return Err(chk(format!(
-                "neighbour entry for {GATEWAY} on {ifname} is missing in pod netns"
-            )));
-        };
-        let lladdr = neigh.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::LinkLayerAddress(l) => Some(l.as_slice()),
-            _ => None,
+        // ADD made the entry permanent, but a MAC change (the `tuning`
+        // plugin) or a neighbour flush legitimately removes it; the
+        // datapath then answers the pod's ARP. Whatever the pod has
+        // learned must still be the host veth's MAC.
+        let lladdr = neigh.and_then(|n| {
+            n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(l) => Some(l.as_slice()),
+                _ => None,
+            })
         });
-        if neigh.header.state != NeighbourState::Permanent || lladdr != Some(&host_mac[..]) {
+        if let Some(lladdr) = lladdr.filter(|l| *l != &host_mac[..]) {
             return Err(chk(format!(
-                "neighbour {GATEWAY} on {ifname} in pod netns is {:?} {:?}, expected PERMANENT {}",
-                neigh.header.state,
-                lladdr.map(format_mac),
+                "neighbour {GATEWAY} on {ifname} in pod netns is {}, expected {} (the host veth)",
+                format_mac(lladdr),
                 format_mac(&host_mac)
             )));
         }

@@ -157,6 +157,12 @@ const fn field_size<F>(_: *const F) -> usize {
 /// Default capacity of the ENDPOINTS map (local pods on one node).
 pub const ENDPOINTS_MAX: u32 = 16384;
 
+/// The link-local gateway every pod routes through (169.254.1.1). No
+/// device has it: the pod's neighbour entry names the host veth's MAC, and
+/// the host-side program answers the pod's ARP for it when that entry is
+/// gone.
+pub const POD_GATEWAY: [u8; 4] = [169, 254, 1, 1];
+
 /// ENDPOINTS value: where a local pod lives. Key: the pod's IPv4 address
 /// as a `u32` in network byte order.
 #[repr(C)]
@@ -464,10 +470,13 @@ pub enum Reason {
     /// The NAT map is full, or no node port was free: the new flow's
     /// packet was dropped (the pod's TCP retries).
     NatFull = 18,
+    /// The pod asked (ARP) for its gateway's MAC and the host side
+    /// answered: its neighbour entry was flushed, e.g. by a MAC change.
+    GatewayArpReply = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -488,6 +497,7 @@ impl Reason {
         Reason::Masquerade,
         Reason::MasqueradeReply,
         Reason::NatFull,
+        Reason::GatewayArpReply,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -511,6 +521,7 @@ impl Reason {
             Reason::Masquerade => "masquerade",
             Reason::MasqueradeReply => "masquerade_reply",
             Reason::NatFull => "nat_full",
+            Reason::GatewayArpReply => "gateway_arp_reply",
         }
     }
 }

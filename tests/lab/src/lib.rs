@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod commands;
 pub mod host;
 pub mod lab;
+pub mod libcni;
 pub mod netns;
 pub mod skip;
 pub mod traffic;
