@@ -185,11 +185,34 @@ pub fn validate_conflist(bytes: &[u8]) -> anyhow::Result<()> {
         Some(other) => bail!("plugins[0].type is {other}, not {PLUGIN_TYPE:?}"),
         None => bail!("plugins[0].type is missing (must be {PLUGIN_TYPE:?})"),
     }
+    check_capabilities(first.get("capabilities"))?;
     let mut conf = first.clone();
     conf.insert("name".into(), Value::String(name.into()));
     conf.insert("cniVersion".into(), Value::String(version.into()));
     let conf = serde_json::to_vec(&Value::Object(conf))?;
     NetConf::parse(&conf).map_err(|e| anyhow::anyhow!("plugins[0]: {e}"))?;
+    Ok(())
+}
+
+/// The capabilities tern-cni serves. One it does not serve would be
+/// passed to it by the runtime and have no effect.
+pub const CAPABILITIES: &[&str] = &["portMappings"];
+
+fn check_capabilities(capabilities: Option<&Value>) -> anyhow::Result<()> {
+    let Some(capabilities) = capabilities else {
+        return Ok(());
+    };
+    let Some(capabilities) = capabilities.as_object() else {
+        bail!("plugins[0].capabilities must be an object, not {capabilities}");
+    };
+    for (name, on) in capabilities {
+        if on.as_bool() != Some(false) && !CAPABILITIES.contains(&name.as_str()) {
+            bail!(
+                "plugins[0].capabilities.{name}: tern-cni does not serve it (it serves {})",
+                CAPABILITIES.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 
@@ -426,6 +449,10 @@ mod tests {
             (
                 "mtu",
                 r#"{"cniVersion":"1.1.0","name":"tern","plugins":[{"type":"tern-cni","mtu":1}]}"#,
+            ),
+            (
+                "capabilities.bandwidth: tern-cni does not serve it",
+                r#"{"cniVersion":"1.1.0","name":"tern","plugins":[{"type":"tern-cni","capabilities":{"portMappings":true,"bandwidth":true}}]}"#,
             ),
         ];
         for (expected, text) in bad {

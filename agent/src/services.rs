@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::compiler::lb::{LbCompiler, LbState, NodeContext};
 use crate::datapath::services::{LbSync, ServiceMaps, SyncStats};
+use crate::model::{Cluster, HostPort};
 use crate::sources::LoadReport;
 
 /// Map writes and deletes of a sync from which on the heap is trimmed.
@@ -32,6 +33,11 @@ pub struct ServicesStatus {
 pub struct ServicePipeline {
     /// Kept across syncs: it recompiles only the Services that changed.
     compiler: LbCompiler,
+    /// The inputs of the last compilation: the source's last snapshot (it
+    /// shares its objects, so keeping it costs little) and this node's
+    /// pods' hostPorts. Either one changing recompiles with the other.
+    cluster: Cluster,
+    host_ports: Arc<Vec<HostPort>>,
     sync: LbSync,
     maps: ServiceMaps,
     status: watch::Sender<ServicesStatus>,
@@ -49,6 +55,8 @@ impl ServicePipeline {
         });
         Ok(ServicePipeline {
             compiler: LbCompiler::new(context),
+            cluster: Cluster::default(),
+            host_ports: Arc::default(),
             sync,
             maps,
             status,
@@ -63,9 +71,34 @@ impl ServicePipeline {
     /// async workers. Takes the report so it is freed (and the heap
     /// trimmed) inside the sync. `None` if the sync task panicked (the
     /// pipeline is then gone).
-    pub async fn apply(mut self, report: LoadReport) -> Option<Self> {
+    /// Records this node's hostPorts for the next sync, without one.
+    pub fn set_host_ports(&mut self, host_ports: Arc<Vec<HostPort>>) {
+        self.host_ports = host_ports;
+    }
+
+    pub async fn apply(self, report: LoadReport) -> Option<Self> {
+        self.apply_input(Input::Snapshot(report)).await
+    }
+
+    /// Recompiles with this node's new set of hostPorts, against the
+    /// source's last snapshot (an empty cluster before the first).
+    pub async fn apply_host_ports(self, host_ports: Arc<Vec<HostPort>>) -> Option<Self> {
+        self.apply_input(Input::HostPorts(host_ports)).await
+    }
+
+    async fn apply_input(mut self, input: Input) -> Option<Self> {
         let started = Instant::now();
         let applied = tokio::task::spawn_blocking(move || {
+            let report = match input {
+                Input::Snapshot(report) => {
+                    self.cluster = report.cluster.clone();
+                    Some(report)
+                }
+                Input::HostPorts(host_ports) => {
+                    self.host_ports = host_ports;
+                    None
+                }
+            };
             let outcome = self.apply_now(report);
             (self, outcome)
         })
@@ -94,14 +127,17 @@ impl ServicePipeline {
         }
     }
 
-    fn apply_now(&mut self, report: LoadReport) -> (usize, usize, SyncStats, usize, StageTimes) {
+    fn apply_now(
+        &mut self,
+        report: Option<LoadReport>,
+    ) -> (usize, usize, SyncStats, usize, StageTimes) {
         let mut took = StageTimes::default();
         let stage = Instant::now();
-        let state = self.compiler.compile(&report.cluster);
+        let state = self.compiler.compile(&self.cluster, &self.host_ports);
         for conflict in &state.conflicts {
             warn!("services: {conflict}");
         }
-        let services = report.cluster.services.len();
+        let services = self.cluster.services.len();
         let frontends = state.frontends.len();
         took.compile_us = stage.elapsed().as_micros() as u64;
         let stage = Instant::now();
@@ -109,7 +145,7 @@ impl ServicePipeline {
         self.publish_status(stats);
         took.apply_us = stage.elapsed().as_micros() as u64;
         let stage = Instant::now();
-        let rejected = report.errors.len();
+        let rejected = report.as_ref().map_or(0, |r| r.errors.len());
         drop(report);
         // Parsing a large manifest set peaks high; hand the freed memory
         // back to the system instead of keeping it in malloc's lists.
@@ -137,6 +173,12 @@ impl ServicePipeline {
             };
         });
     }
+}
+
+/// What a sync recompiles for.
+enum Input {
+    Snapshot(LoadReport),
+    HostPorts(Arc<Vec<HostPort>>),
 }
 
 /// Where a sync's time went, for the log.

@@ -133,6 +133,7 @@ impl StatusView {
                         FrontendKind::NodePort => "NodePort",
                         FrontendKind::LoadBalancer => "LoadBalancer",
                         FrontendKind::ExternalIp => "ExternalIP",
+                        FrontendKind::HostPort => "HostPort",
                     }
                     .into(),
                     scope: match frontend.scope {

@@ -53,8 +53,13 @@ pub struct Pipelines {
     pub source_status: watch::Sender<SourceStatus>,
 }
 
+/// Every snapshot from the source (`None`: there is none) and every
+/// change of this node's pods' hostPorts drive the pipelines. hostPorts
+/// alone are synced only once the source's first snapshot is in (the
+/// pinned Service maps are not rewritten from half a picture), or at once
+/// when there is no source.
 pub async fn run(
-    mut snapshots: mpsc::Receiver<LoadReport>,
+    mut snapshots: Option<mpsc::Receiver<LoadReport>>,
     pipelines: Pipelines,
     metrics: Arc<Metrics>,
     source_lists_pods: bool,
@@ -65,9 +70,44 @@ pub async fn run(
         mut services,
         source_status,
     } = pipelines;
+    let mut pods = endpoints.subscribe();
+    let mut host_ports = pods.borrow_and_update().host_ports.clone();
+    let mut synced = snapshots.is_none();
+    services.set_host_ports(host_ports.clone());
+    if synced && !host_ports.is_empty() {
+        services = match services.apply_host_ports(host_ports.clone()).await {
+            Some(services) => services,
+            None => return gone(),
+        };
+    }
     // Problems are logged when they first appear, not with every snapshot.
     let mut reported = HashSet::new();
-    while let Some(report) = snapshots.recv().await {
+    loop {
+        let report = tokio::select! {
+            report = next(&mut snapshots) => match report {
+                Some(report) => report,
+                None => return,
+            },
+            changed = pods.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = pods.borrow_and_update().host_ports.clone();
+                if now == host_ports {
+                    continue;
+                }
+                host_ports = now;
+                if !synced {
+                    services.set_host_ports(host_ports.clone());
+                    continue;
+                }
+                services = match services.apply_host_ports(host_ports.clone()).await {
+                    Some(services) => services,
+                    None => return gone(),
+                };
+                continue;
+            }
+        };
         let started = Instant::now();
         let now: HashSet<String> = report
             .errors
@@ -86,13 +126,23 @@ pub async fn run(
         let count = report.cluster.services.len();
         services = match services.apply(report).await {
             Some(services) => services,
-            None => {
-                error!("the Service pipeline is gone; Services are no longer synced");
-                return;
-            }
+            None => return gone(),
         };
+        synced = true;
         metrics.record_sync(count, started.elapsed());
     }
+}
+
+/// The next snapshot; never, without a source.
+async fn next(snapshots: &mut Option<mpsc::Receiver<LoadReport>>) -> Option<LoadReport> {
+    match snapshots {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn gone() {
+    error!("the Service pipeline is gone; Services are no longer synced");
 }
 
 /// The Node object's PodCIDR wins over the configured one, which stays

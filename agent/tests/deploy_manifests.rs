@@ -609,6 +609,14 @@ fn conflist_in_the_config_map_is_the_one_in_manifests() {
         file,
         "the ConfigMap's {CONFLIST} differs from manifests/{CONFLIST}"
     );
+    // Every capability tern-cni serves is declared, so runtimes pass it.
+    for capability in tern_agent::install::CAPABILITIES {
+        assert_eq!(
+            conflist()["plugins"][0]["capabilities"][capability],
+            true,
+            "{CONFLIST} does not declare {capability}"
+        );
+    }
     tern_agent::install::validate_conflist(config_data(CONFLIST).as_bytes()).unwrap_or_else(|e| {
         panic!("tern install-cni would refuse the ConfigMap's {CONFLIST}: {e:#}")
     });

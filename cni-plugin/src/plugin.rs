@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::Value;
-use tern_api::{Attachment, CallError, Endpoint, Request, Response};
-use tern_cni_spec::{CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, Route};
+use tern_api::{Attachment, CallError, Endpoint, HostPort, HostPortProtocol, Request, Response};
+use tern_cni_spec::{
+    CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, PortProtocol, Route,
+};
 use tern_podnet::{self as podnet, GATEWAY, PodInterfaceSpec, PodNetError};
 
 use crate::delegate::Delegate;
@@ -115,6 +117,15 @@ impl<'a> Context<'a> {
     }
 
     fn add(&self) -> Result<Value, CniError> {
+        if self.conf.bandwidth_limited {
+            // Never silently unlimited: Tern's datapath also bypasses the
+            // qdiscs of a chained bandwidth plugin.
+            return Err(CniError::invalid_config(
+                "runtimeConfig.bandwidth: tern-cni does not enforce bandwidth limits \
+                 (kubernetes.io/ingress-bandwidth, kubernetes.io/egress-bandwidth); \
+                 remove \"bandwidth\" from tern-cni's capabilities and the annotations from the pod",
+            ));
+        }
         let attachment = self.attachment();
         let host_ifname = self.host_ifname();
         // An existing interface means ADD already ran: refuse before
@@ -153,6 +164,7 @@ impl<'a> Context<'a> {
             mac: wired.pod_mac,
             host_ifname: host_ifname.clone(),
             netns: netns.display().to_string(),
+            host_ports: self.host_ports(),
         };
         if let Err(e) = self.agent(&Request::EndpointCreate { endpoint }) {
             let _ = podnet::delete(Some(&netns), &attachment.ifname, &host_ifname);
@@ -161,6 +173,27 @@ impl<'a> Context<'a> {
         }
         let result = self.result(ipam_result, address, &wired, &host_ifname, &netns, mtu);
         Ok(result.to_json(&self.conf.cni_version))
+    }
+
+    /// The `portMappings` capability, as the agent serves it.
+    fn host_ports(&self) -> Vec<HostPort> {
+        let mut ports: Vec<HostPort> = self
+            .conf
+            .port_mappings
+            .iter()
+            .map(|m| HostPort {
+                host_ip: m.host_ip,
+                host_port: m.host_port,
+                container_port: m.container_port,
+                protocol: match m.protocol {
+                    PortProtocol::Tcp => HostPortProtocol::Tcp,
+                    PortProtocol::Udp => HostPortProtocol::Udp,
+                },
+            })
+            .collect();
+        ports.sort();
+        ports.dedup();
+        ports
     }
 
     /// The pod's address from the agent, or from the delegated IPAM plugin.
@@ -333,8 +366,19 @@ impl<'a> Context<'a> {
                 let found = endpoints
                     .iter()
                     .find(|s| s.endpoint.attachment == *attachment);
+                let host_ports = self.host_ports();
                 match found {
-                    Some(s) if s.attached && s.endpoint.ip == address => Ok(()),
+                    Some(s) if s.attached && s.endpoint.ip == address => {
+                        if s.endpoint.host_ports == host_ports {
+                            Ok(())
+                        } else {
+                            Err(check_failed(format!(
+                                "the agent serves hostPorts [{}] for this pod, portMappings ask for [{}]",
+                                list(&s.endpoint.host_ports),
+                                list(&host_ports)
+                            )))
+                        }
+                    }
                     Some(s) if !s.attached => Err(check_failed(format!(
                         "the datapath is not attached to {host_ifname}"
                     ))),
@@ -419,6 +463,14 @@ pub fn host_ifname(attachment: &Attachment) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("tern{:011x}", hash >> 20)
+}
+
+fn list(ports: &[HostPort]) -> String {
+    ports
+        .iter()
+        .map(HostPort::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn check_failed(msg: String) -> CniError {

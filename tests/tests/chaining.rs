@@ -54,7 +54,9 @@ fn tuning_mac_change_keeps_the_pod_connected() -> Result<()> {
     let ns = Netns::new("mac")?;
     let id = unique_name("mac");
     let caps = json!({ "mac": mac });
-    let result = chain.run("add", &id, ns.path(), &caps)?.success_json()?;
+    let result = chain
+        .run(&node, "add", &id, ns.path(), &caps)?
+        .success_json()?;
 
     // tuning got tern-cni's result and extended it with the new MAC.
     assert_eq!(interface(&result, "eth0")["mac"], mac, "{result}");
@@ -82,9 +84,9 @@ fn tuning_mac_change_keeps_the_pod_connected() -> Result<()> {
     let neigh = ns.sh("ip neigh show 169.254.1.1")?;
     assert!(neigh.contains(&host_mac), "{neigh} (host veth {host_mac})");
 
-    let check = chain.run("check", &id, ns.path(), &caps)?;
+    let check = chain.run(&node, "check", &id, ns.path(), &caps)?;
     assert_eq!(check.code, Some(0), "{check:?}");
-    let del = chain.run("del", &id, ns.path(), &caps)?;
+    let del = chain.run(&node, "del", &id, ns.path(), &caps)?;
     assert_eq!(del.code, Some(0), "{del:?}");
     let status = node.agent_request(&json!({"op": "status"}))?;
     assert_eq!(status["allocated"], 1, "only the other pod: {status}");
@@ -92,5 +94,126 @@ fn tuning_mac_change_keeps_the_pod_connected() -> Result<()> {
         ns.sh("ip -o link show dev eth0").is_err(),
         "eth0 left behind"
     );
+    Ok(())
+}
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+
+/// The `portMappings` capability served by the datapath (no iptables):
+/// hostPorts on the node's address for TCP and UDP, reached from outside
+/// with the client's own address kept and from a pod on the node (per
+/// packet and at the socket); a second pod asking for a taken hostPort is
+/// refused and keeps nothing; CHECK passes and DEL removes the hostPorts.
+#[test]
+fn port_mappings_are_served_natively() -> Result<()> {
+    if !require_root("port_mappings") {
+        return Ok(());
+    }
+    let (lab, mut node) = lab_node("10.244.47.0/24")?;
+    let client = lab.external_client(CLIENT_IP)?;
+    let chain = Chain::new(
+        &node,
+        "1.0.0",
+        json!({"capabilities": {"portMappings": true}}),
+        &[],
+    )?;
+    let caps = json!({"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+        {"hostPort": 8053, "containerPort": 80, "protocol": "udp"},
+        {"hostPort": 8081, "containerPort": 81, "protocol": "tcp", "hostIP": ""}
+    ]});
+    let ns = Netns::new("web")?;
+    let id = unique_name("web");
+    let result = chain
+        .run(&node, "add", &id, ns.path(), &caps)?
+        .success_json()?;
+    let ip = pod_ip(&result)?;
+    let _server = EchoServer::start(&ns, 80, "web")?;
+    let listener = ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 81)))?;
+    let backend = format!("{ip}:80");
+    node.wait_for_frontend(&format!("{NODE_IP}:8080/TCP"), Some(&[&backend]))?;
+    node.wait_for_frontend(&format!("{NODE_IP}:8053/UDP"), Some(&[&backend]))?;
+
+    let tcp = SocketAddr::from((NODE_IP, 8080));
+    let udp = SocketAddr::from((NODE_IP, 8053));
+    assert_eq!(tcp_roundtrip(&client, tcp, "outside")?, "web:outside");
+    let (answer, from) = udp_roundtrip(&client, udp, "outside")?;
+    assert_eq!((answer.as_str(), from), ("web:outside", udp));
+    // DNAT only: the pod sees the client's own address.
+    let _conn = tern_lab::traffic::tcp_connect(&client, SocketAddr::from((NODE_IP, 8081)))?;
+    let (_, peer) = listener.accept()?;
+    assert_eq!(peer.ip(), CLIENT_IP);
+
+    let other = node.add_pod("other")?;
+    assert_eq!(tcp_roundtrip(&other.ns, tcp, "pod")?, "web:pod");
+    {
+        let _in_pods = node.enter_pods_cgroup()?;
+        assert_eq!(tcp_roundtrip(&other.ns, tcp, "socket")?, "web:socket");
+    }
+
+    // A second pod may not take the hostPort; it keeps nothing.
+    let allocated = |node: &LabNode| -> Result<Value> {
+        Ok(node.agent_request(&json!({"op": "status"}))?["allocated"].clone())
+    };
+    let before = allocated(&node)?;
+    let ns2 = Netns::new("web2")?;
+    let id2 = unique_name("web2");
+    let taken =
+        json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]});
+    let refused = chain.run(&node, "add", &id2, ns2.path(), &taken)?;
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused.stderr.contains("hostPort *:8080/TCP") && refused.stderr.contains("taken"),
+        "{refused:?}"
+    );
+    assert_eq!(allocated(&node)?, before);
+    assert!(
+        ns2.sh("ip -o link show dev eth0").is_err(),
+        "eth0 left behind"
+    );
+    assert_eq!(tcp_roundtrip(&client, tcp, "still")?, "web:still");
+
+    // The agent keeps the hostPorts across a restart (endpoint state).
+    node.kill_agent()?;
+    node.start_agent()?;
+    node.wait_for_frontend(&format!("{NODE_IP}:8080/TCP"), Some(&[&backend]))?;
+    assert_eq!(tcp_roundtrip(&client, tcp, "restarted")?, "web:restarted");
+
+    let check = chain.run(&node, "check", &id, ns.path(), &caps)?;
+    assert_eq!(check.code, Some(0), "{check:?}");
+    let del = chain.run(&node, "del", &id, ns.path(), &caps)?;
+    assert_eq!(del.code, Some(0), "{del:?}");
+    node.wait_for_frontend(&format!("{NODE_IP}:8080/TCP"), None)?;
+    node.wait_for_frontend(&format!("{NODE_IP}:8053/UDP"), None)?;
+    assert!(tcp_roundtrip(&client, tcp, "gone").is_err());
+    Ok(())
+}
+
+/// A bandwidth limit handed to tern-cni (the `bandwidth` capability) is
+/// refused with a clear error, never left silently unenforced; the pod
+/// keeps nothing.
+#[test]
+fn a_bandwidth_limit_is_refused_not_ignored() -> Result<()> {
+    if !require_root("bandwidth_refused") {
+        return Ok(());
+    }
+    let (_lab, node) = lab_node("10.244.48.0/24")?;
+    let chain = Chain::new(
+        &node,
+        "1.0.0",
+        json!({"capabilities": {"bandwidth": true}}),
+        &[],
+    )?;
+    let ns = Netns::new("bw")?;
+    let caps = json!({"bandwidth": {"ingressRate": 10_000_000, "ingressBurst": 1_000_000}});
+    let out = chain.run(&node, "add", &unique_name("bw"), ns.path(), &caps)?;
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("does not enforce bandwidth limits"),
+        "{out:?}"
+    );
+    let status = node.agent_request(&json!({"op": "status"}))?;
+    assert_eq!(status["allocated"], 0, "{status}");
+    assert!(ns.sh("ip -o link show dev eth0").is_err(), "eth0 was made");
     Ok(())
 }

@@ -141,20 +141,18 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             sync::start_source(&config.source, &config.node_name, metrics.clone()).await?;
         tokio::spawn(health::serve(health, status, Arc::new(started.counters)));
         tokio::spawn(conntrack_gc(tables, metrics.clone()));
-        if let Some(snapshots) = source {
-            let pipelines = sync::Pipelines {
-                endpoints,
-                routing,
-                services,
-                source_status,
-            };
-            tokio::spawn(sync::run(
-                snapshots,
-                pipelines,
-                metrics.clone(),
-                config.source.lists_pods(),
-            ));
-        }
+        let pipelines = sync::Pipelines {
+            endpoints,
+            routing,
+            services,
+            source_status,
+        };
+        tokio::spawn(sync::run(
+            source,
+            pipelines,
+            metrics.clone(),
+            config.source.lists_pods(),
+        ));
         let listener = cni_api::bind(&config.socket)?;
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

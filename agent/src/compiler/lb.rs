@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use super::maglev;
 use crate::model::{
-    Cluster, Endpoint, EndpointSlice, LbAlgorithm, Protocol, Service, ServiceKey, ServicePort,
-    ServiceType, TargetPort, TrafficPolicy,
+    Cluster, Endpoint, EndpointSlice, HostPort, LbAlgorithm, Protocol, Service, ServiceKey,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
 /// What the compiler needs to know about the node it compiles for.
@@ -71,6 +71,8 @@ pub enum FrontendKind {
     NodePort,
     LoadBalancer,
     ExternalIp,
+    /// A pod's hostPort (CNI `portMappings`), on this node only.
+    HostPort,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -104,9 +106,9 @@ pub struct FrontendEntry {
     pub external_traffic_local: bool,
 }
 
-/// Compiles `cluster` from scratch.
+/// Compiles `cluster` from scratch (no hostPorts).
 pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
-    LbCompiler::new(ctx.clone()).compile(cluster)
+    LbCompiler::new(ctx.clone()).compile(cluster, &[])
 }
 
 /// Compiles cluster after cluster, reusing a Service's frontends while the
@@ -134,7 +136,9 @@ impl LbCompiler {
         }
     }
 
-    pub fn compile(&mut self, cluster: &Cluster) -> LbState {
+    /// The frontends of every Service of `cluster`, and of this node's
+    /// pods' `host_ports`.
+    pub fn compile(&mut self, cluster: &Cluster, host_ports: &[HostPort]) -> LbState {
         // Services, slices (by their Service) and the memo are all walked in
         // Service key order, side by side: no hashing, no key copies.
         let mut slices: Vec<&Arc<EndpointSlice>> = cluster.slices.values().collect();
@@ -188,6 +192,12 @@ impl LbCompiler {
             compiled.extend(entry.frontends.iter().cloned());
             self.memo.push((key, entry));
         }
+        // After every Service: a Service keeps a frontend a hostPort claims too.
+        compiled.extend(
+            host_ports
+                .iter()
+                .flat_map(|p| host_port_frontends(p, &self.ctx)),
+        );
         // A stable sort keeps the Services' key order among equal frontends:
         // the first Service keeps a frontend claimed twice.
         compiled.sort_by_key(|(frontend, _)| *frontend);
@@ -205,6 +215,36 @@ impl LbCompiler {
         state.frontends = unique.into_iter().collect();
         state
     }
+}
+
+/// A hostPort on its address, or on every node address: the pod is its
+/// only backend, and the client keeps its address (a hostPort is DNAT only,
+/// as the portmap plugin does it; the pod is on this node).
+fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc<FrontendEntry>)> {
+    let entry = Arc::new(FrontendEntry {
+        service: ServiceKey::new("hostPort", port.pod.clone()),
+        port_name: String::new(),
+        kind: FrontendKind::HostPort,
+        backends: vec![BackendAddr {
+            ip: port.pod_ip,
+            port: port.container_port,
+            protocol: port.protocol,
+        }],
+        affinity_timeout: None,
+        algorithm: LbAlgorithm::Random,
+        maglev: None,
+        external_traffic_local: true,
+    });
+    let ips = match port.host_ip {
+        Some(ip) => vec![ip],
+        None => ctx.node_ips.clone(),
+    };
+    ips.into_iter()
+        .map(|ip| {
+            let frontend = at(ip, port.host_port, port.protocol, Scope::External);
+            (frontend, entry.clone())
+        })
+        .collect()
 }
 
 /// Every frontend of one Service, in port order.
@@ -753,6 +793,42 @@ mod tests {
         );
     }
 
+    /// A hostPort listens on every node address (or its hostIP) with the
+    /// pod as its only backend, keeps the client address, and yields to a
+    /// Service frontend on the same address and port.
+    #[test]
+    fn host_ports_are_frontends_services_win() {
+        let host_port = |host_ip, host_port| HostPort {
+            pod: "c0ffee".into(),
+            pod_ip: Ipv4Addr::new(10, 244, 0, 7),
+            host_ip,
+            host_port,
+            container_port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let mut svc = web();
+        svc.service_type = ServiceType::NodePort;
+        svc.ports[0].node_port = Some(30080);
+        let ports = [host_port(None, 8080), host_port(Some(NODE_IPS[1]), 30080)];
+        let state = LbCompiler::new(ctx()).compile(&cluster(vec![svc], vec![]), &ports);
+        for ip in NODE_IPS {
+            let entry = &state.frontends[&at(ip, 8080, Scope::External)];
+            assert_eq!(entry.kind, FrontendKind::HostPort);
+            assert_eq!(entry.service.to_string(), "hostPort/c0ffee");
+            assert!(entry.external_traffic_local);
+            assert_eq!(
+                backends_of(&state, at(ip, 8080, Scope::External)),
+                ["10.244.0.7:80"]
+            );
+        }
+        let node_port = &state.frontends[&at(NODE_IPS[1], 30080, Scope::External)];
+        assert_eq!(node_port.kind, FrontendKind::NodePort);
+        assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
+        assert!(state.conflicts[0].contains("hostPort/c0ffee"));
+        // ClusterIP, two NodePorts, two hostPorts.
+        assert_eq!(state.frontends.len(), 5);
+    }
+
     #[test]
     fn load_balancer_ingress_and_external_ips() {
         let lb_ip = Ipv4Addr::new(203, 0, 113, 7);
@@ -943,7 +1019,7 @@ mod tests {
         let mut c = cluster(vec![web()], slices);
         let mut compiler = LbCompiler::new(ctx());
         let algorithm = |state: &LbState| state.frontends.values().next().unwrap().algorithm;
-        assert_eq!(algorithm(&compiler.compile(&c)), LbAlgorithm::Random);
+        assert_eq!(algorithm(&compiler.compile(&c, &[])), LbAlgorithm::Random);
         let namespace = |lb_algorithm| {
             Arc::new(crate::model::Namespace {
                 name: "default".into(),
@@ -953,12 +1029,12 @@ mod tests {
         // A kept compiler notices the namespace's change alone.
         c.namespaces
             .insert("default".into(), namespace(Some(LbAlgorithm::Maglev)));
-        assert_eq!(algorithm(&compiler.compile(&c)), LbAlgorithm::Maglev);
+        assert_eq!(algorithm(&compiler.compile(&c, &[])), LbAlgorithm::Maglev);
         // The Service's own annotation wins.
         let mut svc = web();
         svc.lb_algorithm = Some(LbAlgorithm::Random);
         c.services.insert(svc.key.clone(), Arc::new(svc));
-        assert_eq!(algorithm(&compiler.compile(&c)), LbAlgorithm::Random);
+        assert_eq!(algorithm(&compiler.compile(&c, &[])), LbAlgorithm::Random);
     }
 
     #[test]
@@ -982,7 +1058,7 @@ mod tests {
         let web_slice = slice("web-a", 8080, vec![ep("10.0.1.1", NODE, State::Ready)]);
         let mut c = cluster(vec![web(), api], vec![web_slice, api_slice]);
         let mut compiler = LbCompiler::new(ctx());
-        let first = compiler.compile(&c);
+        let first = compiler.compile(&c, &[]);
         assert_eq!(first.frontends.len(), 2);
 
         // A new web slice object (one more endpoint); api's objects stay.
@@ -995,7 +1071,7 @@ mod tests {
             ],
         );
         c.slices.insert(web_slice.key.clone(), Arc::new(web_slice));
-        let second = compiler.compile(&c);
+        let second = compiler.compile(&c, &[]);
         let web_at = at(CLUSTER_IP, 80, Scope::External);
         let api_at = at(Ipv4Addr::new(10, 96, 0, 11), 80, Scope::External);
         assert!(Arc::ptr_eq(
@@ -1015,7 +1091,7 @@ mod tests {
 
         // A removed Service leaves the memo and the state.
         c.services.remove(&ServiceKey::new("default", "api"));
-        let third = compiler.compile(&c);
+        let third = compiler.compile(&c, &[]);
         assert_eq!(third.frontends.len(), 1);
         assert!(compiler.memo.len() == 1);
     }

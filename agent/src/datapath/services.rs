@@ -138,6 +138,7 @@ fn flags(entry: &FrontendEntry) -> u16 {
         FrontendKind::NodePort => service_flags::NODE_PORT,
         FrontendKind::LoadBalancer => service_flags::LOAD_BALANCER,
         FrontendKind::ExternalIp => service_flags::EXTERNAL_IP,
+        FrontendKind::HostPort => service_flags::HOST_PORT,
     };
     if entry.affinity_timeout.is_some() {
         flags |= service_flags::AFFINITY;

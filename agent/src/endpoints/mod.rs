@@ -27,6 +27,7 @@ use tracing::{info, warn};
 pub use self::store::EndpointStore;
 use crate::datapath::{Datapath, Endpoints};
 use crate::ipam::Ipam;
+use crate::model::{HostPort, Protocol};
 
 /// What readers see of the endpoint manager, replaced after every change.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +38,8 @@ pub struct EndpointsStatus {
     pub endpoints: usize,
     /// The pods' addresses on this node.
     pub endpoint_ips: Arc<BTreeSet<Ipv4Addr>>,
+    /// The pods' hostPorts, sorted; the Service pipeline serves them.
+    pub host_ports: Arc<Vec<HostPort>>,
 }
 
 /// The datapath side of the node's pods: the `from_pod` links (through the
@@ -196,6 +199,7 @@ impl EndpointManager {
             capacity: ipam.as_ref().map_or(0, Ipam::capacity),
             endpoints: store.len(),
             endpoint_ips: Arc::new(store.iter().map(|e| e.ip).collect()),
+            host_ports: Arc::new(host_ports(&store)),
         });
     }
 
@@ -235,6 +239,9 @@ impl EndpointManager {
     }
 
     pub fn create(&self, endpoint: Endpoint) -> anyhow::Result<Response> {
+        if let Some(refused) = host_port_taken(&lock(&self.store), &endpoint) {
+            return Ok(refused);
+        }
         let old = lock(&self.store).get(&endpoint.attachment).cloned();
         if let Some(old) = old
             && old != endpoint
@@ -246,8 +253,17 @@ impl EndpointManager {
             let _ = lock(&self.pods).unpublish(&endpoint);
             return Err(e);
         }
-        info!(ip = %endpoint.ip, host_if = %endpoint.host_ifname, "endpoint created");
-        lock(&self.store).insert(endpoint)?;
+        let mut store = lock(&self.store);
+        // Checked again where it is recorded: a concurrent ADD may have
+        // taken the port since.
+        if let Some(refused) = host_port_taken(&store, &endpoint) {
+            drop(store);
+            let _ = lock(&self.pods).unpublish(&endpoint);
+            return Ok(refused);
+        }
+        info!(ip = %endpoint.ip, host_if = %endpoint.host_ifname, host_ports = endpoint.host_ports.len(), "endpoint created");
+        store.insert(endpoint)?;
+        drop(store);
         self.publish_status();
         Ok(Response::Done)
     }
@@ -328,4 +344,49 @@ impl EndpointManager {
         self.publish_status();
         Ok(())
     }
+}
+
+/// The refusal of `endpoint` if another pod has one of its hostPorts (on
+/// an overlapping address): two pods must not share one, and the pod that
+/// has it keeps it. The scheduler avoids this; a runtime may not.
+fn host_port_taken(store: &EndpointStore, endpoint: &Endpoint) -> Option<Response> {
+    let (other, port) = store
+        .iter()
+        .filter(|other| other.attachment != endpoint.attachment)
+        .find_map(|other| {
+            let taken = other
+                .host_ports
+                .iter()
+                .find(|p| endpoint.host_ports.iter().any(|mine| mine.overlaps(p)))?;
+            Some((other, taken))
+        })?;
+    Some(Response::Error {
+        message: format!(
+            "hostPort {port} is taken by pod {} ({}) on this node",
+            other.attachment.container_id, other.ip
+        ),
+        try_again: false,
+    })
+}
+
+/// Every endpoint's hostPorts, as the Service pipeline compiles them.
+fn host_ports(store: &EndpointStore) -> Vec<HostPort> {
+    let mut ports: Vec<HostPort> = store
+        .iter()
+        .flat_map(|e| {
+            e.host_ports.iter().map(|p| HostPort {
+                pod: e.attachment.container_id.clone(),
+                pod_ip: e.ip,
+                host_ip: p.host_ip,
+                host_port: p.host_port,
+                container_port: p.container_port,
+                protocol: match p.protocol {
+                    tern_api::HostPortProtocol::Tcp => Protocol::Tcp,
+                    tern_api::HostPortProtocol::Udp => Protocol::Udp,
+                },
+            })
+        })
+        .collect();
+    ports.sort();
+    ports
 }

@@ -86,6 +86,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, last],
             host_ifname: format!("tern{id}"),
             netns: format!("/run/netns/{id}"),
+            host_ports: vec![],
         }
     }
 

@@ -2,6 +2,7 @@
 //! build it; compilers read it.
 
 mod endpoint_slice;
+mod host_port;
 mod namespace;
 mod node;
 mod pod;
@@ -10,6 +11,7 @@ mod service;
 use std::sync::Arc;
 
 pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
+pub use host_port::HostPort;
 pub use namespace::Namespace;
 pub use node::Node;
 pub use pod::Pod;

@@ -26,6 +26,59 @@ pub struct Endpoint {
     pub host_ifname: String,
     /// Network namespace path the runtime gave (for operators only).
     pub netns: String,
+    /// The pod's hostPorts (the CNI `portMappings` capability): served by
+    /// the datapath on the node's addresses while the endpoint exists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<HostPort>,
+}
+
+/// One hostPort: `host_ip:host_port` (every node address when `host_ip`
+/// is `None`) forwarded to the pod's `container_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HostPort {
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: HostPortProtocol,
+}
+
+impl HostPort {
+    /// Whether both would take the same node address and port.
+    pub fn overlaps(&self, other: &HostPort) -> bool {
+        self.protocol == other.protocol
+            && self.host_port == other.host_port
+            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host_ip {
+            Some(ip) => write!(f, "{ip}:")?,
+            None => f.write_str("*:")?,
+        }
+        write!(
+            f,
+            "{}/{} -> {}",
+            self.host_port, self.protocol, self.container_port
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HostPortProtocol {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for HostPortProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostPortProtocol::Tcp => "TCP",
+            HostPortProtocol::Udp => "UDP",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,5 +258,40 @@ mod tests {
         assert_eq!(json["attachment"]["container_id"], "c1");
         let back: Request = serde_json::from_value(json).unwrap();
         assert_eq!(back, req);
+    }
+
+    /// Endpoints an agent without hostPorts stored (and plugins that send
+    /// none) still read; an endpoint without hostPorts is written as before.
+    #[test]
+    fn host_ports_are_optional_on_the_wire() {
+        let old = serde_json::json!({
+            "attachment": {"container_id": "c1", "ifname": "eth0"},
+            "ip": "10.244.0.2",
+            "mac": [2, 0, 0, 0, 0, 2],
+            "host_ifname": "ternabc",
+            "netns": "/run/netns/x"
+        });
+        let endpoint: Endpoint = serde_json::from_value(old.clone()).unwrap();
+        assert!(endpoint.host_ports.is_empty());
+        assert_eq!(serde_json::to_value(&endpoint).unwrap(), old);
+        let port = HostPort {
+            host_ip: None,
+            host_port: 8080,
+            container_port: 80,
+            protocol: HostPortProtocol::Udp,
+        };
+        let json = serde_json::to_value(port).unwrap();
+        assert_eq!(json["protocol"], "UDP");
+        assert_eq!(port.to_string(), "*:8080/UDP -> 80");
+        let on_node = HostPort {
+            host_ip: Some(std::net::Ipv4Addr::new(10, 0, 0, 11)),
+            ..port
+        };
+        let tcp = HostPort {
+            protocol: HostPortProtocol::Tcp,
+            ..port
+        };
+        assert!(port.overlaps(&on_node) && on_node.overlaps(&port));
+        assert!(!port.overlaps(&tcp));
     }
 }

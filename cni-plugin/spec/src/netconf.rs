@@ -1,5 +1,6 @@
 //! The network configuration the runtime writes on stdin.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -28,8 +29,29 @@ pub struct NetConf {
     pub prev_result: Option<CniResult>,
     /// GC only: (containerID, ifname) pairs whose resources must be kept.
     pub valid_attachments: Vec<(String, String)>,
+    /// `runtimeConfig.portMappings` (the `portMappings` capability), IPv4
+    /// ones only: a mapping whose hostIP is IPv6 is another family's.
+    pub port_mappings: Vec<PortMapping>,
+    /// `runtimeConfig.bandwidth` asks for a rate limit (a non-zero rate).
+    pub bandwidth_limited: bool,
     /// The whole document, for delegating to IPAM unchanged.
     pub raw: Value,
+}
+
+/// One hostPort as the CNI conventions define `portMappings`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    /// `None`: every address of the node ("hostIP" absent, "" or 0.0.0.0).
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: PortProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +142,18 @@ fn read_fields(top: &Obj, cni_version: &str) -> Result<NetConf, CniError> {
             }
         }
     }
+    let runtime = top.child("runtimeConfig")?;
+    let port_mappings = match &runtime {
+        Some(runtime) => port_mappings(runtime)?,
+        None => Vec::new(),
+    };
+    let bandwidth_limited = match runtime.as_ref().map(|r| r.child("bandwidth")).transpose()? {
+        Some(Some(bw)) => ["ingressRate", "egressRate"]
+            .iter()
+            .map(|key| bw.get(key).and_then(Value::as_u64).unwrap_or(0))
+            .any(|rate| rate > 0),
+        _ => false,
+    };
     Ok(NetConf {
         cni_version: cni_version.to_string(),
         name: name.to_string(),
@@ -129,8 +163,50 @@ fn read_fields(top: &Obj, cni_version: &str) -> Result<NetConf, CniError> {
         ipam,
         prev_result,
         valid_attachments,
+        port_mappings,
+        bandwidth_limited,
         raw: Value::Null, // parse() moves the document in
     })
+}
+
+/// `portMappings`: a bad entry is refused, never skipped, so a pod never
+/// starts without a hostPort it asked for. SCTP is refused: the datapath
+/// serves TCP and UDP. A missing protocol is TCP, as in a Pod spec.
+fn port_mappings(runtime: &Obj) -> Result<Vec<PortMapping>, CniError> {
+    let mut out = Vec::new();
+    for item in runtime.items("portMappings")? {
+        let port = |key: &str| match item.opt_u32(key)? {
+            Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            _ => Err(item.err(key, "must be a port number between 1 and 65535")),
+        };
+        let protocol = match item.opt_str("protocol")?.map(str::to_ascii_lowercase) {
+            None => PortProtocol::Tcp,
+            Some(p) if p == "tcp" => PortProtocol::Tcp,
+            Some(p) if p == "udp" => PortProtocol::Udp,
+            Some(p) => {
+                return Err(item.err(
+                    "protocol",
+                    &format!("{p:?} is not served: Tern's hostPorts are TCP or UDP"),
+                ));
+            }
+        };
+        let host_ip = match item.opt_str("hostIP")? {
+            None => None,
+            Some(ip) => match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) if v4.is_unspecified() => None,
+                Ok(IpAddr::V4(v4)) => Some(v4),
+                Ok(IpAddr::V6(_)) => continue,
+                Err(_) => return Err(item.err("hostIP", &format!("{ip:?} is not an IP address"))),
+            },
+        };
+        out.push(PortMapping {
+            host_ip,
+            host_port: port("hostPort")?,
+            container_port: port("containerPort")?,
+            protocol,
+        });
+    }
+    Ok(out)
 }
 
 /// The spec's rule: ^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$
@@ -221,6 +297,83 @@ mod tests {
         assert_eq!(ipam.raw["subnet"], "10.1.0.0/16");
         assert_eq!(conf.raw["args"]["labels"]["appVersion"], "1.0");
         assert!(conf.prev_result.is_none() && conf.valid_attachments.is_empty());
+    }
+
+    #[test]
+    fn port_mappings_from_runtime_config() {
+        let conf = parse(with(
+            "runtimeConfig",
+            json!({"portMappings": [
+                {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                {"hostPort": 5353, "containerPort": 53, "protocol": "UDP", "hostIP": "10.0.0.11"},
+                {"hostPort": 9000, "containerPort": 9000, "hostIP": "0.0.0.0"},
+                {"hostPort": 9000, "containerPort": 9000, "hostIP": "::"}
+            ]}),
+        ))
+        .unwrap();
+        let m = |host_ip, host_port, container_port, protocol| PortMapping {
+            host_ip,
+            host_port,
+            container_port,
+            protocol,
+        };
+        assert_eq!(
+            conf.port_mappings,
+            vec![
+                m(None, 8080, 80, PortProtocol::Tcp),
+                m(
+                    Some(Ipv4Addr::new(10, 0, 0, 11)),
+                    5353,
+                    53,
+                    PortProtocol::Udp
+                ),
+                m(None, 9000, 9000, PortProtocol::Tcp),
+            ]
+        );
+        assert!(parse(minimal()).unwrap().port_mappings.is_empty());
+    }
+
+    #[test]
+    fn a_bandwidth_limit_is_noticed() {
+        let limit = |bw: Value| {
+            parse(with("runtimeConfig", json!({ "bandwidth": bw })))
+                .unwrap()
+                .bandwidth_limited
+        };
+        assert!(limit(
+            json!({"ingressRate": 10000000, "ingressBurst": 100000})
+        ));
+        assert!(limit(json!({"egressRate": 1, "egressBurst": 1})));
+        assert!(!limit(json!({"ingressRate": 0, "egressRate": 0})));
+        assert!(!parse(minimal()).unwrap().bandwidth_limited);
+    }
+
+    #[test]
+    fn bad_port_mappings_are_refused_with_code_7() {
+        for (mapping, detail) in [
+            (
+                json!({"hostPort": 80, "containerPort": 80, "protocol": "sctp"}),
+                "protocol",
+            ),
+            (json!({"hostPort": 0, "containerPort": 80}), "hostPort"),
+            (
+                json!({"hostPort": 80, "containerPort": 70000}),
+                "containerPort",
+            ),
+            (json!({"hostPort": 80}), "containerPort"),
+            (
+                json!({"hostPort": 80, "containerPort": 80, "hostIP": "x"}),
+                "hostIP",
+            ),
+        ] {
+            let e = parse(with("runtimeConfig", json!({"portMappings": [mapping]}))).unwrap_err();
+            assert_eq!(e.code, 7, "{e}");
+            assert!(
+                e.details
+                    .contains(&format!("runtimeConfig.portMappings[0].{detail}")),
+                "{detail}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -303,6 +303,8 @@ pub mod service_flags {
     pub const MAGLEV: u16 = 1 << 5;
     /// externalTrafficPolicy=Local: keep the client address (no SNAT).
     pub const EXTERNAL_LOCAL: u16 = 1 << 6;
+    /// A pod's hostPort (CNI portMappings); no bind on the node is refused.
+    pub const HOST_PORT: u16 = 1 << 7;
 }
 
 /// SERVICES key. Slot 0 is the master entry (count, flags); slots

@@ -17,23 +17,22 @@ pub fn runner_path() -> PathBuf {
 
 /// One network list on one lab node: its conflist and libcni's result
 /// cache live in the node's directory.
-pub struct Chain<'a> {
-    node: &'a LabNode,
+pub struct Chain {
     runner: PathBuf,
     conflist: PathBuf,
     cache: PathBuf,
 }
 
-impl<'a> Chain<'a> {
+impl Chain {
     /// A list named "tern-lab" at `cni_version` whose first plugin is the
     /// node's tern-cni netconf (with `tern_extra` merged in) and then
     /// `chained`, in order.
     pub fn new(
-        node: &'a LabNode,
+        node: &LabNode,
         cni_version: &str,
         tern_extra: Value,
         chained: &[Value],
-    ) -> Result<Chain<'a>> {
+    ) -> Result<Chain> {
         let runner = runner_path();
         if !runner.is_file() {
             bail!(
@@ -54,25 +53,24 @@ impl<'a> Chain<'a> {
         std::fs::write(&conflist, serde_json::to_vec_pretty(&list)?)
             .with_context(|| format!("writing {}", conflist.display()))?;
         Ok(Chain {
-            node,
             runner,
             conflist,
             cache: node.dir.join("libcni-cache"),
         })
     }
 
-    /// libcni's ADD, CHECK or DEL ("add", "check", "del") of the list for
-    /// `container_id`/eth0 in `netns`, with the runtime's capability
-    /// arguments (e.g. `{"mac": ..., "portMappings": [...]}`).
+    /// libcni's ADD, CHECK or DEL ("add", "check", "del") of the list on
+    /// `node` for `container_id`/eth0 in `netns`, with the runtime's
+    /// capability arguments (e.g. `{"mac": ..., "portMappings": [...]}`).
     pub fn run(
         &self,
+        node: &LabNode,
         command: &str,
         container_id: &str,
         netns: &Path,
         capability_args: &Value,
     ) -> Result<CniOutput> {
-        let tern_dir = self
-            .node
+        let tern_dir = node
             .bins
             .cni
             .parent()
@@ -91,7 +89,7 @@ impl<'a> Chain<'a> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let out = self.node.ns.spawn(cmd)?.wait_with_output()?;
+        let out = node.ns.spawn(cmd)?.wait_with_output()?;
         Ok(CniOutput {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
