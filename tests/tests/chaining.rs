@@ -217,3 +217,53 @@ fn a_bandwidth_limit_is_refused_not_ignored() -> Result<()> {
     assert!(ns.sh("ip -o link show dev eth0").is_err(), "eth0 was made");
     Ok(())
 }
+
+/// The chain runtimes build from the reference plugins: tern-cni, then
+/// tuning and portmap. Each gets the result so far and extends it; the
+/// hostPort (served by Tern's datapath before portmap's iptables rules are
+/// reached) and the new MAC both work; DEL passes through all.
+#[test]
+fn tern_then_tuning_then_portmap() -> Result<()> {
+    if !require_root("tern_tuning_portmap") {
+        return Ok(());
+    }
+    let (lab, node) = lab_node("10.244.49.0/24")?;
+    let client = lab.external_client(CLIENT_IP)?;
+    let chain = Chain::new(
+        &node,
+        "1.0.0",
+        json!({"capabilities": {"portMappings": true}}),
+        &[
+            json!({"type": "tuning", "capabilities": {"mac": true}}),
+            json!({"type": "portmap", "capabilities": {"portMappings": true}}),
+        ],
+    )?;
+    let mac = "c2:b0:57:49:47:f2";
+    let caps = json!({
+        "mac": mac,
+        "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]
+    });
+    let ns = Netns::new("full")?;
+    let id = unique_name("full");
+    let result = chain
+        .run(&node, "add", &id, ns.path(), &caps)?
+        .success_json()?;
+    assert_eq!(interface(&result, "eth0")["mac"], mac, "{result}");
+    let ip = pod_ip(&result)?;
+    assert_eq!(result["ips"][0]["gateway"], "169.254.1.1", "{result}");
+    let _server = EchoServer::start(&ns, 80, "full")?;
+    node.wait_for_frontend(&format!("{NODE_IP}:8080/TCP"), Some(&[&format!("{ip}:80")]))?;
+    let tcp = SocketAddr::from((NODE_IP, 8080));
+    assert_eq!(tcp_roundtrip(&client, tcp, "chained")?, "full:chained");
+
+    // No CHECK here: portmap 1.1.1 (Debian's) fails CHECK for every
+    // IPv4-only pod, looking for ip6tables rules it never made
+    // (containernetworking/plugins#819). tern-cni's and tuning's CHECK
+    // run in tuning_mac_change_keeps_the_pod_connected.
+    let del = chain.run(&node, "del", &id, ns.path(), &caps)?;
+    assert_eq!(del.code, Some(0), "{del:?}");
+    node.wait_for_frontend(&format!("{NODE_IP}:8080/TCP"), None)?;
+    let status = node.agent_request(&json!({"op": "status"}))?;
+    assert_eq!(status["allocated"], 0, "{status}");
+    Ok(())
+}
