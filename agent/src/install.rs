@@ -196,7 +196,7 @@ pub fn validate_conflist(bytes: &[u8]) -> anyhow::Result<()> {
 
 /// The capabilities tern-cni serves. One it does not serve would be
 /// passed to it by the runtime and have no effect.
-pub const CAPABILITIES: &[&str] = &["portMappings"];
+pub const CAPABILITIES: &[&str] = &["portMappings", "bandwidth"];
 
 fn check_capabilities(capabilities: Option<&Value>) -> anyhow::Result<()> {
     let Some(capabilities) = capabilities else {
@@ -451,8 +451,8 @@ mod tests {
                 r#"{"cniVersion":"1.1.0","name":"tern","plugins":[{"type":"tern-cni","mtu":1}]}"#,
             ),
             (
-                "capabilities.bandwidth: tern-cni does not serve it",
-                r#"{"cniVersion":"1.1.0","name":"tern","plugins":[{"type":"tern-cni","capabilities":{"portMappings":true,"bandwidth":true}}]}"#,
+                "capabilities.mac: tern-cni does not serve it",
+                r#"{"cniVersion":"1.1.0","name":"tern","plugins":[{"type":"tern-cni","capabilities":{"portMappings":true,"mac":true}}]}"#,
             ),
         ];
         for (expected, text) in bad {

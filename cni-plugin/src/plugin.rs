@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::Value;
-use tern_api::{Attachment, CallError, Endpoint, HostPort, HostPortProtocol, Request, Response};
+use tern_api::{
+    Attachment, BandwidthLimits, CallError, Endpoint, HostPort, HostPortProtocol, Request, Response,
+};
 use tern_cni_spec::{
     CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, PortProtocol, Route,
 };
@@ -117,15 +119,6 @@ impl<'a> Context<'a> {
     }
 
     fn add(&self) -> Result<Value, CniError> {
-        if self.conf.bandwidth_limited {
-            // Never silently unlimited: Tern's datapath also bypasses the
-            // qdiscs of a chained bandwidth plugin.
-            return Err(CniError::invalid_config(
-                "runtimeConfig.bandwidth: tern-cni does not enforce bandwidth limits \
-                 (kubernetes.io/ingress-bandwidth, kubernetes.io/egress-bandwidth); \
-                 remove \"bandwidth\" from tern-cni's capabilities and the annotations from the pod",
-            ));
-        }
         let attachment = self.attachment();
         let host_ifname = self.host_ifname();
         // An existing interface means ADD already ran: refuse before
@@ -158,6 +151,12 @@ impl<'a> Context<'a> {
                 return Err(e);
             }
         };
+        let (ingress, egress) = self.limits();
+        if let Err(e) = podnet::shape(&netns, &attachment.ifname, &host_ifname, ingress, egress) {
+            let _ = podnet::delete(Some(&netns), &attachment.ifname, &host_ifname);
+            self.release_address(&attachment);
+            return Err(pod_error(e));
+        }
         let endpoint = Endpoint {
             attachment: attachment.clone(),
             ip: address,
@@ -165,6 +164,10 @@ impl<'a> Context<'a> {
             host_ifname: host_ifname.clone(),
             netns: netns.display().to_string(),
             host_ports: self.host_ports(),
+            bandwidth: self.conf.bandwidth.map(|b| BandwidthLimits {
+                ingress_rate: b.ingress_rate,
+                egress_rate: b.egress_rate,
+            }),
         };
         if let Err(e) = self.agent(&Request::EndpointCreate { endpoint }) {
             let _ = podnet::delete(Some(&netns), &attachment.ifname, &host_ifname);
@@ -173,6 +176,23 @@ impl<'a> Context<'a> {
         }
         let result = self.result(ipam_result, address, &wired, &host_ifname, &netns, mtu);
         Ok(result.to_json(&self.conf.cni_version))
+    }
+
+    /// The `bandwidth` capability: (into the pod, out of it).
+    fn limits(&self) -> (Option<podnet::Limit>, Option<podnet::Limit>) {
+        let Some(b) = self.conf.bandwidth else {
+            return (None, None);
+        };
+        let limit = |rate_bits, burst_bits| {
+            (rate_bits > 0).then_some(podnet::Limit {
+                rate_bits,
+                burst_bits,
+            })
+        };
+        (
+            limit(b.ingress_rate, b.ingress_burst),
+            limit(b.egress_rate, b.egress_burst),
+        )
     }
 
     /// The `portMappings` capability, as the agent serves it.
@@ -346,6 +366,9 @@ impl<'a> Context<'a> {
             mtu: expected_mtu,
         };
         podnet::check(&spec).map_err(pod_error)?;
+        let (ingress, egress) = self.limits();
+        podnet::check_shape(&netns, &attachment.ifname, &host_ifname, ingress, egress)
+            .map_err(pod_error)?;
         self.check_endpoint(&attachment, address, &host_ifname)?;
         // The spec has a plugin that delegates IPAM delegate CHECK too.
         match self.delegate() {

@@ -16,7 +16,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tern_common::{EndpointInfo, Reason};
+use tern_common::{EndpointInfo, Reason, endpoint_flags};
 
 use crate::maps::{ENDPOINTS, TUNNEL, config, count};
 use crate::packet::{IP_CHECK, L3, Packet, ifindex, parse};
@@ -76,6 +76,17 @@ pub fn redirect_to_local_pod(
     let pass = TC_ACT_OK;
     if !hop(ctx, p) {
         return (Reason::PassToStack, pass);
+    }
+    if endpoint.flags & endpoint_flags::INGRESS_SHAPED != 0 {
+        // Through the host veth's qdisc (the pod's ingress limit); the
+        // neighbour table supplies the pod's current MAC.
+        // SAFETY: plain helper call; the kernel resolves the next hop.
+        let verdict = unsafe { bpf_redirect_neigh(endpoint.ifindex, core::ptr::null_mut(), 0, 0) };
+        return if verdict == TC_ACT_REDIRECT as i64 {
+            (Reason::RedirectLocalPod, verdict as i32)
+        } else {
+            (Reason::RedirectFailed, pass)
+        };
     }
     if set_macs(ctx, &endpoint.pod_mac, &endpoint.host_mac).is_err() {
         return (Reason::RedirectFailed, pass);

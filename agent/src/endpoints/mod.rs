@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
 use tern_api::{Attachment, Endpoint, EndpointStatus, Response};
-use tern_common::EndpointInfo;
+use tern_common::{EndpointInfo, endpoint_flags};
 use tern_podnet as podnet;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -63,7 +63,10 @@ impl PodDatapath {
             endpoint.ip,
             EndpointInfo {
                 ifindex,
-                flags: 0,
+                flags: match endpoint.bandwidth {
+                    Some(limits) if limits.ingress_rate > 0 => endpoint_flags::INGRESS_SHAPED,
+                    _ => 0,
+                },
                 pod_mac: endpoint.mac,
                 host_mac,
             },

@@ -87,6 +87,7 @@ mod tests {
             host_ifname: format!("tern{id}"),
             netns: format!("/run/netns/{id}"),
             host_ports: vec![],
+            bandwidth: None,
         }
     }
 

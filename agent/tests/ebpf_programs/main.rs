@@ -142,9 +142,13 @@ impl Datapath {
     }
 
     fn add_endpoint(&mut self, pod: &LocalPod) {
+        self.add_endpoint_with(pod, 0);
+    }
+
+    fn add_endpoint_with(&mut self, pod: &LocalPod, flags: u32) {
         let info = EndpointInfo {
             ifindex: pod.ifindex,
-            flags: 0,
+            flags,
             pod_mac: pod.mac,
             host_mac: pod.host_mac,
         };
@@ -624,4 +628,37 @@ fn the_gateway_answers_its_pods_arp() {
         );
     }
     dp.assert_counts(&[(Reason::NotIpv4, 4), (Reason::GatewayArpReply, 1)]);
+}
+
+/// A pod with an ingress limit gets its traffic through its host veth (the
+/// neighbour path, whose qdisc shapes it), not straight into its peer: the
+/// frame leaves with the TTL spent but its MACs for the kernel to fill.
+#[test]
+fn a_pod_with_an_ingress_limit_is_reached_through_its_host_veth() {
+    let Some(mut dp) = Datapath::load() else {
+        return;
+    };
+    dp.add_endpoint(&CLIENT);
+    dp.add_endpoint_with(&BACKEND, tern_common::endpoint_flags::INGRESS_SHAPED);
+    let client = SocketAddrV4::new(CLIENT.ip, 40000);
+    let backend = SocketAddrV4::new(BACKEND.ip, 8080);
+    let (verdict, out) = dp.run(programs::FROM_POD, &packet::tcp(client, backend, SYN, 1));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let out = Packet::parse(&out);
+    assert_eq!(out.ttl, 63);
+    assert_ne!(
+        out.eth_dst, BACKEND.mac,
+        "the peer path's MACs were written"
+    );
+    let (verdict, out) = dp.run(
+        programs::FROM_POD,
+        &packet::tcp(backend, client, SYN | ACK, 1),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        Packet::parse(&out).eth_dst,
+        CLIENT.mac,
+        "unlimited pods keep the peer path"
+    );
+    dp.assert_counts(&[(Reason::RedirectLocalPod, 2)]);
 }

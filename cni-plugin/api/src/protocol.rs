@@ -30,6 +30,17 @@ pub struct Endpoint {
     /// the datapath on the node's addresses while the endpoint exists.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_ports: Vec<HostPort>,
+    /// The pod's bandwidth limits (the CNI `bandwidth` capability), which
+    /// tern-cni put on its interfaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<BandwidthLimits>,
+}
+
+/// Rates in bits per second; 0 is unlimited. Ingress is into the pod.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BandwidthLimits {
+    pub ingress_rate: u64,
+    pub egress_rate: u64,
 }
 
 /// One hostPort: `host_ip:host_port` (every node address when `host_ip`

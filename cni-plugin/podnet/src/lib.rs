@@ -44,6 +44,9 @@ use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 mod netlink;
+mod shaping;
+
+pub use shaping::{Bucket, Limit, check_shape, shape};
 
 use netlink::{
     delete_link, dump_main_v4_routes, errno, get_link, is_up, link_exists, link_mac, link_mtu,

@@ -450,3 +450,54 @@ fn failure_after_veth_creation_rolls_back() {
     host.run(|| create(&s)).expect("create");
     host.run(|| check(&s)).expect("check");
 }
+
+#[test]
+fn shape_and_check_shape() {
+    if !require_root("podnet::shape_and_check_shape") {
+        return;
+    }
+    let host = Netns::new();
+    let pod = Netns::new();
+    let pod_path = pod.path();
+    let s = spec(&pod_path, "eth0", "ternpn5");
+    host.run(|| create(&s)).expect("create");
+    let ingress = Some(Limit {
+        rate_bits: 20_000_000,
+        burst_bits: 0,
+    });
+    let egress = Some(Limit {
+        rate_bits: 10_000_000,
+        burst_bits: 80_000,
+    });
+    host.run(|| shape(&pod_path, "eth0", "ternpn5", ingress, egress))
+        .expect("shape");
+    let qdisc = |ns: &Netns, dev: &str| {
+        let out = Command::new("tc")
+            .args(["-n", &ns.name, "qdisc", "show", "dev", dev])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let host_side = qdisc(&host, "ternpn5");
+    assert!(
+        host_side.contains("tbf") && host_side.contains("rate 20Mbit"),
+        "{host_side}"
+    );
+    let pod_side = qdisc(&pod, "eth0");
+    assert!(
+        pod_side.contains("tbf") && pod_side.contains("rate 10Mbit"),
+        "{pod_side}"
+    );
+    host.run(|| check_shape(&pod_path, "eth0", "ternpn5", ingress, egress))
+        .expect("check_shape");
+    let other = Some(Limit {
+        rate_bits: 30_000_000,
+        burst_bits: 0,
+    });
+    let err = host
+        .run(|| check_shape(&pod_path, "eth0", "ternpn5", other, None))
+        .unwrap_err();
+    assert!(matches!(err, PodNetError::Check(_)), "{err:?}");
+    host.run(|| delete(Some(&pod_path), "eth0", "ternpn5"))
+        .expect("delete");
+}

@@ -14,7 +14,7 @@ pub mod version;
 
 pub use env::{CniEnv, Command};
 pub use error::CniError;
-pub use netconf::{IpamConf, NetConf, PortMapping, PortProtocol, requested_version};
+pub use netconf::{Bandwidth, IpamConf, NetConf, PortMapping, PortProtocol, requested_version};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{
     LATEST_VERSION, SUPPORTED_VERSIONS, highest_common, is_supported, supports_check,

@@ -32,10 +32,22 @@ pub struct NetConf {
     /// `runtimeConfig.portMappings` (the `portMappings` capability), IPv4
     /// ones only: a mapping whose hostIP is IPv6 is another family's.
     pub port_mappings: Vec<PortMapping>,
-    /// `runtimeConfig.bandwidth` asks for a rate limit (a non-zero rate).
-    pub bandwidth_limited: bool,
+    /// `runtimeConfig.bandwidth` (the `bandwidth` capability), when it
+    /// sets a rate.
+    pub bandwidth: Option<Bandwidth>,
     /// The whole document, for delegating to IPAM unchanged.
     pub raw: Value,
+}
+
+/// The `bandwidth` capability as the CNI conventions define it: rates in
+/// bits per second and bursts in bits; 0 is "no limit" (a rate) or "not
+/// given" (a burst). `ingress` is traffic into the pod.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bandwidth {
+    pub ingress_rate: u64,
+    pub ingress_burst: u64,
+    pub egress_rate: u64,
+    pub egress_burst: u64,
 }
 
 /// One hostPort as the CNI conventions define `portMappings`.
@@ -147,12 +159,9 @@ fn read_fields(top: &Obj, cni_version: &str) -> Result<NetConf, CniError> {
         Some(runtime) => port_mappings(runtime)?,
         None => Vec::new(),
     };
-    let bandwidth_limited = match runtime.as_ref().map(|r| r.child("bandwidth")).transpose()? {
-        Some(Some(bw)) => ["ingressRate", "egressRate"]
-            .iter()
-            .map(|key| bw.get(key).and_then(Value::as_u64).unwrap_or(0))
-            .any(|rate| rate > 0),
-        _ => false,
+    let bandwidth = match runtime.as_ref().map(|r| r.child("bandwidth")).transpose()? {
+        Some(Some(bw)) => bandwidth(&bw)?,
+        _ => None,
     };
     Ok(NetConf {
         cni_version: cni_version.to_string(),
@@ -164,9 +173,26 @@ fn read_fields(top: &Obj, cni_version: &str) -> Result<NetConf, CniError> {
         prev_result,
         valid_attachments,
         port_mappings,
-        bandwidth_limited,
+        bandwidth,
         raw: Value::Null, // parse() moves the document in
     })
+}
+
+/// `bandwidth`, or `None` when it sets no rate.
+fn bandwidth(bw: &Obj) -> Result<Option<Bandwidth>, CniError> {
+    let number = |key: &str| match bw.get(key) {
+        None => Ok(0),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bw.err(key, "must be a non-negative integer")),
+    };
+    let limits = Bandwidth {
+        ingress_rate: number("ingressRate")?,
+        ingress_burst: number("ingressBurst")?,
+        egress_rate: number("egressRate")?,
+        egress_burst: number("egressBurst")?,
+    };
+    Ok((limits.ingress_rate > 0 || limits.egress_rate > 0).then_some(limits))
 }
 
 /// `portMappings`: a bad entry is refused, never skipped, so a pod never
@@ -334,18 +360,34 @@ mod tests {
     }
 
     #[test]
-    fn a_bandwidth_limit_is_noticed() {
+    fn bandwidth_from_runtime_config() {
         let limit = |bw: Value| {
             parse(with("runtimeConfig", json!({ "bandwidth": bw })))
-                .unwrap()
-                .bandwidth_limited
+                .map(|c| c.bandwidth)
+                .map_err(|e| e.details)
         };
-        assert!(limit(
-            json!({"ingressRate": 10000000, "ingressBurst": 100000})
-        ));
-        assert!(limit(json!({"egressRate": 1, "egressBurst": 1})));
-        assert!(!limit(json!({"ingressRate": 0, "egressRate": 0})));
-        assert!(!parse(minimal()).unwrap().bandwidth_limited);
+        assert_eq!(
+            limit(json!({"ingressRate": 10000000, "ingressBurst": 100000})),
+            Ok(Some(Bandwidth {
+                ingress_rate: 10_000_000,
+                ingress_burst: 100_000,
+                ..Bandwidth::default()
+            }))
+        );
+        assert_eq!(
+            limit(json!({"egressRate": 1}))
+                .unwrap()
+                .unwrap()
+                .egress_rate,
+            1
+        );
+        assert_eq!(limit(json!({"ingressRate": 0, "egressRate": 0})), Ok(None));
+        assert!(
+            limit(json!({"ingressRate": -1}))
+                .unwrap_err()
+                .contains("ingressRate")
+        );
+        assert_eq!(parse(minimal()).unwrap().bandwidth, None);
     }
 
     #[test]

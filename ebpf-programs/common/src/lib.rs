@@ -163,6 +163,13 @@ pub const ENDPOINTS_MAX: u32 = 16384;
 /// gone.
 pub const POD_GATEWAY: [u8; 4] = [169, 254, 1, 1];
 
+/// EndpointInfo flags.
+pub mod endpoint_flags {
+    /// What the pod receives is shaped on its host veth: deliver through
+    /// that device's egress (and qdisc), not straight to its peer.
+    pub const INGRESS_SHAPED: u32 = 1 << 0;
+}
+
 /// ENDPOINTS value: where a local pod lives. Key: the pod's IPv4 address
 /// as a `u32` in network byte order.
 #[repr(C)]
@@ -170,6 +177,7 @@ pub const POD_GATEWAY: [u8; 4] = [169, 254, 1, 1];
 pub struct EndpointInfo {
     /// ifindex of the host-side veth; the packet is redirected to its peer.
     pub ifindex: u32,
+    /// `endpoint_flags`.
     pub flags: u32,
     /// MAC of the pod's interface (destination MAC on delivery).
     pub pod_mac: [u8; 6],
