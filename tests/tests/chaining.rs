@@ -173,6 +173,27 @@ fn port_mappings_are_served_natively() -> Result<()> {
     );
     assert_eq!(tcp_roundtrip(&client, tcp, "still")?, "web:still");
 
+    // A hostPort dies with its pod's endpoint, also when GC collects it.
+    let gone_pod = Netns::new("gc")?;
+    let gone_id = unique_name("gc");
+    let gone_caps =
+        json!({"portMappings": [{"hostPort": 9090, "containerPort": 80, "protocol": "tcp"}]});
+    let gone = chain.run(&node, "add", &gone_id, gone_pod.path(), &gone_caps)?;
+    let gone_ip = pod_ip(&gone.success_json()?)?;
+    node.wait_for_frontend(
+        &format!("{NODE_IP}:9090/TCP"),
+        Some(&[&format!("{gone_ip}:80")]),
+    )?;
+    let mut gc = node.netconf("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([
+        {"containerID": id, "ifname": "eth0"},
+        {"containerID": other.container_id, "ifname": "eth0"}
+    ]);
+    let out = node.invoke_cni(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes())?;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    node.wait_for_frontend(&format!("{NODE_IP}:9090/TCP"), None)?;
+    node.wait_for_frontend(&format!("{NODE_IP}:8080/TCP"), Some(&[&backend]))?;
+
     // The agent keeps the hostPorts across a restart (endpoint state).
     node.kill_agent()?;
     node.start_agent()?;
