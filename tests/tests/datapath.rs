@@ -18,8 +18,7 @@ const PORT: u16 = 8080;
 fn lab_node(cidr: &str) -> Result<(Lab, LabNode)> {
     let lab = Lab::new()?;
     let node = lab.node("n1", cidr, NODE_IP)?;
-    // Only the eBPF redirect can carry pod-to-pod traffic now.
-    node.ns.sysctl("net.ipv4.ip_forward", "0")?;
+    node.forward_only_through_ebpf()?;
     Ok((lab, node))
 }
 

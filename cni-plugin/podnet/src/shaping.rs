@@ -93,18 +93,7 @@ pub fn shape(
     ingress: Option<Limit>,
     egress: Option<Limit>,
 ) -> Result<()> {
-    if let Some(limit) = ingress {
-        run_netlink(None, "host", |h| async move {
-            replace_tbf(&h, host_ifname, limit.bucket()).await
-        })?;
-    }
-    if let Some(limit) = egress {
-        let ns = open_netns(netns)?.ok_or_else(|| PodNetError::NetnsMissing(netns.into()))?;
-        run_netlink(Some(&ns), "pod", |h| async move {
-            replace_tbf(&h, ifname, limit.bucket()).await
-        })?;
-    }
-    Ok(())
+    on_both_sides(Op::Replace, netns, (ifname, host_ifname), ingress, egress)
 }
 
 /// CNI CHECK: each limit's filter is at the root of its device with the
@@ -116,18 +105,37 @@ pub fn check_shape(
     ingress: Option<Limit>,
     egress: Option<Limit>,
 ) -> Result<()> {
+    on_both_sides(Op::Expect, netns, (ifname, host_ifname), ingress, egress)
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Replace,
+    Expect,
+}
+
+fn on_both_sides(
+    op: Op,
+    netns: &Path,
+    (ifname, host_ifname): (&str, &str),
+    ingress: Option<Limit>,
+    egress: Option<Limit>,
+) -> Result<()> {
     if let Some(limit) = ingress {
-        run_netlink(None, "host", |h| async move {
-            expect_tbf(&h, host_ifname, limit.bucket()).await
-        })?;
+        run_netlink(None, "host", |h| do_op(op, h, host_ifname, limit.bucket()))?;
     }
     if let Some(limit) = egress {
         let ns = open_netns(netns)?.ok_or_else(|| PodNetError::NetnsMissing(netns.into()))?;
-        run_netlink(Some(&ns), "pod", |h| async move {
-            expect_tbf(&h, ifname, limit.bucket()).await
-        })?;
+        run_netlink(Some(&ns), "pod", |h| do_op(op, h, ifname, limit.bucket()))?;
     }
     Ok(())
+}
+
+async fn do_op(op: Op, h: Handle, name: &str, bucket: Bucket) -> Result<()> {
+    match op {
+        Op::Replace => replace_tbf(&h, name, bucket).await,
+        Op::Expect => expect_tbf(&h, name, bucket).await,
+    }
 }
 
 async fn link_index(h: &Handle, name: &str) -> Result<u32> {

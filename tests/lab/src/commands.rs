@@ -377,7 +377,7 @@ pub fn demo(pods: usize) -> Result<()> {
     let mut running = start(pods)?;
     let pods: Vec<&Pod> = running.pods.iter().map(|(_, p)| p).collect();
     let node = &mut running.nodes[0];
-    node.ns.sysctl("net.ipv4.ip_forward", "0")?;
+    node.forward_only_through_ebpf()?;
     println!(
         "lab: node {} ({NODE_IP}, PodCIDR {POD_CIDR}), agent pid {:?}",
         node.ns.name(),

@@ -464,6 +464,12 @@ impl LabNode {
         self.cni("DEL", &pod.container_id, pod.ns.path(), "1.1.0")
     }
 
+    /// Turns the node's own forwarding off: pod traffic then moves only if
+    /// the eBPF datapath carries it.
+    pub fn forward_only_through_ebpf(&self) -> Result<()> {
+        self.ns.sysctl("net.ipv4.ip_forward", "0")
+    }
+
     /// The `tern` CLI against this node's agent and pins.
     pub fn tern(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(&self.bins.tern)
