@@ -67,15 +67,15 @@ impl ServicePipeline {
         self.status.subscribe()
     }
 
-    /// Compiles the snapshot and brings the Service maps to it, off the
-    /// async workers. Takes the report so it is freed (and the heap
-    /// trimmed) inside the sync. `None` if the sync task panicked (the
-    /// pipeline is then gone).
     /// Records this node's hostPorts for the next sync, without one.
     pub fn set_host_ports(&mut self, host_ports: Arc<Vec<HostPort>>) {
         self.host_ports = host_ports;
     }
 
+    /// Compiles the snapshot and brings the Service maps to it, off the
+    /// async workers. Takes the report so it is freed (and the heap
+    /// trimmed) inside the sync. `None` if the sync task panicked (the
+    /// pipeline is then gone).
     pub async fn apply(self, report: LoadReport) -> Option<Self> {
         self.apply_input(Input::Snapshot(report)).await
     }
