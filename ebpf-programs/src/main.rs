@@ -26,6 +26,12 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     pod::from_pod(&ctx)
 }
 
+/// In from_pod's place on a pod veth with an ingress qdisc of its own.
+#[classifier]
+pub fn from_pod_via_qdisc(ctx: TcContext) -> i32 {
+    pod::from_pod_via_qdisc(&ctx)
+}
+
 /// tc ingress on the node's underlay devices: traffic from outside.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {

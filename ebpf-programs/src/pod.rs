@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT,
-        bpf_fib_lookup,
+        TC_ACT_UNSPEC, bpf_fib_lookup,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
@@ -27,15 +27,33 @@ const IPV4_TTL: usize = L3 + 8;
 const AF_INET: u8 = 2;
 
 pub fn from_pod(ctx: &TcContext) -> i32 {
+    from_pod_to::<false>(ctx)
+}
+
+/// A pod whose veth has an ingress qdisc of its own (a chained bandwidth
+/// plugin shapes its egress there, through an ifb): Service translation
+/// as in `from_pod`, then the packet goes on to that qdisc (TCX_NEXT),
+/// which hands it to the node's stack, not straight to its destination.
+pub fn from_pod_via_qdisc(ctx: &TcContext) -> i32 {
+    from_pod_to::<true>(ctx)
+}
+
+// One body for both programs (the verifier takes them the same way).
+#[inline(always)]
+fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
     let Some(mut p) = parse(ctx) else {
         if let Some(verdict) = arp::answer_gateway(ctx) {
             return verdict;
         }
         count(Reason::NotIpv4);
-        return TC_ACT_OK;
+        return if VIA_QDISC { TC_ACT_UNSPEC } else { TC_ACT_OK };
     };
     match service_nat::from_pod(ctx, &mut p) {
         Outcome::Verdict(verdict) => verdict,
+        Outcome::Route if VIA_QDISC => {
+            count(Reason::ToPodQdisc);
+            TC_ACT_UNSPEC
+        }
         Outcome::Route => forward(ctx, &p),
     }
 }

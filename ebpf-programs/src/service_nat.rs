@@ -77,6 +77,10 @@ pub fn from_overlay(ctx: &TcContext, p: &mut Packet) -> Outcome {
 }
 
 /// Traffic from a local pod.
+// Inlined into both pod programs: as a BPF function of its own, its
+// `Outcome::Route` return leaves the unused payload slot holding whatever
+// register LLVM picks, which the verifier refuses when it is a pointer.
+#[inline(always)]
 pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
     if !p.has_ports() {
         return Outcome::Route;

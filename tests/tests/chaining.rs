@@ -214,7 +214,8 @@ fn port_mappings_are_served_natively() -> Result<()> {
 fn iperf3(server: &Netns, server_ip: Ipv4Addr, client: &Netns, port: u16) -> Result<f64> {
     let mut cmd = std::process::Command::new("iperf3");
     cmd.args(["-s", "-1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null());
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let _server = server.spawn_guarded(cmd)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while server
@@ -237,6 +238,33 @@ fn iperf3(server: &Netns, server_ip: Ipv4Addr, client: &Netns, port: u16) -> Res
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| anyhow::anyhow!("no sum_received in {report}"))
+}
+
+/// Asserts a measured TCP payload rate is within 5 % of a limit on the
+/// wire. Limits count bytes on the wire (Ethernet frames), as tc and the
+/// bandwidth plugin do; iperf3 counts TCP payload: it is scaled to frames
+/// of the node's pod MTU (20 + 32 bytes of IPv4 and TCP headers with
+/// timestamps, 14 of Ethernet).
+fn wire_rate_check(node: &LabNode) -> Result<impl Fn(&str, f64, f64)> {
+    let mtu = node.agent_request(&json!({"op": "status"}))?["mtu"]
+        .as_f64()
+        .unwrap();
+    let on_wire = (mtu + 14.0) / (mtu - 52.0);
+    Ok(move |what: &str, goodput: f64, want: f64| {
+        let got = goodput * on_wire;
+        let off = (got - want) / want;
+        println!(
+            "{what}: {:.2} Mbit/s on the wire ({:.2} TCP payload), limit {:.0}: {:+.1} %",
+            got / 1e6,
+            goodput / 1e6,
+            want / 1e6,
+            off * 100.0
+        );
+        assert!(
+            off.abs() <= 0.05,
+            "{what}: {got} bit/s against a limit of {want}"
+        );
+    })
 }
 
 /// The `bandwidth` capability served by tern-cni: a pod's ingress and
@@ -268,29 +296,7 @@ fn bandwidth_limits_hold_both_ways() -> Result<()> {
     let limited = pod_ip(&result)?;
     let other = node.add_pod("other")?;
     let third = node.add_pod("third")?;
-    // Limits count bytes on the wire (Ethernet frames), as tc and the
-    // bandwidth plugin do; iperf3 counts TCP payload: scale it to frames
-    // of the pod's MTU (20 + 32 bytes of IPv4 and TCP headers with
-    // timestamps, 14 of Ethernet).
-    let mtu = node.agent_request(&json!({"op": "status"}))?["mtu"]
-        .as_f64()
-        .unwrap();
-    let on_wire = (mtu + 14.0) / (mtu - 52.0);
-    let within = |what: &str, goodput: f64, want: f64| {
-        let got = goodput * on_wire;
-        let off = (got - want) / want;
-        println!(
-            "{what}: {:.2} Mbit/s on the wire ({:.2} TCP payload), limit {:.0}: {:+.1} %",
-            got / 1e6,
-            goodput / 1e6,
-            want / 1e6,
-            off * 100.0
-        );
-        assert!(
-            off.abs() <= 0.05,
-            "{what}: {got} bit/s against a limit of {want}"
-        );
-    };
+    let within = wire_rate_check(&node)?;
     within(
         "pod -> limited pod",
         iperf3(&ns, limited, &other.ns, 5201)?,
@@ -385,5 +391,72 @@ fn tern_then_tuning_then_portmap() -> Result<()> {
     node.wait_for_frontend(&format!("{NODE_IP}:8080/TCP"), None)?;
     let status = node.agent_request(&json!({"op": "status"}))?;
     assert_eq!(status["allocated"], 0, "{status}");
+    Ok(())
+}
+
+/// The reference `bandwidth` plugin chained after tern-cni (the capability
+/// on the plugin, not on tern-cni): the agent sees its qdiscs on the pod's
+/// veth and has the pod's traffic go through them, so its limits hold
+/// both ways instead of being bypassed by the datapath.
+#[test]
+fn a_chained_bandwidth_plugin_is_not_bypassed() -> Result<()> {
+    if !require_root("chained_bandwidth_plugin") {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    // The plugin's egress path ends in the node's stack: forwarding stays on.
+    let node = lab.node("n1", "10.244.51.0/24", NODE_IP)?;
+    let chain = Chain::new(
+        &node,
+        "1.0.0",
+        json!({}),
+        &[json!({"type": "bandwidth", "capabilities": {"bandwidth": true}})],
+    )?;
+    const INGRESS: f64 = 20e6;
+    const EGRESS: f64 = 10e6;
+    let caps = json!({"bandwidth": {
+        "ingressRate": INGRESS as u64, "ingressBurst": 1_000_000,
+        "egressRate": EGRESS as u64, "egressBurst": 500_000
+    }});
+    let ns = Netns::new("cbw")?;
+    let id = unique_name("cbw");
+    let result = chain
+        .run(&node, "add", &id, ns.path(), &caps)?
+        .success_json()?;
+    let limited = pod_ip(&result)?;
+    let other = node.add_pod("other")?;
+    let within = wire_rate_check(&node)?;
+    // The agent follows the plugin's qdiscs as soon as they exist.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.counter("to_pod_qdisc")? == 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the pod's traffic never reached the plugin's qdisc\n{}",
+            node.agent_log_tail()
+        );
+        let _ = tern_lab::traffic::icmp_echo(&ns, other.ip, 7);
+    }
+    within(
+        "pod -> limited pod",
+        iperf3(&ns, limited, &other.ns, 5211)?,
+        INGRESS,
+    );
+    within(
+        "limited pod -> pod",
+        iperf3(&other.ns, other.ip, &ns, 5212)?,
+        EGRESS,
+    );
+    within(
+        "node -> limited pod",
+        iperf3(&ns, limited, &node.ns, 5213)?,
+        INGRESS,
+    );
+    within(
+        "limited pod -> node",
+        iperf3(&node.ns, NODE_IP, &ns, 5214)?,
+        EGRESS,
+    );
+    let del = chain.run(&node, "del", &id, ns.path(), &caps)?;
+    assert_eq!(del.code, Some(0), "{del:?}");
     Ok(())
 }

@@ -141,6 +141,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             sync::start_source(&config.source, &config.node_name, metrics.clone()).await?;
         tokio::spawn(health::serve(health, status, Arc::new(started.counters)));
         tokio::spawn(conntrack_gc(tables, metrics.clone()));
+        tokio::spawn(tern_agent::qdiscs::watch(endpoints.clone()));
         let pipelines = sync::Pipelines {
             endpoints,
             routing,

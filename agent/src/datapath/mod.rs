@@ -30,8 +30,9 @@ use self::services::ServiceMaps;
 
 /// The tc programs: pod veths, underlay devices (both ways), the overlay
 /// device.
-const TC_PROGRAMS: [&str; 5] = [
+const TC_PROGRAMS: [&str; 6] = [
     programs::FROM_POD,
+    programs::FROM_POD_VIA_QDISC,
     programs::FROM_NETDEV,
     programs::TO_NETDEV,
     programs::FROM_OVERLAY,
@@ -142,8 +143,21 @@ impl Datapath {
     }
 
     /// Attaches `from_pod` at tc ingress of a pod's host veth.
-    pub fn attach_pod(&mut self, host_ifname: &str) -> anyhow::Result<()> {
-        self.attach_classifier(programs::FROM_POD, host_ifname, TcAttachType::Ingress)
+    /// `via_qdisc`: the veth has an ingress qdisc of its own that the
+    /// pod's traffic must reach (`from_pod_via_qdisc`). Either program
+    /// sits in the same pinned link, so switching is one atomic update.
+    pub fn attach_pod(&mut self, host_ifname: &str, via_qdisc: bool) -> anyhow::Result<()> {
+        let program = if via_qdisc {
+            programs::FROM_POD_VIA_QDISC
+        } else {
+            programs::FROM_POD
+        };
+        self.attach_classifier_at(
+            programs::FROM_POD,
+            program,
+            host_ifname,
+            TcAttachType::Ingress,
+        )
     }
 
     /// Attaches `from_netdev` at tc ingress and `to_netdev` at tc egress of
@@ -169,7 +183,18 @@ impl Datapath {
         ifname: &str,
         direction: TcAttachType,
     ) -> anyhow::Result<()> {
-        let pin = link_pin(&self.bpffs_dir, program, ifname);
+        self.attach_classifier_at(program, program, ifname, direction)
+    }
+
+    /// The same, with the link pinned under `pin_name`'s name.
+    fn attach_classifier_at(
+        &mut self,
+        pin_name: &str,
+        program: &str,
+        ifname: &str,
+        direction: TcAttachType,
+    ) -> anyhow::Result<()> {
+        let pin = link_pin(&self.bpffs_dir, pin_name, ifname);
         let classifier: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)

@@ -11,7 +11,7 @@
 
 mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,40 +42,73 @@ pub struct EndpointsStatus {
     pub host_ports: Arc<Vec<HostPort>>,
 }
 
+/// Qdiscs on a pod's host veth (`qdiscs::watch` reports them): tern-cni's
+/// bandwidth limit, or a chained plugin's shaping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VethQdiscs {
+    /// A root qdisc: it shapes what the pod receives, so traffic into the
+    /// pod is delivered through the veth (INGRESS_SHAPED).
+    pub root: bool,
+    /// An ingress (or clsact) qdisc: it shapes what the pod sends (the
+    /// bandwidth plugin redirects to an ifb there), so the pod's traffic
+    /// goes on to it (`from_pod_via_qdisc`).
+    pub ingress: bool,
+}
+
 /// The datapath side of the node's pods: the `from_pod` links (through the
 /// loaded programs) and the ENDPOINTS map.
 struct PodDatapath {
     programs: Datapath,
     endpoints: Endpoints,
+    /// By host veth ifindex: what is published there, with the veth's MAC.
+    published: BTreeMap<u32, (Endpoint, [u8; 6])>,
+    /// By host veth ifindex, for published veths only.
+    qdiscs: BTreeMap<u32, VethQdiscs>,
 }
 
 impl PodDatapath {
     /// Attaches the datapath to the endpoint's veth (`ifindex`, `host_mac`)
     /// and publishes it in ENDPOINTS (map last, so traffic is only steered
-    /// to a ready pod).
+    /// to a ready pod). The program and the flags follow the veth's qdiscs.
     fn publish(
         &mut self,
         endpoint: &Endpoint,
         (ifindex, host_mac): (u32, [u8; 6]),
     ) -> anyhow::Result<()> {
-        self.programs.attach_pod(&endpoint.host_ifname)?;
+        let qdiscs = self.qdiscs.get(&ifindex).copied().unwrap_or_default();
+        self.programs
+            .attach_pod(&endpoint.host_ifname, qdiscs.ingress)?;
+        let own_limit = endpoint.bandwidth.is_some_and(|b| b.ingress_rate > 0);
         self.endpoints.upsert(
             endpoint.ip,
             EndpointInfo {
                 ifindex,
-                flags: match endpoint.bandwidth {
-                    Some(limits) if limits.ingress_rate > 0 => endpoint_flags::INGRESS_SHAPED,
-                    _ => 0,
+                flags: if own_limit || qdiscs.root {
+                    endpoint_flags::INGRESS_SHAPED
+                } else {
+                    0
                 },
                 pod_mac: endpoint.mac,
                 host_mac,
             },
-        )
+        )?;
+        self.published.insert(ifindex, (endpoint.clone(), host_mac));
+        Ok(())
     }
 
     /// The reverse of `publish`, in the reverse order.
     fn unpublish(&mut self, endpoint: &Endpoint) -> anyhow::Result<()> {
         self.endpoints.remove(endpoint.ip)?;
+        let gone: Vec<u32> = self
+            .published
+            .iter()
+            .filter(|(_, (e, _))| e.attachment == endpoint.attachment)
+            .map(|(ifindex, _)| *ifindex)
+            .collect();
+        for ifindex in gone {
+            self.published.remove(&ifindex);
+            self.qdiscs.remove(&ifindex);
+        }
         self.programs.detach_pod(&endpoint.host_ifname)
     }
 }
@@ -128,6 +161,8 @@ impl EndpointManager {
             pods: Mutex::new(PodDatapath {
                 programs,
                 endpoints,
+                published: BTreeMap::new(),
+                qdiscs: BTreeMap::new(),
             }),
             status: watch::Sender::new(EndpointsStatus::default()),
         };
@@ -330,6 +365,28 @@ impl EndpointManager {
             })
             .collect();
         Ok(Response::Endpoints { endpoints })
+    }
+
+    /// The host veths of the published endpoints.
+    pub fn pod_veths(&self) -> Vec<u32> {
+        lock(&self.pods).published.keys().copied().collect()
+    }
+
+    /// The qdiscs on a pod's veth changed (e.g. a chained bandwidth plugin
+    /// shapes it): the pod's program and flags follow them.
+    pub fn observe_qdiscs(&self, ifindex: u32, qdiscs: VethQdiscs) {
+        let mut pods = lock(&self.pods);
+        let Some((endpoint, host_mac)) = pods.published.get(&ifindex).cloned() else {
+            return;
+        };
+        if pods.qdiscs.get(&ifindex).copied().unwrap_or_default() == qdiscs {
+            return;
+        }
+        info!(ip = %endpoint.ip, host_if = %endpoint.host_ifname, root = qdiscs.root, ingress = qdiscs.ingress, "qdiscs on the pod's veth: traffic follows them");
+        pods.qdiscs.insert(ifindex, qdiscs);
+        if let Err(e) = pods.publish(&endpoint, (ifindex, host_mac)) {
+            warn!(ip = %endpoint.ip, "following the qdiscs of {}: {e:#}", endpoint.host_ifname);
+        }
     }
 
     /// Serves `cidr` from now on: the PodCIDR this node's Node object

@@ -662,3 +662,35 @@ fn a_pod_with_an_ingress_limit_is_reached_through_its_host_veth() {
     );
     dp.assert_counts(&[(Reason::RedirectLocalPod, 2)]);
 }
+
+/// On a pod veth with an ingress qdisc of its own (a chained bandwidth
+/// plugin's egress shaping), Services are still translated, and every
+/// packet then goes on to that qdisc (TCX_NEXT) instead of being
+/// redirected past it.
+#[test]
+fn a_pod_behind_its_own_qdisc_is_translated_then_left_to_it() {
+    const TCX_NEXT: i32 = -1;
+    let Some(mut dp) = Datapath::load() else {
+        return;
+    };
+    dp.add_endpoint(&CLIENT);
+    dp.add_endpoint(&BACKEND);
+    let backend = SocketAddrV4::new(BACKEND.ip, 8080);
+    dp.add_service(SERVICE, TCP, CLUSTER_IP, 1, &[backend]);
+    let client = SocketAddrV4::new(CLIENT.ip, 40000);
+
+    let (verdict, out) = dp.run(
+        programs::FROM_POD_VIA_QDISC,
+        &packet::tcp(client, SERVICE, SYN, 1),
+    );
+    assert_eq!(verdict, TCX_NEXT);
+    let out = Packet::parse(&out);
+    assert_eq!((out.source(), out.destination()), (client, backend));
+    assert_eq!(out.ttl, 64, "the stack routes it, and spends the TTL");
+    let to_pod = packet::tcp(client, backend, SYN, 2);
+    assert_eq!(
+        dp.run(programs::FROM_POD_VIA_QDISC, &to_pod),
+        (TCX_NEXT, to_pod)
+    );
+    dp.assert_counts(&[(Reason::LbDnat, 1), (Reason::ToPodQdisc, 2)]);
+}

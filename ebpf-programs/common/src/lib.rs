@@ -105,6 +105,10 @@ pub mod maps {
 pub mod programs {
     /// tc ingress on the host side of each pod veth: traffic leaving a pod.
     pub const FROM_POD: &str = "from_pod";
+    /// In its place on a pod veth that has an ingress qdisc of its own (a
+    /// chained plugin's egress shaping): Services are translated, then
+    /// the packet goes on to that qdisc and the node's stack.
+    pub const FROM_POD_VIA_QDISC: &str = "from_pod_via_qdisc";
     /// tc ingress on the node's underlay devices: NodePort, LoadBalancer and
     /// externalIPs for clients outside the cluster.
     pub const FROM_NETDEV: &str = "from_netdev";
@@ -483,10 +487,13 @@ pub enum Reason {
     /// The pod asked (ARP) for its gateway's MAC and the host side
     /// answered: its neighbour entry was flushed, e.g. by a MAC change.
     GatewayArpReply = 19,
+    /// A pod's packet left to the qdisc on its veth (a chained plugin's
+    /// shaping) and then the node's stack.
+    ToPodQdisc = 20,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -508,6 +515,7 @@ impl Reason {
         Reason::MasqueradeReply,
         Reason::NatFull,
         Reason::GatewayArpReply,
+        Reason::ToPodQdisc,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -532,6 +540,7 @@ impl Reason {
             Reason::MasqueradeReply => "masquerade_reply",
             Reason::NatFull => "nat_full",
             Reason::GatewayArpReply => "gateway_arp_reply",
+            Reason::ToPodQdisc => "to_pod_qdisc",
         }
     }
 }
