@@ -210,7 +210,11 @@ fn port_mappings_are_served_natively() -> Result<()> {
 }
 
 /// TCP throughput `client` -> `server_ip` as the receiver counted it
-/// (iperf3, 4 s after a first second left out), bits per second.
+/// (iperf3 for 4 s), bits per second. No `--omit`: iperf3's sender and
+/// receiver end the omitted second each on their own clock, and the
+/// receiver then now and then counted data queued before its end (up to
+/// 7 % over a 20 Mbit/s filter that the filter's own counters showed had
+/// not been exceeded; esnet/iperf#236, #692 report the same).
 fn iperf3(server: &Netns, server_ip: Ipv4Addr, client: &Netns, port: u16) -> Result<f64> {
     let mut cmd = std::process::Command::new("iperf3");
     cmd.args(["-s", "-1", "-p", &port.to_string()])
@@ -231,7 +235,7 @@ fn iperf3(server: &Netns, server_ip: Ipv4Addr, client: &Netns, port: u16) -> Res
     }
     let mut cmd = std::process::Command::new("iperf3");
     cmd.args(["-J", "-c", &server_ip.to_string(), "-p", &port.to_string()])
-        .args(["-t", "4", "-O", "1"])
+        .args(["-t", "4"])
         .stdout(std::process::Stdio::piped());
     let out = client.spawn(cmd)?.wait_with_output()?;
     let report: Value = serde_json::from_slice(&out.stdout)?;
@@ -425,11 +429,7 @@ fn a_chained_bandwidth_plugin_is_not_bypassed() -> Result<()> {
         .success_json()?;
     let limited = pod_ip(&result)?;
     let other = node.add_pod("other")?;
-    // 10 %, not 5: through the plugin's filters a run now and then gets
-    // about 7 % more than the rate (3 of 24 measurements, either
-    // direction); the cause is not found yet. Bypassed, it was 12-14
-    // Gbit/s through a 10 Mbit/s limit.
-    let within = wire_rate_check(&node, 0.10)?;
+    let within = wire_rate_check(&node, 0.05)?;
     // The agent follows the plugin's qdiscs as soon as they exist.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while node.counter("to_pod_qdisc")? == 0 {
