@@ -45,7 +45,8 @@ pub async fn watch(endpoints: Arc<EndpointManager>) {
             ) => m.header.index as u32,
             _ => continue,
         };
-        if endpoints.pod_veths().contains(&ifindex) {
+        // Every new veth and every pod's own filter report here too.
+        if endpoints.is_pod_veth(ifindex) {
             refresh(&handle, &endpoints, ifindex).await;
         }
     }

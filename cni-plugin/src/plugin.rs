@@ -151,12 +151,15 @@ impl<'a> Context<'a> {
                 return Err(e);
             }
         };
-        let (ingress, egress) = self.limits();
-        if let Err(e) = podnet::shape(&netns, &attachment.ifname, &host_ifname, ingress, egress) {
+        // From here on a failure undoes the wiring and the address.
+        let undo = |e: CniError| {
             let _ = podnet::delete(Some(&netns), &attachment.ifname, &host_ifname);
             self.release_address(&attachment);
-            return Err(pod_error(e));
-        }
+            e
+        };
+        let (ingress, egress) = self.limits();
+        podnet::shape(&netns, &attachment.ifname, &host_ifname, ingress, egress)
+            .map_err(|e| undo(pod_error(e)))?;
         let endpoint = Endpoint {
             attachment: attachment.clone(),
             ip: address,
@@ -169,11 +172,8 @@ impl<'a> Context<'a> {
                 egress_rate: b.egress_rate,
             }),
         };
-        if let Err(e) = self.agent(&Request::EndpointCreate { endpoint }) {
-            let _ = podnet::delete(Some(&netns), &attachment.ifname, &host_ifname);
-            self.release_address(&attachment);
-            return Err(e);
-        }
+        self.agent(&Request::EndpointCreate { endpoint })
+            .map_err(undo)?;
         let result = self.result(ipam_result, address, &wired, &host_ifname, &netns, mtu);
         Ok(result.to_json(&self.conf.cni_version))
     }

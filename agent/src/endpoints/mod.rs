@@ -372,6 +372,11 @@ impl EndpointManager {
         lock(&self.pods).published.keys().copied().collect()
     }
 
+    /// Whether `ifindex` is a published pod's host veth.
+    pub fn is_pod_veth(&self, ifindex: u32) -> bool {
+        lock(&self.pods).published.contains_key(&ifindex)
+    }
+
     /// The qdiscs on a pod's veth changed (e.g. a chained bandwidth plugin
     /// shapes it): the pod's program and flags follow them.
     pub fn observe_qdiscs(&self, ifindex: u32, qdiscs: VethQdiscs) {
