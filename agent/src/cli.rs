@@ -58,6 +58,11 @@ pub enum Command {
         #[command(subcommand)]
         command: CtCommand,
     },
+    /// NetworkPolicy as this node enforces it.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Remote PodCIDRs and their nodes: the TUNNEL map (read from its pin).
     Tunnel {
         #[command(subcommand)]
@@ -66,6 +71,23 @@ pub enum Command {
     /// Install tern-cni and the network configuration list on this node
     /// (the DaemonSet's init container runs it).
     InstallCni(crate::install::InstallCniArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// The policies with the pods of this node they select, and each pod's
+    /// identity and isolation.
+    List,
+    /// Whether a new connection SRC -> DST on PORT/PROTO is allowed, and by
+    /// which policy and rule (as the compiled datapath state decides).
+    Explain {
+        /// Source pod address.
+        src: std::net::Ipv4Addr,
+        /// Destination address (after Service translation: a pod).
+        dst: std::net::Ipv4Addr,
+        /// e.g. 8080/TCP, 53/UDP (TCP when the protocol is left out).
+        port: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +129,12 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Tunnel {
             command: TunnelCommand::List,
         } => tunnel_list(&cli),
+        Command::Policy {
+            command: PolicyCommand::List,
+        } => policy_list(&cli),
+        Command::Policy {
+            command: PolicyCommand::Explain { src, dst, ref port },
+        } => policy_explain(&cli, src, dst, port),
         Command::InstallCni(args) => crate::install::run(&args),
     }
 }
@@ -211,6 +239,110 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
     Ok(table::render(&["FIELD", "VALUE"], &rows))
 }
 
+fn policy_list(cli: &Cli) -> anyhow::Result<String> {
+    let (policies, endpoints) = match ask(cli, &Request::ListPolicies)? {
+        Response::Policies {
+            policies,
+            endpoints,
+        } => (policies, endpoints),
+        Response::Error { message, .. } => bail!("the agent refused: {message}"),
+        other => bail!("unexpected answer from the agent: {other:?}"),
+    };
+    if cli.output == Output::Json {
+        return Ok(serde_json::to_string_pretty(
+            &json!({ "policies": policies, "endpoints": endpoints }),
+        )?);
+    }
+    let rows: Vec<Vec<String>> = policies
+        .iter()
+        .map(|p| {
+            let selects: Vec<String> = p.selects.iter().map(ToString::to_string).collect();
+            vec![
+                p.name.clone(),
+                p.number.to_string(),
+                if selects.is_empty() {
+                    "-".into()
+                } else {
+                    selects.join(" ")
+                },
+                p.allowed.to_string(),
+                p.error
+                    .clone()
+                    .map_or_else(|| "-".into(), |e| format!("FAILS CLOSED: {e}")),
+            ]
+        })
+        .collect();
+    let mut out = table::render(
+        &[
+            "POLICY",
+            "NUMBER",
+            "SELECTS (THIS NODE)",
+            "ALLOWED",
+            "PROBLEM",
+        ],
+        &rows,
+    );
+    out.push('\n');
+    out.push_str(&endpoint_policy_table(&endpoints));
+    Ok(out)
+}
+
+fn endpoint_policy_table(endpoints: &[tern_api::EndpointPolicyListing]) -> String {
+    let rows: Vec<Vec<String>> = endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                e.ip.to_string(),
+                e.pod.clone().unwrap_or_else(|| "-".into()),
+                e.identity.map_or_else(|| "-".into(), |i| i.to_string()),
+                e.ingress.clone(),
+                e.egress.clone(),
+                e.entries.to_string(),
+            ]
+        })
+        .collect();
+    table::render(
+        &["IP", "POD", "IDENTITY", "INGRESS", "EGRESS", "ENTRIES"],
+        &rows,
+    )
+}
+
+fn policy_explain(
+    cli: &Cli,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    port: &str,
+) -> anyhow::Result<String> {
+    let (number, protocol) = port.split_once('/').unwrap_or((port, "TCP"));
+    let port: u16 = number
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{number:?} is not a port number"))?;
+    let protocol = match protocol.to_ascii_uppercase().as_str() {
+        "TCP" => 6,
+        "UDP" => 17,
+        other => bail!("protocol {other:?}: TCP or UDP"),
+    };
+    let request = Request::ExplainPolicy {
+        from: src,
+        to: dst,
+        protocol,
+        port,
+    };
+    match ask(cli, &request)? {
+        Response::Explained { allowed, lines } => {
+            if cli.output == Output::Json {
+                return Ok(serde_json::to_string_pretty(
+                    &json!({ "allowed": allowed, "lines": lines }),
+                )?);
+            }
+            let verdict = if allowed { "ALLOWED" } else { "DENIED" };
+            Ok(format!("{verdict}\n{}\n", lines.join("\n")))
+        }
+        Response::Error { message, .. } => bail!("the agent refused: {message}"),
+        other => bail!("unexpected answer from the agent: {other:?}"),
+    }
+}
+
 fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
     let headers = [
         "IP",
@@ -226,7 +358,7 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
             if cli.output == Output::Json {
                 return Ok(serde_json::to_string_pretty(&endpoints)?);
             }
-            let rows: Vec<Vec<String>> = endpoints
+            let mut rows: Vec<Vec<String>> = endpoints
                 .iter()
                 .map(|s| {
                     let e = &s.endpoint;
@@ -245,6 +377,24 @@ fn endpoint_list(cli: &Cli) -> anyhow::Result<String> {
                     ]
                 })
                 .collect();
+            // Each pod's identity and isolation, from the policy pipeline.
+            let policy = match ask(cli, &Request::ListPolicies) {
+                Ok(Response::Policies { endpoints, .. }) => endpoints,
+                _ => Vec::new(),
+            };
+            for (row, s) in rows.iter_mut().zip(&endpoints) {
+                let p = policy.iter().find(|p| p.ip == s.endpoint.ip);
+                row.push(
+                    p.and_then(|p| p.identity)
+                        .map_or_else(|| "-".into(), |i| i.to_string()),
+                );
+                row.push(p.map_or_else(
+                    || "-".into(),
+                    |p| format!("in:{} out:{}", p.ingress, p.egress),
+                ));
+            }
+            let mut headers = headers.to_vec();
+            headers.extend(["IDENTITY", "POLICY"]);
             Ok(table::render(&headers, &rows))
         }
         Ok(Response::Error { message, .. }) => bail!("the agent refused: {message}"),

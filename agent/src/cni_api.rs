@@ -54,6 +54,13 @@ impl Handlers {
             Request::ListEndpoints => self.endpoints.list(),
             Request::Status => Ok(Response::Status(Box::new(self.status.agent_status()))),
             Request::ListServices => Ok(self.status.services()),
+            Request::ListPolicies => Ok(self.status.policies()),
+            Request::ExplainPolicy {
+                from,
+                to,
+                protocol,
+                port,
+            } => Ok(self.status.explain_policy(from, to, protocol, port)),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: format!("{e:#}"),

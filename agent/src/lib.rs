@@ -20,6 +20,7 @@ pub mod install;
 pub mod ipam;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod qdiscs;
 pub mod routing;
 pub mod services;

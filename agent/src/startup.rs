@@ -10,6 +10,7 @@ use tracing::info;
 
 use crate::config::AgentConfig;
 use crate::datapath::conntrack::CtMap;
+use crate::datapath::policy::PolicyMaps;
 use crate::datapath::prefixes::PrefixMap;
 use crate::datapath::services::ServiceMaps;
 use crate::datapath::{Counters, Datapath, ip_to_key, maps};
@@ -28,6 +29,8 @@ pub struct Started {
     pub endpoints: EndpointManager,
     /// For the Service pipeline.
     pub service_maps: ServiceMaps,
+    /// For the policy pipeline.
+    pub policy_maps: PolicyMaps,
     /// For node routing.
     pub tunnel: PrefixMap<TunnelEndpoint>,
     pub non_masquerade: PrefixMap<u8>,
@@ -93,6 +96,7 @@ pub fn start(
     Ok(Started {
         endpoints,
         service_maps: owned.services,
+        policy_maps: owned.policy,
         tunnel: owned.tunnel,
         non_masquerade: owned.non_masquerade,
         ct: owned.ct,

@@ -8,13 +8,17 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tern_api::{AgentStatus, FrontendStatus, Response};
+use tern_api::{
+    AgentStatus, EndpointPolicyListing, FrontendStatus, PolicyListing, PolicySummary, Response,
+};
 use tokio::sync::watch;
 
 use crate::compiler::lb::{FrontendKind, Scope};
+use crate::compiler::policy::{self, DirectionPolicy};
 use crate::endpoints::EndpointsStatus;
 use crate::metrics::Metrics;
 use crate::model::Cluster;
+use crate::policy::PolicyStatus;
 use crate::services::ServicesStatus;
 
 /// What the sync loop saw in the source's last snapshot.
@@ -27,11 +31,17 @@ pub struct SourceStatus {
 }
 
 impl SourceStatus {
-    pub fn of(cluster: &Cluster, source_lists_pods: bool) -> Self {
+    /// `cluster.pods` holds every pod of the cluster; only those on
+    /// `node_name` count, since the endpoints checked against them are ours.
+    pub fn of(cluster: &Cluster, node_name: &str, source_lists_pods: bool) -> Self {
         SourceStatus {
             services: cluster.services.len(),
             pods: source_lists_pods.then(|| {
-                let own: Vec<_> = cluster.pods.values().filter(|p| !p.host_network).collect();
+                let own: Vec<_> = cluster
+                    .pods
+                    .values()
+                    .filter(|p| !p.host_network && p.node.as_deref() == Some(node_name))
+                    .collect();
                 let ips = own.iter().flat_map(|p| p.ips.iter().copied()).collect();
                 (own.len(), Arc::new(ips))
             }),
@@ -58,6 +68,7 @@ pub struct StatusView {
     pub facts: Arc<NodeFacts>,
     pub endpoints: watch::Receiver<EndpointsStatus>,
     pub services: watch::Receiver<ServicesStatus>,
+    pub policy: watch::Receiver<PolicyStatus>,
     pub source: watch::Receiver<SourceStatus>,
     pub metrics: Arc<Metrics>,
 }
@@ -99,6 +110,7 @@ impl StatusView {
                     .filter(|ip| !ips.contains(ip))
                     .count()
             }),
+            policy: self.policy_summary(),
             routing_mode: facts.routing_mode.into(),
             service_path: if facts.socket_lb {
                 "socket-lb"
@@ -106,6 +118,92 @@ impl StatusView {
                 "per-packet"
             }
             .into(),
+        }
+    }
+
+    fn policy_summary(&self) -> PolicySummary {
+        let policy = self.policy.borrow().clone();
+        PolicySummary {
+            policies: policy.state.policies.len(),
+            isolated_pods: policy
+                .state
+                .endpoints
+                .values()
+                .filter(|e| e.ingress.isolated || e.egress.isolated)
+                .count(),
+            entries: policy.entries,
+            failed: policy
+                .failed
+                .iter()
+                .map(|(ip, direction, reason)| format!("{ip} {direction:?}: {reason}"))
+                .collect(),
+            failures_total: policy.failures_total,
+            problems: policy.state.problems.clone(),
+        }
+    }
+
+    /// The policies and this node's pods as policy sees them.
+    pub fn policies(&self) -> Response {
+        let policy = self.policy.borrow().clone();
+        let allowed: std::collections::HashMap<&str, u64> = policy
+            .allowed_by_policy
+            .iter()
+            .map(|(name, n)| (name.as_str(), *n))
+            .collect();
+        let policies = policy
+            .state
+            .policies
+            .iter()
+            .map(|(number, p)| PolicyListing {
+                name: p.name.clone(),
+                number: *number,
+                selects: p.selects.clone(),
+                allowed: allowed.get(p.name.as_str()).copied().unwrap_or(0),
+                error: p.error.clone(),
+            })
+            .collect();
+        let isolation = |d: &DirectionPolicy| {
+            if d.deny_all {
+                "deny-all"
+            } else if d.isolated {
+                "isolated"
+            } else {
+                "open"
+            }
+            .to_owned()
+        };
+        let endpoints = policy
+            .state
+            .endpoints
+            .iter()
+            .map(|(ip, e)| EndpointPolicyListing {
+                ip: *ip,
+                pod: e.pod.as_ref().map(|(ns, name)| format!("{ns}/{name}")),
+                identity: e.identity,
+                ingress: isolation(&e.ingress),
+                egress: isolation(&e.egress),
+                entries: e.ingress.allow.len() + e.egress.allow.len(),
+            })
+            .collect();
+        Response::Policies {
+            policies,
+            endpoints,
+        }
+    }
+
+    /// What the compiled policy decides for a new connection.
+    pub fn explain_policy(
+        &self,
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+    ) -> Response {
+        let state = self.policy.borrow().state.clone();
+        let explanation = policy::explain(&state, from, to, protocol, port);
+        Response::Explained {
+            allowed: explanation.allowed(),
+            lines: explanation.to_string().lines().map(str::to_owned).collect(),
         }
     }
 
@@ -153,5 +251,41 @@ impl StatusView {
             })
             .collect();
         Response::Services { frontends }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Pod;
+
+    fn pod(name: &str, node: Option<&str>, ip: [u8; 4], host_network: bool) -> Arc<Pod> {
+        Arc::new(Pod {
+            key: ("default".into(), name.into()),
+            node: node.map(Into::into),
+            ips: vec![Ipv4Addr::from(ip)],
+            host_network,
+            labels: Default::default(),
+            named_ports: vec![],
+        })
+    }
+
+    #[test]
+    fn only_this_nodes_own_network_pods_count() {
+        let mut cluster = Cluster::default();
+        for p in [
+            pod("here", Some("n1"), [10, 244, 1, 5], false),
+            pod("host", Some("n1"), [10, 0, 0, 1], true),
+            pod("there", Some("n2"), [10, 244, 2, 5], false),
+            pod("pending", None, [10, 244, 1, 6], false),
+        ] {
+            cluster.pods.insert(p.key.clone(), p);
+        }
+        let (count, ips) = SourceStatus::of(&cluster, "n1", true)
+            .pods
+            .unwrap_or_default();
+        assert_eq!(count, 1);
+        assert_eq!(*ips, HashSet::from([Ipv4Addr::new(10, 244, 1, 5)]));
+        assert!(SourceStatus::of(&cluster, "n1", false).pods.is_none());
     }
 }

@@ -13,6 +13,7 @@ use crate::config::Source;
 use crate::endpoints::EndpointManager;
 use crate::metrics::Metrics;
 use crate::model::Cluster;
+use crate::policy::PolicyPipeline;
 use crate::routing::Routing;
 use crate::services::ServicePipeline;
 use crate::sources::manifests::{self, DEFAULT_POLL_INTERVAL};
@@ -49,6 +50,7 @@ pub struct Pipelines {
     pub endpoints: Arc<EndpointManager>,
     pub routing: Routing,
     pub services: ServicePipeline,
+    pub policy: PolicyPipeline,
     /// Published for readers after every snapshot.
     pub source_status: watch::Sender<SourceStatus>,
 }
@@ -68,12 +70,24 @@ pub async fn run(
         endpoints,
         mut routing,
         mut services,
+        mut policy,
         source_status,
     } = pipelines;
     let mut pods = endpoints.subscribe();
-    let mut host_ports = pods.borrow_and_update().host_ports.clone();
+    let (mut host_ports, mut local_pods) = {
+        let now = pods.borrow_and_update();
+        (now.host_ports.clone(), now.local_pods.clone())
+    };
     let mut synced = snapshots.is_none();
     services.set_host_ports(host_ports.clone());
+    policy.set_local(local_pods.clone());
+    if synced {
+        // No source: no policies; the pods are all there is to sync.
+        policy = match policy.apply(Some(Cluster::default()), None).await {
+            Some(policy) => policy,
+            None => return gone_policy(),
+        };
+    }
     if synced && !host_ports.is_empty() {
         services = match services.apply_host_ports(host_ports.clone()).await {
             Some(services) => services,
@@ -92,7 +106,21 @@ pub async fn run(
                 if changed.is_err() {
                     return;
                 }
-                let now = pods.borrow_and_update().host_ports.clone();
+                let (now, now_local) = {
+                    let now = pods.borrow_and_update();
+                    (now.host_ports.clone(), now.local_pods.clone())
+                };
+                if now_local != local_pods {
+                    local_pods = now_local;
+                    if synced {
+                        policy = match policy.apply(None, Some(local_pods.clone())).await {
+                            Some(policy) => policy,
+                            None => return gone_policy(),
+                        };
+                    } else {
+                        policy.set_local(local_pods.clone());
+                    }
+                }
                 if now == host_ports {
                     continue;
                 }
@@ -119,10 +147,18 @@ pub async fn run(
             warn!("source: {problem}");
         }
         reported = now;
-        source_status.send_replace(SourceStatus::of(&report.cluster, source_lists_pods));
+        source_status.send_replace(SourceStatus::of(
+            &report.cluster,
+            routing.node_name(),
+            source_lists_pods,
+        ));
         adopt_pod_cidr(&report.cluster, &endpoints, routing.node_name());
         let local_cidrs = endpoints.pod_cidr().into_iter().collect();
         routing.apply(&report.cluster.nodes, local_cidrs).await;
+        policy = match policy.apply(Some(report.cluster.clone()), None).await {
+            Some(policy) => policy,
+            None => return gone_policy(),
+        };
         let count = report.cluster.services.len();
         services = match services.apply(report).await {
             Some(services) => services,
@@ -143,6 +179,10 @@ async fn next(snapshots: &mut Option<mpsc::Receiver<LoadReport>>) -> Option<Load
 
 fn gone() {
     error!("the Service pipeline is gone; Services are no longer synced");
+}
+
+fn gone_policy() {
+    error!("the policy pipeline is gone; NetworkPolicies are no longer synced");
 }
 
 /// The Node object's PodCIDR wins over the configured one, which stays

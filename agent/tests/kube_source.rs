@@ -11,11 +11,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use std::sync::Arc;
 use tern_agent::compiler::lb::{self, NodeContext};
 use tern_agent::model::LbAlgorithm;
 
-use tern_agent::sources::{self, Conversion, LoadReport, kube, manifests};
+use tern_agent::sources::{LoadReport, kube, manifests};
 use tern_lab::apiserver::ApiServer;
 use tokio::sync::mpsc;
 
@@ -74,6 +73,15 @@ fn pod(name: &str, node: &str, ip: &str) -> Value {
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
 }
 
+fn policy(name: &str, port: u16) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                 "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {}}],
+                              "ports": [{"protocol": "TCP", "port": port}]}]}})
+}
+
 fn context() -> NodeContext {
     NodeContext {
         node_name: NODE.into(),
@@ -88,18 +96,6 @@ fn expected(server: &ApiServer) -> LoadReport {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("all.json"), server.objects().to_string()).unwrap();
     let mut report = manifests::load_dir(dir.path());
-    // The manifest source reads no pods; the watcher this node's.
-    let objects = server.objects();
-    for object in objects["items"].as_array().unwrap() {
-        if object["kind"] == "Pod" && object["spec"]["nodeName"] == NODE {
-            let typed: k8s_openapi::api::core::v1::Pod =
-                serde_json::from_value(object.clone()).unwrap();
-            let Conversion::Accepted(pod, _) = sources::pod(&typed) else {
-                panic!("{object}");
-            };
-            report.cluster.pods.insert(pod.key.clone(), Arc::new(pod));
-        }
-    }
     report.ignored = 0;
     report
 }
@@ -163,6 +159,7 @@ async fn watch_follows_the_api_through_relists_bookmarks_and_errors() {
         slice("web", "a", 8080, &["10.244.1.5", "10.244.2.7"]),
         pod("web-1", NODE, "10.244.1.5"),
         pod("web-2", "n2", "10.244.2.7"),
+        policy("web-ingress", 8080),
     ] {
         server.apply(object);
     }
@@ -185,15 +182,24 @@ async fn watch_follows_the_api_through_relists_bookmarks_and_errors() {
     assert_eq!(first.cluster.services.len(), 1);
     assert_eq!(first.cluster.slices.len(), 1, "{:?}", first.cluster);
     assert_eq!(first.cluster.nodes.len(), 2);
-    // Only this node's pods.
+    // Every pod of the cluster (policy needs each peer), and the policies.
     let pods: Vec<_> = first.cluster.pods.keys().map(|(_, n)| n.as_str()).collect();
-    assert_eq!(pods, ["web-1"]);
+    assert_eq!(pods, ["web-1", "web-2"]);
+    assert_eq!(
+        first.cluster.pods[&("default".into(), "web-2".into())]
+            .node
+            .as_deref(),
+        Some("n2")
+    );
+    assert_eq!(first.cluster.network_policies.len(), 1);
     let mut rx = Snapshots { rx, latest: first };
     settle(&mut rx, &expected(&server)).await;
 
     // Watch events: a new Service with its slice, a changed slice, a
-    // namespace default, a bad Service, a deleted pod.
+    // namespace default, a bad Service, a changed and a new policy.
     server.apply(service("api", "10.96.0.11", 443, 8443));
+    server.apply(policy("web-ingress", 9090));
+    server.apply(policy("api-ingress", 8443));
     server.apply(slice("api", "x", 8443, &["10.244.1.9"]));
     server.apply(slice("web", "a", 8080, &["10.244.2.7"]));
     server.apply(namespace("default", Some("maglev")));
@@ -252,8 +258,8 @@ async fn watch_follows_the_api_through_relists_bookmarks_and_errors() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let failed = server.requests().len() - before;
     assert!(
-        failed <= 5 * 4,
-        "{failed} requests in 2 s of errors from 5 watchers: no back-off"
+        failed <= 6 * 4,
+        "{failed} requests in 2 s of errors from 6 watchers: no back-off"
     );
     assert!(errors.load(std::sync::atomic::Ordering::Relaxed) > 0);
     settle(&mut rx, &want).await;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde_json::Value;
 use tern_api::{
-    Attachment, BandwidthLimits, CallError, Endpoint, HostPort, HostPortProtocol, Request, Response,
+    Attachment, BandwidthLimits, CallError, Endpoint, HostPort, HostPortProtocol, PodRef, Request,
+    Response,
 };
 use tern_cni_spec::{
     CniEnv, CniError, CniResult, Command, Interface, IpConfig, NetConf, PortProtocol, Route,
@@ -171,6 +172,7 @@ impl<'a> Context<'a> {
                 ingress_rate: b.ingress_rate,
                 egress_rate: b.egress_rate,
             }),
+            pod: self.pod(),
         };
         self.agent(&Request::EndpointCreate { endpoint })
             .map_err(undo)?;
@@ -193,6 +195,14 @@ impl<'a> Context<'a> {
             limit(b.ingress_rate, b.ingress_burst),
             limit(b.egress_rate, b.egress_burst),
         )
+    }
+
+    /// The pod, when the runtime names it (Kubernetes runtimes do).
+    fn pod(&self) -> Option<PodRef> {
+        Some(PodRef {
+            namespace: self.env.arg("K8S_POD_NAMESPACE")?.to_owned(),
+            name: self.env.arg("K8S_POD_NAME")?.to_owned(),
+        })
     }
 
     /// The `portMappings` capability, as the agent serves it.

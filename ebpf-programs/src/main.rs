@@ -11,6 +11,7 @@ mod masq;
 mod overlay;
 mod packet;
 mod pod;
+mod policy;
 mod reject;
 mod service_nat;
 mod sock;

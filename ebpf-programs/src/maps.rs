@@ -10,9 +10,11 @@ use aya_ebpf::{
 };
 use tern_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CT_MAX, CtKey, CtValue,
-    DatapathConfig, ENDPOINTS_MAX, EndpointInfo, MAGLEV_MAX_SERVICES, MaglevTable, NAT_MAX,
-    NON_MASQUERADE_MAX, REVNAT_MAX, Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey,
-    ServiceValue, SockRevNatKey, TUNNEL_MAX, TunnelEndpoint,
+    DatapathConfig, ENDPOINTS_MAX, EndpointInfo, IDENTITIES_MAX, MAGLEV_MAX_SERVICES, MaglevTable,
+    NAT_MAX, NON_MASQUERADE_MAX, POLICY_CIDR_MAX, POLICY_CT_MAX, POLICY_MAX, POLICY_NUMBERS_MAX,
+    PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue, PolicyKey, PolicyRuleRef,
+    REVNAT_MAX, Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey, ServiceValue,
+    SockRevNatKey, TUNNEL_MAX, TunnelEndpoint,
 };
 
 /// Local pods by IPv4 address (network byte order).
@@ -67,6 +69,32 @@ pub static NAT: HashMap<CtKey, CtValue> = HashMap::pinned(NAT_MAX, BPF_F_NO_PREA
 #[map]
 pub static NON_MASQUERADE: LpmTrie<u32, u8> = LpmTrie::pinned(NON_MASQUERADE_MAX, 0);
 
+/// Every pod address of the cluster -> its identity (NetworkPolicy).
+#[map]
+pub static IDENTITIES: HashMap<u32, u32> = HashMap::pinned(IDENTITIES_MAX, BPF_F_NO_PREALLOC);
+
+/// Local pods' isolation and policy revision; absent = not isolated.
+#[map]
+pub static POLICY_ENDPOINTS: HashMap<u32, PolicyEndpoint> = HashMap::pinned(ENDPOINTS_MAX, 0);
+
+/// Allow entries of local pods: (pod, peer identity, direction, protocol,
+/// port prefix) -> the policy rule that allows it.
+#[map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyRuleRef> = LpmTrie::pinned(POLICY_MAX, 0);
+
+/// ipBlock prefixes of local pods -> the identity number POLICY knows them by.
+#[map]
+pub static POLICY_CIDR: LpmTrie<PolicyCidrKey, u32> = LpmTrie::pinned(POLICY_CIDR_MAX, 0);
+
+/// Connections of local pods and the policy revision that allowed them.
+#[map]
+pub static POLICY_CT: LruHashMap<PolicyFlowKey, PolicyFlowValue> =
+    LruHashMap::pinned(POLICY_CT_MAX, 0);
+
+/// New connections allowed, per policy number, per CPU.
+#[map]
+pub static POLICY_COUNTS: PerCpuArray<u64> = PerCpuArray::pinned(POLICY_NUMBERS_MAX, 0);
+
 /// Settings from the agent (index 0).
 #[map]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
@@ -76,7 +104,11 @@ pub fn config() -> DatapathConfig {
 }
 
 pub fn count(reason: Reason) {
-    if let Some(counter) = METRICS.get_ptr_mut(reason as u32) {
+    bump(&METRICS, reason as u32);
+}
+
+pub fn bump(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no other writer on this CPU meanwhile.
         unsafe { *counter += 1 };
     }

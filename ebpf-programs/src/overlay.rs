@@ -16,6 +16,7 @@ use tern_common::{OVERLAY_VNI, Reason, TunnelEndpoint};
 use crate::maps::{ENDPOINTS, TUNNEL, count};
 use crate::packet::{Packet, parse};
 use crate::pod::{hop, redirect_to_local_pod};
+use crate::policy;
 use crate::service_nat::{self, Outcome};
 
 /// `skb->pkt_type` of a frame addressed to this host.
@@ -79,6 +80,7 @@ pub fn from_overlay(ctx: &TcContext) -> i32 {
     }
     // SAFETY: the value is copied out at once.
     let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
+        Some(_) if !policy::ingress(&p) => return TC_ACT_SHOT,
         Some(endpoint) => redirect_to_local_pod(ctx, &p, &endpoint),
         None => (Reason::PassToStack, TC_ACT_OK),
     };

@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT,
-        TC_ACT_UNSPEC, bpf_fib_lookup,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
@@ -20,6 +20,7 @@ use tern_common::{EndpointInfo, Reason, endpoint_flags};
 
 use crate::maps::{ENDPOINTS, TUNNEL, config, count};
 use crate::packet::{IP_CHECK, L3, Packet, ifindex, parse};
+use crate::policy::{self, Tracked};
 use crate::service_nat::{self, Outcome};
 use crate::{arp, masq, overlay};
 
@@ -48,9 +49,26 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
         count(Reason::NotIpv4);
         return if VIA_QDISC { TC_ACT_UNSPEC } else { TC_ACT_OK };
     };
+    // Policy sees the connection as the pod sent it (its replies, before
+    // reverse translation) and judges a new one on where it goes (after
+    // Service translation).
+    let sent = p;
+    let tracked = policy::egress_tracked(&sent);
+    if let Tracked::Denied = tracked {
+        return TC_ACT_SHOT;
+    }
     match service_nat::from_pod(ctx, &mut p) {
         Outcome::Verdict(verdict) => verdict,
+        Outcome::Route if matches!(tracked, Tracked::New) && !policy::egress_new(&sent, &p) => {
+            TC_ACT_SHOT
+        }
         Outcome::Route if VIA_QDISC => {
+            // The stack delivers it to a local pod without us: judge its
+            // ingress here.
+            // SAFETY: only presence is read.
+            if unsafe { ENDPOINTS.get(p.daddr) }.is_some() && !policy::ingress(&p) {
+                return TC_ACT_SHOT;
+            }
             count(Reason::ToPodQdisc);
             TC_ACT_UNSPEC
         }
@@ -79,6 +97,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
 fn forward(ctx: &TcContext, p: &Packet) -> i32 {
     // SAFETY: the value is copied out at once.
     let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
+        Some(_) if !policy::ingress(p) => return TC_ACT_SHOT,
         Some(endpoint) => redirect_to_local_pod(ctx, p, &endpoint),
         None => to_remote_node(ctx, p),
     };

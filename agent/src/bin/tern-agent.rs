@@ -7,6 +7,7 @@ use tern_agent::compiler::lb::NodeContext;
 use tern_agent::config::{AgentArgs, AgentConfig, RoutingMode};
 use tern_agent::datapath::conntrack::CtMap;
 use tern_agent::metrics::Metrics;
+use tern_agent::policy::PolicyPipeline;
 use tern_agent::routing::Routing;
 use tern_agent::services::ServicePipeline;
 use tern_agent::startup::{self, OverlayDevice};
@@ -109,6 +110,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         "tern-agent ready"
     );
     let services = ServicePipeline::adopt(context, started.service_maps)?;
+    let policy = PolicyPipeline::adopt(started.policy_maps)?;
     let endpoints = Arc::new(started.endpoints);
     let metrics = Arc::new(Metrics::default());
     let source_status = watch::Sender::new(SourceStatus::default());
@@ -124,6 +126,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         }),
         endpoints: endpoints.subscribe(),
         services: services.subscribe(),
+        policy: policy.subscribe(),
         source: source_status.subscribe(),
         metrics: metrics.clone(),
     };
@@ -146,6 +149,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             endpoints,
             routing,
             services,
+            policy,
             source_status,
         };
         tokio::spawn(sync::run(

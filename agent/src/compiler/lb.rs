@@ -1024,6 +1024,7 @@ mod tests {
             Arc::new(crate::model::Namespace {
                 name: "default".into(),
                 lb_algorithm,
+                labels: Default::default(),
             })
         };
         // A kept compiler notices the namespace's change alone.

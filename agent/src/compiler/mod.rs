@@ -4,4 +4,5 @@
 
 pub mod lb;
 pub mod maglev;
+pub mod policy;
 pub mod routing;

@@ -9,6 +9,7 @@
 pub mod conntrack;
 pub mod maps;
 mod pins;
+pub mod policy;
 pub mod prefixes;
 pub mod routes;
 pub mod services;
@@ -25,6 +26,7 @@ use tern_common::{TunnelEndpoint, maps as names, programs};
 
 use self::conntrack::CtMap;
 use self::maps::{ConfigMap, take};
+use self::policy::PolicyMaps;
 use self::prefixes::PrefixMap;
 use self::services::ServiceMaps;
 
@@ -72,6 +74,9 @@ pub struct MapOwners {
     /// collection removes expired entries.
     pub ct: CtMap,
     pub nat: CtMap,
+    /// IDENTITIES, POLICY_ENDPOINTS, POLICY, POLICY_CIDR: the policy
+    /// pipeline (POLICY_COUNTS read only).
+    pub policy: PolicyMaps,
     /// CONFIG: written once, at start.
     pub config: ConfigMap,
     /// METRICS: written by the eBPF programs, only read by the agent.
@@ -126,6 +131,7 @@ impl Datapath {
             services: ServiceMaps::take(&mut ebpf)?,
             tunnel: PrefixMap::take(&mut ebpf, names::TUNNEL)?,
             non_masquerade: PrefixMap::take(&mut ebpf, names::NON_MASQUERADE)?,
+            policy: PolicyMaps::take(&mut ebpf)?,
             ct: take(&mut ebpf, names::CT)?,
             nat: take(&mut ebpf, names::NAT)?,
             config: take(&mut ebpf, names::CONFIG)?,

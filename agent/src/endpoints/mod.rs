@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use self::store::EndpointStore;
+use crate::compiler::policy::LocalEndpoint;
 use crate::datapath::{Datapath, Endpoints};
 use crate::ipam::Ipam;
 use crate::model::{HostPort, Protocol};
@@ -40,6 +41,9 @@ pub struct EndpointsStatus {
     pub endpoint_ips: Arc<BTreeSet<Ipv4Addr>>,
     /// The pods' hostPorts, sorted; the Service pipeline serves them.
     pub host_ports: Arc<Vec<HostPort>>,
+    /// The pods by address, with the pod each belongs to: what policy
+    /// is compiled for.
+    pub local_pods: Arc<Vec<LocalEndpoint>>,
 }
 
 /// Qdiscs on a pod's host veth (`qdiscs::watch` reports them): tern-cni's
@@ -238,6 +242,7 @@ impl EndpointManager {
             endpoints: store.len(),
             endpoint_ips: Arc::new(store.iter().map(|e| e.ip).collect()),
             host_ports: Arc::new(host_ports(&store)),
+            local_pods: Arc::new(local_pods(&store)),
         });
     }
 
@@ -435,6 +440,21 @@ fn host_port_taken(store: &EndpointStore, endpoint: &Endpoint) -> Option<Respons
 }
 
 /// Every endpoint's hostPorts, as the Service pipeline compiles them.
+fn local_pods(store: &EndpointStore) -> Vec<LocalEndpoint> {
+    let mut pods: Vec<LocalEndpoint> = store
+        .iter()
+        .map(|e| LocalEndpoint {
+            ip: e.ip,
+            pod: e
+                .pod
+                .as_ref()
+                .map(|p| (p.namespace.clone(), p.name.clone())),
+        })
+        .collect();
+    pods.sort();
+    pods
+}
+
 fn host_ports(store: &EndpointStore) -> Vec<HostPort> {
     let mut ports: Vec<HostPort> = store
         .iter()

@@ -88,6 +88,7 @@ mod tests {
             netns: format!("/run/netns/{id}"),
             host_ports: vec![],
             bandwidth: None,
+            pod: None,
         }
     }
 

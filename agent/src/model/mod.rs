@@ -4,6 +4,7 @@
 mod endpoint_slice;
 mod host_port;
 mod namespace;
+mod network_policy;
 mod node;
 mod pod;
 mod service;
@@ -13,8 +14,12 @@ use std::sync::Arc;
 pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
 pub use host_port::HostPort;
 pub use namespace::Namespace;
+pub use network_policy::{
+    LabelSelector, Labels, NAMESPACE_NAME_LABEL, NamespaceScope, NetworkPolicy, Operator, Peer,
+    Peers, PolicyPort, PolicyRule, PortRef, Ports, Requirement,
+};
 pub use node::Node;
-pub use pod::Pod;
+pub use pod::{NamedPort, Pod};
 pub use service::{
     LbAlgorithm, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
@@ -35,8 +40,10 @@ pub struct Cluster {
     pub nodes: Map<String, Arc<Node>>,
     /// Keyed by name.
     pub namespaces: Map<String, Arc<Namespace>>,
-    /// This node's pods (the API source only), keyed by (namespace, name).
+    /// Every pod of the cluster, keyed by (namespace, name).
     pub pods: Map<(String, String), Arc<Pod>>,
+    /// Keyed by (namespace, name).
+    pub network_policies: Map<(String, String), Arc<NetworkPolicy>>,
 }
 
 impl Cluster {
@@ -52,6 +59,15 @@ impl Cluster {
             .take_while(|((ns, _), _)| *ns == service.namespace)
             .map(|(_, slice)| &**slice)
             .filter(move |slice| slice.service == *service)
+    }
+
+    /// A namespace's labels; a namespace the source has no object for
+    /// still has its name label (the API server always sets it).
+    pub fn namespace_labels(&self, name: &str) -> Labels {
+        match self.namespaces.get(name) {
+            Some(namespace) => namespace.labels.clone(),
+            None => Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned())]),
+        }
     }
 }
 

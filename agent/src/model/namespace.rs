@@ -1,6 +1,6 @@
-//! Namespaces: defaults for the Services in them.
+//! Namespaces: defaults for the Services in them, labels for policy.
 
-use super::LbAlgorithm;
+use super::{Labels, LbAlgorithm};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -8,4 +8,6 @@ pub struct Namespace {
     /// The namespace's `tern.io/lb-algorithm` annotation: the choice for
     /// its Services that have none of their own.
     pub lb_algorithm: Option<LbAlgorithm>,
+    /// Its labels, `kubernetes.io/metadata.name` always among them.
+    pub labels: Labels,
 }

@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Conversion, LoadReport};
-use crate::model::{Cluster, EndpointSlice, Map, Namespace, Node, Pod, Service, ServiceKey};
+use crate::model::{
+    Cluster, EndpointSlice, Map, Namespace, NetworkPolicy, Node, Pod, Service, ServiceKey,
+};
 
 /// Every resource the agent reads from the API, as (API group, resource),
 /// each only with `list` and `watch`: the ClusterRole in `manifests/` grants
@@ -31,6 +33,7 @@ pub const WATCHED_RESOURCES: &[(&str, &str)] = &[
     ("", "services"),
     ("", "pods"),
     ("discovery.k8s.io", "endpointslices"),
+    ("networking.k8s.io", "networkpolicies"),
 ];
 
 /// A client for the API server: from `kubeconfig`, or the pod's service
@@ -59,15 +62,16 @@ pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> anyh
 
 /// Watches the API and hands over a snapshot after the first full sync and
 /// after every change, until the receiver is gone. Changes that arrive
-/// while the receiver is busy are folded into one snapshot.
+/// while the receiver is busy are folded into one snapshot. Every pod of
+/// the cluster is watched, not only this node's: policy needs the address
+/// and labels of every peer, so the node's name is no longer used.
 pub async fn watch(
     client: Client,
-    node_name: String,
+    _node_name: String,
     tx: mpsc::Sender<LoadReport>,
     on_error: impl Fn(),
 ) {
     let all = watcher::Config::default();
-    let local_pods = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
     let mut updates = futures::stream::select_all([
         kind(
             Api::all(client.clone()),
@@ -89,11 +93,22 @@ pub async fn watch(
         ),
         kind(
             Api::all(client.clone()),
-            all,
+            all.clone(),
             super::namespace,
             Update::Namespaces,
         ),
-        kind(Api::all(client), local_pods, super::pod, Update::Pods),
+        kind(
+            Api::all(client.clone()),
+            all.clone(),
+            super::pod,
+            Update::Pods,
+        ),
+        kind(
+            Api::all(client),
+            all,
+            super::network_policy,
+            Update::NetworkPolicies,
+        ),
     ]);
     let mut store = ApiStore::default();
     let mut changed = false;
@@ -160,6 +175,7 @@ enum Update {
     Nodes(Event<Keyed<Node>>),
     Namespaces(Event<Keyed<Namespace>>),
     Pods(Event<Keyed<Pod>>),
+    NetworkPolicies(Event<Keyed<NetworkPolicy>>),
     Error(watcher::Error),
 }
 
@@ -303,6 +319,7 @@ struct ApiStore {
     nodes: Objects<String, Node>,
     namespaces: Objects<String, Namespace>,
     pods: Objects<(String, String), Pod>,
+    network_policies: Objects<(String, String), NetworkPolicy>,
 }
 
 impl Default for ApiStore {
@@ -313,6 +330,7 @@ impl Default for ApiStore {
             nodes: Objects::new(|n| n.name.clone()),
             namespaces: Objects::new(|n| n.name.clone()),
             pods: Objects::new(|p| p.key.clone()),
+            network_policies: Objects::new(|p| p.key.clone()),
         }
     }
 }
@@ -325,6 +343,7 @@ impl ApiStore {
             Update::Nodes(event) => self.nodes.apply(event),
             Update::Namespaces(event) => self.namespaces.apply(event),
             Update::Pods(event) => self.pods.apply(event),
+            Update::NetworkPolicies(event) => self.network_policies.apply(event),
             Update::Error(_) => false,
         }
     }
@@ -336,6 +355,7 @@ impl ApiStore {
             && self.nodes.synced
             && self.namespaces.synced
             && self.pods.synced
+            && self.network_policies.synced
     }
 
     fn snapshot(&self) -> LoadReport {
@@ -346,6 +366,7 @@ impl ApiStore {
             nodes: self.nodes.collect("Node", &mut report),
             namespaces: self.namespaces.collect("Namespace", &mut report),
             pods: self.pods.collect("Pod", &mut report),
+            network_policies: self.network_policies.collect("NetworkPolicy", &mut report),
         };
         report
     }
@@ -360,6 +381,7 @@ mod tests {
         let namespace = Namespace {
             name: name.into(),
             lb_algorithm,
+            labels: Default::default(),
         };
         (name.into(), Entry::Used(Arc::new(namespace), vec![]))
     }
@@ -438,6 +460,21 @@ mod tests {
         store.apply(Update::Nodes(Event::InitDone));
         assert!(!store.synced());
         store.apply(Update::Pods(Event::InitDone));
+        assert!(!store.synced());
+        // An invalid policy is used all the same (failing closed), and
+        // its warning names it.
+        let policy = NetworkPolicy {
+            key: ("default".into(), "deny".into()),
+            pod_selector: Default::default(),
+            ingress: Some(vec![]),
+            egress: None,
+            error: Some("spec.ingress[0].from[0]: names no peer".into()),
+        };
+        store.apply(Update::NetworkPolicies(Event::InitApply((
+            "default/deny".into(),
+            Entry::Used(Arc::new(policy), vec!["fails closed".into()]),
+        ))));
+        store.apply(Update::NetworkPolicies(Event::InitDone));
         assert!(store.synced());
         let report = store.snapshot();
         assert_eq!(
@@ -445,5 +482,11 @@ mod tests {
             ["Service default/bad: unknown spec.type \"X\""]
         );
         assert!(report.cluster.services.is_empty());
+        assert_eq!(
+            report.warnings,
+            ["NetworkPolicy default/deny: fails closed"]
+        );
+        let policies: Vec<_> = report.cluster.network_policies.keys().collect();
+        assert_eq!(policies, [&("default".to_owned(), "deny".to_owned())]);
     }
 }

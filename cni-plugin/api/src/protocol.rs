@@ -34,6 +34,18 @@ pub struct Endpoint {
     /// tern-cni put on its interfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<BandwidthLimits>,
+    /// The pod this endpoint belongs to, from the runtime's CNI_ARGS
+    /// (K8S_POD_NAMESPACE, K8S_POD_NAME): NetworkPolicy knows the pod's
+    /// labels by it before the kubelet reports the pod's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// Rates in bits per second; 0 is unlimited. Ingress is into the pod.
@@ -112,6 +124,17 @@ pub enum Request {
     ListEndpoints,
     /// The Service frontends in the datapath, with their backends.
     ListServices,
+    /// The NetworkPolicies, the pods of this node they select, and each
+    /// pod's identity and isolation.
+    ListPolicies,
+    /// What the datapath decides for a new connection `from` -> `to`
+    /// (`protocol`: 6 TCP, 17 UDP), and by which policy and rule.
+    ExplainPolicy {
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+    },
 }
 
 impl Request {
@@ -126,6 +149,8 @@ impl Request {
             Request::Status => "status",
             Request::ListEndpoints => "list_endpoints",
             Request::ListServices => "list_services",
+            Request::ListPolicies => "list_policies",
+            Request::ExplainPolicy { .. } => "explain_policy",
         }
     }
 }
@@ -153,6 +178,16 @@ pub enum Response {
     },
     Services {
         frontends: Vec<FrontendStatus>,
+    },
+    Policies {
+        policies: Vec<PolicyListing>,
+        endpoints: Vec<EndpointPolicyListing>,
+    },
+    Explained {
+        allowed: bool,
+        /// One line per direction judged (egress at a local sender,
+        /// ingress at a local receiver).
+        lines: Vec<String>,
     },
     Error {
         message: String,
@@ -215,6 +250,53 @@ pub struct AgentStatus {
     /// does not know (yet), or leaked ones.
     #[serde(default)]
     pub endpoints_without_pod: Option<usize>,
+    /// NetworkPolicy enforcement on this node.
+    #[serde(default)]
+    pub policy: PolicySummary,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicySummary {
+    /// NetworkPolicies in the cluster.
+    pub policies: usize,
+    /// This node's pods isolated in at least one direction.
+    pub isolated_pods: usize,
+    /// Allow and ipBlock entries in the maps.
+    pub entries: usize,
+    /// Pods denying a direction because their policy could not be
+    /// programmed (fail closed): "ip direction: reason".
+    pub failed: Vec<String>,
+    /// Syncs that left a pod failed closed, since the agent started.
+    pub failures_total: u64,
+    /// Policies not applied as written (they fail closed), and pods
+    /// denied because they are unknown.
+    pub problems: Vec<String>,
+}
+
+/// One NetworkPolicy as `tern policy list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyListing {
+    pub name: String,
+    pub number: u32,
+    /// The pods of this node it selects.
+    pub selects: Vec<Ipv4Addr>,
+    /// New connections it allowed on this node.
+    pub allowed: u64,
+    pub error: Option<String>,
+}
+
+/// One pod of this node as policy sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointPolicyListing {
+    pub ip: Ipv4Addr,
+    /// "namespace/name", when known.
+    pub pod: Option<String>,
+    pub identity: Option<u32>,
+    /// "isolated", "deny-all" (fail closed) or "open".
+    pub ingress: String,
+    pub egress: String,
+    /// Allow entries (both directions).
+    pub entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -13,7 +13,8 @@ pub mod maps {
 
     use super::{
         AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, EndpointInfo,
-        MaglevTable, RevNat, ServiceKey, ServiceValue, SockRevNatKey, TunnelEndpoint,
+        MaglevTable, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue, PolicyKey,
+        PolicyRuleRef, RevNat, ServiceKey, ServiceValue, SockRevNatKey, TunnelEndpoint,
     };
 
     pub const ENDPOINTS: &str = "ENDPOINTS";
@@ -29,6 +30,12 @@ pub mod maps {
     pub const TUNNEL: &str = "TUNNEL";
     pub const NAT: &str = "NAT";
     pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
+    pub const IDENTITIES: &str = "IDENTITIES";
+    pub const POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
+    pub const POLICY: &str = "POLICY";
+    pub const POLICY_CIDR: &str = "POLICY_CIDR";
+    pub const POLICY_CT: &str = "POLICY_CT";
+    pub const POLICY_COUNTS: &str = "POLICY_COUNTS";
 
     /// The BPF map type (the aya-ebpf map the static is declared as).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +79,7 @@ pub mod maps {
     const RESIZABLE: bool = true;
     const FIXED: bool = false;
 
-    pub const ALL: [MapSpec; 13] = [
+    pub const ALL: [MapSpec; 19] = [
         MapSpec::new::<u32, EndpointInfo>(ENDPOINTS, MapKind::Hash, RESIZABLE),
         // Indexed by `Reason`: its size is `Reason::COUNT`.
         MapSpec::new::<u32, u64>(METRICS, MapKind::PerCpuArray, FIXED),
@@ -88,6 +95,13 @@ pub mod maps {
         MapSpec::new::<u32, TunnelEndpoint>(TUNNEL, MapKind::LpmTrie, RESIZABLE),
         MapSpec::new::<CtKey, CtValue>(NAT, MapKind::Hash, RESIZABLE),
         MapSpec::new::<u32, u8>(NON_MASQUERADE, MapKind::LpmTrie, RESIZABLE),
+        MapSpec::new::<u32, u32>(IDENTITIES, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, PolicyEndpoint>(POLICY_ENDPOINTS, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<PolicyKey, PolicyRuleRef>(POLICY, MapKind::LpmTrie, RESIZABLE),
+        MapSpec::new::<PolicyCidrKey, u32>(POLICY_CIDR, MapKind::LpmTrie, RESIZABLE),
+        MapSpec::new::<PolicyFlowKey, PolicyFlowValue>(POLICY_CT, MapKind::LruHash, RESIZABLE),
+        // Indexed by policy number: its size is `POLICY_NUMBERS_MAX`.
+        MapSpec::new::<u32, u64>(POLICY_COUNTS, MapKind::PerCpuArray, FIXED),
     ];
 
     /// The map called `name`.
@@ -291,6 +305,131 @@ pub mod ct_flags {
     /// TCP handshake completed (a packet flowed in the reply direction).
     pub const ESTABLISHED: u32 = 1 << 2;
 }
+/// Default capacity of IDENTITIES (every pod address of the cluster).
+pub const IDENTITIES_MAX: u32 = 262_144;
+/// Default capacity of POLICY (allow entries of this node's pods).
+pub const POLICY_MAX: u32 = 262_144;
+/// Default capacity of POLICY_CIDR (ipBlock prefixes of this node's pods).
+pub const POLICY_CIDR_MAX: u32 = 65_536;
+/// Default capacity of POLICY_CT (connections of this node's pods, one
+/// entry per pod side).
+pub const POLICY_CT_MAX: u32 = 262_144;
+/// Policies counted per number (POLICY_COUNTS); higher numbers are not.
+pub const POLICY_NUMBERS_MAX: u32 = 65_536;
+
+/// The `direction` byte of the policy maps.
+pub mod policy_direction {
+    pub const INGRESS: u8 = 1;
+    pub const EGRESS: u8 = 2;
+}
+
+/// PolicyEndpoint flags.
+pub mod policy_flags {
+    /// Some NetworkPolicy selects the pod for ingress: only what POLICY
+    /// allows may open a connection to it.
+    pub const INGRESS_ISOLATED: u32 = 1 << 0;
+    pub const EGRESS_ISOLATED: u32 = 1 << 1;
+    /// Fail closed: the pod's policy could not be programmed in full;
+    /// nothing new is allowed in that direction.
+    pub const INGRESS_DENY_ALL: u32 = 1 << 2;
+    pub const EGRESS_DENY_ALL: u32 = 1 << 3;
+}
+
+/// POLICY_ENDPOINTS value (key: a local pod's IPv4, network order). A
+/// local pod without one is not isolated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyEndpoint {
+    /// Changes whenever the pod's policy does: connections judged under
+    /// another revision are judged again at their next packet.
+    pub revision: u32,
+    /// `policy_flags`.
+    pub flags: u32,
+}
+layout!(PolicyEndpoint { revision, flags }, size 8, align 4);
+
+/// POLICY key (LPM trie, prefix over these bytes in order): a local pod,
+/// the peer's identity, direction, protocol, port. Prefix 72 = every
+/// protocol and port; 80 = every port of `proto`; 80 + n = the ports
+/// sharing their first n bits with `port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// The local pod's IPv4 (network order).
+    pub endpoint: u32,
+    /// Big-endian bytes, like every other field, so the trie's bit order
+    /// is the field's.
+    pub identity: [u8; 4],
+    pub direction: u8,
+    pub proto: u8,
+    /// Big-endian (wire order).
+    pub port: [u8; 2],
+}
+layout!(PolicyKey { endpoint, identity, direction, proto, port }, size 12, align 4);
+
+/// Prefix length of a POLICY key that fixes everything up to the identity
+/// and direction (every protocol and port).
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+/// ... up to the protocol (every port).
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+
+/// POLICY value: the policy (by number) and rule that allow the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyRuleRef {
+    pub policy: u32,
+    pub rule: u32,
+}
+layout!(PolicyRuleRef { policy, rule }, size 8, align 4);
+
+/// POLICY_CIDR key (LPM trie): a local pod and direction, then the peer
+/// address; prefix = 64 + the ipBlock prefix length. Value: the number
+/// POLICY knows addresses under that prefix by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyCidrKey {
+    pub endpoint: u32,
+    pub direction: u8,
+    pub pad: [u8; 3],
+    pub addr: u32,
+}
+layout!(PolicyCidrKey { endpoint, direction, pad, addr }, size 12, align 4);
+
+/// The bits of a POLICY_CIDR key before the address.
+pub const POLICY_CIDR_PREFIX_BASE: u32 = 64;
+
+/// POLICY_CT key: a connection at one local pod, as the pod sends it
+/// (egress: before Service translation) or receives it (ingress), and the
+/// direction it was opened in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyFlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub pad: [u8; 2],
+}
+layout!(PolicyFlowKey { saddr, daddr, sport, dport, proto, direction, pad }, size 16, align 4);
+
+/// POLICY_CT value: the connection was allowed under the pod's policy
+/// `revision`, judged on `peer`:`port` (after Service translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyFlowValue {
+    pub revision: u32,
+    /// Seconds of CLOCK_MONOTONIC.
+    pub last_seen: u32,
+    pub peer: u32,
+    /// The port the connection was judged on (the server's), wire order.
+    pub port: u16,
+    /// `ct_flags::CLOSING` once a FIN or RST was seen.
+    pub flags: u16,
+}
+layout!(PolicyFlowValue { revision, last_seen, peer, port, flags }, size 16, align 4);
+
 /// Largest Maglev table; each service's own size (a prime <= this) is in
 /// its master entry.
 pub const MAGLEV_TABLE_MAX: usize = 16381;
@@ -490,10 +629,18 @@ pub enum Reason {
     /// A pod's packet left to the qdisc on its veth (a chained plugin's
     /// shaping) and then the node's stack.
     ToPodQdisc = 20,
+    /// NetworkPolicy: a new connection into an isolated pod was denied
+    /// (dropped).
+    PolicyDeniedIngress = 21,
+    /// NetworkPolicy: a new connection from an isolated pod was denied.
+    PolicyDeniedEgress = 22,
+    /// NetworkPolicy: a new connection was allowed into an isolated pod.
+    PolicyAllowedIngress = 23,
+    PolicyAllowedEgress = 24,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 25;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -516,6 +663,10 @@ impl Reason {
         Reason::NatFull,
         Reason::GatewayArpReply,
         Reason::ToPodQdisc,
+        Reason::PolicyDeniedIngress,
+        Reason::PolicyDeniedEgress,
+        Reason::PolicyAllowedIngress,
+        Reason::PolicyAllowedEgress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -541,6 +692,10 @@ impl Reason {
             Reason::NatFull => "nat_full",
             Reason::GatewayArpReply => "gateway_arp_reply",
             Reason::ToPodQdisc => "to_pod_qdisc",
+            Reason::PolicyDeniedIngress => "policy_denied_ingress",
+            Reason::PolicyDeniedEgress => "policy_denied_egress",
+            Reason::PolicyAllowedIngress => "policy_allowed_ingress",
+            Reason::PolicyAllowedEgress => "policy_allowed_egress",
         }
     }
 }
@@ -562,4 +717,10 @@ mod user {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::TunnelEndpoint {}
+    unsafe impl aya::Pod for super::PolicyEndpoint {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyRuleRef {}
+    unsafe impl aya::Pod for super::PolicyCidrKey {}
+    unsafe impl aya::Pod for super::PolicyFlowKey {}
+    unsafe impl aya::Pod for super::PolicyFlowValue {}
 }

@@ -34,6 +34,11 @@ pub const RESOURCES: &[(&str, &str, &str)] = &[
         "EndpointSlice",
         "discovery.k8s.io/v1",
     ),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "NetworkPolicy",
+        "networking.k8s.io/v1",
+    ),
 ];
 
 /// One request as received: path and query.

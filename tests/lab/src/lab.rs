@@ -460,6 +460,39 @@ impl LabNode {
         })
     }
 
+    /// A pod of Kubernetes namespace `namespace`: CNI ADD with the
+    /// CNI_ARGS a Kubernetes runtime passes (K8S_POD_NAMESPACE,
+    /// K8S_POD_NAME), by which the agent finds the pod's object.
+    pub fn add_k8s_pod(&self, namespace: &str, name: &str) -> Result<Pod> {
+        let ns = Netns::new(name)?;
+        let container_id = unique_name(name);
+        let netns = ns.path().to_string_lossy().into_owned();
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+        );
+        let out = self.invoke_cni(
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", &container_id),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/usr/lib/cni"),
+                ("CNI_ARGS", &args),
+            ],
+            self.netconf("1.1.0").to_string().as_bytes(),
+        )?;
+        let result = out
+            .success_json()
+            .with_context(|| format!("ADD of pod {namespace}/{name}"))?;
+        let ip = pod_ip(&result)?;
+        Ok(Pod {
+            ns,
+            container_id,
+            ip,
+            result,
+        })
+    }
+
     pub fn del_pod(&self, pod: &Pod) -> Result<CniOutput> {
         self.cni("DEL", &pod.container_id, pod.ns.path(), "1.1.0")
     }
@@ -635,6 +668,50 @@ pub struct Pod {
     pub container_id: String,
     pub ip: Ipv4Addr,
     pub result: Value,
+}
+
+/// A Pod object as the API server would show it once running: namespace,
+/// name, node, labels, named container ports (name, port, protocol) and
+/// its address.
+pub fn pod_object(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    ip: Ipv4Addr,
+    labels: &[(&str, &str)],
+    named_ports: &[(&str, u16, &str)],
+) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let ports: Vec<Value> = named_ports
+        .iter()
+        .map(|(name, port, protocol)| json!({"name": name, "containerPort": port, "protocol": protocol}))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "none", "ports": ports}]},
+        "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]},
+    })
+}
+
+/// A Namespace object with its labels.
+pub fn namespace_object(name: &str, labels: &[(&str, &str)]) -> Value {
+    let mut map: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    map.insert("kubernetes.io/metadata.name".into(), json!(name));
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": map}})
+}
+
+/// Objects as one `kind: List` manifest (JSON, which the agent reads as
+/// YAML's subset).
+pub fn list_manifest(items: Vec<Value>) -> String {
+    json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
 }
 
 /// The first IPv4 address of a CNI result, without its prefix.

@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use serde::Deserializer;
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use crate::model::{EndpointSlice, Namespace, Node, Service};
+use crate::model::{EndpointSlice, Namespace, NetworkPolicy, Node, Pod, Service};
 use crate::sources::{self, Conversion};
 
 /// What one file holds, converted: kept per file so a change re-reads only
@@ -23,6 +24,8 @@ pub(super) struct FileObjects {
     pub slices: Vec<(String, Arc<EndpointSlice>)>,
     pub nodes: Vec<(String, Arc<Node>)>,
     pub namespaces: Vec<(String, Arc<Namespace>)>,
+    pub pods: Vec<(String, Arc<Pod>)>,
+    pub network_policies: Vec<(String, Arc<NetworkPolicy>)>,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
     pub ignored: usize,
@@ -45,6 +48,10 @@ pub(super) fn parse_file(path: &Path) -> FileObjects {
             objects.services.sort_by(|a, b| a.1.key.cmp(&b.1.key));
             objects.slices.sort_by(|a, b| a.1.key.cmp(&b.1.key));
             objects.nodes.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+            objects.pods.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+            objects
+                .network_policies
+                .sort_by(|a, b| a.1.key.cmp(&b.1.key));
             objects
         }
         // A file that does not parse is rejected whole: half a file could
@@ -250,6 +257,8 @@ impl FileObjects {
             slices,
             nodes,
             namespaces,
+            pods,
+            network_policies,
             errors,
             warnings,
             ignored,
@@ -258,6 +267,8 @@ impl FileObjects {
         self.slices.extend(slices);
         self.nodes.extend(nodes);
         self.namespaces.extend(namespaces);
+        self.pods.extend(pods);
+        self.network_policies.extend(network_policies);
         self.errors.extend(errors);
         self.warnings.extend(warnings);
         self.ignored += ignored;
@@ -345,6 +356,19 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
             let converted = typed::<core::Namespace>(object).map(|n| sources::namespace(&n));
             if let Some(namespace) = accept(converted, &what, file) {
                 file.namespaces.push((what, Arc::new(namespace)));
+            }
+        }
+        ("v1", "Pod") => {
+            let converted = typed::<core::Pod>(object).map(|p| sources::pod(&p));
+            if let Some(pod) = accept(converted, &what, file) {
+                file.pods.push((what, Arc::new(pod)));
+            }
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            let converted =
+                typed::<networking::NetworkPolicy>(object).map(|p| sources::network_policy(&p));
+            if let Some(policy) = accept(converted, &what, file) {
+                file.network_policies.push((what, Arc::new(policy)));
             }
         }
         _ => file.ignored += 1,

@@ -139,6 +139,18 @@ impl ManifestSource {
             &mut report.errors,
             &mut self.last.namespaces,
         );
+        merge_sorted(
+            self.files.values().map(|(_, f)| &f.pods[..]),
+            |p| &p.key,
+            &mut report.errors,
+            &mut self.last.pods,
+        );
+        merge_sorted(
+            self.files.values().map(|(_, f)| &f.network_policies[..]),
+            |p| &p.key,
+            &mut report.errors,
+            &mut self.last.network_policies,
+        );
         report.cluster = self.last.clone();
         report
     }
@@ -359,6 +371,74 @@ status: {addresses: [{type: InternalIP, address: ten.zero}]}
                 "10.96.0.20:80/TCP -> 10.244.1.5:8080/TCP",
                 "192.168.1.10:30080/TCP -> 10.244.1.5:8080/TCP"
             ]
+        );
+    }
+
+    #[test]
+    fn pods_and_network_policies_load() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "policy.yaml",
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: backend-1, namespace: default, labels: {app: backend}}
+spec:
+  nodeName: node-a
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status: {podIPs: [{ip: 10.244.1.7}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend-netpol, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: backend}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: frontend}}}]
+    ports: [{port: http}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broken, namespace: default}
+spec:
+  podSelector: {}
+  ingress: [{from: [{}]}]
+"#,
+        );
+        let report = load_dir(dir.path());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.ignored, 0);
+        let key = ("default".to_owned(), "backend-1".to_owned());
+        let pod = &report.cluster.pods[&key];
+        assert_eq!(pod.node.as_deref(), Some("node-a"));
+        assert_eq!(
+            pod.ips,
+            ["10.244.1.7".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(pod.labels["app"], "backend");
+        assert_eq!(pod.named_ports[0].port, 8080);
+        let names: Vec<&str> = report
+            .cluster
+            .network_policies
+            .keys()
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(names, ["backend-netpol", "broken"]);
+        let policy =
+            &report.cluster.network_policies[&("default".to_owned(), "backend-netpol".to_owned())];
+        assert_eq!(policy.error, None);
+        assert_eq!(policy.ingress.as_ref().map(Vec::len), Some(1));
+        assert_eq!(policy.egress, None);
+        // The invalid one is in force, failing closed, and reported.
+        let broken = &report.cluster.network_policies[&("default".to_owned(), "broken".to_owned())];
+        assert!(broken.error.is_some());
+        assert_eq!(broken.ingress, Some(vec![]));
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        assert!(
+            report.warnings[0].contains("NetworkPolicy default/broken: spec.ingress[0].from[0]"),
+            "{:?}",
+            report.warnings
         );
     }
 

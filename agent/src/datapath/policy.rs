@@ -1,0 +1,423 @@
+//! The policy maps (IDENTITIES, POLICY_ENDPOINTS, POLICY, POLICY_CIDR),
+//! brought to a compiled `PolicyState` by an ordered diff that never
+//! leaves a pod less isolated than both the old and the new state allow:
+//!
+//! 1. a pod that gains isolation (or a fail-closed deny) gets it first,
+//!    with the union of its old and new flags;
+//! 2. allow entries that go are removed, identities updated;
+//! 3. new allow entries are added (a failure makes that direction of the
+//!    pod deny everything: fail closed);
+//! 4. each changed pod gets its final flags and a new revision, so its
+//!    established connections are judged again at their next packet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use tern_common::{
+    POLICY_CIDR_PREFIX_BASE, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyCidrKey,
+    PolicyEndpoint, PolicyKey, PolicyRuleRef, maps, policy_direction, policy_flags,
+};
+
+use super::maps::{ip_from_key, ip_to_key, take};
+use crate::compiler::policy::{AllowKey, Direction, DirectionPolicy, PolicyState};
+
+pub struct PolicyMaps {
+    pub identities: HashMap<MapData, u32, u32>,
+    pub endpoints: HashMap<MapData, u32, PolicyEndpoint>,
+    pub allow: LpmTrie<MapData, PolicyKey, PolicyRuleRef>,
+    pub cidrs: LpmTrie<MapData, PolicyCidrKey, u32>,
+    /// Read only: allowed connections per policy number.
+    pub counts: PerCpuArray<MapData, u64>,
+}
+
+impl PolicyMaps {
+    /// Takes the policy maps out of the loaded object: the policy
+    /// pipeline is their one writer.
+    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        Ok(PolicyMaps {
+            identities: take(ebpf, maps::IDENTITIES)?,
+            endpoints: take(ebpf, maps::POLICY_ENDPOINTS)?,
+            allow: take(ebpf, maps::POLICY)?,
+            cidrs: take(ebpf, maps::POLICY_CIDR)?,
+            counts: take(ebpf, maps::POLICY_COUNTS)?,
+        })
+    }
+
+    /// New connections allowed by policy `number`, summed over CPUs.
+    pub fn allowed_by(&self, number: u32) -> u64 {
+        self.counts
+            .get(&number, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+/// An allow entry as the trie holds it: key data and prefix length.
+type AllowEntry = (PolicyKey, u32);
+type CidrEntry = (PolicyCidrKey, u32);
+
+/// What the maps hold, as the last sync left them.
+#[derive(Debug, Default)]
+pub struct PolicySync {
+    identities: BTreeMap<u32, u32>,
+    endpoints: BTreeMap<u32, PolicyEndpoint>,
+    allow: BTreeMap<AllowEntry, PolicyRuleRef>,
+    cidrs: BTreeMap<CidrEntry, u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySyncStats {
+    pub writes: usize,
+    pub deletes: usize,
+    /// Pods (and direction) left denying everything because an entry
+    /// could not be written.
+    pub failed: Vec<(Ipv4Addr, Direction, String)>,
+}
+
+/// One local pod's wanted map content.
+#[derive(Default)]
+struct Wanted {
+    flags: u32,
+    allow: BTreeMap<AllowEntry, PolicyRuleRef>,
+    cidrs: BTreeMap<CidrEntry, u32>,
+}
+
+impl PolicySync {
+    /// Reads back what the pinned maps hold (after a restart).
+    pub fn adopt(maps: &PolicyMaps) -> anyhow::Result<Self> {
+        let mut sync = PolicySync::default();
+        for entry in maps.identities.iter() {
+            let (ip, identity) = entry?;
+            sync.identities.insert(ip, identity);
+        }
+        for entry in maps.endpoints.iter() {
+            let (ip, endpoint) = entry?;
+            sync.endpoints.insert(ip, endpoint);
+        }
+        for entry in maps.allow.iter() {
+            let (key, rule) = entry?;
+            sync.allow.insert((key.data(), key.prefix_len()), rule);
+        }
+        for entry in maps.cidrs.iter() {
+            let (key, number) = entry?;
+            sync.cidrs.insert((key.data(), key.prefix_len()), number);
+        }
+        Ok(sync)
+    }
+
+    pub fn entries(&self) -> usize {
+        self.allow.len() + self.cidrs.len()
+    }
+
+    /// Brings the maps to `state` in the order the module explains.
+    pub fn sync(&mut self, maps: &mut PolicyMaps, state: &PolicyState) -> PolicySyncStats {
+        let mut stats = PolicySyncStats::default();
+        let wanted: BTreeMap<u32, Wanted> = state
+            .endpoints
+            .iter()
+            .map(|(ip, endpoint)| {
+                let key = ip_to_key(*ip);
+                let mut w = Wanted::default();
+                for (direction, policy) in [
+                    (Direction::Ingress, &endpoint.ingress),
+                    (Direction::Egress, &endpoint.egress),
+                ] {
+                    w.flags |= flags(direction, policy);
+                    add_entries(&mut w, key, direction, policy);
+                }
+                (key, w)
+            })
+            .collect();
+        let identities: BTreeMap<u32, u32> = state
+            .identities
+            .iter()
+            .map(|(ip, id)| (ip_to_key(*ip), *id))
+            .collect();
+        let identities_changed = identities != self.identities;
+        let changed_pods = changed_endpoints(self, &wanted);
+
+        // 1. More isolation first.
+        for (key, w) in &wanted {
+            let old = self.endpoints.get(key).copied().unwrap_or_default();
+            let union = old.flags | w.flags;
+            if union != old.flags {
+                let tightened = PolicyEndpoint {
+                    revision: old.revision.wrapping_add(1),
+                    flags: union,
+                };
+                self.write_endpoint(maps, *key, tightened, &mut stats);
+            }
+        }
+        // 2. Entries that go, identities that change or go.
+        let allow_wanted: BTreeMap<AllowEntry, PolicyRuleRef> =
+            wanted.values().flat_map(|w| w.allow.clone()).collect();
+        let cidrs_wanted: BTreeMap<CidrEntry, u32> =
+            wanted.values().flat_map(|w| w.cidrs.clone()).collect();
+        let gone: Vec<AllowEntry> = self
+            .allow
+            .keys()
+            .filter(|k| !allow_wanted.contains_key(k))
+            .copied()
+            .collect();
+        for entry in gone {
+            match maps.allow.remove(&Key::new(entry.1, entry.0)) {
+                Ok(()) => stats.deletes += 1,
+                Err(e) => tracing::warn!("policy: cannot remove an allow entry: {e}"),
+            }
+            self.allow.remove(&entry);
+        }
+        let gone: Vec<CidrEntry> = self
+            .cidrs
+            .keys()
+            .filter(|k| !cidrs_wanted.contains_key(k))
+            .copied()
+            .collect();
+        for entry in gone {
+            match maps.cidrs.remove(&Key::new(entry.1, entry.0)) {
+                Ok(()) => stats.deletes += 1,
+                Err(e) => tracing::warn!("policy: cannot remove an ipBlock entry: {e}"),
+            }
+            self.cidrs.remove(&entry);
+        }
+        let gone: Vec<u32> = self
+            .identities
+            .keys()
+            .filter(|k| !identities.contains_key(k))
+            .copied()
+            .collect();
+        for ip in gone {
+            match maps.identities.remove(&ip) {
+                Ok(()) => stats.deletes += 1,
+                Err(e) => tracing::warn!("policy: cannot remove an identity: {e}"),
+            }
+            self.identities.remove(&ip);
+        }
+        // 3. New entries and identities.
+        let mut failed: BTreeSet<(u32, u8)> = BTreeSet::new();
+        for (ip, identity) in &identities {
+            if self.identities.get(ip) == Some(identity) {
+                continue;
+            }
+            match maps.identities.insert(ip, identity, 0) {
+                Ok(()) => {
+                    stats.writes += 1;
+                    self.identities.insert(*ip, *identity);
+                }
+                Err(e) => {
+                    // An unknown peer matches only "any peer" and ipBlock
+                    // rules: fewer connections are allowed, none more.
+                    tracing::warn!(ip = %ip_from_key(*ip), "policy: cannot add an identity: {e}");
+                }
+            }
+        }
+        for (entry, rule) in &allow_wanted {
+            if self.allow.get(entry) == Some(rule) {
+                continue;
+            }
+            match maps.allow.insert(&Key::new(entry.1, entry.0), rule, 0) {
+                Ok(()) => {
+                    stats.writes += 1;
+                    self.allow.insert(*entry, *rule);
+                }
+                Err(e) => {
+                    failed.insert((entry.0.endpoint, entry.0.direction));
+                    stats.failed.push((
+                        ip_from_key(entry.0.endpoint),
+                        direction_of(entry.0.direction),
+                        format!("POLICY: {e}"),
+                    ));
+                }
+            }
+        }
+        for (entry, number) in &cidrs_wanted {
+            if self.cidrs.get(entry) == Some(number) {
+                continue;
+            }
+            match maps.cidrs.insert(&Key::new(entry.1, entry.0), number, 0) {
+                Ok(()) => {
+                    stats.writes += 1;
+                    self.cidrs.insert(*entry, *number);
+                }
+                Err(e) => {
+                    failed.insert((entry.0.endpoint, entry.0.direction));
+                    stats.failed.push((
+                        ip_from_key(entry.0.endpoint),
+                        direction_of(entry.0.direction),
+                        format!("POLICY_CIDR: {e}"),
+                    ));
+                }
+            }
+        }
+        // 4. Final flags, new revisions; pods that are gone.
+        for (key, w) in &wanted {
+            let old = self.endpoints.get(key).copied().unwrap_or_default();
+            let mut flags = w.flags;
+            for (direction, deny_all) in [
+                (policy_direction::INGRESS, policy_flags::INGRESS_DENY_ALL),
+                (policy_direction::EGRESS, policy_flags::EGRESS_DENY_ALL),
+            ] {
+                if failed.contains(&(*key, direction)) {
+                    flags |= deny_all;
+                }
+            }
+            let entries_changed = changed_pods.contains(key) || identities_changed;
+            if flags == old.flags && !entries_changed && self.endpoints.contains_key(key) {
+                continue;
+            }
+            let endpoint = PolicyEndpoint {
+                revision: old.revision.wrapping_add(1),
+                flags,
+            };
+            self.write_endpoint(maps, *key, endpoint, &mut stats);
+        }
+        let gone: Vec<u32> = self
+            .endpoints
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            match maps.endpoints.remove(&key) {
+                Ok(()) => stats.deletes += 1,
+                Err(e) => tracing::warn!("policy: cannot remove a pod's policy state: {e}"),
+            }
+            self.endpoints.remove(&key);
+        }
+        stats
+    }
+
+    fn write_endpoint(
+        &mut self,
+        maps: &mut PolicyMaps,
+        key: u32,
+        endpoint: PolicyEndpoint,
+        stats: &mut PolicySyncStats,
+    ) {
+        match maps.endpoints.insert(key, endpoint, 0) {
+            Ok(()) => {
+                stats.writes += 1;
+                self.endpoints.insert(key, endpoint);
+            }
+            Err(e) => {
+                // Without its entry the pod is not isolated at all: the
+                // one write that must not fail. Said loudly.
+                tracing::error!(ip = %ip_from_key(key), "policy: cannot write POLICY_ENDPOINTS: {e}");
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    stats.failed.push((
+                        ip_from_key(key),
+                        direction,
+                        format!("POLICY_ENDPOINTS: {e}"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The pods whose wanted entries differ from the installed ones.
+fn changed_endpoints(installed: &PolicySync, wanted: &BTreeMap<u32, Wanted>) -> BTreeSet<u32> {
+    let mut allow: BTreeMap<u32, BTreeMap<AllowEntry, PolicyRuleRef>> = BTreeMap::new();
+    for (entry, rule) in &installed.allow {
+        allow
+            .entry(entry.0.endpoint)
+            .or_default()
+            .insert(*entry, *rule);
+    }
+    let mut cidrs: BTreeMap<u32, BTreeMap<CidrEntry, u32>> = BTreeMap::new();
+    for (entry, number) in &installed.cidrs {
+        cidrs
+            .entry(entry.0.endpoint)
+            .or_default()
+            .insert(*entry, *number);
+    }
+    let empty_allow = BTreeMap::new();
+    let empty_cidrs = BTreeMap::new();
+    wanted
+        .iter()
+        .filter(|(key, w)| {
+            allow.get(key).unwrap_or(&empty_allow) != &w.allow
+                || cidrs.get(key).unwrap_or(&empty_cidrs) != &w.cidrs
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+fn flags(direction: Direction, policy: &DirectionPolicy) -> u32 {
+    let (isolated, deny_all) = match direction {
+        Direction::Ingress => (
+            policy_flags::INGRESS_ISOLATED,
+            policy_flags::INGRESS_DENY_ALL,
+        ),
+        Direction::Egress => (policy_flags::EGRESS_ISOLATED, policy_flags::EGRESS_DENY_ALL),
+    };
+    let mut flags = 0;
+    if policy.isolated {
+        flags |= isolated;
+    }
+    if policy.deny_all {
+        flags |= isolated | deny_all;
+    }
+    flags
+}
+
+fn direction_byte(direction: Direction) -> u8 {
+    match direction {
+        Direction::Ingress => policy_direction::INGRESS,
+        Direction::Egress => policy_direction::EGRESS,
+    }
+}
+
+fn direction_of(byte: u8) -> Direction {
+    if byte == policy_direction::INGRESS {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    }
+}
+
+fn add_entries(w: &mut Wanted, endpoint: u32, direction: Direction, policy: &DirectionPolicy) {
+    let direction = direction_byte(direction);
+    for (allow, rule) in &policy.allow {
+        w.allow.insert(
+            allow_entry(endpoint, direction, allow),
+            PolicyRuleRef {
+                policy: rule.policy,
+                rule: rule.rule,
+            },
+        );
+    }
+    for (cidr, number) in &policy.cidrs {
+        let key = PolicyCidrKey {
+            endpoint,
+            direction,
+            pad: [0; 3],
+            addr: ip_to_key(cidr.network()),
+        };
+        w.cidrs.insert(
+            (key, POLICY_CIDR_PREFIX_BASE + cidr.prefix() as u32),
+            *number,
+        );
+    }
+}
+
+/// The trie entry of one allow key: `AllowKey`'s wildcards become prefix
+/// lengths.
+pub fn allow_entry(endpoint: u32, direction: u8, allow: &AllowKey) -> AllowEntry {
+    let (proto, port, prefix) = match (allow.protocol, allow.ports) {
+        (None, _) => (0, 0, POLICY_PREFIX_ANY_PROTO),
+        (Some(proto), None) => (proto, 0, POLICY_PREFIX_ANY_PORT),
+        (Some(proto), Some(ports)) => {
+            (proto, ports.port, POLICY_PREFIX_ANY_PORT + ports.len as u32)
+        }
+    };
+    let key = PolicyKey {
+        endpoint,
+        identity: allow.identity.to_be_bytes(),
+        direction,
+        proto,
+        port: port.to_be_bytes(),
+    };
+    (key, prefix)
+}
