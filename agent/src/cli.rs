@@ -224,6 +224,20 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
                 "CNI requests (failed)".into(),
                 format!("{} ({})", s.requests, s.requests_failed),
             ]);
+            let p = &s.policy;
+            rows.push(vec![
+                "network policies / isolated pods".into(),
+                format!(
+                    "{} / {} ({} map entries)",
+                    p.policies, p.isolated_pods, p.entries
+                ),
+            ]);
+            for failed in &p.failed {
+                rows.push(vec!["policy FAILED CLOSED".into(), failed.clone()]);
+            }
+            for problem in &p.problems {
+                rows.push(vec!["policy problem".into(), problem.clone()]);
+            }
         }
         Ok(other) => rows.push(vec!["agent".into(), format!("unexpected answer {other:?}")]),
         Err(e) => rows.push(vec!["agent".into(), format!("unreachable: {e}")]),
@@ -248,6 +262,12 @@ fn policy_list(cli: &Cli) -> anyhow::Result<String> {
         Response::Error { message, .. } => bail!("the agent refused: {message}"),
         other => bail!("unexpected answer from the agent: {other:?}"),
     };
+    let mut policies = policies;
+    if let Ok(counters) = Counters::open_pinned(&cli.bpffs_dir) {
+        for p in &mut policies {
+            p.allowed = counters.allowed_by_policy(p.number);
+        }
+    }
     if cli.output == Output::Json {
         return Ok(serde_json::to_string_pretty(
             &json!({ "policies": policies, "endpoints": endpoints }),

@@ -85,9 +85,12 @@ async fn respond(
             }
         }
         "/metrics" => {
-            let body = status
-                .metrics
-                .render(&status.agent_status(), counters.as_ref());
+            let policies = status.policy.borrow().state.clone();
+            let body = status.metrics.render(
+                &status.agent_status(),
+                counters.as_ref(),
+                &policies.policies,
+            );
             let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,

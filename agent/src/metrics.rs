@@ -3,6 +3,7 @@
 //! happen; state (Services, backends, endpoints, table entries, datapath
 //! counters) is read at scrape time, so it is never stale.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tern_common::Reason;
 
 use tern_api::AgentStatus;
 
+use crate::compiler::policy::PolicyInfo;
 use crate::datapath::Counters;
 
 /// Datapath outcomes that lose the packet or refuse the connection.
@@ -25,6 +27,16 @@ pub const DROP_REASONS: &[Reason] = &[
     Reason::LbReject,
     Reason::CtFull,
     Reason::NatFull,
+    Reason::PolicyDeniedIngress,
+    Reason::PolicyDeniedEgress,
+];
+
+/// The policy verdict counters: (reason, direction, verdict).
+const POLICY_VERDICTS: [(Reason, &str, &str); 4] = [
+    (Reason::PolicyAllowedIngress, "ingress", "allowed"),
+    (Reason::PolicyAllowedEgress, "egress", "allowed"),
+    (Reason::PolicyDeniedIngress, "ingress", "denied"),
+    (Reason::PolicyDeniedEgress, "egress", "denied"),
 ];
 
 type Labels = Vec<(&'static str, &'static str)>;
@@ -109,7 +121,14 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything: `status` and the
     /// datapath's `counters` as they are now.
-    pub fn render(&self, status: &AgentStatus, counters: &Counters) -> String {
+    /// `policies`: the policy numbers of the last policy sync, by which
+    /// POLICY_COUNTS counts.
+    pub fn render(
+        &self,
+        status: &AgentStatus,
+        counters: &Counters,
+        policies: &BTreeMap<u32, PolicyInfo>,
+    ) -> String {
         let mut registry = Registry::with_prefix("tern");
         let gauge = |value: usize| {
             let g: Gauge = Gauge::default();
@@ -150,6 +169,60 @@ impl Metrics {
             "nat_entries",
             "Entries of the masquerade table",
             self.nat_entries.clone(),
+        );
+        registry.register(
+            "network_policies",
+            "NetworkPolicies in the cluster",
+            gauge(status.policy.policies),
+        );
+        registry.register(
+            "policy_isolated_pods",
+            "Pods of this node isolated by NetworkPolicy in at least one direction",
+            gauge(status.policy.isolated_pods),
+        );
+        registry.register(
+            "policy_map_entries",
+            "Allow and ipBlock entries of this node's pods in the policy maps",
+            gauge(status.policy.entries),
+        );
+        registry.register(
+            "policy_failed_closed_pods",
+            "Pod directions denying everything because their policy could not be programmed",
+            gauge(status.policy.failed.len()),
+        );
+        let failures: Counter = Counter::default();
+        failures.inc_by(status.policy.failures_total);
+        registry.register(
+            "policy_sync_failures",
+            "Policy syncs that left a pod failed closed",
+            failures,
+        );
+        let verdicts: Family<Vec<(&'static str, String)>, Counter> = Family::default();
+        for (reason, direction, verdict) in POLICY_VERDICTS {
+            if let Ok(n) = counters.get(reason) {
+                verdicts
+                    .get_or_create(&vec![
+                        ("direction", direction.to_owned()),
+                        ("verdict", verdict.to_owned()),
+                    ])
+                    .inc_by(n);
+            }
+        }
+        registry.register(
+            "policy_verdicts",
+            "New connections judged by NetworkPolicy at an isolated pod, by direction and verdict",
+            verdicts,
+        );
+        let by_policy: Family<Vec<(&'static str, String)>, Counter> = Family::default();
+        for (number, policy) in policies {
+            by_policy
+                .get_or_create(&vec![("policy", policy.name.clone())])
+                .inc_by(counters.allowed_by_policy(*number));
+        }
+        registry.register(
+            "policy_allowed_connections",
+            "New connections a NetworkPolicy allowed on this node",
+            by_policy,
         );
         let datapath: Family<Labels, Counter> = Family::default();
         let drops: Family<Labels, Counter> = Family::default();

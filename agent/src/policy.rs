@@ -29,9 +29,6 @@ pub struct PolicyStatus {
     pub failures_total: u64,
     pub syncs: u64,
     pub last_sync_at: Option<Instant>,
-    /// New connections allowed per policy ("namespace/name"), read from
-    /// POLICY_COUNTS after the last sync.
-    pub allowed_by_policy: Vec<(String, u64)>,
 }
 
 pub struct PolicyPipeline {
@@ -53,7 +50,7 @@ impl PolicyPipeline {
             ..PolicyStatus::default()
         });
         Ok(PolicyPipeline {
-            compiler: PolicyCompiler::new(),
+            compiler: PolicyCompiler::adopt(sync.identities()),
             cluster: Cluster::default(),
             local: Arc::default(),
             sync,
@@ -124,11 +121,6 @@ impl PolicyPipeline {
             took_us = started.elapsed().as_micros() as u64,
             "policy synced"
         );
-        let allowed_by_policy = state
-            .policies
-            .iter()
-            .map(|(number, policy)| (policy.name.clone(), self.maps.allowed_by(*number)))
-            .collect();
         let entries = self.sync.entries();
         self.status.send_modify(|status| {
             status.state = Arc::new(state);
@@ -139,7 +131,6 @@ impl PolicyPipeline {
             status.failed = stats.failed;
             status.syncs += 1;
             status.last_sync_at = Some(Instant::now());
-            status.allowed_by_policy = allowed_by_policy;
         });
     }
 }

@@ -17,7 +17,7 @@ use anyhow::{Result, bail, ensure};
 use serde_json::Value;
 use tern_lab::lab::{Lab, LabNode, Pod, list_manifest, namespace_object, pod_object};
 use tern_lab::netns::Netns;
-use tern_lab::traffic::{EchoServer, tcp_connect_from};
+use tern_lab::traffic::{EchoServer, tcp_connect_from, tcp_exchange};
 
 /// How long a probe waits: a denied connection is dropped, not refused.
 const PROBE: Duration = Duration::from_secs(1);
@@ -48,7 +48,11 @@ macro_rules! both_modes {
     };
 }
 
-both_modes!(truth_tables);
+both_modes!(
+    truth_tables,
+    established_connections_are_judged_again_when_policy_changes,
+    a_policy_that_does_not_fit_its_map_fails_closed,
+);
 
 tern_lab::both_service_paths!(
     socket_lb: true, per_packet: false;
@@ -778,4 +782,169 @@ spec:
         "{list}"
     );
     Ok(())
+}
+
+/// A client pod on node 1 and a server pod on node 2.
+fn client_and_server(mode: &str) -> Result<Cluster> {
+    let no_labels: &[(&str, &str)] = &[];
+    Cluster::new(
+        mode,
+        true,
+        &[("default", no_labels)],
+        &[
+            ("default", "client", &[("app", "client")], &[8080]),
+            ("default", "server", &[("app", "server")], &[8080, 8081]),
+        ],
+        &[],
+    )
+}
+
+/// Waits until the server's node explains client -> server:8080 as
+/// `verdict` ("ALLOWED" / "DENIED"): the policy is in its maps.
+fn wait_for_verdict(c: &Cluster, verdict: &str) -> Result<()> {
+    let server = c.pod("default/server");
+    let node = &c.nodes[server.node];
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let explained = node.tern(&[
+            "policy",
+            "explain",
+            &c.pod("default/client").pod.ip.to_string(),
+            &server.pod.ip.to_string(),
+            "8080/TCP",
+        ])?;
+        if explained.starts_with(verdict) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("still not {verdict}: {explained}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Decided and documented: a policy change applies to established
+/// connections too — each is judged again, under the new policy, at its
+/// next packet. A connection the new policy denies stops; the node's own
+/// connections (kubelet probes) are never denied.
+fn established_connections_are_judged_again_when_policy_changes(mode: &str) -> Result<()> {
+    let c = client_and_server(mode)?;
+    let server = c.pod("default/server");
+    let to = SocketAddr::from((server.pod.ip, 8080));
+    let mut open = tcp_connect_from(&c.pod("default/client").pod.ns, 0, to, PROBE)?;
+    open.set_read_timeout(Some(PROBE))?;
+    ensure!(exchange(&mut open), "no echo before any policy");
+    c.set_policies(&policy(
+        "default",
+        "deny-all",
+        "  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]",
+    ))?;
+    wait_for_verdict(&c, "DENIED")?;
+    let node = &c.nodes[server.node];
+    let denied_before = node.counter("policy_denied_ingress")?;
+    ensure!(
+        !exchange(&mut open),
+        "the established connection still passes under deny-all"
+    );
+    ensure!(node.counter("policy_denied_ingress")? > denied_before);
+    ensure!(
+        !probe(&c.pod("default/client").pod.ns, to, Proto::Tcp),
+        "a new connection passes under deny-all"
+    );
+    // The server's own node still reaches it (and gets its answers).
+    ensure!(
+        probe(&node.ns, to, Proto::Tcp),
+        "the node's probe was denied"
+    );
+    c.set_policies("")?;
+    wait_for_verdict(&c, "ALLOWED")?;
+    ensure!(probe(&c.pod("default/client").pod.ns, to, Proto::Tcp));
+    Ok(())
+}
+
+/// One line echoed (whole) within the probe time.
+fn exchange(stream: &mut std::net::TcpStream) -> bool {
+    tcp_exchange(stream, "still there?").is_ok_and(|echo| echo.ends_with("still there?"))
+}
+
+/// POLICY holds 4 entries on the server's node: a policy that needs more
+/// leaves the server denying all ingress (fail closed), says so in `tern
+/// status` and the metrics, and recovers once the policy fits.
+fn a_policy_that_does_not_fit_its_map_fails_closed(mode: &str) -> Result<()> {
+    let mut c = client_and_server(mode)?;
+    let server_node = c.pod("default/server").node;
+    let node = &mut c.nodes[server_node];
+    node.kill_agent()?;
+    node.extra_args = vec!["--map-size".into(), "POLICY=4".into()];
+    node.start_agent()?;
+    c.wait_for_identities()?;
+    let server = c.pod("default/server");
+    let to = SocketAddr::from((server.pod.ip, 8080));
+    let client = &c.pod("default/client").pod.ns;
+    let ports: Vec<String> = (8080..8090).map(|p| format!("{{port: {p}}}")).collect();
+    c.set_policies(&policy(
+        "default",
+        "many-ports",
+        &format!(
+            "  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n    ports: [{}]",
+            ports.join(", ")
+        ),
+    ))?;
+    let node = &c.nodes[server_node];
+    let deadline = Instant::now() + SETTLE;
+    let status = loop {
+        let status = node.tern(&["status"])?;
+        if status.contains("policy FAILED CLOSED") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("no failure shown: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(status.contains(&server.pod.ip.to_string()), "{status}");
+    ensure!(
+        !probe(client, to, Proto::Tcp),
+        "allowed although the policy is only partly programmed"
+    );
+    let metrics = metrics(&node.ns)?;
+    ensure!(
+        metrics.contains("tern_policy_failed_closed_pods 1"),
+        "{metrics}"
+    );
+    c.set_policies(&policy(
+        "default",
+        "many-ports",
+        "  podSelector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 8080}]",
+    ))?;
+    let deadline = Instant::now() + SETTLE;
+    while !probe(client, to, Proto::Tcp) {
+        if Instant::now() > deadline {
+            bail!(
+                "still denied once the policy fits: {}",
+                node.tern(&["status"])?
+            );
+        }
+    }
+    ensure!(!node.tern(&["status"])?.contains("FAILED CLOSED"));
+    ensure!(!probe(
+        client,
+        SocketAddr::from((server.pod.ip, 8081)),
+        Proto::Tcp
+    ));
+    Ok(())
+}
+
+/// The agent's /metrics (its default health address, in the node's netns).
+fn metrics(ns: &Netns) -> Result<String> {
+    let address: SocketAddr = "127.0.0.1:9876".parse()?;
+    let mut stream = ns.run(|| std::net::TcpStream::connect_timeout(&address, PROBE))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }

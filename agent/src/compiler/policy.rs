@@ -265,6 +265,10 @@ pub struct PolicyCompiler {
     numbers: HashMap<IdentityKey, u32>,
     taken: HashSet<u32>,
     next: u32,
+    /// Numbers the maps held for pod addresses when the agent started:
+    /// the first compilation gives them back to the same pods, so a
+    /// restart rewrites no entry that did not change.
+    seeds: HashMap<Ipv4Addr, u32>,
 }
 
 /// A local endpoint and what the cluster knows of it.
@@ -278,6 +282,18 @@ struct Local<'a> {
 impl PolicyCompiler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A compiler that numbers pods as the maps did (address -> number,
+    /// as IDENTITIES holds them), where their address still has one.
+    pub fn adopt(identities: impl IntoIterator<Item = (Ipv4Addr, u32)>) -> Self {
+        PolicyCompiler {
+            seeds: identities
+                .into_iter()
+                .filter(|(_, n)| (1..CIDR_IDENTITY_BASE).contains(n))
+                .collect(),
+            ..Self::default()
+        }
     }
 
     /// `local`: this node's pods (the endpoint manager's list).
@@ -325,7 +341,7 @@ impl PolicyCompiler {
             if pod.host_network || pod.ips.is_empty() {
                 continue;
             }
-            let id = self.intern(pod, &mut used);
+            let id = self.intern(pod, &pod.ips, &mut used);
             for ip in &pod.ips {
                 state.identities.entry(*ip).or_insert(id);
             }
@@ -335,7 +351,7 @@ impl PolicyCompiler {
             // (a stale pod object may still claim one).
             match l.pod {
                 Some(pod) => {
-                    let id = self.intern(pod, &mut used);
+                    let id = self.intern(pod, &[l.ip], &mut used);
                     l.identity = Some(id);
                     state.identities.insert(l.ip, id);
                 }
@@ -344,6 +360,7 @@ impl PolicyCompiler {
                 }
             }
         }
+        self.seeds.clear();
         self.numbers.retain(|_, n| used.contains_key(n));
         self.taken.retain(|n| used.contains_key(n));
         state.identity_info = used
@@ -359,12 +376,27 @@ impl PolicyCompiler {
         used
     }
 
-    fn intern(&mut self, pod: &Pod, used: &mut BTreeMap<u32, IdentityKey>) -> u32 {
+    fn intern(
+        &mut self,
+        pod: &Pod,
+        ips: &[Ipv4Addr],
+        used: &mut BTreeMap<u32, IdentityKey>,
+    ) -> u32 {
         let key = IdentityKey::of(pod);
         let number = match self.numbers.get(&key) {
             Some(n) => *n,
             None => {
-                let n = self.allocate();
+                let seeded = ips
+                    .iter()
+                    .filter_map(|ip| self.seeds.get(ip).copied())
+                    .find(|n| !self.taken.contains(n));
+                let n = match seeded {
+                    Some(n) => {
+                        self.taken.insert(n);
+                        n
+                    }
+                    None => self.allocate(),
+                };
                 self.numbers.insert(key.clone(), n);
                 n
             }
@@ -1732,6 +1764,27 @@ mod tests {
         assert!(!third.identity_info.contains_key(&new_id));
         assert!(!compiler.numbers.values().any(|n| *n == new_id));
         assert_eq!(third, first);
+    }
+
+    #[test]
+    fn a_restarted_compiler_numbers_pods_as_the_maps_did() {
+        let c = example_cluster(vec![]);
+        let locals = [local("10.0.0.1", "a", "backend")];
+        let first = PolicyCompiler::new().compile(&c, &locals);
+        // Numbers an earlier agent chose, not the ones a fresh one picks.
+        let shifted: Vec<(Ipv4Addr, u32)> = first
+            .identities
+            .iter()
+            .map(|(addr, n)| (*addr, n + 100))
+            .collect();
+        let adopted = PolicyCompiler::adopt(shifted.clone()).compile(&c, &locals);
+        let numbers: Vec<(Ipv4Addr, u32)> = adopted.identities.into_iter().collect();
+        assert_eq!(numbers, shifted);
+        // A number two label sets claimed (stale map) goes to one of them.
+        let clash: Vec<(Ipv4Addr, u32)> = first.identities.keys().map(|a| (*a, 7)).collect();
+        let fresh = PolicyCompiler::adopt(clash).compile(&c, &locals);
+        let distinct: BTreeSet<u32> = fresh.identities.values().copied().collect();
+        assert_eq!(distinct.len(), first.identity_info.len());
     }
 
     #[test]

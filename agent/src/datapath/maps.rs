@@ -40,17 +40,36 @@ pub fn open_pinned<T: TryFrom<Map, Error = MapError>>(
     T::try_from(map).with_context(|| format!("map {name} is not of the expected type"))
 }
 
-/// The datapath's counters (METRICS): written by the eBPF programs only,
-/// read here summed over CPUs. Reading needs no lock.
-pub struct Counters(MetricsMap);
+/// The datapath's counters (METRICS, and POLICY_COUNTS: new connections
+/// allowed per policy number): written by the eBPF programs only, read
+/// here summed over CPUs. Reading needs no lock.
+pub struct Counters {
+    metrics: MetricsMap,
+    policies: Option<MetricsMap>,
+}
 
 impl Counters {
-    pub fn new(map: MetricsMap) -> Self {
-        Counters(map)
+    pub fn new(metrics: MetricsMap, policies: MetricsMap) -> Self {
+        Counters {
+            metrics,
+            policies: Some(policies),
+        }
     }
 
     pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<Self> {
-        Ok(Counters(open_pinned(bpffs_dir, maps::METRICS)?))
+        Ok(Counters {
+            metrics: open_pinned(bpffs_dir, maps::METRICS)?,
+            // Absent while an agent older than NetworkPolicy runs.
+            policies: open_pinned(bpffs_dir, maps::POLICY_COUNTS).ok(),
+        })
+    }
+
+    /// New connections allowed by policy `number` on this node.
+    pub fn allowed_by_policy(&self, number: u32) -> u64 {
+        self.policies
+            .as_ref()
+            .and_then(|m| m.get(&number, 0).ok())
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Packet counters summed over CPUs, by reason.
@@ -62,7 +81,7 @@ impl Counters {
     }
 
     pub fn get(&self, reason: Reason) -> anyhow::Result<u64> {
-        Ok(self.0.get(&(reason as u32), 0)?.iter().sum())
+        Ok(self.metrics.get(&(reason as u32), 0)?.iter().sum())
     }
 }
 

@@ -75,11 +75,12 @@ pub struct MapOwners {
     pub ct: CtMap,
     pub nat: CtMap,
     /// IDENTITIES, POLICY_ENDPOINTS, POLICY, POLICY_CIDR: the policy
-    /// pipeline (POLICY_COUNTS read only).
+    /// pipeline.
     pub policy: PolicyMaps,
     /// CONFIG: written once, at start.
     pub config: ConfigMap,
-    /// METRICS: written by the eBPF programs, only read by the agent.
+    /// METRICS and POLICY_COUNTS: written by the eBPF programs, only read
+    /// by the agent.
     pub counters: Counters,
 }
 
@@ -135,7 +136,10 @@ impl Datapath {
             ct: take(&mut ebpf, names::CT)?,
             nat: take(&mut ebpf, names::NAT)?,
             config: take(&mut ebpf, names::CONFIG)?,
-            counters: Counters::new(take(&mut ebpf, names::METRICS)?),
+            counters: Counters::new(
+                take(&mut ebpf, names::METRICS)?,
+                take(&mut ebpf, names::POLICY_COUNTS)?,
+            ),
         };
         let datapath = Datapath {
             ebpf,

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData};
 use tern_common::{
     POLICY_CIDR_PREFIX_BASE, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyCidrKey,
     PolicyEndpoint, PolicyKey, PolicyRuleRef, maps, policy_direction, policy_flags,
@@ -28,8 +28,6 @@ pub struct PolicyMaps {
     pub endpoints: HashMap<MapData, u32, PolicyEndpoint>,
     pub allow: LpmTrie<MapData, PolicyKey, PolicyRuleRef>,
     pub cidrs: LpmTrie<MapData, PolicyCidrKey, u32>,
-    /// Read only: allowed connections per policy number.
-    pub counts: PerCpuArray<MapData, u64>,
 }
 
 impl PolicyMaps {
@@ -41,16 +39,7 @@ impl PolicyMaps {
             endpoints: take(ebpf, maps::POLICY_ENDPOINTS)?,
             allow: take(ebpf, maps::POLICY)?,
             cidrs: take(ebpf, maps::POLICY_CIDR)?,
-            counts: take(ebpf, maps::POLICY_COUNTS)?,
         })
-    }
-
-    /// New connections allowed by policy `number`, summed over CPUs.
-    pub fn allowed_by(&self, number: u32) -> u64 {
-        self.counts
-            .get(&number, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
     }
 }
 
@@ -105,6 +94,11 @@ impl PolicySync {
             sync.cidrs.insert((key.data(), key.prefix_len()), number);
         }
         Ok(sync)
+    }
+
+    /// The identity numbers the maps hold, by pod address.
+    pub fn identities(&self) -> impl Iterator<Item = (Ipv4Addr, u32)> + '_ {
+        self.identities.iter().map(|(ip, n)| (ip_from_key(*ip), *n))
     }
 
     pub fn entries(&self) -> usize {
@@ -222,12 +216,13 @@ impl PolicySync {
                     self.allow.insert(*entry, *rule);
                 }
                 Err(e) => {
-                    failed.insert((entry.0.endpoint, entry.0.direction));
-                    stats.failed.push((
-                        ip_from_key(entry.0.endpoint),
-                        direction_of(entry.0.direction),
-                        format!("POLICY: {e}"),
-                    ));
+                    if failed.insert((entry.0.endpoint, entry.0.direction)) {
+                        stats.failed.push((
+                            ip_from_key(entry.0.endpoint),
+                            direction_of(entry.0.direction),
+                            format!("POLICY: {e}"),
+                        ));
+                    }
                 }
             }
         }
@@ -241,12 +236,13 @@ impl PolicySync {
                     self.cidrs.insert(*entry, *number);
                 }
                 Err(e) => {
-                    failed.insert((entry.0.endpoint, entry.0.direction));
-                    stats.failed.push((
-                        ip_from_key(entry.0.endpoint),
-                        direction_of(entry.0.direction),
-                        format!("POLICY_CIDR: {e}"),
-                    ));
+                    if failed.insert((entry.0.endpoint, entry.0.direction)) {
+                        stats.failed.push((
+                            ip_from_key(entry.0.endpoint),
+                            direction_of(entry.0.direction),
+                            format!("POLICY_CIDR: {e}"),
+                        ));
+                    }
                 }
             }
         }

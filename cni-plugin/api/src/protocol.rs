@@ -280,7 +280,8 @@ pub struct PolicyListing {
     pub number: u32,
     /// The pods of this node it selects.
     pub selects: Vec<Ipv4Addr>,
-    /// New connections it allowed on this node.
+    /// New connections it allowed on this node (from POLICY_COUNTS;
+    /// the CLI fills it in).
     pub allowed: u64,
     pub error: Option<String>,
 }
