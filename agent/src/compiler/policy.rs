@@ -749,7 +749,10 @@ impl Ctx<'_> {
     }
 
     /// Fail closed when policies might select the pod (its labels are not
-    /// known, so which ones cannot be told).
+    /// known, so which ones cannot be told). An endpoint the runtime gave
+    /// no pod name (not a Kubernetes runtime: kubelet's always pass
+    /// K8S_POD_NAMESPACE/K8S_POD_NAME) and no Pod claims by address is no
+    /// pod at all: no NetworkPolicy can select it, so none isolates it.
     fn unknown(&self, local: &Local<'_>, problems: &mut Vec<String>) -> EndpointPolicy {
         let mut out = EndpointPolicy {
             pod: local.named.clone(),
@@ -758,7 +761,7 @@ impl Ctx<'_> {
         let policies = &self.cluster.network_policies;
         let guarded = match &local.named {
             Some((ns, _)) => policies.keys().any(|(pns, _)| pns == ns),
-            None => !policies.is_empty(),
+            None => false,
         };
         if guarded {
             for dir in [&mut out.ingress, &mut out.egress] {
@@ -767,7 +770,7 @@ impl Ctx<'_> {
             }
             let who = match &local.named {
                 Some((ns, name)) => format!("{ns}/{name}"),
-                None => "an unnamed pod".to_owned(),
+                None => String::new(),
             };
             problems.push(format!(
                 "endpoint {} ({who}): pod not known while NetworkPolicies may select it; \
@@ -1715,7 +1718,9 @@ mod tests {
         assert!(!allowed(&state, "10.0.0.2", "10.0.0.9", TCP, 80));
         assert!(!allowed(&state, "10.0.0.9", "10.0.0.9", TCP, 80));
         assert!(state.problems.iter().any(|p| p.contains("a/gone")));
-        assert!(state.endpoints[&ip("10.0.0.11")].ingress.deny_all);
+        // Not a pod (no name, no Pod with its address): nothing selects it.
+        let unnamed = &state.endpoints[&ip("10.0.0.11")];
+        assert!(!unnamed.ingress.isolated && !unnamed.egress.isolated);
         let b = &state.endpoints[&ip("10.0.0.10")];
         assert!(!b.ingress.isolated && !b.egress.isolated);
         assert_eq!(b.identity, None);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::lab::{Lab, LabNode, OUTSIDE_IP, Outside, Pod};
+use crate::lab::{Lab, LabNode, OUTSIDE_IP, Outside, Pod, list_manifest, pod_object};
 use crate::netns::{self, ChildGuard, Netns};
 use crate::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
 
@@ -433,6 +433,7 @@ pub fn demo(pods: usize) -> Result<()> {
     );
 
     services_demo(&running)?;
+    policy_demo(&running)?;
     let node = &running.nodes[0];
     println!("{}", node.tern(&["status"])?);
     println!("{}", node.tern(&["endpoint", "list"])?);
@@ -564,6 +565,126 @@ fn services_demo(running: &Running) -> Result<()> {
     println!(
         "  proved: NodePort {NODE_IP}:30080 from outside client 10.0.0.100 answered by {answer:?} (backend saw the node address: SNAT)\n"
     );
+    Ok(())
+}
+
+/// The NetworkPolicy most people try first, exactly as written: pods
+/// named and labelled as a runtime and the API would have them, the
+/// policy from the manifest directory, real connections allowed and
+/// denied, and what the agent says of it.
+fn policy_demo(running: &Running) -> Result<()> {
+    let node = &running.nodes[0];
+    let mut pods = Vec::new();
+    let mut servers = Vec::new();
+    let mut objects = Vec::new();
+    for (name, ports) in [
+        ("frontend", &[8080u16] as &[u16]),
+        ("backend", &[8080, 9090]),
+        ("database", &[5432, 8080]),
+        ("other", &[8080]),
+    ] {
+        let pod = node.add_k8s_pod("shop", name)?;
+        for port in ports {
+            servers.push(EchoServer::start(&pod.ns, *port, name)?);
+        }
+        objects.push(pod_object(
+            "shop",
+            name,
+            &node.name,
+            pod.ip,
+            &[("app", name)],
+            &[],
+        ));
+        pods.push((name, pod));
+    }
+    node.write_manifest("shop-pods.json", &list_manifest(objects))?;
+    node.write_manifest(
+        "shop-policy.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend-netpol, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: backend}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: frontend}}}]
+    ports: [{protocol: TCP, port: 8080}]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: database}}}]
+    ports: [{protocol: TCP, port: 5432}]
+  - to: []
+    ports: [{protocol: TCP, port: 53}, {protocol: UDP, port: 53}]
+",
+    )?;
+    let pod = |name: &str| pods.iter().find(|(n, _)| *n == name).map(|(_, p)| p);
+    let ip = |name: &str| pod(name).map_or(Ipv4Addr::UNSPECIFIED, |p| p.ip);
+    // The policy is in force once the agent explains it so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let explained = node.tern(&[
+            "policy",
+            "explain",
+            &ip("other").to_string(),
+            &ip("backend").to_string(),
+            "8080/TCP",
+        ])?;
+        if explained.starts_with("DENIED") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the policy never took effect: {explained}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("NetworkPolicy shop/backend-netpol (the course example):");
+    for (from, to, port, allowed) in [
+        ("frontend", "backend", 8080, true),
+        ("other", "backend", 8080, false),
+        ("frontend", "backend", 9090, false),
+        ("backend", "database", 5432, true),
+        ("backend", "database", 8080, false),
+        ("backend", "other", 8080, false),
+    ] {
+        let Some(client) = pod(from) else { continue };
+        let at = SocketAddr::from((ip(to), port));
+        let reached = client
+            .ns
+            .run(|| std::net::TcpStream::connect_timeout(&at, Duration::from_secs(1)))
+            .is_ok();
+        anyhow::ensure!(
+            reached == allowed,
+            "{from} -> {to}:{port}: expected {}",
+            if allowed { "allowed" } else { "denied" }
+        );
+        println!(
+            "  proved: {from} -> {to}:{port} {}",
+            if allowed {
+                "ALLOWED"
+            } else {
+                "DENIED (dropped)"
+            }
+        );
+    }
+    println!("{}", node.tern(&["policy", "list"])?);
+    println!(
+        "$ tern policy explain {} {} 8080/TCP\n{}",
+        ip("frontend"),
+        ip("backend"),
+        node.tern(&[
+            "policy",
+            "explain",
+            &ip("frontend").to_string(),
+            &ip("backend").to_string(),
+            "8080/TCP",
+        ])?
+    );
+    drop(servers);
+    for (_, pod) in &pods {
+        let out = node.del_pod(pod)?;
+        anyhow::ensure!(out.code == Some(0), "DEL failed: {out:?}");
+    }
+    node.remove_manifest("shop-policy.yaml")?;
+    node.remove_manifest("shop-pods.json")?;
     Ok(())
 }
 
