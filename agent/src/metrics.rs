@@ -29,6 +29,7 @@ pub const DROP_REASONS: &[Reason] = &[
     Reason::NatFull,
     Reason::PolicyDeniedIngress,
     Reason::PolicyDeniedEgress,
+    Reason::SourceNotPod,
 ];
 
 /// The policy verdict counters: (reason, direction, verdict).

@@ -49,6 +49,16 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
         count(Reason::NotIpv4);
         return if VIA_QDISC { TC_ACT_UNSPEC } else { TC_ACT_OK };
     };
+    // A pod sends from its own address, on its own veth: policy knows
+    // peers by address, so no pod may speak as another.
+    // SAFETY: the value is copied out at once.
+    match unsafe { ENDPOINTS.get(p.saddr) } {
+        Some(own) if own.ifindex == ifindex(ctx) => {}
+        _ => {
+            count(Reason::SourceNotPod);
+            return TC_ACT_SHOT;
+        }
+    }
     // Policy sees the connection as the pod sent it (its replies, before
     // reverse translation) and judges a new one on where it goes (after
     // Service translation).

@@ -110,6 +110,13 @@ fn admit(key_of: &Packet, ep: &PolicyEndpoint, direction: u8, peer: u32, port: u
             bump(&POLICY_COUNTS, verdict as u32);
         }
     }
+    // Only a TCP segment that opens a connection starts tracking one: a
+    // stray segment of a connection that was cut (or whose entry is gone)
+    // passes on its own merit but does not let the other side's packets
+    // through as its "replies".
+    if key_of.proto == IPPROTO_TCP && !opens_connection(key_of) {
+        return true;
+    }
     let entry = PolicyFlowValue {
         revision: ep.revision,
         last_seen: now(),

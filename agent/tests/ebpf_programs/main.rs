@@ -50,14 +50,14 @@ struct LocalPod {
 
 const CLIENT: LocalPod = LocalPod {
     ip: Ipv4Addr::new(10, 244, 0, 2),
-    ifindex: 11,
+    ifindex: TEST_RUN_IFINDEX,
     mac: [0x0a, 0, 0, 0, 0, 0x02],
     host_mac: [0x0e, 0, 0, 0, 0, 0x02],
 };
 
 const BACKEND: LocalPod = LocalPod {
     ip: Ipv4Addr::new(10, 244, 0, 3),
-    ifindex: 12,
+    ifindex: TEST_RUN_IFINDEX,
     mac: [0x0a, 0, 0, 0, 0, 0x03],
     host_mac: [0x0e, 0, 0, 0, 0, 0x03],
 };
@@ -339,13 +339,14 @@ fn a_tcp_flow_is_established_by_its_reply() {
     let backend = SocketAddrV4::new(Ipv4Addr::new(10, 244, 7, 7), 8080);
     dp.add_service(SERVICE, TCP, CLUSTER_IP, 1, &[backend]);
     let client = SocketAddrV4::new(CLIENT.ip, 40000);
-    for (flags, from, to) in [
-        (SYN, client, SERVICE),
-        (SYN | ACK, backend, client),
-        (ACK, client, SERVICE),
-        (ACK, backend, client),
+    // The backend's replies come from the underlay (native routing).
+    for (program, flags, from, to) in [
+        (programs::FROM_POD, SYN, client, SERVICE),
+        (programs::FROM_NETDEV, SYN | ACK, backend, client),
+        (programs::FROM_POD, ACK, client, SERVICE),
+        (programs::FROM_NETDEV, ACK, backend, client),
     ] {
-        let (_, out) = dp.run(programs::FROM_POD, &packet::tcp(from, to, flags, 1000));
+        let (_, out) = dp.run(program, &packet::tcp(from, to, flags, 1000));
         Packet::parse(&out);
     }
     let established = ct_flags::ESTABLISHED;
@@ -377,6 +378,7 @@ fn a_service_without_backends_is_refused() {
     });
     dp.add_service(SERVICE, TCP, CLUSTER_IP, 1, &[]);
     dp.add_service(SERVICE, UDP, CLUSTER_IP, 2, &[]);
+    dp.add_endpoint(&CLIENT);
     let client = SocketAddrV4::new(CLIENT.ip, 40000);
 
     let (verdict, out) = dp.run(programs::FROM_POD, &packet::tcp(client, SERVICE, SYN, 1000));
@@ -592,7 +594,11 @@ fn the_gateway_answers_its_pods_arp() {
         ..CLIENT
     };
     dp.add_endpoint(&pod);
-    dp.add_endpoint(&BACKEND);
+    let elsewhere = LocalPod {
+        ifindex: TEST_RUN_IFINDEX + 11,
+        ..BACKEND
+    };
+    dp.add_endpoint(&elsewhere);
     let new_mac = [0xc2, 0, 0, 0, 0, 0x42];
 
     let request = packet::arp(ARP_REQUEST, new_mac, pod.ip, [0; 6], gateway);
@@ -693,4 +699,97 @@ fn a_pod_behind_its_own_qdisc_is_translated_then_left_to_it() {
         (TCX_NEXT, to_pod)
     );
     dp.assert_counts(&[(Reason::LbDnat, 1), (Reason::ToPodQdisc, 2)]);
+}
+
+/// NetworkPolicy at an ingress-isolated pod: a new connection from an
+/// allowed identity to an allowed port passes and is tracked, its reply
+/// follows the entry; another port is dropped; once the pod's policy
+/// changes (new revision, entry gone) the same connection's next packet
+/// is judged again and dropped. A pod speaking from another address is
+/// dropped before anything else.
+#[test]
+fn policy_is_judged_once_per_connection_and_again_after_a_change() {
+    use tern_common::{PolicyEndpoint, PolicyKey, PolicyRuleRef, policy_direction, policy_flags};
+    let Some(mut dp) = Datapath::load() else {
+        return;
+    };
+    dp.add_endpoint(&CLIENT);
+    dp.add_endpoint(&BACKEND);
+    let client_identity = 7u32;
+    dp.hash::<u32, u32>(maps::IDENTITIES)
+        .insert(ip_to_key(CLIENT.ip), client_identity, 0)
+        .unwrap();
+    let isolated = |revision| PolicyEndpoint {
+        revision,
+        flags: policy_flags::INGRESS_ISOLATED,
+    };
+    dp.hash::<u32, PolicyEndpoint>(maps::POLICY_ENDPOINTS)
+        .insert(ip_to_key(BACKEND.ip), isolated(1), 0)
+        .unwrap();
+    let allow = Key::new(
+        96,
+        PolicyKey {
+            endpoint: ip_to_key(BACKEND.ip),
+            identity: client_identity.to_be_bytes(),
+            direction: policy_direction::INGRESS,
+            proto: TCP,
+            port: 8080u16.to_be_bytes(),
+        },
+    );
+    {
+        let mut policy: LpmTrie<_, PolicyKey, PolicyRuleRef> =
+            LpmTrie::try_from(dp.ebpf.map_mut(maps::POLICY).unwrap()).unwrap();
+        policy
+            .insert(&allow, PolicyRuleRef { policy: 3, rule: 0 }, 0)
+            .unwrap();
+    }
+    let client = SocketAddrV4::new(CLIENT.ip, 40000);
+    let server = SocketAddrV4::new(BACKEND.ip, 8080);
+    let other_port = SocketAddrV4::new(BACKEND.ip, 9090);
+
+    let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(client, server, SYN, 1));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(client, other_port, SYN, 1));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, _) = dp.run(
+        programs::FROM_POD,
+        &packet::tcp(server, client, SYN | ACK, 1),
+    );
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the reply follows the tracked entry"
+    );
+    let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(client, server, ACK, 2));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+
+    // The policy changes: the entry goes, the revision moves on.
+    {
+        let mut policy: LpmTrie<_, PolicyKey, PolicyRuleRef> =
+            LpmTrie::try_from(dp.ebpf.map_mut(maps::POLICY).unwrap()).unwrap();
+        policy.remove(&allow).unwrap();
+    }
+    dp.hash::<u32, PolicyEndpoint>(maps::POLICY_ENDPOINTS)
+        .insert(ip_to_key(BACKEND.ip), isolated(2), 0)
+        .unwrap();
+    let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(client, server, ACK, 3));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "the established connection is judged again"
+    );
+    // The backend may still reach the client: its segment passes as a
+    // packet of its own, but opens nothing the client's could follow.
+    let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(server, client, ACK, 3));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(client, server, ACK, 4));
+    assert_eq!(verdict, TC_ACT_SHOT, "the cut connection stays cut");
+
+    let spoofed = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 99), 40000);
+    let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(spoofed, server, SYN, 1));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    dp.assert_counts(&[
+        (Reason::RedirectLocalPod, 4),
+        (Reason::PolicyDeniedIngress, 3),
+        (Reason::PolicyAllowedIngress, 1),
+        (Reason::SourceNotPod, 1),
+    ]);
 }

@@ -637,10 +637,13 @@ pub enum Reason {
     /// NetworkPolicy: a new connection was allowed into an isolated pod.
     PolicyAllowedIngress = 23,
     PolicyAllowedEgress = 24,
+    /// A pod sent a packet from an address that is not its own: dropped
+    /// (NetworkPolicy identifies peers by address).
+    SourceNotPod = 25,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -667,6 +670,7 @@ impl Reason {
         Reason::PolicyDeniedEgress,
         Reason::PolicyAllowedIngress,
         Reason::PolicyAllowedEgress,
+        Reason::SourceNotPod,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -696,6 +700,7 @@ impl Reason {
             Reason::PolicyDeniedEgress => "policy_denied_egress",
             Reason::PolicyAllowedIngress => "policy_allowed_ingress",
             Reason::PolicyAllowedEgress => "policy_allowed_egress",
+            Reason::SourceNotPod => "source_not_pod",
         }
     }
 }
