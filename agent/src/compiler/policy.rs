@@ -265,6 +265,11 @@ pub struct PolicyCompiler {
     numbers: HashMap<IdentityKey, u32>,
     taken: HashSet<u32>,
     next: u32,
+    /// Policy numbers, kept while the policy exists: POLICY's values and
+    /// POLICY_COUNTS name policies by them, so adding one policy must not
+    /// renumber (and rewrite the entries of) the others.
+    policy_numbers: HashMap<(String, String), u32>,
+    next_policy: u32,
     /// Numbers the maps held for pod addresses when the agent started:
     /// the first compilation gives them back to the same pods, so a
     /// restart rewrites no entry that did not change.
@@ -302,7 +307,17 @@ impl PolicyCompiler {
         let mut locals = find_local_pods(cluster, local);
         let ids = self.identities(cluster, &mut locals, &mut state);
         let namespaces = namespace_labels(cluster, &ids);
-        let policies = compile_policies(cluster, &ids, &namespaces, &mut state.problems);
+        self.number_policies(cluster);
+        let policies = compile_policies(
+            cluster,
+            &PolicyScope {
+                ids: &ids,
+                namespaces: &namespaces,
+                numbers: &self.policy_numbers,
+                locals: &locals,
+            },
+            &mut state.problems,
+        );
         let ctx = Ctx {
             cluster,
             ids: &ids,
@@ -405,6 +420,31 @@ impl PolicyCompiler {
         number
     }
 
+    /// Gives every policy of the cluster a number (a new one the next
+    /// free) and forgets those of policies that are gone.
+    fn number_policies(&mut self, cluster: &Cluster) {
+        self.policy_numbers
+            .retain(|key, _| cluster.network_policies.contains_key(key));
+        let taken: HashSet<u32> = self.policy_numbers.values().copied().collect();
+        for key in cluster.network_policies.keys() {
+            if self.policy_numbers.contains_key(key) {
+                continue;
+            }
+            let number = loop {
+                let n = self.next_policy.max(1);
+                self.next_policy = if n + 1 >= CIDR_IDENTITY_BASE {
+                    1
+                } else {
+                    n + 1
+                };
+                if !taken.contains(&n) {
+                    break n;
+                }
+            };
+            self.policy_numbers.insert(key.clone(), number);
+        }
+    }
+
     /// The next free number in 1..CIDR_IDENTITY_BASE (wrapping; there are
     /// far more numbers than pods).
     fn allocate(&mut self) -> u32 {
@@ -491,31 +531,48 @@ struct Rule<'a> {
     ports: &'a Ports,
 }
 
+/// What compiling the policies needs besides the cluster.
+struct PolicyScope<'s, 'l> {
+    ids: &'s BTreeMap<u32, IdentityKey>,
+    namespaces: &'s BTreeMap<String, Labels>,
+    numbers: &'s HashMap<(String, String), u32>,
+    locals: &'s [Local<'l>],
+}
+
+/// Every policy with its number; the rules (peers resolved to identities)
+/// only of those that select a pod of this node: of 10 000 policies in a
+/// cluster a node resolves the few that concern its pods.
 fn compile_policies<'a>(
     cluster: &'a Cluster,
-    ids: &BTreeMap<u32, IdentityKey>,
-    namespaces: &BTreeMap<String, Labels>,
+    scope: &PolicyScope<'_, '_>,
     problems: &mut Vec<String>,
 ) -> Vec<Compiled<'a>> {
     cluster
         .network_policies
-        .values()
-        .zip(1..)
-        .map(|(policy, number)| {
+        .iter()
+        .map(|(key, policy)| {
+            let number = scope.numbers.get(key).copied().unwrap_or(0);
             if let Some(error) = &policy.error {
                 problems.push(format!(
                     "policy {}: {error}; it isolates the pods it selects and allows nothing",
                     policy.name()
                 ));
             }
+            let selects_here = scope.locals.iter().any(|l| {
+                l.pod.is_some_and(|pod| {
+                    pod.key.0 == policy.key.0 && policy.pod_selector.matches(&pod.labels)
+                })
+            });
             let rules = |list: &'a Option<Vec<PolicyRule>>| {
                 list.as_ref().map(|list| {
-                    if policy.error.is_some() {
-                        return Vec::new(); // fail closed: isolate, allow nothing
+                    if policy.error.is_some() || !selects_here {
+                        // Fail closed (isolate, allow nothing), or nothing
+                        // of this node to compile for.
+                        return Vec::new();
                     }
                     let peers = PeerScope {
-                        ids,
-                        namespaces,
+                        ids: scope.ids,
+                        namespaces: scope.namespaces,
                         own: &policy.key.0,
                     };
                     list.iter()
@@ -1790,6 +1847,25 @@ mod tests {
         let fresh = PolicyCompiler::adopt(clash).compile(&c, &locals);
         let distinct: BTreeSet<u32> = fresh.identities.values().copied().collect();
         assert_eq!(distinct.len(), first.identity_info.len());
+    }
+
+    #[test]
+    fn policy_numbers_stay_when_others_come_and_go() {
+        let deny = |name: &str| policy("a", name, sel(&[("app", "backend")]), Some(vec![]), None);
+        let locals = [local("10.0.0.1", "a", "backend")];
+        let mut compiler = PolicyCompiler::new();
+        let first = compiler.compile(&example_cluster(vec![deny("m")]), &locals);
+        assert_eq!(first.policies[&1].name, "a/m");
+        // "a/b" sorts first, but "a/m" keeps its number.
+        let second = compiler.compile(&example_cluster(vec![deny("b"), deny("m")]), &locals);
+        assert_eq!(second.policies[&1].name, "a/m");
+        assert_eq!(second.policies[&2].name, "a/b");
+        // A policy selecting no pod of this node is numbered, not compiled.
+        let elsewhere = policy("a", "z", sel(&[("app", "nobody")]), Some(vec![]), None);
+        let third = compiler.compile(&example_cluster(vec![deny("m"), elsewhere]), &locals);
+        assert_eq!(third.policies[&1].name, "a/m");
+        assert_eq!(third.policies[&3].name, "a/z");
+        assert!(third.policies[&3].selects.is_empty());
     }
 
     #[test]
