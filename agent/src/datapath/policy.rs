@@ -129,7 +129,13 @@ impl PolicySync {
             .iter()
             .map(|(ip, id)| (ip_to_key(*ip), *id))
             .collect();
-        let identities_changed = identities != self.identities;
+        // A peer whose identity changed or went may have been allowed by
+        // what it was: connections are judged again. A new address only
+        // adds what may be allowed.
+        let identities_changed = self
+            .identities
+            .iter()
+            .any(|(ip, id)| identities.get(ip) != Some(id));
         let changed_pods = changed_endpoints(self, &wanted);
 
         // 1. More isolation first.
