@@ -30,6 +30,7 @@ pub const DROP_REASONS: &[Reason] = &[
     Reason::PolicyDeniedIngress,
     Reason::PolicyDeniedEgress,
     Reason::SourceNotPod,
+    Reason::MalformedIpv4,
 ];
 
 /// The policy verdict counters: (reason, direction, verdict).

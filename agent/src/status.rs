@@ -260,6 +260,7 @@ mod tests {
             node: node.map(Into::into),
             ips: vec![Ipv4Addr::from(ip)],
             host_network,
+            finished: false,
             labels: Default::default(),
             named_ports: vec![],
         })

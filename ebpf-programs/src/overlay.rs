@@ -15,7 +15,7 @@ use tern_common::{OVERLAY_VNI, Reason, TunnelEndpoint};
 
 use crate::maps::{ENDPOINTS, TUNNEL, count};
 use crate::packet::{Packet, parse};
-use crate::pod::{hop, redirect_to_local_pod};
+use crate::pod::{claims_local_address, hop, redirect_to_local_pod, unparsed};
 use crate::policy;
 use crate::service_nat::{self, Outcome};
 
@@ -73,8 +73,11 @@ pub fn from_overlay(ctx: &TcContext) -> i32 {
     // SAFETY: plain helper call on this packet.
     unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
     let Some(mut p) = parse(ctx) else {
-        return TC_ACT_OK;
+        return unparsed(ctx);
     };
+    if claims_local_address(&p) {
+        return TC_ACT_SHOT;
+    }
     if let Outcome::Verdict(verdict) = service_nat::from_overlay(ctx, &mut p) {
         return verdict;
     }

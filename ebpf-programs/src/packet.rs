@@ -33,6 +33,8 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// ICMP (first fragment): the message type; 0xff otherwise.
+    pub icmp_type: u8,
 }
 
 impl Packet {
@@ -59,6 +61,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         sport: 0,
         dport: 0,
         tcp_flags: 0,
+        icmp_type: 0xff,
     };
     if packet.has_ports() {
         let ports = ctx.load::<[u16; 2]>(l4).ok()?;
@@ -67,8 +70,17 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         if packet.proto == IPPROTO_TCP {
             packet.tcp_flags = ctx.load::<u8>(l4 + 13).ok()?;
         }
+    } else if packet.proto == IPPROTO_ICMP && u16::from_be_bytes(ip.frags) & 0x1fff == 0 {
+        packet.icmp_type = ctx.load::<u8>(l4).ok()?;
     }
     Some(packet)
+}
+
+/// An IPv4 frame `parse` could not read (its L4 header cut short): never
+/// to be handed on, since nothing could judge it.
+pub fn malformed_ipv4(ctx: &TcContext) -> bool {
+    ctx.load::<EthHdr>(0)
+        .is_ok_and(|eth| u16::from_be(eth.ether_type) == ETH_P_IP)
 }
 
 /// The tuple a packet is rewritten to.

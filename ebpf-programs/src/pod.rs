@@ -19,7 +19,7 @@ use aya_ebpf::{
 use tern_common::{EndpointInfo, Reason, endpoint_flags};
 
 use crate::maps::{ENDPOINTS, TUNNEL, config, count};
-use crate::packet::{IP_CHECK, L3, Packet, ifindex, parse};
+use crate::packet::{IP_CHECK, L3, Packet, ifindex, malformed_ipv4, parse};
 use crate::policy::{self, Tracked};
 use crate::service_nat::{self, Outcome};
 use crate::{arp, masq, overlay};
@@ -45,6 +45,10 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
     let Some(mut p) = parse(ctx) else {
         if let Some(verdict) = arp::answer_gateway(ctx) {
             return verdict;
+        }
+        if malformed_ipv4(ctx) {
+            count(Reason::MalformedIpv4);
+            return TC_ACT_SHOT;
         }
         count(Reason::NotIpv4);
         return if VIA_QDISC { TC_ACT_UNSPEC } else { TC_ACT_OK };
@@ -88,8 +92,11 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
 
 pub fn from_netdev(ctx: &TcContext) -> i32 {
     let Some(mut p) = parse(ctx) else {
-        return TC_ACT_OK;
+        return unparsed(ctx);
     };
+    if claims_local_address(&p) {
+        return TC_ACT_SHOT;
+    }
     // A reply to masqueraded traffic gets the pod's address back first;
     // if the pod had reached it through a Service, CT then gives it the
     // Service's address too.
@@ -100,6 +107,29 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
         Outcome::Verdict(verdict) => verdict,
         Outcome::Route => forward(ctx, &p),
     }
+}
+
+/// What arrives from outside the node that `parse` could not read: left
+/// to the stack unless it is IPv4 (which could reach a pod unjudged).
+pub fn unparsed(ctx: &TcContext) -> i32 {
+    if malformed_ipv4(ctx) {
+        count(Reason::MalformedIpv4);
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_OK
+}
+
+/// A packet from outside the node (underlay, overlay) whose source is a
+/// local pod's address or the hairpin address: forged, since those only
+/// ever come from the pod's own veth. Counted; the caller drops it.
+pub fn claims_local_address(p: &Packet) -> bool {
+    // SAFETY: only presence is read.
+    let forged = p.saddr == u32::from_ne_bytes(tern_common::HAIRPIN_ADDR)
+        || unsafe { ENDPOINTS.get(p.saddr) }.is_some();
+    if forged {
+        count(Reason::SourceNotPod);
+    }
+    forged
 }
 
 /// Into the local pod `p.daddr`, else through the overlay to the node that

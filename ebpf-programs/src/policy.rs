@@ -22,7 +22,7 @@ use crate::maps::{
     IDENTITIES, POLICY, POLICY_CIDR, POLICY_COUNTS, POLICY_CT, POLICY_ENDPOINTS, bump, config,
     count,
 };
-use crate::packet::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST};
+use crate::packet::{IPPROTO_ICMP, IPPROTO_TCP, Packet, TCP_FIN, TCP_RST};
 
 /// The identity number that stands for every peer.
 const ANY_IDENTITY: u32 = 0;
@@ -30,6 +30,8 @@ const ANY_IDENTITY: u32 = 0;
 const POLICY_PREFIX_FULL: u32 = 96;
 /// `judge`: denied.
 const DENIED: i64 = -1;
+const ICMP_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// What the tracked entries say of a packet.
 pub enum Tracked {
@@ -135,6 +137,16 @@ fn admit(key_of: &Packet, ep: &PolicyEndpoint, direction: u8, peer: u32, port: u
 /// reply). An entry allowed under an older revision is judged again.
 #[inline(always)]
 fn tracked(p: &Packet, local: u32, direction: u8) -> Tracked {
+    if p.proto == IPPROTO_ICMP && matches!(p.icmp_type, ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED) {
+        // Errors about a connection (port unreachable, fragmentation
+        // needed, TTL) belong to it: without them PMTU discovery breaks.
+        return Tracked::Allowed;
+    }
+    if opens_connection(p) {
+        // A new TCP connection is judged, even on a tuple an earlier one
+        // used (which a Service may now send to another backend).
+        return Tracked::New;
+    }
     let ep = endpoint(local);
     let now = now();
     let own = flow_key(p, direction);

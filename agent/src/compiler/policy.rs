@@ -270,6 +270,12 @@ pub struct PolicyCompiler {
     /// renumber (and rewrite the entries of) the others.
     policy_numbers: HashMap<(String, String), u32>,
     next_policy: u32,
+    /// ipBlock prefix numbers per pod direction, kept while the prefix
+    /// is in use: a block added elsewhere must not shift the meaning of
+    /// a number the maps hold (the sync would briefly apply one prefix's
+    /// entries to another's addresses). New ones count up, never reused.
+    cidr_numbers: HashMap<(Ipv4Addr, Direction, Ipv4Network), u32>,
+    cidr_next: HashMap<(Ipv4Addr, Direction), u32>,
     /// Numbers the maps held for pod addresses when the agent started:
     /// the first compilation gives them back to the same pods, so a
     /// restart rewrites no entry that did not change.
@@ -339,8 +345,59 @@ impl PolicyCompiler {
             };
             state.policies.insert(c.number, info);
         }
+        self.renumber_cidrs(&mut state);
         dedup_in_order(&mut state.problems);
         state
+    }
+
+    /// Gives each pod direction's ipBlock prefixes their kept numbers (the
+    /// compilation numbers them by position) and forgets unused ones.
+    fn renumber_cidrs(&mut self, state: &mut PolicyState) {
+        let mut used = HashSet::new();
+        for (ip, endpoint) in &mut state.endpoints {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let dir = match direction {
+                    Direction::Ingress => &mut endpoint.ingress,
+                    Direction::Egress => &mut endpoint.egress,
+                };
+                if dir.cidrs.is_empty() {
+                    continue;
+                }
+                let mut renamed = BTreeMap::new();
+                for (prefix, positional) in &mut dir.cidrs {
+                    let key = (*ip, direction, *prefix);
+                    let number = match self.cidr_numbers.get(&key) {
+                        Some(n) => *n,
+                        None => {
+                            let next = self
+                                .cidr_next
+                                .entry((*ip, direction))
+                                .or_insert(CIDR_IDENTITY_BASE);
+                            let n = *next;
+                            *next = next.wrapping_add(1).max(CIDR_IDENTITY_BASE);
+                            self.cidr_numbers.insert(key, n);
+                            n
+                        }
+                    };
+                    used.insert(key);
+                    renamed.insert(*positional, number);
+                    *positional = number;
+                }
+                dir.allow = std::mem::take(&mut dir.allow)
+                    .into_iter()
+                    .map(|(mut key, rule)| {
+                        if let Some(n) = renamed.get(&key.identity) {
+                            key.identity = *n;
+                        }
+                        (key, rule)
+                    })
+                    .collect();
+            }
+        }
+        self.cidr_numbers.retain(|key, _| used.contains(key));
+        let endpoints: HashSet<(Ipv4Addr, Direction)> =
+            used.iter().map(|(ip, d, _)| (*ip, *d)).collect();
+        self.cidr_next.retain(|key, _| endpoints.contains(key));
     }
 
     /// Numbers the pods (those with addresses, and the local ones), fills
@@ -352,14 +409,31 @@ impl PolicyCompiler {
         state: &mut PolicyState,
     ) -> BTreeMap<u32, IdentityKey> {
         let mut used = BTreeMap::new();
+        let mut contested = BTreeSet::new();
         for pod in cluster.pods.values() {
-            if pod.host_network || pod.ips.is_empty() {
+            if pod.host_network || pod.finished || pod.ips.is_empty() {
                 continue;
             }
             let id = self.intern(pod, &pod.ips, &mut used);
             for ip in &pod.ips {
-                state.identities.entry(*ip).or_insert(id);
+                match state.identities.get(ip) {
+                    Some(other) if *other != id => {
+                        contested.insert(*ip);
+                    }
+                    Some(_) => {}
+                    None => {
+                        state.identities.insert(*ip, id);
+                    }
+                }
             }
+        }
+        // Two running pods claim one address (one of them stale): which
+        // one sends from it cannot be told, so it is nobody's.
+        for ip in contested {
+            state.identities.remove(&ip);
+            state.problems.push(format!(
+                "address {ip} is claimed by pods of different identities: it matches no pod selector"
+            ));
         }
         for l in locals.iter_mut() {
             // This node's endpoints are authoritative for their addresses
@@ -467,7 +541,11 @@ impl PolicyCompiler {
 /// unknown: a stale pod holding the address is not it.
 fn find_local_pods<'a>(cluster: &'a Cluster, local: &[LocalEndpoint]) -> Vec<Local<'a>> {
     let mut by_ip: HashMap<Ipv4Addr, &Pod> = HashMap::new();
-    for pod in cluster.pods.values().filter(|p| !p.host_network) {
+    for pod in cluster
+        .pods
+        .values()
+        .filter(|p| !p.host_network && !p.finished)
+    {
         for ip in &pod.ips {
             by_ip.entry(*ip).or_insert(&**pod);
         }
@@ -1082,6 +1160,7 @@ mod tests {
             node: Some("n1".into()),
             ips: vec![ip(addr)],
             host_network: false,
+            finished: false,
             labels: labels(pairs),
             named_ports: vec![],
         }
@@ -1866,6 +1945,73 @@ mod tests {
         assert_eq!(third.policies[&1].name, "a/m");
         assert_eq!(third.policies[&3].name, "a/z");
         assert!(third.policies[&3].selects.is_empty());
+    }
+
+    #[test]
+    fn ip_block_numbers_keep_their_prefix_when_blocks_come_and_go() {
+        use crate::model::{Peer, Peers, PolicyRule, Ports};
+        let block = |cidr: &str, except: &[&str]| Peer::IpBlock {
+            cidr: cidr.parse().unwrap(),
+            except: except.iter().map(|e| e.parse().unwrap()).collect(),
+        };
+        let with = |peers: Vec<Peer>| {
+            let rule = PolicyRule {
+                peers: Peers::Some(peers),
+                ports: Ports::All,
+            };
+            example_cluster(vec![policy(
+                "a",
+                "blocks",
+                sel(&[("app", "backend")]),
+                Some(vec![rule]),
+                None,
+            )])
+        };
+        let locals = [local("10.0.0.1", "a", "backend")];
+        let mut compiler = PolicyCompiler::new();
+        let first = compiler.compile(&with(vec![block("10.0.0.0/8", &["10.1.0.0/16"])]), &locals);
+        let second = compiler.compile(
+            &with(vec![
+                block("9.0.0.0/8", &[]),
+                block("10.0.0.0/8", &["10.1.0.0/16"]),
+            ]),
+            &locals,
+        );
+        let (old, new) = (
+            &first.endpoints[&ip("10.0.0.1")].ingress,
+            &second.endpoints[&ip("10.0.0.1")].ingress,
+        );
+        for prefix in ["10.0.0.0/8", "10.1.0.0/16"] {
+            let prefix: Ipv4Network = prefix.parse().unwrap();
+            assert_eq!(old.cidrs[&prefix], new.cidrs[&prefix], "{prefix}");
+        }
+        let nine = new.cidrs[&"9.0.0.0/8".parse::<Ipv4Network>().unwrap()];
+        assert!(
+            !old.cidrs.values().any(|n| *n == nine),
+            "a new prefix gets a new number"
+        );
+        // Still exact: allowed inside, denied in the except and outside.
+        assert!(allowed(&second, "9.9.9.9", "10.0.0.1", TCP, 80));
+        assert!(allowed(&second, "10.2.0.1", "10.0.0.1", TCP, 80));
+        assert!(!allowed(&second, "10.1.0.1", "10.0.0.1", TCP, 80));
+        assert!(!allowed(&second, "11.0.0.1", "10.0.0.1", TCP, 80));
+    }
+
+    #[test]
+    fn finished_pods_and_contested_addresses_have_no_identity() {
+        let mut c = example_cluster(vec![]);
+        // A finished Job pod still shows the address the frontend now has.
+        let mut done = pod("a", "job", "10.0.0.2", &[("app", "job")]);
+        done.finished = true;
+        c.pods.insert(done.key.clone(), Arc::new(done));
+        // A stale object claims the database's address with other labels.
+        let stale = pod("b", "stale", "10.0.0.3", &[("app", "stale")]);
+        c.pods.insert(stale.key.clone(), Arc::new(stale));
+        let state = compile(&c, &[local("10.0.0.1", "a", "backend")]);
+        let frontend = state.identities[&ip("10.0.0.2")];
+        assert_eq!(state.identity_info[&frontend].labels["app"], "frontend");
+        assert!(!state.identities.contains_key(&ip("10.0.0.3")));
+        assert!(state.problems.iter().any(|p| p.contains("10.0.0.3")));
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! 1. a pod that gains isolation (or a fail-closed deny) gets it first,
 //!    with the union of its old and new flags;
 //! 2. allow entries that go are removed, identities updated;
-//! 3. new allow entries are added (a failure makes that direction of the
-//!    pod deny everything: fail closed);
+//! 3. new ipBlock prefixes, then new allow entries are added (a failure
+//!    makes that direction of the pod deny everything: fail closed);
 //! 4. each changed pod gets its final flags and a new revision, so its
 //!    established connections are judged again at their next packet.
 
@@ -50,6 +50,10 @@ type CidrEntry = (PolicyCidrKey, u32);
 /// What the maps hold, as the last sync left them.
 #[derive(Debug, Default)]
 pub struct PolicySync {
+    /// The last revision given out. Revisions only ever grow on a node:
+    /// a pod that takes over a gone pod's address must not match the
+    /// tracked connections (POLICY_CT) the old one left behind.
+    revision: u32,
     identities: BTreeMap<u32, u32>,
     endpoints: BTreeMap<u32, PolicyEndpoint>,
     allow: BTreeMap<AllowEntry, PolicyRuleRef>,
@@ -83,6 +87,7 @@ impl PolicySync {
         }
         for entry in maps.endpoints.iter() {
             let (ip, endpoint) = entry?;
+            sync.revision = sync.revision.max(endpoint.revision);
             sync.endpoints.insert(ip, endpoint);
         }
         for entry in maps.allow.iter() {
@@ -144,7 +149,7 @@ impl PolicySync {
             let union = old.flags | w.flags;
             if union != old.flags {
                 let tightened = PolicyEndpoint {
-                    revision: old.revision.wrapping_add(1),
+                    revision: self.next_revision(),
                     flags: union,
                 };
                 self.write_endpoint(maps, *key, tightened, &mut stats);
@@ -212,26 +217,8 @@ impl PolicySync {
                 }
             }
         }
-        for (entry, rule) in &allow_wanted {
-            if self.allow.get(entry) == Some(rule) {
-                continue;
-            }
-            match maps.allow.insert(&Key::new(entry.1, entry.0), rule, 0) {
-                Ok(()) => {
-                    stats.writes += 1;
-                    self.allow.insert(*entry, *rule);
-                }
-                Err(e) => {
-                    if failed.insert((entry.0.endpoint, entry.0.direction)) {
-                        stats.failed.push((
-                            ip_from_key(entry.0.endpoint),
-                            direction_of(entry.0.direction),
-                            format!("POLICY: {e}"),
-                        ));
-                    }
-                }
-            }
-        }
+        // Prefixes before the entries that allow them: a new except
+        // must be in place before the ports its block gains.
         for (entry, number) in &cidrs_wanted {
             if self.cidrs.get(entry) == Some(number) {
                 continue;
@@ -247,6 +234,26 @@ impl PolicySync {
                             ip_from_key(entry.0.endpoint),
                             direction_of(entry.0.direction),
                             format!("POLICY_CIDR: {e}"),
+                        ));
+                    }
+                }
+            }
+        }
+        for (entry, rule) in &allow_wanted {
+            if self.allow.get(entry) == Some(rule) {
+                continue;
+            }
+            match maps.allow.insert(&Key::new(entry.1, entry.0), rule, 0) {
+                Ok(()) => {
+                    stats.writes += 1;
+                    self.allow.insert(*entry, *rule);
+                }
+                Err(e) => {
+                    if failed.insert((entry.0.endpoint, entry.0.direction)) {
+                        stats.failed.push((
+                            ip_from_key(entry.0.endpoint),
+                            direction_of(entry.0.direction),
+                            format!("POLICY: {e}"),
                         ));
                     }
                 }
@@ -269,7 +276,7 @@ impl PolicySync {
                 continue;
             }
             let endpoint = PolicyEndpoint {
-                revision: old.revision.wrapping_add(1),
+                revision: self.next_revision(),
                 flags,
             };
             self.write_endpoint(maps, *key, endpoint, &mut stats);
@@ -288,6 +295,12 @@ impl PolicySync {
             self.endpoints.remove(&key);
         }
         stats
+    }
+
+    fn next_revision(&mut self) -> u32 {
+        // 4 billion changes on one node before it wraps.
+        self.revision = self.revision.wrapping_add(1).max(1);
+        self.revision
     }
 
     fn write_endpoint(

@@ -15,6 +15,9 @@ pub struct Pod {
     pub ips: Vec<Ipv4Addr>,
     /// Uses the node's network: has no endpoint of Tern's.
     pub host_network: bool,
+    /// `status.phase` Succeeded or Failed: its containers are gone and its
+    /// address may already be another pod's (the status keeps it).
+    pub finished: bool,
     pub labels: Labels,
     /// The containers' named ports (what a NetworkPolicy's named port
     /// resolves to), sorted.

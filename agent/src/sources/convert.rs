@@ -277,6 +277,10 @@ pub fn pod(object: &core::Pod) -> Conversion<Pod> {
                 .filter(|n| !n.is_empty()),
             ips: ipv4s("status.podIPs", &raw, &mut warnings)?,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            finished: matches!(
+                object.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
             labels: object.metadata.labels.clone().unwrap_or_default(),
             named_ports: spec
                 .map(|s| named_ports(s, &mut warnings))
@@ -1777,6 +1781,7 @@ status:
                 node: Some("node-a".into()),
                 ips: vec![Ipv4Addr::new(10, 244, 1, 5)],
                 host_network: false,
+                finished: false,
                 labels: [("app", "web"), ("tier", "front")]
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))

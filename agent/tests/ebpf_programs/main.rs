@@ -783,13 +783,32 @@ fn policy_is_judged_once_per_connection_and_again_after_a_change() {
     let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(client, server, ACK, 4));
     assert_eq!(verdict, TC_ACT_SHOT, "the cut connection stays cut");
 
+    // ICMP errors about a connection reach an isolated pod (PMTU
+    // discovery); an echo request is a connection of its own.
+    let error = packet::icmp_echo(CLIENT.ip, BACKEND.ip, ICMP_DEST_UNREACHABLE, 0, 0);
+    assert_eq!(dp.run(programs::FROM_POD, &error).0, TC_ACT_REDIRECT);
+    let echo = packet::icmp_echo(CLIENT.ip, BACKEND.ip, ICMP_ECHO_REQUEST, 1, 1);
+    assert_eq!(dp.run(programs::FROM_POD, &echo).0, TC_ACT_SHOT);
+
+    // Nobody speaks as a pod: not another pod, not a packet from outside
+    // with a local pod's or the hairpin address.
     let spoofed = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 99), 40000);
     let (verdict, _) = dp.run(programs::FROM_POD, &packet::tcp(spoofed, server, SYN, 1));
     assert_eq!(verdict, TC_ACT_SHOT);
+    let hairpin = SocketAddrV4::new(Ipv4Addr::from(tern_common::HAIRPIN_ADDR), 40000);
+    for forged in [client, hairpin] {
+        let (verdict, _) = dp.run(programs::FROM_NETDEV, &packet::tcp(forged, server, SYN, 1));
+        assert_eq!(verdict, TC_ACT_SHOT, "{forged} from outside");
+    }
+    // A TCP header cut short cannot be judged: dropped, not handed on.
+    let mut cut = packet::tcp(client, server, SYN, 9);
+    cut.truncate(packet::ETH_LEN + packet::IP_LEN + 10);
+    assert_eq!(dp.run(programs::FROM_POD, &cut).0, TC_ACT_SHOT);
     dp.assert_counts(&[
-        (Reason::RedirectLocalPod, 4),
-        (Reason::PolicyDeniedIngress, 3),
+        (Reason::RedirectLocalPod, 5),
+        (Reason::PolicyDeniedIngress, 4),
         (Reason::PolicyAllowedIngress, 1),
-        (Reason::SourceNotPod, 1),
+        (Reason::SourceNotPod, 3),
+        (Reason::MalformedIpv4, 1),
     ]);
 }

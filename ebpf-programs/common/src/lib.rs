@@ -637,13 +637,17 @@ pub enum Reason {
     /// NetworkPolicy: a new connection was allowed into an isolated pod.
     PolicyAllowedIngress = 23,
     PolicyAllowedEgress = 24,
-    /// A pod sent a packet from an address that is not its own: dropped
-    /// (NetworkPolicy identifies peers by address).
+    /// A pod sent a packet from an address that is not its own, or one
+    /// from outside claimed a local pod's (or the hairpin) address:
+    /// dropped (NetworkPolicy identifies peers by address).
     SourceNotPod = 25,
+    /// An IPv4 packet whose TCP/UDP/ICMP header could not be read:
+    /// dropped (nothing could judge or translate it).
+    MalformedIpv4 = 26,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 27;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -671,6 +675,7 @@ impl Reason {
         Reason::PolicyAllowedIngress,
         Reason::PolicyAllowedEgress,
         Reason::SourceNotPod,
+        Reason::MalformedIpv4,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -701,6 +706,7 @@ impl Reason {
             Reason::PolicyAllowedIngress => "policy_allowed_ingress",
             Reason::PolicyAllowedEgress => "policy_allowed_egress",
             Reason::SourceNotPod => "source_not_pod",
+            Reason::MalformedIpv4 => "malformed_ipv4",
         }
     }
 }
