@@ -52,6 +52,7 @@ both_modes!(
     truth_tables,
     established_connections_are_judged_again_when_policy_changes,
     a_policy_that_does_not_fit_its_map_fails_closed,
+    node_port_from_outside_and_hairpin_under_policy,
 );
 
 tern_lab::both_service_paths!(
@@ -859,6 +860,79 @@ fn established_connections_are_judged_again_when_policy_changes(mode: &str) -> R
     c.set_policies("")?;
     wait_for_verdict(&c, "ALLOWED")?;
     ensure!(probe(&c.pod("default/client").pod.ns, to, Proto::Tcp));
+    Ok(())
+}
+
+/// A NodePort with externalTrafficPolicy Local keeps the outside client's
+/// address: an ipBlock decides whether it gets in. A pod reaching itself
+/// through its own Service (hairpin) is allowed under deny-all.
+fn node_port_from_outside_and_hairpin_under_policy(mode: &str) -> Result<()> {
+    let c = client_and_server(mode)?;
+    let server = c.pod("default/server");
+    let node = &c.nodes[server.node];
+    let outside = c._lab.external_client(Ipv4Addr::new(10, 0, 0, 100))?;
+    c.write_all(
+        "service.yaml",
+        &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.40
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- addresses: [\"{}\"]
+  conditions: {{ready: true}}
+  nodeName: {}
+",
+            server.pod.ip, node.name
+        ),
+    )?;
+    let backend = format!("{}:8080", server.pod.ip);
+    node.wait_for_frontend(&format!("{}:30080/TCP", node.node_ip), Some(&[&backend]))?;
+    let node_port = SocketAddr::from((node.node_ip, 30080));
+    ensure!(probe(&outside, node_port, Proto::Tcp), "no policy yet");
+    let only_from = |cidr: &str| {
+        policy(
+            "default",
+            "outside-only",
+            &format!(
+                "  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: {cidr}}}}}]"
+            ),
+        )
+    };
+    c.set_policies(&only_from("10.0.0.100/32"))?;
+    wait_for_verdict(&c, "DENIED")?;
+    ensure!(
+        probe(&outside, node_port, Proto::Tcp),
+        "the allowed outside client was denied"
+    );
+    c.set_policies(&only_from("10.0.0.200/32"))?;
+    let deadline = Instant::now() + SETTLE;
+    while probe(&outside, node_port, Proto::Tcp) {
+        if Instant::now() > deadline {
+            bail!("an outside client outside the ipBlock still gets in");
+        }
+    }
+    c.set_policies(&policy(
+        "default",
+        "deny-all",
+        "  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]",
+    ))?;
+    wait_for_verdict(&c, "DENIED")?;
+    let own_service = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 40), 80));
+    ensure!(
+        probe(&server.pod.ns, own_service, Proto::Tcp),
+        "the pod could not reach itself through its Service"
+    );
     Ok(())
 }
 
