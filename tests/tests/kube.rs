@@ -5,21 +5,18 @@
 //! over HTTP, and a restart that re-syncs and removes only what is gone.
 //! Needs root.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tern_lab::apiserver::ApiServer;
 use tern_lab::lab::{Lab, LabNode};
-use tern_lab::netns::Netns;
 use tern_lab::skip::require_root;
-use tern_lab::traffic::{EchoServer, tcp_roundtrip};
+use tern_lab::traffic::{EchoServer, agent_http_get, tcp_roundtrip};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 31);
 const POD_CIDR: &str = "10.244.93.0/24";
-const HEALTH: &str = "127.0.0.1:9876";
 
 fn node_object() -> Value {
     json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
@@ -57,30 +54,6 @@ fn pod_object(name: &str, ip: Ipv4Addr) -> Value {
 }
 
 /// GET `path` from the agent's health endpoint inside `ns`: (status, body).
-fn http_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
-    let address: SocketAddr = HEALTH.parse()?;
-    let mut stream = ns
-        .run(|| TcpStream::connect_timeout(&address, Duration::from_secs(2)))
-        .context("connecting to the health endpoint")?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((code, body))
-}
-
 fn wait_until(what: &str, node: &LabNode, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !done()? {
@@ -119,12 +92,12 @@ fn agent_follows_the_api_server_and_restarts_cleanly() -> Result<()> {
     // The API fails at first: the agent runs but is not ready.
     api.fail_for(Duration::from_secs(2));
     node.start_agent()?;
-    let (code, body) = http_get(&node.ns, "/readyz")?;
+    let (code, body) = agent_http_get(&node.ns, "/readyz")?;
     assert_eq!(
         (code, body.trim()),
         (503, "waiting for the first full sync from the source")
     );
-    assert_eq!(http_get(&node.ns, "/healthz")?.0, 200);
+    assert_eq!(agent_http_get(&node.ns, "/healthz")?.0, 200);
     let status = node.agent_request(&json!({"op": "status"}))?;
     assert_eq!(status["pod_cidr"], Value::Null, "{status}");
     assert!(
@@ -134,7 +107,7 @@ fn agent_follows_the_api_server_and_restarts_cleanly() -> Result<()> {
 
     // Then it syncs: ready, with the Node object's PodCIDR.
     wait_until("readiness", &node, || {
-        Ok(http_get(&node.ns, "/readyz")?.0 == 200)
+        Ok(agent_http_get(&node.ns, "/readyz")?.0 == 200)
     })?;
     let status = node.agent_request(&json!({"op": "status"}))?;
     assert_eq!(status["pod_cidr"], POD_CIDR, "{status}");
@@ -182,7 +155,7 @@ fn agent_follows_the_api_server_and_restarts_cleanly() -> Result<()> {
         (&json!(2), &json!(0)),
         "{status}"
     );
-    let (code, metrics) = http_get(&node.ns, "/metrics")?;
+    let (code, metrics) = agent_http_get(&node.ns, "/metrics")?;
     assert_eq!(code, 200);
     assert_eq!(metric(&metrics, "tern_services "), Some(2.0), "{metrics}");
     assert_eq!(metric(&metrics, "tern_endpoints "), Some(3.0), "{metrics}");
@@ -225,7 +198,7 @@ fn agent_follows_the_api_server_and_restarts_cleanly() -> Result<()> {
     assert!(tcp_roundtrip(&client.ns, "10.96.0.60:80".parse()?, "down")?.starts_with('b'));
     node.start_agent()?;
     wait_until("readiness after restart", &node, || {
-        Ok(http_get(&node.ns, "/readyz")?.0 == 200)
+        Ok(agent_http_get(&node.ns, "/readyz")?.0 == 200)
     })?;
     node.wait_for_frontend("10.96.0.61:80/TCP", None)?;
     node.wait_for_frontend("10.96.0.60:80/TCP", Some(&want))?;

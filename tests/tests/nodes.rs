@@ -19,31 +19,7 @@ use tern_lab::traffic::{
 const PORT: u16 = 8080;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 
-/// Runs a case once per routing mode, as two tests.
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod overlay {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_lab::skip::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name("overlay")
-            })*
-        }
-        mod native {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_lab::skip::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name("native")
-            })*
-        }
-    };
-}
-
-both_modes!(
+tern_lab::both_routing_modes!(
     pods_on_two_nodes_talk_with_their_own_addresses,
     cluster_ip_with_only_remote_backends,
     node_port_from_outside_reaches_a_backend_on_another_node,

@@ -15,40 +15,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use serde_json::Value;
-use tern_lab::lab::{Lab, LabNode, Pod, list_manifest, namespace_object, pod_object};
+use tern_lab::lab::{
+    Lab, LabNode, Pod, course_policy, list_manifest, namespace_object, pod_object,
+};
 use tern_lab::netns::Netns;
-use tern_lab::traffic::{EchoServer, tcp_connect_from, tcp_exchange};
+use tern_lab::traffic::{EchoServer, agent_http_get, tcp_connect_from, tcp_exchange};
 
 /// How long a probe waits: a denied connection is dropped, not refused.
 const PROBE: Duration = Duration::from_secs(1);
 /// Policy changes reach every node within this (manifest poll + sync).
 const SETTLE: Duration = Duration::from_secs(8);
 
-/// Runs a case once per routing mode.
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod overlay {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_lab::skip::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name("overlay")
-            })*
-        }
-        mod native {
-            $(#[test]
-            fn $name() -> anyhow::Result<()> {
-                if !tern_lab::skip::require_root(stringify!($name)) {
-                    return Ok(());
-                }
-                super::$name("native")
-            })*
-        }
-    };
-}
-
-both_modes!(
+tern_lab::both_routing_modes!(
     truth_tables,
     established_connections_are_judged_again_when_policy_changes,
     a_policy_that_does_not_fit_its_map_fails_closed,
@@ -598,23 +576,7 @@ endpoints:
             Some(&[&format!("{}:8080", backend.pod.ip)]),
         )?;
     }
-    c.set_policies(
-        "apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: backend-netpol, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: backend}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: frontend}}}]
-    ports: [{protocol: TCP, port: 8080}]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: database}}}]
-    ports: [{protocol: TCP, port: 5432}]
-  - to: []
-    ports: [{protocol: TCP, port: 53}, {protocol: UDP, port: 53}]
-",
-    )?;
+    c.set_policies(&course_policy("default"))?;
     let at = |key: &str, port: u16| SocketAddr::from((c.pod(key).pod.ip, port));
     let from = |key: &str| &c.pod(key).pod.ns;
     let service_ip = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 30), 80));
@@ -719,11 +681,25 @@ spec:
             true,
         ),
     ];
+    // In force on the backend's node (which judges both of its directions).
+    wait_for_verdict(&c, "default/other", "default/backend", "DENIED")?;
     let deadline = Instant::now() + SETTLE;
     loop {
+        let reached: Vec<bool> = std::thread::scope(|s| {
+            let probes: Vec<_> = cases
+                .iter()
+                .map(|(_, ns, to, proto, _)| s.spawn(move || probe(ns, *to, *proto)))
+                .collect();
+            probes
+                .into_iter()
+                .map(|h| h.join().expect("probe thread"))
+                .collect()
+        });
         let wrong: Vec<String> = cases
             .iter()
-            .filter(|(_, ns, to, proto, want)| probe(ns, *to, *proto) != *want)
+            .zip(&reached)
+            .filter(|((.., want), reached)| *reached != want)
+            .map(|(case, _)| case)
             .map(|(name, .., want)| {
                 format!(
                     "{name}: expected {}",
@@ -735,6 +711,29 @@ spec:
             break;
         }
         if Instant::now() > deadline {
+            let counters = |n: &LabNode| -> Result<Value> {
+                let v: Value = serde_json::from_str(&n.tern(&["status", "-o", "json"])?)?;
+                Ok(v["datapath"].clone())
+            };
+            let before: Vec<Value> = c.nodes.iter().map(counters).collect::<Result<_>>()?;
+            let one = probe(
+                from("default/frontend"),
+                at("default/backend", 8080),
+                Proto::Tcp,
+            );
+            let after: Vec<Value> = c.nodes.iter().map(counters).collect::<Result<_>>()?;
+            let mut deltas = format!("one more probe: {one}\n");
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                if let Some(map) = a.as_object() {
+                    for (k, v) in map {
+                        let d = v.as_u64().unwrap_or(0) - b[k].as_u64().unwrap_or(0);
+                        if d != 0 {
+                            deltas.push_str(&format!("  node {i} {k} +{d}\n"));
+                        }
+                    }
+                }
+            }
+            eprintln!("{deltas}");
             let node = &c.nodes[backend.node];
             let explained = node.tern(&[
                 "policy",
@@ -744,11 +743,14 @@ spec:
                 "8080/TCP",
             ])?;
             bail!(
-                "{} cases wrong:\n{}\n{explained}\n{}\n{}",
+                "{} cases wrong:\n{}\n{explained}\n{}\n{}\nother node:\n{}\n{}\n{}",
                 wrong.len(),
                 wrong.join("\n"),
                 node.tern(&["policy", "list"])?,
-                node.tern(&["status"])?
+                node.tern(&["status"])?,
+                c.nodes[1 - backend.node].tern(&["status"])?,
+                c.nodes[1 - backend.node].tern(&["ct", "list"])?,
+                node.tern(&["ct", "list"])?,
             );
         }
     }
@@ -800,18 +802,18 @@ fn client_and_server(mode: &str) -> Result<Cluster> {
     )
 }
 
-/// Waits until the server's node explains client -> server:8080 as
-/// `verdict` ("ALLOWED" / "DENIED"): the policy is in its maps.
-fn wait_for_verdict(c: &Cluster, verdict: &str) -> Result<()> {
-    let server = c.pod("default/server");
-    let node = &c.nodes[server.node];
+/// Waits until the node of pod `to` explains `from` -> `to`:8080/TCP as
+/// `verdict` ("ALLOWED" / "DENIED"): the policy is in that node's maps.
+fn wait_for_verdict(c: &Cluster, from: &str, to: &str, verdict: &str) -> Result<()> {
+    let to = c.pod(to);
+    let node = &c.nodes[to.node];
     let deadline = Instant::now() + SETTLE;
     loop {
         let explained = node.tern(&[
             "policy",
             "explain",
-            &c.pod("default/client").pod.ip.to_string(),
-            &server.pod.ip.to_string(),
+            &c.pod(from).pod.ip.to_string(),
+            &to.pod.ip.to_string(),
             "8080/TCP",
         ])?;
         if explained.starts_with(verdict) {
@@ -840,7 +842,7 @@ fn established_connections_are_judged_again_when_policy_changes(mode: &str) -> R
         "deny-all",
         "  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]",
     ))?;
-    wait_for_verdict(&c, "DENIED")?;
+    wait_for_verdict(&c, "default/client", "default/server", "DENIED")?;
     let node = &c.nodes[server.node];
     let denied_before = node.counter("policy_denied_ingress")?;
     ensure!(
@@ -858,7 +860,7 @@ fn established_connections_are_judged_again_when_policy_changes(mode: &str) -> R
         "the node's probe was denied"
     );
     c.set_policies("")?;
-    wait_for_verdict(&c, "ALLOWED")?;
+    wait_for_verdict(&c, "default/client", "default/server", "ALLOWED")?;
     ensure!(probe(&c.pod("default/client").pod.ns, to, Proto::Tcp));
     Ok(())
 }
@@ -910,7 +912,7 @@ endpoints:
         )
     };
     c.set_policies(&only_from("10.0.0.100/32"))?;
-    wait_for_verdict(&c, "DENIED")?;
+    wait_for_verdict(&c, "default/client", "default/server", "DENIED")?;
     ensure!(
         probe(&outside, node_port, Proto::Tcp),
         "the allowed outside client was denied"
@@ -927,7 +929,7 @@ endpoints:
         "deny-all",
         "  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]",
     ))?;
-    wait_for_verdict(&c, "DENIED")?;
+    wait_for_verdict(&c, "default/client", "default/server", "DENIED")?;
     let own_service = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 40), 80));
     ensure!(
         probe(&server.pod.ns, own_service, Proto::Tcp),
@@ -981,7 +983,7 @@ fn a_policy_that_does_not_fit_its_map_fails_closed(mode: &str) -> Result<()> {
         !probe(client, to, Proto::Tcp),
         "allowed although the policy is only partly programmed"
     );
-    let metrics = metrics(&node.ns)?;
+    let (_, metrics) = agent_http_get(&node.ns, "/metrics")?;
     ensure!(
         metrics.contains("tern_policy_failed_closed_pods 1"),
         "{metrics}"
@@ -1007,18 +1009,4 @@ fn a_policy_that_does_not_fit_its_map_fails_closed(mode: &str) -> Result<()> {
         Proto::Tcp
     ));
     Ok(())
-}
-
-/// The agent's /metrics (its default health address, in the node's netns).
-fn metrics(ns: &Netns) -> Result<String> {
-    let address: SocketAddr = "127.0.0.1:9876".parse()?;
-    let mut stream = ns.run(|| std::net::TcpStream::connect_timeout(&address, PROBE))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
 }

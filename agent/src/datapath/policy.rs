@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, MapError};
 use tern_common::{
     POLICY_CIDR_PREFIX_BASE, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyCidrKey,
     PolicyEndpoint, PolicyKey, PolicyRuleRef, maps, policy_direction, policy_flags,
@@ -160,103 +160,41 @@ impl PolicySync {
             wanted.values().flat_map(|w| w.allow.clone()).collect();
         let cidrs_wanted: BTreeMap<CidrEntry, u32> =
             wanted.values().flat_map(|w| w.cidrs.clone()).collect();
-        let gone: Vec<AllowEntry> = self
-            .allow
-            .keys()
-            .filter(|k| !allow_wanted.contains_key(k))
-            .copied()
-            .collect();
-        for entry in gone {
-            match maps.allow.remove(&Key::new(entry.1, entry.0)) {
-                Ok(()) => stats.deletes += 1,
-                Err(e) => tracing::warn!("policy: cannot remove an allow entry: {e}"),
-            }
-            self.allow.remove(&entry);
+        remove_gone(&mut self.allow, &allow_wanted, &mut stats, |k| {
+            maps.allow.remove(&Key::new(k.1, k.0))
+        });
+        remove_gone(&mut self.cidrs, &cidrs_wanted, &mut stats, |k| {
+            maps.cidrs.remove(&Key::new(k.1, k.0))
+        });
+        remove_gone(&mut self.identities, &identities, &mut stats, |ip| {
+            maps.identities.remove(ip)
+        });
+        // 3. New identities, then prefixes before the entries that allow
+        // them: a new except must be in place before the ports its block
+        // gains.
+        for (ip, e) in write_changed(&mut self.identities, &identities, &mut stats, |ip, id| {
+            maps.identities.insert(ip, id, 0)
+        }) {
+            // An unknown peer matches only "any peer" and ipBlock rules:
+            // fewer connections are allowed, none more.
+            tracing::warn!(ip = %ip_from_key(ip), "policy: cannot add an identity: {e}");
         }
-        let gone: Vec<CidrEntry> = self
-            .cidrs
-            .keys()
-            .filter(|k| !cidrs_wanted.contains_key(k))
-            .copied()
-            .collect();
-        for entry in gone {
-            match maps.cidrs.remove(&Key::new(entry.1, entry.0)) {
-                Ok(()) => stats.deletes += 1,
-                Err(e) => tracing::warn!("policy: cannot remove an ipBlock entry: {e}"),
-            }
-            self.cidrs.remove(&entry);
-        }
-        let gone: Vec<u32> = self
-            .identities
-            .keys()
-            .filter(|k| !identities.contains_key(k))
-            .copied()
-            .collect();
-        for ip in gone {
-            match maps.identities.remove(&ip) {
-                Ok(()) => stats.deletes += 1,
-                Err(e) => tracing::warn!("policy: cannot remove an identity: {e}"),
-            }
-            self.identities.remove(&ip);
-        }
-        // 3. New entries and identities.
         let mut failed: BTreeSet<(u32, u8)> = BTreeSet::new();
-        for (ip, identity) in &identities {
-            if self.identities.get(ip) == Some(identity) {
-                continue;
-            }
-            match maps.identities.insert(ip, identity, 0) {
-                Ok(()) => {
-                    stats.writes += 1;
-                    self.identities.insert(*ip, *identity);
-                }
-                Err(e) => {
-                    // An unknown peer matches only "any peer" and ipBlock
-                    // rules: fewer connections are allowed, none more.
-                    tracing::warn!(ip = %ip_from_key(*ip), "policy: cannot add an identity: {e}");
-                }
-            }
-        }
-        // Prefixes before the entries that allow them: a new except
-        // must be in place before the ports its block gains.
-        for (entry, number) in &cidrs_wanted {
-            if self.cidrs.get(entry) == Some(number) {
-                continue;
-            }
-            match maps.cidrs.insert(&Key::new(entry.1, entry.0), number, 0) {
-                Ok(()) => {
-                    stats.writes += 1;
-                    self.cidrs.insert(*entry, *number);
-                }
-                Err(e) => {
-                    if failed.insert((entry.0.endpoint, entry.0.direction)) {
-                        stats.failed.push((
-                            ip_from_key(entry.0.endpoint),
-                            direction_of(entry.0.direction),
-                            format!("POLICY_CIDR: {e}"),
-                        ));
-                    }
-                }
-            }
-        }
-        for (entry, rule) in &allow_wanted {
-            if self.allow.get(entry) == Some(rule) {
-                continue;
-            }
-            match maps.allow.insert(&Key::new(entry.1, entry.0), rule, 0) {
-                Ok(()) => {
-                    stats.writes += 1;
-                    self.allow.insert(*entry, *rule);
-                }
-                Err(e) => {
-                    if failed.insert((entry.0.endpoint, entry.0.direction)) {
-                        stats.failed.push((
-                            ip_from_key(entry.0.endpoint),
-                            direction_of(entry.0.direction),
-                            format!("POLICY: {e}"),
-                        ));
-                    }
-                }
+        let cidr_failures = write_changed(&mut self.cidrs, &cidrs_wanted, &mut stats, |k, n| {
+            maps.cidrs.insert(&Key::new(k.1, k.0), n, 0)
+        })
+        .into_iter()
+        .map(|(k, e)| (k.0.endpoint, k.0.direction, format!("POLICY_CIDR: {e}")));
+        let allow_failures = write_changed(&mut self.allow, &allow_wanted, &mut stats, |k, r| {
+            maps.allow.insert(&Key::new(k.1, k.0), r, 0)
+        })
+        .into_iter()
+        .map(|(k, e)| (k.0.endpoint, k.0.direction, format!("POLICY: {e}")));
+        for (endpoint, direction, error) in cidr_failures.chain(allow_failures) {
+            if failed.insert((endpoint, direction)) {
+                stats
+                    .failed
+                    .push((ip_from_key(endpoint), direction_of(direction), error));
             }
         }
         // 4. Final flags, new revisions; pods that are gone.
@@ -329,6 +267,52 @@ impl PolicySync {
             }
         }
     }
+}
+
+/// Removes (through `remove`) what `installed` holds and `wanted` does not.
+fn remove_gone<K: Ord + Copy, V>(
+    installed: &mut BTreeMap<K, V>,
+    wanted: &BTreeMap<K, V>,
+    stats: &mut PolicySyncStats,
+    mut remove: impl FnMut(&K) -> Result<(), MapError>,
+) {
+    let gone: Vec<K> = installed
+        .keys()
+        .filter(|k| !wanted.contains_key(k))
+        .copied()
+        .collect();
+    for key in gone {
+        match remove(&key) {
+            Ok(()) => stats.deletes += 1,
+            // A delete fails only for a key the map does not hold.
+            Err(e) => tracing::warn!("policy: cannot remove an entry: {e}"),
+        }
+        installed.remove(&key);
+    }
+}
+
+/// Writes (through `insert`) what `wanted` holds and `installed` does not
+/// hold the same; the keys whose write failed, with why.
+fn write_changed<K: Ord + Copy, V: PartialEq + Copy>(
+    installed: &mut BTreeMap<K, V>,
+    wanted: &BTreeMap<K, V>,
+    stats: &mut PolicySyncStats,
+    mut insert: impl FnMut(&K, &V) -> Result<(), MapError>,
+) -> Vec<(K, MapError)> {
+    let mut failed = Vec::new();
+    for (key, value) in wanted {
+        if installed.get(key) == Some(value) {
+            continue;
+        }
+        match insert(key, value) {
+            Ok(()) => {
+                stats.writes += 1;
+                installed.insert(*key, *value);
+            }
+            Err(e) => failed.push((*key, e)),
+        }
+    }
+    failed
 }
 
 /// The pods whose wanted entries differ from the installed ones.

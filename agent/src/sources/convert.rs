@@ -1291,26 +1291,9 @@ endpoints:
         }
     }
 
-    const BACKEND_NETPOL: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: backend-netpol, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: backend}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: frontend}}}]
-    ports: [{protocol: TCP, port: 8080}]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: database}}}]
-    ports: [{protocol: TCP, port: 5432}]
-  - to: []
-    ports: [{protocol: TCP, port: 53}, {protocol: UDP, port: 53}]
-"#;
-
     #[test]
     fn a_network_policy_converts_field_by_field() {
-        let (policy, warnings) = accepted(policy_from(BACKEND_NETPOL));
+        let (policy, warnings) = accepted(policy_from(&tern_lab::lab::course_policy("default")));
         assert!(warnings.is_empty(), "{warnings:?}");
         let expected = NetworkPolicy {
             key: ("default".into(), "backend-netpol".into()),

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::lab::{Lab, LabNode, OUTSIDE_IP, Outside, Pod, list_manifest, pod_object};
+use crate::lab::{
+    Lab, LabNode, OUTSIDE_IP, Outside, Pod, course_policy, list_manifest, pod_object,
+};
 use crate::netns::{self, ChildGuard, Netns};
 use crate::traffic::{EchoServer, tcp_connect, tcp_exchange, tcp_roundtrip, udp_roundtrip};
 
@@ -598,24 +600,7 @@ fn policy_demo(running: &Running) -> Result<()> {
         pods.push((name, pod));
     }
     node.write_manifest("shop-pods.json", &list_manifest(objects))?;
-    node.write_manifest(
-        "shop-policy.yaml",
-        "apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: backend-netpol, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: backend}}
-  policyTypes: [Ingress, Egress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: frontend}}}]
-    ports: [{protocol: TCP, port: 8080}]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: database}}}]
-    ports: [{protocol: TCP, port: 5432}]
-  - to: []
-    ports: [{protocol: TCP, port: 53}, {protocol: UDP, port: 53}]
-",
-    )?;
+    node.write_manifest("shop-policy.yaml", &course_policy("shop"))?;
     let pod = |name: &str| pods.iter().find(|(n, _)| *n == name).map(|(_, p)| p);
     let ip = |name: &str| pod(name).map_or(Ipv4Addr::UNSPECIFIED, |p| p.ip);
     // The policy is in force once the agent explains it so.

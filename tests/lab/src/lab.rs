@@ -445,45 +445,45 @@ impl LabNode {
 
     /// A pod: its namespace made as a runtime makes it, then CNI ADD.
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
-        let ns = Netns::new(name)?;
-        let container_id = unique_name(name);
-        let out = self.cni("ADD", &container_id, ns.path(), "1.1.0")?;
-        let result = out
-            .success_json()
-            .with_context(|| format!("ADD of pod {name}"))?;
-        let ip = pod_ip(&result)?;
-        Ok(Pod {
-            ns,
-            container_id,
-            ip,
-            result,
-        })
+        self.add_pod_with_args(name, |_| None)
     }
 
     /// A pod of Kubernetes namespace `namespace`: CNI ADD with the
     /// CNI_ARGS a Kubernetes runtime passes (K8S_POD_NAMESPACE,
     /// K8S_POD_NAME), by which the agent finds the pod's object.
     pub fn add_k8s_pod(&self, namespace: &str, name: &str) -> Result<Pod> {
+        self.add_pod_with_args(name, |container_id| {
+            Some(format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+            ))
+        })
+    }
+
+    /// CNI ADD of a new pod namespace, with the CNI_ARGS `args` makes of
+    /// the container id (none: no CNI_ARGS).
+    fn add_pod_with_args(
+        &self,
+        name: &str,
+        args: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<Pod> {
         let ns = Netns::new(name)?;
         let container_id = unique_name(name);
         let netns = ns.path().to_string_lossy().into_owned();
-        let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
-        );
-        let out = self.invoke_cni(
-            &[
-                ("CNI_COMMAND", "ADD"),
-                ("CNI_CONTAINERID", &container_id),
-                ("CNI_NETNS", &netns),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", "/usr/lib/cni"),
-                ("CNI_ARGS", &args),
-            ],
-            self.netconf("1.1.0").to_string().as_bytes(),
-        )?;
+        let args = args(&container_id);
+        let mut env = vec![
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", container_id.as_str()),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
+        if let Some(args) = &args {
+            env.push(("CNI_ARGS", args));
+        }
+        let out = self.invoke_cni(&env, self.netconf("1.1.0").to_string().as_bytes())?;
         let result = out
             .success_json()
-            .with_context(|| format!("ADD of pod {namespace}/{name}"))?;
+            .with_context(|| format!("ADD of pod {name}"))?;
         let ip = pod_ip(&result)?;
         Ok(Pod {
             ns,
@@ -696,6 +696,29 @@ pub fn pod_object(
         "spec": {"nodeName": node, "containers": [{"name": "main", "image": "none", "ports": ports}]},
         "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]},
     })
+}
+
+/// The NetworkPolicy new users try first (the course example), in
+/// `namespace`: backends take TCP 8080 from frontends only, and reach
+/// databases on TCP 5432 and anything on port 53.
+pub fn course_policy(namespace: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: backend-netpol, namespace: {namespace}}}
+spec:
+  podSelector: {{matchLabels: {{app: backend}}}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{{podSelector: {{matchLabels: {{app: frontend}}}}}}]
+    ports: [{{protocol: TCP, port: 8080}}]
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{app: database}}}}}}]
+    ports: [{{protocol: TCP, port: 5432}}]
+  - to: []
+    ports: [{{protocol: TCP, port: 53}}, {{protocol: UDP, port: 53}}]
+"
+    )
 }
 
 /// A Namespace object with its labels.

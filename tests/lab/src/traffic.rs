@@ -292,3 +292,31 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// The agent's default health address (in its node's netns).
+pub const AGENT_HEALTH: &str = "127.0.0.1:9876";
+
+/// GET `path` from the agent's health endpoint in `ns`: status code and body.
+pub fn agent_http_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
+    let address: SocketAddr = AGENT_HEALTH.parse()?;
+    let mut stream = ns
+        .run(|| TcpStream::connect_timeout(&address, Duration::from_secs(2)))
+        .context("connecting to the health endpoint")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((code, body))
+}
