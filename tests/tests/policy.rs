@@ -291,7 +291,7 @@ const NAMESPACES: [(&str, &[(&str, &str)]); 3] = [
     ("z", &[("ns", "z")]),
 ];
 
-fn upstream_shape(mode: &str) -> Result<Cluster> {
+fn upstream_shape(mode: &str, socket_lb: bool) -> Result<Cluster> {
     let mut pods: Vec<PodSpec> = Vec::new();
     for ns in ["x", "y", "z"] {
         for (name, labels) in [
@@ -304,7 +304,7 @@ fn upstream_shape(mode: &str) -> Result<Cluster> {
     }
     Cluster::new(
         mode,
-        true,
+        socket_lb,
         &NAMESPACES,
         &pods,
         &[("serve-80-tcp", 80, "TCP"), ("serve-81-udp", 81, "UDP")],
@@ -319,12 +319,25 @@ fn policy(namespace: &str, name: &str, spec: &str) -> String {
 
 /// The upstream suite's cases, one after the other on one cluster.
 fn truth_tables(mode: &str) -> Result<()> {
-    let c = upstream_shape(mode)?;
+    upstream_cases(&upstream_shape(mode, true)?)
+}
+
+/// The same with Services translated per packet only (its connection
+/// tracking also sees pod-to-pod flows).
+#[test]
+fn truth_tables_without_socket_lb() -> Result<()> {
+    if !tern_lab::skip::require_root("truth_tables_without_socket_lb") {
+        return Ok(());
+    }
+    upstream_cases(&upstream_shape("overlay", false)?)
+}
+
+fn upstream_cases(c: &Cluster) -> Result<()> {
     let ns = |p: &LabPod| p.namespace.clone();
     let pod = |p: &LabPod| label(p, "pod").unwrap_or_default().to_owned();
     let all = |_: &LabPod, _: &LabPod| true;
 
-    expect_matrix(&c, "no policy", 80, Proto::Tcp, all)?;
+    expect_matrix(c, "no policy", 80, Proto::Tcp, all)?;
 
     let deny_ingress_x = policy(
         "x",
@@ -332,10 +345,10 @@ fn truth_tables(mode: &str) -> Result<()> {
         "  podSelector: {}\n  policyTypes: [Ingress]",
     );
     c.set_policies(&deny_ingress_x)?;
-    expect_matrix(&c, "default deny ingress", 80, Proto::Tcp, |_, b| {
+    expect_matrix(c, "default deny ingress", 80, Proto::Tcp, |_, b| {
         ns(b) != "x"
     })?;
-    expect_matrix(&c, "default deny ingress", 81, Proto::Udp, |_, b| {
+    expect_matrix(c, "default deny ingress", 81, Proto::Udp, |_, b| {
         ns(b) != "x"
     })?;
 
@@ -344,7 +357,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "deny-egress",
         "  podSelector: {}\n  policyTypes: [Egress]",
     ))?;
-    expect_matrix(&c, "default deny egress", 80, Proto::Tcp, |a, _| {
+    expect_matrix(c, "default deny egress", 80, Proto::Tcp, |a, _| {
         ns(a) != "x"
     })?;
 
@@ -353,7 +366,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "deny-all",
         "  podSelector: {}\n  policyTypes: [Ingress, Egress]",
     ))?;
-    expect_matrix(&c, "deny all both ways", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "deny all both ways", 80, Proto::Tcp, |a, b| {
         ns(a) != "x" && ns(b) != "x"
     })?;
 
@@ -361,7 +374,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "{deny_ingress_x}{}",
         policy("x", "allow-all", "  podSelector: {}\n  ingress: [{}]")
     ))?;
-    expect_matrix(&c, "allow all (union with deny)", 80, Proto::Tcp, all)?;
+    expect_matrix(c, "allow all (union with deny)", 80, Proto::Tcp, all)?;
 
     c.set_policies(&policy(
         "x",
@@ -369,7 +382,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "  podSelector: {}\n  ingress:\n  - from: [{podSelector: {}}]",
     ))?;
     expect_matrix(
-        &c,
+        c,
         "allow from the same namespace",
         80,
         Proto::Tcp,
@@ -381,7 +394,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "from-y",
         "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: y}}}]",
     ))?;
-    expect_matrix(&c, "namespaceSelector", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "namespaceSelector", 80, Proto::Tcp, |a, b| {
         b.key() != "x/a" || ns(a) == "y"
     })?;
 
@@ -391,7 +404,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: z}}}]",
     ))?;
     expect_matrix(
-        &c,
+        c,
         "namespaceSelector on kubernetes.io/metadata.name",
         80,
         Proto::Tcp,
@@ -403,7 +416,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "from-b",
         "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]",
     ))?;
-    expect_matrix(&c, "podSelector (own namespace)", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "podSelector (own namespace)", 80, Proto::Tcp, |a, b| {
         b.key() != "x/a" || a.key() == "x/b"
     })?;
 
@@ -412,7 +425,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "and",
         "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: c}}}]",
     ))?;
-    expect_matrix(&c, "pod AND namespace selector", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "pod AND namespace selector", 80, Proto::Tcp, |a, b| {
         b.key() != "x/a" || a.key() == "y/c"
     })?;
 
@@ -421,7 +434,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "or",
         "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: y}}}, {podSelector: {matchLabels: {pod: c}}}]",
     ))?;
-    expect_matrix(&c, "pod OR namespace selector", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "pod OR namespace selector", 80, Proto::Tcp, |a, b| {
         b.key() != "x/a" || ns(a) == "y" || a.key() == "x/c"
     })?;
 
@@ -430,7 +443,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         "expressions",
         "  podSelector: {matchExpressions: [{key: pod, operator: In, values: [a, b]}]}\n  ingress:\n  - from:\n    - namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: [x, y]}]}\n      podSelector: {matchExpressions: [{key: pod, operator: Exists}]}",
     ))?;
-    expect_matrix(&c, "matchExpressions", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "matchExpressions", 80, Proto::Tcp, |a, b| {
         !(ns(b) == "x" && (pod(b) == "a" || pod(b) == "b")) || ns(a) == "z"
     })?;
 
@@ -443,7 +456,7 @@ fn truth_tables(mode: &str) -> Result<()> {
             "  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{yb}/32]}}}}]"
         ),
     ))?;
-    expect_matrix(&c, "ipBlock with except", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "ipBlock with except", 80, Proto::Tcp, |a, b| {
         b.key() != "x/a" || a.key() != "y/b"
     })?;
 
@@ -456,7 +469,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         ),
     ))?;
     expect_matrix(
-        &c,
+        c,
         "egress to an ipBlock of one pod",
         80,
         Proto::Tcp,
@@ -468,8 +481,8 @@ fn truth_tables(mode: &str) -> Result<()> {
         "named-port",
         "  podSelector: {}\n  ingress:\n  - ports: [{port: serve-80-tcp}]",
     ))?;
-    expect_matrix(&c, "named port (allowed)", 80, Proto::Tcp, all)?;
-    expect_matrix(&c, "named port (other port)", 81, Proto::Tcp, |_, b| {
+    expect_matrix(c, "named port (allowed)", 80, Proto::Tcp, all)?;
+    expect_matrix(c, "named port (other port)", 81, Proto::Tcp, |_, b| {
         ns(b) != "x"
     })?;
 
@@ -478,8 +491,8 @@ fn truth_tables(mode: &str) -> Result<()> {
         "named-udp-port",
         "  podSelector: {}\n  ingress:\n  - ports: [{port: serve-81-udp, protocol: UDP}]",
     ))?;
-    expect_matrix(&c, "named UDP port", 81, Proto::Udp, all)?;
-    expect_matrix(&c, "named UDP port (TCP denied)", 81, Proto::Tcp, |_, b| {
+    expect_matrix(c, "named UDP port", 81, Proto::Udp, all)?;
+    expect_matrix(c, "named UDP port (TCP denied)", 81, Proto::Tcp, |_, b| {
         ns(b) != "x"
     })?;
 
@@ -488,8 +501,8 @@ fn truth_tables(mode: &str) -> Result<()> {
         "end-port",
         "  podSelector: {}\n  ingress:\n  - ports: [{port: 79, endPort: 80, protocol: TCP}]",
     ))?;
-    expect_matrix(&c, "endPort range (inside)", 80, Proto::Tcp, all)?;
-    expect_matrix(&c, "endPort range (outside)", 81, Proto::Tcp, |_, b| {
+    expect_matrix(c, "endPort range (inside)", 80, Proto::Tcp, all)?;
+    expect_matrix(c, "endPort range (outside)", 81, Proto::Tcp, |_, b| {
         ns(b) != "x"
     })?;
 
@@ -498,10 +511,10 @@ fn truth_tables(mode: &str) -> Result<()> {
         "dns-only",
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]",
     ))?;
-    expect_matrix(&c, "egress allowing only DNS", 80, Proto::Tcp, |a, _| {
+    expect_matrix(c, "egress allowing only DNS", 80, Proto::Tcp, |a, _| {
         ns(a) != "x"
     })?;
-    expect_matrix(&c, "egress allowing only DNS", 81, Proto::Udp, |a, _| {
+    expect_matrix(c, "egress allowing only DNS", 81, Proto::Udp, |a, _| {
         ns(a) != "x"
     })?;
 
@@ -511,7 +524,7 @@ fn truth_tables(mode: &str) -> Result<()> {
         policy("x", "from-xb", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]"),
         policy("x", "from-ns-z", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: z}}}]"),
     ))?;
-    expect_matrix(&c, "multiple policies (union)", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "multiple policies (union)", 80, Proto::Tcp, |a, b| {
         b.key() != "x/a" || a.key() == "x/b" || ns(a) == "z"
     })?;
 
@@ -521,13 +534,13 @@ fn truth_tables(mode: &str) -> Result<()> {
         policy("x", "from-xb", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]"),
         policy("x", "from-ns-z", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: y}}}]"),
     ))?;
-    expect_matrix(&c, "policy updated in place", 80, Proto::Tcp, |a, b| {
+    expect_matrix(c, "policy updated in place", 80, Proto::Tcp, |a, b| {
         b.key() != "x/a" || a.key() == "x/b" || ns(a) == "y"
     })?;
 
     c.set_policies("")?;
-    expect_matrix(&c, "policies deleted", 80, Proto::Tcp, all)?;
-    expect_matrix(&c, "policies deleted", 81, Proto::Udp, all)?;
+    expect_matrix(c, "policies deleted", 80, Proto::Tcp, all)?;
+    expect_matrix(c, "policies deleted", 81, Proto::Udp, all)?;
     Ok(())
 }
 
