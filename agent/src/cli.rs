@@ -265,7 +265,7 @@ fn policy_list(cli: &Cli) -> anyhow::Result<String> {
     let mut policies = policies;
     if let Ok(counters) = Counters::open_pinned(&cli.bpffs_dir) {
         for p in &mut policies {
-            p.allowed = counters.allowed_by_policy(p.number);
+            (p.allowed, p.denied) = counters.policy_verdicts(p.number);
         }
     }
     if cli.output == Output::Json {
@@ -286,6 +286,7 @@ fn policy_list(cli: &Cli) -> anyhow::Result<String> {
                     selects.join(" ")
                 },
                 p.allowed.to_string(),
+                p.denied.to_string(),
                 p.error
                     .clone()
                     .map_or_else(|| "-".into(), |e| format!("FAILS CLOSED: {e}")),

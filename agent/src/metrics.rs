@@ -215,16 +215,23 @@ impl Metrics {
             "New connections judged by NetworkPolicy at an isolated pod, by direction and verdict",
             verdicts,
         );
-        let by_policy: Family<Vec<(&'static str, String)>, Counter> = Family::default();
+        let allowed: Family<Vec<(&'static str, String)>, Counter> = Family::default();
+        let denied: Family<Vec<(&'static str, String)>, Counter> = Family::default();
         for (number, policy) in policies {
-            by_policy
-                .get_or_create(&vec![("policy", policy.name.clone())])
-                .inc_by(counters.allowed_by_policy(*number));
+            let label = vec![("policy", policy.name.clone())];
+            let (yes, no) = counters.policy_verdicts(*number);
+            allowed.get_or_create(&label).inc_by(yes);
+            denied.get_or_create(&label).inc_by(no);
         }
         registry.register(
             "policy_allowed_connections",
             "New connections a NetworkPolicy allowed on this node",
-            by_policy,
+            allowed,
+        );
+        registry.register(
+            "policy_denied_connections",
+            "Connections denied at pods a NetworkPolicy isolates (counted against the first, by number)",
+            denied,
         );
         let datapath: Family<Labels, Counter> = Family::default();
         let drops: Family<Labels, Counter> = Family::default();

@@ -153,7 +153,9 @@ impl StatusView {
                 name: p.name.clone(),
                 number: *number,
                 selects: p.selects.clone(),
-                allowed: 0, // the CLI reads POLICY_COUNTS
+                // The CLI reads POLICY_COUNTS and POLICY_DENIALS.
+                allowed: 0,
+                denied: 0,
                 error: p.error.clone(),
             })
             .collect();

@@ -95,6 +95,11 @@ pub static POLICY_CT: LruHashMap<PolicyFlowKey, PolicyFlowValue> =
 #[map]
 pub static POLICY_COUNTS: PerCpuArray<u64> = PerCpuArray::pinned(POLICY_NUMBERS_MAX, 0);
 
+/// Connections denied, per policy number (the first isolating the pod in
+/// that direction), per CPU.
+#[map]
+pub static POLICY_DENIALS: PerCpuArray<u64> = PerCpuArray::pinned(POLICY_NUMBERS_MAX, 0);
+
 /// Settings from the agent (index 0).
 #[map]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);

@@ -19,8 +19,8 @@ use tern_common::{
 
 use crate::ct::{now, opens_connection};
 use crate::maps::{
-    IDENTITIES, POLICY, POLICY_CIDR, POLICY_COUNTS, POLICY_CT, POLICY_ENDPOINTS, bump, config,
-    count,
+    IDENTITIES, POLICY, POLICY_CIDR, POLICY_COUNTS, POLICY_CT, POLICY_DENIALS, POLICY_ENDPOINTS,
+    bump, config, count,
 };
 use crate::packet::{IPPROTO_ICMP, IPPROTO_TCP, Packet, TCP_FIN, TCP_RST};
 
@@ -85,7 +85,7 @@ pub fn ingress(p: &Packet) -> bool {
 
 /// Judges a new connection at `ep` and tracks it when allowed; counts.
 #[inline(always)]
-fn admit(key_of: &Packet, ep: &PolicyEndpoint, direction: u8, peer: u32, port: u16) -> bool {
+fn admit(key_of: &Packet, ep: &Isolation, direction: u8, peer: u32, port: u16) -> bool {
     let local = if direction == policy_direction::EGRESS {
         key_of.saddr
     } else {
@@ -95,11 +95,7 @@ fn admit(key_of: &Packet, ep: &PolicyEndpoint, direction: u8, peer: u32, port: u
     let isolated = ep.flags & isolated_flag(direction) != 0;
     let ingress = direction == policy_direction::INGRESS;
     if verdict == DENIED {
-        count(if ingress {
-            Reason::PolicyDeniedIngress
-        } else {
-            Reason::PolicyDeniedEgress
-        });
+        count_denial(local, direction);
         return false;
     }
     if isolated {
@@ -160,7 +156,7 @@ fn tracked(p: &Packet, local: u32, direction: u8) -> Tracked {
 #[inline(always)]
 fn follow(
     key: &PolicyFlowKey,
-    ep: &PolicyEndpoint,
+    ep: &Isolation,
     local: u32,
     now: u32,
     p: &Packet,
@@ -182,11 +178,7 @@ fn follow(
         );
         if judged == DENIED {
             let _ = POLICY_CT.remove(key);
-            count(if key.direction == policy_direction::INGRESS {
-                Reason::PolicyDeniedIngress
-            } else {
-                Reason::PolicyDeniedEgress
-            });
+            count_denial(local, key.direction);
             return Some(Tracked::Denied);
         }
         entry.revision = ep.revision;
@@ -196,11 +188,37 @@ fn follow(
     Some(Tracked::Allowed)
 }
 
+/// A denial, by direction and against the pod's first isolating policy.
+// Inlined: a call of its own would take the deepest chain past the
+// verifier's 512 bytes of combined stack.
+#[inline(always)]
+fn count_denial(local: u32, direction: u8) {
+    let ingress = direction == policy_direction::INGRESS;
+    count(if ingress {
+        Reason::PolicyDeniedIngress
+    } else {
+        Reason::PolicyDeniedEgress
+    });
+    // Read here, on the denial path only: the hot path carries just the
+    // revision and flags.
+    // SAFETY: fields are read at once.
+    if let Some(ep) = unsafe { POLICY_ENDPOINTS.get(local) } {
+        let policy = if ingress {
+            ep.ingress_policy
+        } else {
+            ep.egress_policy
+        };
+        if policy != 0 {
+            bump(&POLICY_DENIALS, policy);
+        }
+    }
+}
+
 /// The verdict for a new connection at `local` with `peer` on the packed
 /// protocol and port: `DENIED`, 0 (allowed, no policy needed) or the
 /// number of the policy that allows it.
 #[inline(never)]
-fn judge(ep: &PolicyEndpoint, local: u32, direction: u8, peer: u32, proto_port: u32) -> i64 {
+fn judge(ep: &Isolation, local: u32, direction: u8, peer: u32, proto_port: u32) -> i64 {
     if ep.flags & isolated_flag(direction) == 0 {
         return 0;
     }
@@ -261,11 +279,22 @@ fn proto_port(proto: u8, port: u16) -> u32 {
     (proto as u32) << 16 | port as u32
 }
 
-fn endpoint(local: u32) -> PolicyEndpoint {
-    // SAFETY: the value is copied out at once.
-    unsafe { POLICY_ENDPOINTS.get(local) }
-        .copied()
-        .unwrap_or_default()
+/// What the hot path needs of a local pod's POLICY_ENDPOINTS entry
+/// (none: not isolated).
+#[derive(Clone, Copy, Default)]
+struct Isolation {
+    revision: u32,
+    flags: u32,
+}
+
+fn endpoint(local: u32) -> Isolation {
+    // SAFETY: the fields are copied out at once.
+    unsafe { POLICY_ENDPOINTS.get(local) }.map_or(Isolation::default(), |e: &PolicyEndpoint| {
+        Isolation {
+            revision: e.revision,
+            flags: e.flags,
+        }
+    })
 }
 
 fn isolated_flag(direction: u8) -> u32 {

@@ -797,6 +797,13 @@ endpoints:
         list.contains("default/backend-netpol") && list.contains(&backend.pod.ip.to_string()),
         "{list}"
     );
+    // Counted per policy: what it allowed and what was denied at its pod.
+    let listed: Value = serde_json::from_str(&node.tern(&["policy", "list", "-o", "json"])?)?;
+    let counted = &listed["policies"][0];
+    ensure!(
+        counted["allowed"].as_u64() > Some(0) && counted["denied"].as_u64() > Some(0),
+        "{listed}"
+    );
     Ok(())
 }
 

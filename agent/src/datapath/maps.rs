@@ -45,14 +45,15 @@ pub fn open_pinned<T: TryFrom<Map, Error = MapError>>(
 /// here summed over CPUs. Reading needs no lock.
 pub struct Counters {
     metrics: MetricsMap,
-    policies: Option<MetricsMap>,
+    /// POLICY_COUNTS (allowed) and POLICY_DENIALS.
+    policies: Option<(MetricsMap, MetricsMap)>,
 }
 
 impl Counters {
-    pub fn new(metrics: MetricsMap, policies: MetricsMap) -> Self {
+    pub fn new(metrics: MetricsMap, allowed: MetricsMap, denied: MetricsMap) -> Self {
         Counters {
             metrics,
-            policies: Some(policies),
+            policies: Some((allowed, denied)),
         }
     }
 
@@ -60,16 +61,22 @@ impl Counters {
         Ok(Counters {
             metrics: open_pinned(bpffs_dir, maps::METRICS)?,
             // Absent while an agent older than NetworkPolicy runs.
-            policies: open_pinned(bpffs_dir, maps::POLICY_COUNTS).ok(),
+            policies: open_pinned(bpffs_dir, maps::POLICY_COUNTS)
+                .and_then(|allowed| Ok((allowed, open_pinned(bpffs_dir, maps::POLICY_DENIALS)?)))
+                .ok(),
         })
     }
 
-    /// New connections allowed by policy `number` on this node.
-    pub fn allowed_by_policy(&self, number: u32) -> u64 {
+    /// New connections allowed by policy `number` on this node, and
+    /// denied at pods it isolates (it first, by number).
+    pub fn policy_verdicts(&self, number: u32) -> (u64, u64) {
+        let sum = |m: &MetricsMap| {
+            m.get(&number, 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum::<u64>())
+        };
         self.policies
             .as_ref()
-            .and_then(|m| m.get(&number, 0).ok())
-            .map_or(0, |per_cpu| per_cpu.iter().sum())
+            .map_or((0, 0), |(allowed, denied)| (sum(allowed), sum(denied)))
     }
 
     /// Packet counters summed over CPUs, by reason.

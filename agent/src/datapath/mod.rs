@@ -79,8 +79,8 @@ pub struct MapOwners {
     pub policy: PolicyMaps,
     /// CONFIG: written once, at start.
     pub config: ConfigMap,
-    /// METRICS and POLICY_COUNTS: written by the eBPF programs, only read
-    /// by the agent.
+    /// METRICS, POLICY_COUNTS and POLICY_DENIALS: written by the eBPF
+    /// programs, only read by the agent.
     pub counters: Counters,
 }
 
@@ -139,6 +139,7 @@ impl Datapath {
             counters: Counters::new(
                 take(&mut ebpf, names::METRICS)?,
                 take(&mut ebpf, names::POLICY_COUNTS)?,
+                take(&mut ebpf, names::POLICY_DENIALS)?,
             ),
         };
         let datapath = Datapath {

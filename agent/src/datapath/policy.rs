@@ -73,6 +73,10 @@ pub struct PolicySyncStats {
 #[derive(Default)]
 struct Wanted {
     flags: u32,
+    /// The first isolating policy per direction (denials are counted
+    /// against it).
+    ingress_policy: u32,
+    egress_policy: u32,
     allow: BTreeMap<AllowEntry, PolicyRuleRef>,
     cidrs: BTreeMap<CidrEntry, u32>,
 }
@@ -124,6 +128,11 @@ impl PolicySync {
                     (Direction::Egress, &endpoint.egress),
                 ] {
                     w.flags |= flags(direction, policy);
+                    let first = policy.policies.first().copied().unwrap_or(0);
+                    match direction {
+                        Direction::Ingress => w.ingress_policy = first,
+                        Direction::Egress => w.egress_policy = first,
+                    }
                     add_entries(&mut w, key, direction, policy);
                 }
                 (key, w)
@@ -151,6 +160,7 @@ impl PolicySync {
                 let tightened = PolicyEndpoint {
                     revision: self.next_revision(),
                     flags: union,
+                    ..old
                 };
                 self.write_endpoint(maps, *key, tightened, &mut stats);
             }
@@ -210,12 +220,19 @@ impl PolicySync {
                 }
             }
             let entries_changed = changed_pods.contains(key) || identities_changed;
-            if flags == old.flags && !entries_changed && self.endpoints.contains_key(key) {
+            let counted = (w.ingress_policy, w.egress_policy);
+            if flags == old.flags
+                && counted == (old.ingress_policy, old.egress_policy)
+                && !entries_changed
+                && self.endpoints.contains_key(key)
+            {
                 continue;
             }
             let endpoint = PolicyEndpoint {
                 revision: self.next_revision(),
                 flags,
+                ingress_policy: w.ingress_policy,
+                egress_policy: w.egress_policy,
             };
             self.write_endpoint(maps, *key, endpoint, &mut stats);
         }

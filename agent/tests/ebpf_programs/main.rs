@@ -722,6 +722,8 @@ fn policy_is_judged_once_per_connection_and_again_after_a_change() {
     let isolated = |revision| PolicyEndpoint {
         revision,
         flags: policy_flags::INGRESS_ISOLATED,
+        ingress_policy: 3,
+        egress_policy: 0,
     };
     dp.hash::<u32, PolicyEndpoint>(maps::POLICY_ENDPOINTS)
         .insert(ip_to_key(BACKEND.ip), isolated(1), 0)
@@ -811,4 +813,11 @@ fn policy_is_judged_once_per_connection_and_again_after_a_change() {
         (Reason::SourceNotPod, 3),
         (Reason::MalformedIpv4, 1),
     ]);
+    // Allowed and denied, per policy: the one isolating the backend.
+    let per_policy = |map: &str| -> u64 {
+        let counts: PerCpuArray<_, u64> = PerCpuArray::try_from(dp.ebpf.map(map).unwrap()).unwrap();
+        counts.get(&3, 0).unwrap().iter().sum()
+    };
+    assert_eq!(per_policy(maps::POLICY_COUNTS), 1);
+    assert_eq!(per_policy(maps::POLICY_DENIALS), 4);
 }

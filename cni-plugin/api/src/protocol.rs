@@ -283,6 +283,10 @@ pub struct PolicyListing {
     /// New connections it allowed on this node (from POLICY_COUNTS;
     /// the CLI fills it in).
     pub allowed: u64,
+    /// Connections denied at pods it isolates (first by number; from
+    /// POLICY_DENIALS, the CLI fills it in).
+    #[serde(default)]
+    pub denied: u64,
     pub error: Option<String>,
 }
 

@@ -36,6 +36,7 @@ pub mod maps {
     pub const POLICY_CIDR: &str = "POLICY_CIDR";
     pub const POLICY_CT: &str = "POLICY_CT";
     pub const POLICY_COUNTS: &str = "POLICY_COUNTS";
+    pub const POLICY_DENIALS: &str = "POLICY_DENIALS";
 
     /// The BPF map type (the aya-ebpf map the static is declared as).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +80,7 @@ pub mod maps {
     const RESIZABLE: bool = true;
     const FIXED: bool = false;
 
-    pub const ALL: [MapSpec; 19] = [
+    pub const ALL: [MapSpec; 20] = [
         MapSpec::new::<u32, EndpointInfo>(ENDPOINTS, MapKind::Hash, RESIZABLE),
         // Indexed by `Reason`: its size is `Reason::COUNT`.
         MapSpec::new::<u32, u64>(METRICS, MapKind::PerCpuArray, FIXED),
@@ -102,6 +103,8 @@ pub mod maps {
         MapSpec::new::<PolicyFlowKey, PolicyFlowValue>(POLICY_CT, MapKind::LruHash, RESIZABLE),
         // Indexed by policy number: its size is `POLICY_NUMBERS_MAX`.
         MapSpec::new::<u32, u64>(POLICY_COUNTS, MapKind::PerCpuArray, FIXED),
+        // The same, for denials.
+        MapSpec::new::<u32, u64>(POLICY_DENIALS, MapKind::PerCpuArray, FIXED),
     ];
 
     /// The map called `name`.
@@ -345,8 +348,12 @@ pub struct PolicyEndpoint {
     pub revision: u32,
     /// `policy_flags`.
     pub flags: u32,
+    /// The first policy isolating the pod for ingress / egress (by
+    /// number; 0: none): what its denials are counted against.
+    pub ingress_policy: u32,
+    pub egress_policy: u32,
 }
-layout!(PolicyEndpoint { revision, flags }, size 8, align 4);
+layout!(PolicyEndpoint { revision, flags, ingress_policy, egress_policy }, size 16, align 4);
 
 /// POLICY key (LPM trie, prefix over these bytes in order): a local pod,
 /// the peer's identity, direction, protocol, port. Prefix 72 = every
