@@ -143,7 +143,7 @@ fn api_watch_changes(lab: &Lab, profile: &Profile) -> Result<(Vec<f64>, Vec<f64>
     Ok((alone, beside))
 }
 
-fn single(name: &str, unit: &str, value: f64) -> Metric {
+pub(crate) fn single(name: &str, unit: &str, value: f64) -> Metric {
     Metric {
         name: name.into(),
         unit: unit.into(),
@@ -286,7 +286,7 @@ fn wait_for_frontends(node: &LabNode, services: usize, started: Instant) -> Resu
 }
 
 /// RSS once the sync has handed parsing's memory back.
-fn settled_rss(pid: u32) -> Result<u64> {
+pub(crate) fn settled_rss(pid: u32) -> Result<u64> {
     std::thread::sleep(Duration::from_secs(2));
     rss_kib(pid)
 }

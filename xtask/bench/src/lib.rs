@@ -7,9 +7,11 @@
 //! Ctrl-C or SIGTERM ends a run like an error, cleaning up (`interrupt`).
 
 pub mod charts;
+pub mod contention;
 pub mod control_plane;
 pub mod interrupt;
 pub mod kube_proxy;
+pub mod policy;
 pub mod report;
 pub mod scenarios;
 pub mod tools;
@@ -31,7 +33,8 @@ pub struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Where results.json, results.md and the charts go (default:
-    /// target/bench/<profile>, or xtask/results for the full profile).
+    /// xtask/results for the full profile, target/bench/quick for the
+    /// quick one, target/bench/<profile>-<only> with `--only`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// A results.json of an earlier run to compare with.
@@ -76,8 +79,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .trim()
             .to_owned(),
         command: format!(
-            "cargo xtask bench{}",
-            if args.quick { " --quick" } else { "" }
+            "cargo xtask bench{}{}",
+            if args.quick { " --quick" } else { "" },
+            args.only
+                .as_deref()
+                .map(|only| format!(" --only {only}"))
+                .unwrap_or_default()
         ),
         machine: report::machine_facts(),
         profile: profile.name.into(),
@@ -87,12 +94,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // stops it through the same clean-up as an error.
     interrupt::install()?;
     type Scenario = fn(&Profile) -> Result<Vec<report::ScenarioResult>>;
-    let all: [(&str, Scenario); 6] = [
+    let all: [(&str, Scenario); 7] = [
         ("pod-to-pod", scenarios::pod_to_pod),
         ("cross-node", scenarios::cross_node),
         ("clusterip", scenarios::cluster_ip),
         ("scale", scenarios::service_scale),
         ("control-plane", control_plane::control_plane),
+        ("network-policy", policy::network_policy),
         ("cni", scenarios::cni),
     ];
     for (key, scenario) in all {
@@ -106,10 +114,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let out = args.out.unwrap_or_else(|| {
         let root = workspace_root();
-        if args.quick {
-            root.join("target/bench/quick")
-        } else {
-            root.join("xtask/results")
+        match (&args.only, args.quick) {
+            // Part of a run never replaces the full run's xtask/results.
+            (Some(only), _) => {
+                let only: String = only
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                    .collect();
+                root.join(format!("target/bench/{}-{only}", profile.name))
+            }
+            (None, true) => root.join("target/bench/quick"),
+            (None, false) => root.join("xtask/results"),
         }
     });
     std::fs::create_dir_all(&out)?;
@@ -125,6 +140,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "\nkube-proxy nftables is not measured above {} Services: `nft -f` takes about half an hour to load 100 000 Services' ruleset on this machine. The iptables rows use the iptables-legacy backend for the same reason (iptables-nft-restore 1.8.9 is as slow).\n",
             profile.nftables_max_services
         ));
+    }
+    if !report::group_rows(&results, policy::GROUP).is_empty() {
+        markdown.push_str(&policy::notes());
     }
     markdown.push_str(&format!(
         "\nProfile `{}` took {:.0} s.\n",

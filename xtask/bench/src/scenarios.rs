@@ -97,6 +97,20 @@ pub struct Profile {
     pub control_plane_services: usize,
     /// A larger set for the agent's memory, if measured.
     pub control_plane_max_services: Option<usize>,
+    /// Network policy: the NetworkPolicies selecting the server pod (at
+    /// least 4: the measured ports are spread over them).
+    pub policies_selecting: usize,
+    /// All NetworkPolicies of the large cluster (the rest select pods of
+    /// other namespaces, none of this node).
+    pub policies_total: usize,
+    /// Pod objects of the large cluster, the real client and server
+    /// included.
+    pub policy_pods: usize,
+    /// Pod objects beside `policies_total` policies for the agent's
+    /// memory (and one more change row).
+    pub policy_pods_max: usize,
+    /// Policy changes of each kind per repetition and row.
+    pub policy_changes: usize,
 }
 
 impl Profile {
@@ -113,6 +127,11 @@ impl Profile {
             endpoint_changes: 50,
             control_plane_services: 1_000,
             control_plane_max_services: None,
+            policies_selecting: 10,
+            policies_total: 1_000,
+            policy_pods: 1_000,
+            policy_pods_max: 10_000,
+            policy_changes: 4,
         }
     }
     pub fn full() -> Profile {
@@ -127,6 +146,11 @@ impl Profile {
             endpoint_changes: 1_000,
             control_plane_services: 10_000,
             control_plane_max_services: Some(100_000),
+            policies_selecting: 100,
+            policies_total: 10_000,
+            policy_pods: 10_000,
+            policy_pods_max: 100_000,
+            policy_changes: 20,
         }
     }
 }
@@ -144,7 +168,7 @@ pub struct Measures {
     pub port_reuse: bool,
 }
 
-const ALL: Measures = Measures {
+pub(crate) const ALL: Measures = Measures {
     throughput: true,
     latency: true,
     http: true,
@@ -171,7 +195,13 @@ const CONNECTIONS: Measures = Measures {
 };
 
 /// Adds `value` to the metric `name` of `metrics`, created on first use.
-fn push(metrics: &mut Vec<Metric>, name: &str, unit: &str, higher_is_better: bool, value: f64) {
+pub(crate) fn push(
+    metrics: &mut Vec<Metric>,
+    name: &str,
+    unit: &str,
+    higher_is_better: bool,
+    value: f64,
+) {
     match metrics.iter_mut().find(|m| m.name == name) {
         Some(m) => m.samples.push(value),
         None => metrics.push(Metric {
@@ -227,6 +257,39 @@ impl Arm {
     pub fn direct(row: ScenarioResult, topology: Topology, what: Measures) -> Arm {
         let target = topology.server_ip();
         Arm::new(row, topology, target, false, what)
+    }
+
+    /// The topology the arm measures.
+    pub(crate) fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// One repetition of every measure into `row` instead of the arm's own
+    /// row: one topology measured as several rows (the same pods under
+    /// different NetworkPolicy, say), with the same processes (nginx) and
+    /// their placement for all of them.
+    pub(crate) fn measure_into(
+        &mut self,
+        profile: &Profile,
+        row: &mut ScenarioResult,
+    ) -> Result<()> {
+        std::mem::swap(&mut self.row, row);
+        let retried = std::mem::take(&mut self.retried);
+        let measured = self.measure_once(profile);
+        std::mem::swap(&mut self.row, row);
+        let now = std::mem::replace(&mut self.retried, retried);
+        if now > 0 {
+            let name = "tool runs retried";
+            match row.metrics.iter_mut().find(|m| m.name == name) {
+                Some(m) => {
+                    if let Some(v) = m.samples.first_mut() {
+                        *v += now as f64;
+                    }
+                }
+                None => push(&mut row.metrics, name, "runs", false, now as f64),
+            }
+        }
+        measured
     }
 
     /// One repetition of every measure, added to the row's samples.
@@ -439,6 +502,11 @@ pub fn interleave(
     }
     Ok(arms.into_iter().map(Arm::into_row).collect())
 }
+
+/// The metric of the CPU other processes of the machine took while a row
+/// was measured: the busiest second, % of one CPU (`contention`), so that
+/// a repetition that shared the CPUs with a build shows as such.
+pub const OTHER_CPU: &str = "CPU of other processes, max";
 
 pub fn row(
     group: &str,
@@ -913,6 +981,10 @@ mod tests {
         for p in [Profile::quick(), Profile::full()] {
             assert!(p.repetitions >= 1 && p.seconds >= 1 && p.reuse_seconds >= 1);
             assert_eq!(p.service_counts[0], 1, "the scale baseline is 1 Service");
+            assert!(p.policies_selecting >= 4, "4 measured ports");
+            assert!(p.policies_total > p.policies_selecting);
+            assert!(p.policy_pods > 2 && p.policy_pods_max >= p.policy_pods);
+            assert!(p.policy_changes >= 2 && p.policy_changes.is_multiple_of(2));
         }
         // Ports come back after 10-12 s only in a run longer than that.
         assert!(f64::from(Profile::full().reuse_seconds) > REUSE_INTERVAL_S + 2.0);

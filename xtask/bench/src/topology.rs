@@ -75,13 +75,7 @@ pub struct Tern {
 
 impl Tern {
     pub fn new(socket_lb: bool, cidr: &str) -> Result<Tern> {
-        let lab = Lab::new()?;
-        let mut node = LabNode::create(&lab, "bench", Some(cidr), Ipv4Addr::new(10, 0, 0, 11))?;
-        node.socket_lb = socket_lb;
-        // Same-node traffic never touches the overlay; native mode keeps
-        // the pods at the underlay's MTU, like the physical limit's veths.
-        node.routing_mode = "native".into();
-        node.start_agent()?;
+        let (lab, node) = Tern::node(socket_lb, cidr)?;
         let client = node.add_pod("client")?;
         let server = node.add_pod("server")?;
         Ok(Tern {
@@ -90,6 +84,33 @@ impl Tern {
             node,
             _lab: lab,
         })
+    }
+
+    /// The same node with its pods added as a Kubernetes runtime adds
+    /// them: CNI_ARGS name them `namespace`/client and `namespace`/server,
+    /// by which the agent finds their Pod objects (NetworkPolicy needs
+    /// them; the objects are the caller's to write).
+    pub fn with_k8s_pods(cidr: &str, namespace: &str) -> Result<Tern> {
+        let (lab, node) = Tern::node(true, cidr)?;
+        let client = node.add_k8s_pod(namespace, "client")?;
+        let server = node.add_k8s_pod(namespace, "server")?;
+        Ok(Tern {
+            client,
+            server,
+            node,
+            _lab: lab,
+        })
+    }
+
+    fn node(socket_lb: bool, cidr: &str) -> Result<(Lab, LabNode)> {
+        let lab = Lab::new()?;
+        let mut node = LabNode::create(&lab, "bench", Some(cidr), Ipv4Addr::new(10, 0, 0, 11))?;
+        node.socket_lb = socket_lb;
+        // Same-node traffic never touches the overlay; native mode keeps
+        // the pods at the underlay's MTU, like the physical limit's veths.
+        node.routing_mode = "native".into();
+        node.start_agent()?;
+        Ok((lab, node))
     }
 }
 
