@@ -6,8 +6,10 @@
 mod convert;
 pub mod kube;
 pub mod manifests;
+mod network_policy;
 
 pub use convert::*;
+pub use network_policy::network_policy;
 
 use crate::model::Cluster;
 
