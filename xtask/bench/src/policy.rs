@@ -217,11 +217,11 @@ fn remote_pod(i: usize) -> Value {
     )
 }
 
-/// The real client's Pod object, with `role` (the label changes flip it).
-fn client_object(node: &str, ip: Ipv4Addr, role: &str) -> Value {
+/// A real client's Pod object, with `role` (the label changes flip it).
+fn client_object(node: &str, name: &str, ip: Ipv4Addr, role: &str) -> Value {
     pod_object(
         NAMESPACE,
-        "client",
+        name,
         node,
         ip,
         &[("app", "client"), ("role", role)],
@@ -244,15 +244,17 @@ fn toggle_policy(from_role: &str) -> Value {
     )
 }
 
-/// Namespaces, the server's Pod object (and the client's, unless it has a
-/// file of its own), the other pods, the policies.
+/// Namespaces, the server's Pod object and the `clients`' (name, address),
+/// the other pods, the policies. `elsewhere`: pods of the node whose
+/// objects are in another file (they count in `f.pods`).
 fn fixture_objects(
     f: Fixture,
     node: &str,
-    client: Option<Ipv4Addr>,
     server: Ipv4Addr,
+    clients: &[(&str, Ipv4Addr)],
+    elsewhere: usize,
 ) -> Vec<Value> {
-    let remote = f.pods.saturating_sub(2);
+    let remote = f.pods.saturating_sub(1 + clients.len() + elsewhere);
     let others = f.policies.saturating_sub(f.selecting);
     let mut items = Vec::with_capacity(OTHER_NAMESPACES + f.pods + f.policies + 1);
     items.push(namespace_object(NAMESPACE, &[("team", NAMESPACE)]));
@@ -270,8 +272,8 @@ fn fixture_objects(
         &[("app", "server")],
         &[],
     ));
-    if let Some(ip) = client {
-        items.push(client_object(node, ip, "probe"));
+    for (name, ip) in clients {
+        items.push(client_object(node, name, *ip, "probe"));
     }
     items.extend((0..remote).map(remote_pod));
     items.extend((0..f.selecting).map(|i| selecting_policy(i, f.selecting)));
@@ -679,24 +681,33 @@ fn policy_map_memory(bpffs_dir: &Path) -> Result<PolicyMapMemory> {
 // ---------------------------------------------------------------------------
 // 1. The datapath
 
+/// The datapath rows' own clients, one per row, all `app: client`.
+const CLIENTS: [&str; 3] = ["client", "client-2", "client-3"];
+
 /// Pod to pod on one node with no policy, with policies selecting the
-/// server, and with a large cluster's policies: the same pods, the same
-/// servers, each repetition loading one state after the other into the
-/// node's manifest directory and measuring it (the baseline first), so
-/// that nothing but the policy differs between the rows: not the pods'
-/// veths, not where the unpinned nginx runs (with a node per row, one run
-/// had one row's c=1 connection rate ~10 % low in every round, the next
-/// run not).
+/// server, and with a large cluster's policies: the same server pod and
+/// servers for all rows, each repetition loading one state after the other
+/// into the node's manifest directory and measuring it (the baseline
+/// first), so that the policy is what differs between the rows, not where
+/// the unpinned nginx runs (with a node per row, one run had one row's c=1
+/// connection rate ~10 % low in every round, the next run not). Each row
+/// has a client pod of its own, idle while the others are measured: the
+/// connections a client closes itself (a few % under wrk) stay in
+/// TIME_WAIT for 60 s, and with the rows' wrk runs back to back in one
+/// client their ports filled the 8 192 that connect() takes first, which
+/// made connect()'s port search, not the datapath, set the rate (c=8 down
+/// to ~600/s, no packet lost anywhere).
 fn datapath(profile: &Profile) -> Result<Vec<ScenarioResult>> {
+    let local = 1 + CLIENTS.len();
     let none = Fixture {
         selecting: 0,
         policies: 0,
-        pods: 2,
+        pods: local,
     };
     let selecting = Fixture {
         selecting: profile.policies_selecting,
         policies: profile.policies_selecting,
-        pods: 2,
+        pods: local,
     };
     let cluster = Fixture {
         selecting: profile.policies_selecting,
@@ -727,22 +738,43 @@ fn datapath(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     }
     eprintln!("bench: {GROUP}: setting up");
     let tern = Tern::with_k8s_pods("10.244.71.0/24", NAMESPACE)?;
+    // The other rows' clients; each row's is swapped in for its turn.
+    let mut clients: Vec<Pod> = CLIENTS[1..]
+        .iter()
+        .map(|name| tern.node.add_k8s_pod(NAMESPACE, name))
+        .collect::<Result<_>>()?;
+    let addresses: Vec<(&str, Ipv4Addr)> = CLIENTS
+        .into_iter()
+        .zip(std::iter::once(tern.client.ip).chain(clients.iter().map(|c| c.ip)))
+        .collect();
     let mut log = AgentLog::from_end(&tern.node);
     let maps = PinnedPolicyMaps::open(&tern.node.bpffs_dir)?;
     let placeholder = row(GROUP, "", None, &[], vec![]);
     let mut arm = Arm::direct(placeholder, Topology::Tern(Box::new(tern)), ALL);
     let n = profile.repetitions;
     for rep in 1..=n {
-        for (fixture, r) in &mut states {
+        for (i, (fixture, r)) in states.iter_mut().enumerate() {
             interrupt::check()?;
-            let Topology::Tern(tern) = arm.topology() else {
+            let Topology::Tern(tern) = arm.topology_mut() else {
                 anyhow::bail!("the policy rows run on a Tern node");
             };
-            load_state(tern, &mut log, &maps, *fixture)?;
+            load_state(tern, &mut log, &maps, *fixture, &addresses)?;
+            // Row i measures from client i (0: the topology's own).
+            if let Some(client) = i.checked_sub(1).and_then(|k| clients.get_mut(k)) {
+                std::mem::swap(&mut tern.client, client);
+            }
             eprintln!("bench: {GROUP}: {} ({rep}/{n})", r.label());
             let watch = CpuWatch::start();
-            arm.measure_into(profile, r).with_context(|| r.label())?;
-            push(&mut r.metrics, OTHER_CPU, "%", false, watch.finish());
+            let measured = arm.measure_into(profile, r);
+            let other = watch.finish();
+            if let (Topology::Tern(tern), Some(client)) = (
+                arm.topology_mut(),
+                i.checked_sub(1).and_then(|k| clients.get_mut(k)),
+            ) {
+                std::mem::swap(&mut tern.client, client);
+            }
+            measured.with_context(|| r.label())?;
+            push(&mut r.metrics, OTHER_CPU, "%", false, other);
         }
     }
     drop(arm);
@@ -751,10 +783,16 @@ fn datapath(profile: &Profile) -> Result<Vec<ScenarioResult>> {
 
 /// Brings the datapath node to fixture `f` (the pods' objects, `f`'s
 /// policies and pods), waits until the agent is done with it, and checks
-/// the measured ports in the pinned maps.
-fn load_state(tern: &Tern, log: &mut AgentLog, maps: &PinnedPolicyMaps, f: Fixture) -> Result<()> {
-    let (client, server) = (tern.client.ip, tern.server.ip);
-    let objects = fixture_objects(f, &tern.node.name, Some(client), server);
+/// the measured ports in the pinned maps for every client.
+fn load_state(
+    tern: &Tern,
+    log: &mut AgentLog,
+    maps: &PinnedPolicyMaps,
+    f: Fixture,
+    clients: &[(&str, Ipv4Addr)],
+) -> Result<()> {
+    let server = tern.server.ip;
+    let objects = fixture_objects(f, &tern.node.name, server, clients, 0);
     let (seconds, sync) = load(
         &tern.node,
         log,
@@ -776,13 +814,15 @@ fn load_state(tern: &Tern, log: &mut AgentLog, maps: &PinnedPolicyMaps, f: Fixtu
         "server isolation is not what {} policies selecting it make it",
         f.selecting
     );
-    for (port, proto) in MEASURED {
-        ensure!(
-            maps.ingress_allows(client, server, proto, port)?,
-            "the maps deny the client {port}/{} into the server:\n{}",
-            protocol_name(proto),
-            tern.node.agent_log_tail()
-        );
+    for (name, client) in clients {
+        for (port, proto) in MEASURED {
+            ensure!(
+                maps.ingress_allows(*client, server, proto, port)?,
+                "the maps deny {name} {port}/{} into the server:\n{}",
+                protocol_name(proto),
+                tern.node.agent_log_tail()
+            );
+        }
     }
     Ok(())
 }
@@ -878,11 +918,11 @@ impl ChangeNode {
         let files = vec![
             (
                 "objects.json",
-                fixture_objects(f, &name, None, self.server.ip),
+                fixture_objects(f, &name, self.server.ip, &[], 1),
             ),
             (
                 "client.json",
-                vec![client_object(&name, self.client.ip, "probe")],
+                vec![client_object(&name, "client", self.client.ip, "probe")],
             ),
             ("toggle.json", vec![toggle_policy("probe")]),
         ];
@@ -1007,6 +1047,7 @@ impl ChangeNode {
                 "client.json",
                 client_object(
                     &self.node.name,
+                    "client",
                     self.client.ip,
                     if allow { "probe" } else { "idle" },
                 ),
@@ -1254,7 +1295,7 @@ fn changes_and_memory(profile: &Profile) -> Result<Vec<ScenarioResult>> {
         &mut c.log,
         vec![(
             "objects.json",
-            fixture_objects(small, &name, Some(c.client.ip), c.server.ip),
+            fixture_objects(small, &name, c.server.ip, &[("client", c.client.ip)], 0),
         )],
         0,
         2,
@@ -1318,9 +1359,11 @@ fn changes_and_memory(profile: &Profile) -> Result<Vec<ScenarioResult>> {
 pub fn notes() -> String {
     format!(
         "\nNetwork policy tables:\n\n\
-         - **{GROUP}**: pod to pod on one Tern node, the same two pods and servers for every row: each \
-         repetition loads a row's objects into the manifest directory, waits until the agent is done \
-         with them, then measures the row (the baseline first). The pods have Pod objects (found by the \
+         - **{GROUP}**: pod to pod on one Tern node, the same server pod and servers for every row, a \
+         client pod per row (same labels; a client measured right after another row would start with \
+         that row's TIME_WAIT sockets, and at ~8 000 of them connect()'s port search sets the rate): \
+         each repetition loads a row's objects into the manifest directory, waits until the agent is \
+         done with them, then measures the row (the baseline first). The pods have Pod objects (found by the \
          CNI_ARGS a Kubernetes runtime passes) and every policy selecting the server allows the client \
          on one port (the measured ports among them), so every connection takes the allow path. \
          `policies in the cluster`: most policies are in 100 other namespaces and select pods of other \
@@ -1395,7 +1438,13 @@ mod tests {
             policies: 10_000,
             pods: 10_000,
         };
-        let items = fixture_objects(f, "n1", Some(Ipv4Addr::new(10, 244, 1, 2)), server);
+        let items = fixture_objects(
+            f,
+            "n1",
+            server,
+            &[("client", Ipv4Addr::new(10, 244, 1, 2))],
+            0,
+        );
         let kind = |k: &str| items.iter().filter(|i| i["kind"] == k).count();
         assert_eq!(kind("Pod"), 10_000);
         assert_eq!(kind("NetworkPolicy"), 10_000);

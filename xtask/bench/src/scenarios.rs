@@ -259,9 +259,10 @@ impl Arm {
         Arm::new(row, topology, target, false, what)
     }
 
-    /// The topology the arm measures.
-    pub(crate) fn topology(&self) -> &Topology {
-        &self.topology
+    /// The topology the arm measures (its pods may be swapped between
+    /// repetitions).
+    pub(crate) fn topology_mut(&mut self) -> &mut Topology {
+        &mut self.topology
     }
 
     /// One repetition of every measure into `row` instead of the arm's own
