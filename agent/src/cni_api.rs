@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
 use crate::endpoints::EndpointManager;
+use crate::flows::FlowHub;
 use crate::metrics::Metrics;
 use crate::status::StatusView;
 
@@ -41,6 +42,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 pub struct Handlers {
     pub endpoints: Arc<EndpointManager>,
     pub status: StatusView,
+    pub flows: FlowHub,
 }
 
 impl Handlers {
@@ -61,6 +63,11 @@ impl Handlers {
                 protocol,
                 port,
             } => Ok(self.status.explain_policy(from, to, protocol, port)),
+            // Streamed by `serve_one`, never answered here.
+            Request::Observe { .. } => Ok(Response::Error {
+                message: "observe is a stream".into(),
+                try_again: false,
+            }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: format!("{e:#}"),
@@ -91,6 +98,14 @@ async fn serve_one(stream: UnixStream, handlers: Handlers) {
     let response = match reader.read_line(&mut line).await {
         Ok(0) => return,
         Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Observe {
+                filter,
+                last,
+                follow,
+            }) => {
+                let flows = handlers.flows.clone();
+                return crate::flows::observe::serve(write, flows, filter, last, follow).await;
+            }
             Ok(request) => {
                 debug!(?request, "request");
                 let op = request.op();

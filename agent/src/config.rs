@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::compiler::maglev::is_prime;
 use crate::model::LbAlgorithm;
+use tern_common::events::event_flags;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -109,6 +110,21 @@ pub struct AgentArgs {
     /// ranges and the nodes (repeatable; ip-masq-agent's nonMasqueradeCIDRs).
     #[arg(long = "non-masquerade-cidr")]
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
+    /// Flow events the datapath reports (`tern observe`), comma-separated:
+    /// drops, policy, service, trace; or none. Default: drops,policy,service.
+    #[arg(long, value_delimiter = ',')]
+    pub events: Vec<String>,
+    /// Size of the events ring buffer in bytes: a power of two, at least
+    /// one page (default 1 MiB, about 18 000 events).
+    #[arg(long)]
+    pub events_ring_size: Option<u32>,
+    /// Drop events each CPU reports per second at most (the rest are
+    /// counted as rate-limited).
+    #[arg(long)]
+    pub drop_events_per_second: Option<u32>,
+    /// Flows the agent keeps for `tern observe --last` (bounded memory).
+    #[arg(long)]
+    pub flows_kept: Option<usize>,
 }
 
 /// The file form; keys are camelCase like Kubernetes objects.
@@ -145,6 +161,10 @@ struct FileConfig {
     masquerade: Option<bool>,
     #[serde(rename = "nonMasqueradeCIDRs")]
     non_masquerade_cidrs: Option<Vec<Ipv4Network>>,
+    events: Option<Vec<String>>,
+    events_ring_size: Option<u32>,
+    drop_events_per_second: Option<u32>,
+    flows_kept: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +194,86 @@ pub struct AgentConfig {
     pub tunnel_port: u16,
     pub masquerade: bool,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
+    pub events: EventsConfig,
+}
+
+/// Flow observability settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// `tern_common::events::event_flags`.
+    pub flags: u32,
+    pub ring_bytes: u32,
+    pub drop_events_per_second: u32,
+    pub flows_kept: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            flags: event_flags::DEFAULT,
+            ring_bytes: tern_common::events::EVENTS_RING_BYTES,
+            drop_events_per_second: tern_common::events::DROP_EVENTS_PER_SECOND,
+            flows_kept: DEFAULT_FLOWS_KEPT,
+        }
+    }
+}
+
+/// As many as Hubble keeps by default.
+pub const DEFAULT_FLOWS_KEPT: usize = 4095;
+
+/// `--events`: the names of event kinds, or "none".
+fn parse_event_flags(names: &[String]) -> anyhow::Result<u32> {
+    let mut flags = 0;
+    for name in names {
+        flags |= match name.trim() {
+            "drops" => event_flags::DROPS,
+            "policy" => event_flags::POLICY,
+            "service" => event_flags::SERVICE,
+            "trace" => event_flags::TRACE,
+            "none" => 0,
+            other => anyhow::bail!(
+                "unknown event kind {other:?}: choose from drops, policy, service, trace, none"
+            ),
+        };
+    }
+    Ok(flags)
+}
+
+fn events_config(args: &AgentArgs, file: &FileConfig) -> anyhow::Result<EventsConfig> {
+    let defaults = EventsConfig::default();
+    let names = if args.events.is_empty() {
+        file.events.clone()
+    } else {
+        Some(args.events.clone())
+    };
+    let flags = match names {
+        Some(names) => parse_event_flags(&names)?,
+        None => defaults.flags,
+    };
+    let ring_bytes = args
+        .events_ring_size
+        .or(file.events_ring_size)
+        .unwrap_or(defaults.ring_bytes);
+    // The kernel's rule for ring buffers (BPF_MAP_TYPE_RINGBUF).
+    if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
+        anyhow::bail!("events ring size {ring_bytes} is not a power of two of at least 4096 bytes");
+    }
+    let flows_kept = args
+        .flows_kept
+        .or(file.flows_kept)
+        .unwrap_or(defaults.flows_kept);
+    if flows_kept == 0 {
+        anyhow::bail!("flows kept must be at least 1");
+    }
+    Ok(EventsConfig {
+        flags,
+        ring_bytes,
+        drop_events_per_second: args
+            .drop_events_per_second
+            .or(file.drop_events_per_second)
+            .unwrap_or(defaults.drop_events_per_second),
+        flows_kept,
+    })
 }
 
 /// Where the cluster's objects come from.
@@ -254,6 +354,7 @@ impl AgentConfig {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let events = events_config(&args, &file)?;
         let node_name = match args.node_name.or(file.node_name) {
             Some(name) => name,
             None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
@@ -330,6 +431,7 @@ impl AgentConfig {
             args.non_masquerade_cidrs
         };
         Ok(AgentConfig {
+            events,
             masquerade: args.masquerade.or(file.masquerade).unwrap_or(true),
             non_masquerade_cidrs,
             routing_mode,

@@ -5,8 +5,8 @@
 //! of state and each map has one owner that writes it: the endpoint
 //! manager (CNI requests: IPAM, endpoints, ENDPOINTS, pod links), node
 //! routing (TUNNEL, NON_MASQUERADE, routes), the Service pipeline (the five
-//! Service maps), the flow-table GC (CT, NAT). Readers get snapshots
-//! (`status`).
+//! Service maps), the flow-table GC (CT, NAT), the flow reader (the
+//! EVENTS ring). Readers get snapshots (`status`, `flows`).
 
 pub mod cli;
 pub mod cni_api;
@@ -14,6 +14,7 @@ pub mod compiler;
 pub mod config;
 pub mod datapath;
 pub mod endpoints;
+pub mod flows;
 pub mod health;
 pub mod host;
 pub mod install;

@@ -12,26 +12,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tern_common::Reason;
+use tern_common::events::Direction;
+use tern_common::{DropReason, Reason};
 
 use tern_api::AgentStatus;
 
 use crate::compiler::policy::PolicyInfo;
 use crate::datapath::Counters;
-
-/// Datapath outcomes that lose the packet or refuse the connection.
-pub const DROP_REASONS: &[Reason] = &[
-    Reason::SockLbNoBackend,
-    Reason::SockLbBindRefused,
-    Reason::SockLbUnknownService,
-    Reason::LbReject,
-    Reason::CtFull,
-    Reason::NatFull,
-    Reason::PolicyDeniedIngress,
-    Reason::PolicyDeniedEgress,
-    Reason::SourceNotPod,
-    Reason::MalformedIpv4,
-];
 
 /// The policy verdict counters: (reason, direction, verdict).
 const POLICY_VERDICTS: [(Reason, &str, &str); 4] = [
@@ -54,6 +41,13 @@ pub struct Metrics {
     /// (counting a million-entry map per scrape would cost too much).
     conntrack_entries: Gauge,
     nat_entries: Gauge,
+    /// Fill levels of the maps that refuse or evict when full, from the
+    /// last count: map -> (entries, capacity).
+    map_fill: std::sync::Mutex<BTreeMap<&'static str, (usize, u32)>>,
+    /// Flow events read from the ring, by type and verdict.
+    flows: Family<Labels, Counter>,
+    /// Ring records that were not flow events this agent understands.
+    flows_undecoded: Counter,
     /// CNI API requests served and failed, for `tern status`.
     requests: AtomicU64,
     requests_failed: AtomicU64,
@@ -73,6 +67,9 @@ impl Default for Metrics {
             }),
             conntrack_entries: Gauge::default(),
             nat_entries: Gauge::default(),
+            map_fill: Default::default(),
+            flows: Family::default(),
+            flows_undecoded: Counter::default(),
             requests: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
         }
@@ -119,6 +116,24 @@ impl Metrics {
             _ => return,
         };
         gauge.set(entries as i64);
+    }
+
+    /// A map's entries as last counted, against its capacity.
+    pub fn set_map_fill(&self, map: &'static str, entries: usize, capacity: u32) {
+        self.map_fill
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(map, (entries, capacity));
+    }
+
+    pub fn record_flow(&self, kind: &'static str, verdict: &'static str) {
+        self.flows
+            .get_or_create(&vec![("type", kind), ("verdict", verdict)])
+            .inc();
+    }
+
+    pub fn record_flow_undecoded(&self) {
+        self.flows_undecoded.inc();
     }
 
     /// The Prometheus text exposition of everything: `status` and the
@@ -234,23 +249,89 @@ impl Metrics {
             denied,
         );
         let datapath: Family<Labels, Counter> = Family::default();
-        let drops: Family<Labels, Counter> = Family::default();
         let translations: Counter = Counter::default();
         if let Ok(counters) = counters.all() {
             for (reason, value) in counters {
                 datapath
                     .get_or_create(&vec![("reason", reason.name())])
                     .inc_by(value);
-                if DROP_REASONS.contains(&reason) {
-                    drops
-                        .get_or_create(&vec![("reason", reason.name())])
-                        .inc_by(value);
-                }
                 if reason == Reason::SockLbTranslated {
                     translations.inc_by(value);
                 }
             }
         }
+        // Every reason and direction, zeros included: alerts need the series.
+        let counted = counters.drops();
+        let drops: Family<Labels, Counter> = Family::default();
+        for reason in DropReason::ALL {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let value = counted
+                    .iter()
+                    .find(|(r, d, _)| *r == reason && *d == direction)
+                    .map_or(0, |(_, _, n)| *n);
+                drops
+                    .get_or_create(&vec![
+                        ("reason", reason.name()),
+                        ("direction", direction.name()),
+                    ])
+                    .inc_by(value);
+            }
+        }
+        let lost: Counter = Counter::default();
+        lost.inc_by(counters.get(Reason::EventsLost).unwrap_or(0));
+        let rate_limited: Counter = Counter::default();
+        rate_limited.inc_by(counters.get(Reason::EventsRateLimited).unwrap_or(0));
+        registry.register(
+            "flows",
+            "Flow events read from the datapath, by type and verdict",
+            self.flows.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Flow events the datapath could not report: the events ring buffer was full",
+            lost,
+        );
+        registry.register(
+            "events_rate_limited",
+            "Drop events not reported: the CPU's per-second budget was spent (the drops are counted)",
+            rate_limited,
+        );
+        registry.register(
+            "flows_undecoded",
+            "Records of the events ring this agent could not read as flow events",
+            self.flows_undecoded.clone(),
+        );
+        let fill_entries: Family<Labels, Gauge> = Family::default();
+        let fill_capacity: Family<Labels, Gauge> = Family::default();
+        let fill_ratio: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
+        for (map, (entries, capacity)) in self
+            .map_fill
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let label = vec![("map", *map)];
+            fill_entries.get_or_create(&label).set(*entries as i64);
+            fill_capacity.get_or_create(&label).set(*capacity as i64);
+            fill_ratio
+                .get_or_create(&label)
+                .set(*entries as f64 / f64::from((*capacity).max(1)));
+        }
+        registry.register(
+            "map_entries",
+            "Entries of the maps that refuse or evict when full, as last counted (every 10 s)",
+            fill_entries,
+        );
+        registry.register(
+            "map_capacity",
+            "Capacity (max entries) of those maps",
+            fill_capacity,
+        );
+        registry.register(
+            "map_fill_ratio",
+            "Entries / capacity of those maps: at 1 new flows are refused (NAT) or old ones evicted (LRU maps)",
+            fill_ratio,
+        );
         registry.register(
             "datapath_packets",
             "Packets (or socket calls) by the path the datapath gave them",
@@ -258,7 +339,7 @@ impl Metrics {
         );
         registry.register(
             "drops",
-            "Packets dropped or connections refused by the datapath, by reason",
+            "Packets dropped or connections refused by the datapath, by reason and direction",
             drops,
         );
         registry.register(

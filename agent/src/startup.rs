@@ -39,6 +39,8 @@ pub struct Started {
     pub nat: CtMap,
     /// Read by `/metrics`.
     pub counters: Counters,
+    /// For the flow reader.
+    pub events: aya::maps::RingBuf<aya::maps::MapData>,
 }
 
 /// Opens the state dir, loads the datapath and reconciles the two.
@@ -53,8 +55,10 @@ pub fn start(
 ) -> anyhow::Result<Started> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    let (mut datapath, owned) = Datapath::load(&config.bpffs_dir, &config.map_sizes)?;
-    maps::write_config(
+    let mut map_sizes = config.map_sizes.clone();
+    map_sizes.push((tern_common::maps::EVENTS, config.events.ring_bytes));
+    let (mut datapath, owned) = Datapath::load(&config.bpffs_dir, &map_sizes)?;
+    let mut settings = maps::Settings::write(
         owned.config,
         DatapathConfig {
             service_cidr_addr: ip_to_key(config.service_cidr.network()),
@@ -62,8 +66,15 @@ pub fn start(
             node_addr: node_ips.first().map_or(0, |ip| ip_to_key(*ip)),
             tunnel_ifindex: overlay.map_or(0, |o| o.ifindex),
             masquerade: config.masquerade.into(),
+            pod_cidr_addr: 0,
+            pod_cidr_mask: 0,
+            events: config.events.flags,
+            drop_events_per_second: config.events.drop_events_per_second,
         },
     )?;
+    if let Some(cidr) = config.pod_cidr {
+        settings.set_pod_cidr(cidr)?;
+    }
     if let Some(overlay) = overlay {
         datapath
             .attach_overlay(&overlay.name)
@@ -92,6 +103,7 @@ pub fn start(
         config.pod_cidr,
         datapath,
         owned.endpoints,
+        settings,
     )?;
     Ok(Started {
         endpoints,
@@ -102,5 +114,6 @@ pub fn start(
         ct: owned.ct,
         nat: owned.nat,
         counters: owned.counters,
+        events: owned.events,
     })
 }

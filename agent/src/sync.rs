@@ -53,6 +53,9 @@ pub struct Pipelines {
     pub policy: PolicyPipeline,
     /// Published for readers after every snapshot.
     pub source_status: watch::Sender<SourceStatus>,
+    /// The source's last snapshot itself, for readers that name things
+    /// (flows); shares the snapshot's structure, so it costs O(1).
+    pub cluster: watch::Sender<Cluster>,
 }
 
 /// Every snapshot from the source (`None`: there is none) and every
@@ -72,6 +75,7 @@ pub async fn run(
         mut services,
         mut policy,
         source_status,
+        cluster,
     } = pipelines;
     let mut pods = endpoints.subscribe();
     let (mut host_ports, mut local_pods) = {
@@ -152,6 +156,7 @@ pub async fn run(
             routing.node_name(),
             source_lists_pods,
         ));
+        cluster.send_replace(report.cluster.clone());
         adopt_pod_cidr(&report.cluster, &endpoints, routing.node_name());
         let local_cidrs = endpoints.pod_cidr().into_iter().collect();
         routing.apply(&report.cluster.nodes, local_cidrs).await;

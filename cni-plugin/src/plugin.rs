@@ -173,6 +173,7 @@ impl<'a> Context<'a> {
                 egress_rate: b.egress_rate,
             }),
             pod: self.pod(),
+            netns_cookie: wired.netns_cookie,
         };
         self.agent(&Request::EndpointCreate { endpoint })
             .map_err(undo)?;

@@ -5,6 +5,7 @@
 
 mod arp;
 mod ct;
+mod events;
 mod lb;
 mod maps;
 mod masq;
@@ -60,12 +61,12 @@ pub fn to_overlay(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_backend(&ctx)
+    sock::translate_to_backend(&ctx, tern_common::events::point::SOCK_CONNECT)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_backend(&ctx)
+    sock::translate_to_backend(&ctx, tern_common::events::point::SOCK_SENDMSG)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -6,15 +6,15 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use tern_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CT_MAX, CtKey, CtValue,
-    DatapathConfig, ENDPOINTS_MAX, EndpointInfo, IDENTITIES_MAX, MAGLEV_MAX_SERVICES, MaglevTable,
-    NAT_MAX, NON_MASQUERADE_MAX, POLICY_CIDR_MAX, POLICY_CT_MAX, POLICY_MAX, POLICY_NUMBERS_MAX,
-    PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue, PolicyKey, PolicyRuleRef,
-    REVNAT_MAX, Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX, ServiceKey, ServiceValue,
-    SockRevNatKey, TUNNEL_MAX, TunnelEndpoint,
+    DatapathConfig, DropReason, ENDPOINTS_MAX, EndpointInfo, EventBudget, IDENTITIES_MAX,
+    MAGLEV_MAX_SERVICES, MaglevTable, NAT_MAX, NON_MASQUERADE_MAX, POLICY_CIDR_MAX, POLICY_CT_MAX,
+    POLICY_MAX, POLICY_NUMBERS_MAX, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue,
+    PolicyKey, PolicyRuleRef, REVNAT_MAX, Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX,
+    ServiceKey, ServiceValue, SockRevNatKey, TUNNEL_MAX, TunnelEndpoint,
 };
 
 /// Local pods by IPv4 address (network byte order).
@@ -99,6 +99,19 @@ pub static POLICY_COUNTS: PerCpuArray<u64> = PerCpuArray::pinned(POLICY_NUMBERS_
 /// that direction), per CPU.
 #[map]
 pub static POLICY_DENIALS: PerCpuArray<u64> = PerCpuArray::pinned(POLICY_NUMBERS_MAX, 0);
+
+/// Flow events for the agent (`tern observe`); the agent sizes it.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(tern_common::events::EVENTS_RING_BYTES, 0);
+
+/// Drops and refusals by `DropReason * 2 + Direction`, per CPU: counted
+/// whether or not an event reports them.
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT * 2, 0);
+
+/// The drop-event rate limit's window, per CPU.
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 /// Settings from the agent (index 0).
 #[map]

@@ -11,12 +11,14 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tern_common::{MASQUERADE_PORT_MAX, MASQUERADE_PORT_MIN, Reason};
+use tern_common::events::point;
+use tern_common::{DropReason, MASQUERADE_PORT_MAX, MASQUERADE_PORT_MIN, Reason};
 
 use crate::ct;
+use crate::events;
 use crate::maps::{ENDPOINTS, NAT, NON_MASQUERADE, config, count};
 use crate::packet::{
-    IP_CHECK, IP_DADDR, IP_SADDR, IPPROTO_ICMP, IPPROTO_TCP, Packet, Tuple, parse, rewrite,
+    IP_CHECK, IP_DADDR, IP_SADDR, IPPROTO_ICMP, IPPROTO_TCP, Packet, Tuple, ifindex, parse, rewrite,
 };
 
 /// Ports tried for a new flow before it is refused.
@@ -52,13 +54,23 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
         Some(entry) => Tuple::of(&entry),
         None if opens => match new_flow(&p, cfg.node_addr) {
             Some(to) => to,
-            None => return TC_ACT_SHOT,
+            None => {
+                events::drop(&p, DropReason::NatFull, point::TO_NETDEV, ifindex(ctx));
+                return TC_ACT_SHOT;
+            }
         },
         None => return TC_ACT_OK,
     };
     if rewrite_flow(ctx, &p, &to).is_err() {
+        events::drop(
+            &p,
+            DropReason::RewriteFailed,
+            point::TO_NETDEV,
+            ifindex(ctx),
+        );
         return TC_ACT_SHOT;
     }
+    events::trace(&p, point::TO_NETDEV, ifindex(ctx));
     count(Reason::Masquerade);
     TC_ACT_OK
 }
@@ -164,6 +176,12 @@ pub fn reply_to_pod(ctx: &TcContext, p: &mut Packet) -> Result<(), i32> {
     };
     let to = Tuple::of(&entry);
     if rewrite_flow(ctx, &flow, &to).is_err() {
+        events::drop(
+            p,
+            DropReason::RewriteFailed,
+            point::FROM_NETDEV,
+            ifindex(ctx),
+        );
         return Err(TC_ACT_SHOT);
     }
     p.saddr = to.saddr;

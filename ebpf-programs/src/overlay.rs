@@ -11,11 +11,13 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tern_common::{OVERLAY_VNI, Reason, TunnelEndpoint};
+use tern_common::events::point;
+use tern_common::{DropReason, OVERLAY_VNI, Reason, TunnelEndpoint};
 
+use crate::events;
 use crate::maps::{ENDPOINTS, TUNNEL, count};
-use crate::packet::{Packet, parse};
-use crate::pod::{claims_local_address, hop, redirect_to_local_pod, unparsed};
+use crate::packet::{Packet, ifindex, parse};
+use crate::pod::{claims_local_address, hop, redirect_to_local_pod, unknown_pod, unparsed};
 use crate::policy;
 use crate::service_nat::{self, Outcome};
 
@@ -40,6 +42,7 @@ pub fn encapsulate(
     }
     // SAFETY: plain helper call; it only records the target for tc.
     let verdict = unsafe { bpf_redirect(tunnel_ifindex, 0) };
+    events::trace(p, point::TO_OVERLAY, tunnel_ifindex);
     (Reason::EncapOverlay, verdict as i32)
 }
 
@@ -48,18 +51,23 @@ pub fn encapsulate(
 /// theirs already.
 pub fn to_overlay(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
-        return TC_ACT_SHOT; // nothing else can be sent without a far end
+        // Nothing else can be sent without a far end.
+        events::drop_unparsed(DropReason::Unroutable, point::TO_OVERLAY, ifindex(ctx));
+        return TC_ACT_SHOT;
     };
     // SAFETY: only presence is read.
     if unsafe { ENDPOINTS.get(p.saddr) }.is_some() {
         return TC_ACT_OK;
     }
     let Some(node) = TUNNEL.get(Key::new(32, p.daddr)).copied() else {
+        events::drop(&p, DropReason::Unroutable, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
     };
     if set_tunnel_key(ctx, &node).is_err() {
+        events::drop(&p, DropReason::EncapFailed, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
     }
+    events::trace(&p, point::TO_OVERLAY, ifindex(ctx));
     count(Reason::EncapOverlay);
     TC_ACT_OK
 }
@@ -73,11 +81,12 @@ pub fn from_overlay(ctx: &TcContext) -> i32 {
     // SAFETY: plain helper call on this packet.
     unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
     let Some(mut p) = parse(ctx) else {
-        return unparsed(ctx);
+        return unparsed(ctx, point::FROM_OVERLAY);
     };
-    if claims_local_address(&p) {
+    if claims_local_address(ctx, &p, point::FROM_OVERLAY) {
         return TC_ACT_SHOT;
     }
+    events::trace(&p, point::FROM_OVERLAY, ifindex(ctx));
     if let Outcome::Verdict(verdict) = service_nat::from_overlay(ctx, &mut p) {
         return verdict;
     }
@@ -85,6 +94,15 @@ pub fn from_overlay(ctx: &TcContext) -> i32 {
     let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
         Some(_) if !policy::ingress(&p) => return TC_ACT_SHOT,
         Some(endpoint) => redirect_to_local_pod(ctx, &p, &endpoint),
+        None if unknown_pod(p.daddr) => {
+            events::drop(
+                &p,
+                DropReason::UnknownPod,
+                point::FROM_OVERLAY,
+                ifindex(ctx),
+            );
+            return TC_ACT_SHOT;
+        }
         None => (Reason::PassToStack, TC_ACT_OK),
     };
     count(reason);

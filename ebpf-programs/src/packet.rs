@@ -38,6 +38,23 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// A packet with nothing known (events of what could not be read, or
+    /// of sockets, which fill in what they know).
+    pub fn empty() -> Packet {
+        Packet {
+            // SAFETY: plain integers; all-zero is a valid header value.
+            ip: unsafe { core::mem::zeroed() },
+            l4: 0,
+            proto: 0,
+            saddr: 0,
+            daddr: 0,
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
+            icmp_type: 0xff,
+        }
+    }
+
     /// Ports are known: TCP or UDP, first fragment.
     pub fn has_ports(&self) -> bool {
         (self.proto == IPPROTO_TCP || self.proto == IPPROTO_UDP)

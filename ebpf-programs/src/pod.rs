@@ -16,9 +16,11 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tern_common::{EndpointInfo, Reason, endpoint_flags};
+use tern_common::events::point;
+use tern_common::{DropReason, EndpointInfo, Reason, endpoint_flags};
 
-use crate::maps::{ENDPOINTS, TUNNEL, config, count};
+use crate::events;
+use crate::maps::{CONFIG, ENDPOINTS, TUNNEL, config, count};
 use crate::packet::{IP_CHECK, L3, Packet, ifindex, malformed_ipv4, parse};
 use crate::policy::{self, Tracked};
 use crate::service_nat::{self, Outcome};
@@ -48,6 +50,7 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
         }
         if malformed_ipv4(ctx) {
             count(Reason::MalformedIpv4);
+            events::drop_unparsed(DropReason::MalformedIpv4, point::FROM_POD, ifindex(ctx));
             return TC_ACT_SHOT;
         }
         count(Reason::NotIpv4);
@@ -60,9 +63,11 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
         Some(own) if own.ifindex == ifindex(ctx) => {}
         _ => {
             count(Reason::SourceNotPod);
+            events::drop(&p, DropReason::SourceNotPod, point::FROM_POD, ifindex(ctx));
             return TC_ACT_SHOT;
         }
     }
+    events::trace(&p, point::FROM_POD, ifindex(ctx));
     // Policy sees the connection as the pod sent it (its replies, before
     // reverse translation) and judges a new one on where it goes (after
     // Service translation).
@@ -86,17 +91,18 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
             count(Reason::ToPodQdisc);
             TC_ACT_UNSPEC
         }
-        Outcome::Route => forward(ctx, &p),
+        Outcome::Route => forward(ctx, &p, point::FROM_POD),
     }
 }
 
 pub fn from_netdev(ctx: &TcContext) -> i32 {
     let Some(mut p) = parse(ctx) else {
-        return unparsed(ctx);
+        return unparsed(ctx, point::FROM_NETDEV);
     };
-    if claims_local_address(&p) {
+    if claims_local_address(ctx, &p, point::FROM_NETDEV) {
         return TC_ACT_SHOT;
     }
+    events::trace(&p, point::FROM_NETDEV, ifindex(ctx));
     // A reply to masqueraded traffic gets the pod's address back first;
     // if the pod had reached it through a Service, CT then gives it the
     // Service's address too.
@@ -105,15 +111,16 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     }
     match service_nat::from_netdev(ctx, &mut p) {
         Outcome::Verdict(verdict) => verdict,
-        Outcome::Route => forward(ctx, &p),
+        Outcome::Route => forward(ctx, &p, point::FROM_NETDEV),
     }
 }
 
 /// What arrives from outside the node that `parse` could not read: left
 /// to the stack unless it is IPv4 (which could reach a pod unjudged).
-pub fn unparsed(ctx: &TcContext) -> i32 {
+pub fn unparsed(ctx: &TcContext, at: u8) -> i32 {
     if malformed_ipv4(ctx) {
         count(Reason::MalformedIpv4);
+        events::drop_unparsed(DropReason::MalformedIpv4, at, ifindex(ctx));
         return TC_ACT_SHOT;
     }
     TC_ACT_OK
@@ -122,27 +129,55 @@ pub fn unparsed(ctx: &TcContext) -> i32 {
 /// A packet from outside the node (underlay, overlay) whose source is a
 /// local pod's address or the hairpin address: forged, since those only
 /// ever come from the pod's own veth. Counted; the caller drops it.
-pub fn claims_local_address(p: &Packet) -> bool {
+pub fn claims_local_address(ctx: &TcContext, p: &Packet, at: u8) -> bool {
     // SAFETY: only presence is read.
     let forged = p.saddr == u32::from_ne_bytes(tern_common::HAIRPIN_ADDR)
         || unsafe { ENDPOINTS.get(p.saddr) }.is_some();
     if forged {
         count(Reason::SourceNotPod);
+        events::drop(p, DropReason::SourceNotPod, at, ifindex(ctx));
     }
     forged
 }
 
 /// Into the local pod `p.daddr`, else through the overlay to the node that
-/// has it, else to the node's stack.
-fn forward(ctx: &TcContext, p: &Packet) -> i32 {
+/// has it, else to the node's stack. `at`: where the packet came in.
+fn forward(ctx: &TcContext, p: &Packet, at: u8) -> i32 {
     // SAFETY: the value is copied out at once.
     let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
         Some(_) if !policy::ingress(p) => return TC_ACT_SHOT,
         Some(endpoint) => redirect_to_local_pod(ctx, p, &endpoint),
-        None => to_remote_node(ctx, p),
+        None => not_local(ctx, p, at),
     };
     count(reason);
     verdict
+}
+
+/// No local pod has `p.daddr`: dropped if it is in this node's PodCIDR,
+/// else on to the node that has it. A call of its own: its FIB lookup
+/// and event must not sit in `forward`'s frame, on the path that goes on
+/// to judge policy.
+#[inline(never)]
+fn not_local(ctx: &TcContext, p: &Packet, at: u8) -> (Reason, i32) {
+    if unknown_pod(p.daddr) {
+        events::drop(p, DropReason::UnknownPod, at, ifindex(ctx));
+        return (Reason::UnknownPod, TC_ACT_SHOT);
+    }
+    to_remote_node(ctx, p)
+}
+
+/// An address of this node's PodCIDR that no local pod has (ENDPOINTS
+/// was just asked). The network, first (router) and broadcast addresses
+/// are the stack's.
+pub fn unknown_pod(daddr: u32) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    if cfg.pod_cidr_mask == 0 || daddr & cfg.pod_cidr_mask != cfg.pod_cidr_addr {
+        return false;
+    }
+    let host = u32::from_be(daddr) & !u32::from_be(cfg.pod_cidr_mask);
+    host > 1 && host != !u32::from_be(cfg.pod_cidr_mask)
 }
 
 pub fn redirect_to_local_pod(
@@ -160,6 +195,7 @@ pub fn redirect_to_local_pod(
         // SAFETY: plain helper call; the kernel resolves the next hop.
         let verdict = unsafe { bpf_redirect_neigh(endpoint.ifindex, core::ptr::null_mut(), 0, 0) };
         return if verdict == TC_ACT_REDIRECT as i64 {
+            events::trace(p, point::TO_POD, endpoint.ifindex);
             (Reason::RedirectLocalPod, verdict as i32)
         } else {
             (Reason::RedirectFailed, pass)
@@ -171,6 +207,7 @@ pub fn redirect_to_local_pod(
     // SAFETY: plain helper call; it only records the target for tc.
     let verdict = unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
     if verdict == TC_ACT_REDIRECT as i64 {
+        events::trace(p, point::TO_POD, endpoint.ifindex);
         (Reason::RedirectLocalPod, verdict as i32)
     } else {
         (Reason::RedirectFailed, pass)
@@ -235,6 +272,7 @@ fn redirect_by_fib(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
         // SAFETY: plain helper call; the kernel resolves the next hop.
         _ => unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) },
     };
+    events::trace(p, point::TO_NETDEV, fib.ifindex);
     (Reason::RedirectFib, verdict as i32)
 }
 

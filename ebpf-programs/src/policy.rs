@@ -18,6 +18,7 @@ use tern_common::{
 };
 
 use crate::ct::{now, opens_connection};
+use crate::events;
 use crate::maps::{
     IDENTITIES, POLICY, POLICY_CIDR, POLICY_COUNTS, POLICY_CT, POLICY_DENIALS, POLICY_ENDPOINTS,
     bump, config, count,
@@ -95,7 +96,7 @@ fn admit(key_of: &Packet, ep: &Isolation, direction: u8, peer: u32, port: u16) -
     let isolated = ep.flags & isolated_flag(direction) != 0;
     let ingress = direction == policy_direction::INGRESS;
     if verdict == DENIED {
-        count_denial(local, direction);
+        count_denial(key_of, local, direction);
         return false;
     }
     if isolated {
@@ -107,6 +108,7 @@ fn admit(key_of: &Packet, ep: &Isolation, direction: u8, peer: u32, port: u16) -
         if verdict > 0 {
             bump(&POLICY_COUNTS, verdict as u32);
         }
+        events::policy_verdict(key_of, true, ingress, verdict as u32);
     }
     // Only a TCP segment that opens a connection starts tracking one: a
     // stray segment of a connection that was cut (or whose entry is gone)
@@ -178,7 +180,7 @@ fn follow(
         );
         if judged == DENIED {
             let _ = POLICY_CT.remove(key);
-            count_denial(local, key.direction);
+            count_denial(p, local, key.direction);
             return Some(Tracked::Denied);
         }
         entry.revision = ep.revision;
@@ -192,7 +194,7 @@ fn follow(
 // Inlined: a call of its own would take the deepest chain past the
 // verifier's 512 bytes of combined stack.
 #[inline(always)]
-fn count_denial(local: u32, direction: u8) {
+fn count_denial(p: &Packet, local: u32, direction: u8) {
     let ingress = direction == policy_direction::INGRESS;
     count(if ingress {
         Reason::PolicyDeniedIngress
@@ -211,6 +213,7 @@ fn count_denial(local: u32, direction: u8) {
         if policy != 0 {
             bump(&POLICY_DENIALS, policy);
         }
+        events::policy_verdict(p, false, ingress, policy);
     }
 }
 

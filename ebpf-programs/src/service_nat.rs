@@ -7,9 +7,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_redirect_neigh},
     programs::TcContext,
 };
-use tern_common::{HAIRPIN_ADDR, Reason, ServiceKey, ServiceValue, ct_flags, scope, service_flags};
+use tern_common::events::{point, service_path};
+use tern_common::{
+    DropReason, HAIRPIN_ADDR, Reason, ServiceKey, ServiceValue, ct_flags, scope, service_flags,
+};
 
 use crate::ct;
+use crate::events;
 use crate::lb::{lookup_service_for_pod, select_backend};
 use crate::maps::{CT, SERVICES, config, count};
 use crate::packet::{Packet, Tuple, ifindex, translate};
@@ -39,9 +43,10 @@ fn flow_hash(p: &Packet) -> u32 {
 /// A packet of a tracked flow: translated as its entry says.
 // Inlined, so that the chain program -> CT lookup is one call deep.
 #[inline(always)]
-fn follow_ct(ctx: &TcContext, p: &mut Packet) -> Option<Outcome> {
+fn follow_ct(ctx: &TcContext, p: &mut Packet, at: u8) -> Option<Outcome> {
     let entry = ct::lookup(&CT, p)?;
     if translate(ctx, p, &Tuple::of(&entry)).is_err() {
+        events::drop(p, DropReason::RewriteFailed, at, ifindex(ctx));
         return Some(Outcome::Verdict(TC_ACT_SHOT));
     }
     count(if entry.flags & ct_flags::REPLY != 0 {
@@ -73,7 +78,7 @@ pub fn from_overlay(ctx: &TcContext, p: &mut Packet) -> Outcome {
     if !p.has_ports() {
         return Outcome::Route;
     }
-    follow_ct(ctx, p).unwrap_or(Outcome::Route)
+    follow_ct(ctx, p, point::FROM_OVERLAY).unwrap_or(Outcome::Route)
 }
 
 /// Traffic from a local pod.
@@ -85,19 +90,18 @@ pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
     if !p.has_ports() {
         return Outcome::Route;
     }
-    if let Some(outcome) = follow_ct(ctx, p) {
+    if let Some(outcome) = follow_ct(ctx, p, point::FROM_POD) {
         return outcome;
     }
     let Some((master, service)) = lookup_service_for_pod(p.daddr, p.dport, p.proto) else {
         let cfg = config();
         if cfg.service_cidr_mask != 0 && p.daddr & cfg.service_cidr_mask == cfg.service_cidr_addr {
-            count(Reason::LbReject);
-            return Outcome::Verdict(reject(ctx, p));
+            return Outcome::Verdict(refuse(ctx, p, DropReason::UnknownService, point::FROM_POD));
         }
         claim_if_opening(p);
         return Outcome::Route;
     };
-    let mut to = match to_backend(ctx, p, &master, &service) {
+    let mut to = match to_backend(ctx, p, &master, &service, point::FROM_POD) {
         Ok(to) => to,
         Err(refused) => return refused,
     };
@@ -115,10 +119,10 @@ fn to_backend(
     p: &Packet,
     master: &ServiceKey,
     service: &ServiceValue,
+    at: u8,
 ) -> Result<Tuple, Outcome> {
     let Some(backend) = select_backend(master, service, flow_hash(p), p.saddr as u64) else {
-        count(Reason::LbReject);
-        return Err(Outcome::Verdict(reject(ctx, p)));
+        return Err(Outcome::Verdict(refuse(ctx, p, DropReason::NoBackend, at)));
     };
     Ok(Tuple {
         saddr: p.saddr,
@@ -126,6 +130,20 @@ fn to_backend(
         sport: p.sport,
         dport: backend.port,
     })
+}
+
+/// Answers with a refusal (kube-proxy's REJECT): counted and reported as
+/// `reason`, or as `RejectFailed` when none could be built.
+fn refuse(ctx: &TcContext, p: &Packet, reason: DropReason, at: u8) -> i32 {
+    count(Reason::LbReject);
+    let verdict = reject(ctx, p);
+    let reported = if verdict == TC_ACT_SHOT {
+        DropReason::RejectFailed
+    } else {
+        reason
+    };
+    events::drop(p, reported, at, ifindex(ctx));
+    verdict
 }
 
 // Inlined: BPF calls take at most five arguments.
@@ -138,11 +156,19 @@ fn translate_new(
     reply_ifindex: u32,
     reason: Reason,
 ) -> Outcome {
+    let (at, path) = if reason == Reason::ExternalDnat {
+        (point::FROM_NETDEV, service_path::EXTERNAL)
+    } else {
+        (point::FROM_POD, service_path::PACKET)
+    };
     if ct::create(p, to, rev_nat_id, reply_ifindex).is_err() {
         count(Reason::CtFull);
+        events::drop(p, DropReason::CtFull, at, ifindex(ctx));
         return Outcome::Verdict(TC_ACT_SHOT);
     }
+    events::service(p, to.daddr, to.dport, path, at, 0);
     if translate(ctx, p, to).is_err() {
+        events::drop(p, DropReason::RewriteFailed, at, ifindex(ctx));
         return Outcome::Verdict(TC_ACT_SHOT);
     }
     count(reason);
@@ -155,7 +181,7 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
     if !p.has_ports() {
         return Outcome::Route;
     }
-    if let Some(outcome) = follow_ct(ctx, p) {
+    if let Some(outcome) = follow_ct(ctx, p, point::FROM_NETDEV) {
         return outcome;
     }
     let master = ServiceKey {
@@ -170,7 +196,7 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
         claim_if_opening(p);
         return Outcome::Route;
     };
-    let mut to = match to_backend(ctx, p, &master, &service) {
+    let mut to = match to_backend(ctx, p, &master, &service, point::FROM_NETDEV) {
         Ok(to) => to,
         Err(refused) => return refused,
     };
@@ -190,6 +216,7 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
         // Dropped only when the last port tried is taken too.
         if taken {
             count(Reason::CtFull);
+            events::drop(p, DropReason::CtFull, point::FROM_NETDEV, ifindex(ctx));
             return Outcome::Verdict(TC_ACT_SHOT);
         }
     }

@@ -8,10 +8,13 @@ use aya_ebpf::{
     },
     programs::{SockAddrContext, SockContext},
 };
-use tern_common::{Reason, RevNat, ServiceKey, SockRevNatKey, scope, service_flags};
+use tern_common::events::{point, service_path};
+use tern_common::{DropReason, Reason, RevNat, ServiceKey, SockRevNatKey, scope, service_flags};
 
+use crate::events;
 use crate::lb::{lookup_service_for_pod, select_backend};
 use crate::maps::{SERVICES, SOCK_REVNAT, config, count};
+use crate::packet::Packet;
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -19,7 +22,8 @@ const ECONNREFUSED: i32 = 111;
 const EADDRINUSE: i32 = 98;
 
 /// connect4 and sendmsg4: a Service address becomes one of its backends.
-pub fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
+/// `at`: which of the two (`point::SOCK_CONNECT` / `SOCK_SENDMSG`).
+pub fn translate_to_backend(ctx: &SockAddrContext, at: u8) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context fields are readable in these hooks.
     let (addr, port, proto) =
@@ -30,7 +34,7 @@ pub fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
             // A ClusterIP no Service (or port) uses: refuse rather than let
             // the connection time out somewhere.
             count(Reason::SockLbUnknownService);
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            refuse(ctx, DropReason::UnknownService, at);
             return DENY;
         }
         return ALLOW;
@@ -40,7 +44,7 @@ pub fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     let Some(backend) = select_backend(&master, &service, hash, client) else {
         // No backend: refuse at once, like kube-proxy's REJECT.
         count(Reason::SockLbNoBackend);
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        refuse(ctx, DropReason::NoBackend, at);
         return DENY;
     };
     unsafe {
@@ -54,9 +58,47 @@ pub fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
         port: backend.port,
         pad: 0,
     };
+    // A datagram socket sends many times to one backend: one event for
+    // each backend it starts sending to, as for a new connection.
+    // SAFETY: the value is compared at once.
+    let fresh = unsafe { SOCK_REVNAT.get(key) }.is_none_or(|f| f.addr != addr || f.port != port);
     let _ = SOCK_REVNAT.insert(key, RevNat { addr, port, pad: 0 }, 0);
     count(Reason::SockLbTranslated);
+    if fresh {
+        let p = socket_packet(addr, port, proto);
+        events::service(
+            &p,
+            backend.addr,
+            backend.port,
+            service_path::SOCKET,
+            at,
+            client,
+        );
+    }
     ALLOW
+}
+
+/// ECONNREFUSED for the caller, counted and reported.
+fn refuse(ctx: &SockAddrContext, reason: DropReason, at: u8) {
+    // SAFETY: plain helper calls.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    let sa = ctx.sock_addr;
+    let (addr, port, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    let p = socket_packet(addr, port, proto);
+    events::drop_socket(&p, reason, at, unsafe {
+        bpf_get_netns_cookie(ctx.sock_addr.cast())
+    });
+}
+
+/// What a socket call tells of its flow: the destination it asked for
+/// (the agent knows the pod, hence the source, by the netns cookie).
+fn socket_packet(addr: u32, port: u16, proto: u8) -> Packet {
+    let mut p = Packet::empty();
+    p.proto = proto;
+    p.daddr = addr;
+    p.dport = port;
+    p
 }
 
 /// recvmsg4 and getpeername4: a backend address becomes its Service again.
@@ -95,6 +137,8 @@ pub fn refuse_node_port_bind(ctx: &SockContext) -> i32 {
     match unsafe { SERVICES.get(key) } {
         Some(v) if v.flags & service_flags::NODE_PORT != 0 => {
             count(Reason::SockLbBindRefused);
+            let p = socket_packet(0, key.port, proto);
+            events::drop(&p, DropReason::NodePortBind, point::SOCK_BIND, 0);
             unsafe { bpf_set_retval(-EADDRINUSE) };
             DENY
         }

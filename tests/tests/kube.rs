@@ -167,7 +167,13 @@ fn agent_follows_the_api_server_and_restarts_cleanly() -> Result<()> {
     assert!(metrics.contains("tern_cni_request_duration_seconds_bucket{"));
     assert!(metrics.contains("tern_sync_duration_seconds_count"));
     assert!(metric(&metrics, "tern_source_errors_total").unwrap_or(0.0) >= 1.0);
-    assert!(metric(&metrics, "tern_drops_total{reason=\"ct_full\"}").is_some());
+    assert!(
+        metric(
+            &metrics,
+            "tern_drops_total{reason=\"ct_full\",direction=\"egress\"}"
+        )
+        .is_some()
+    );
     assert!(
         metric(
             &metrics,

@@ -6,6 +6,8 @@ use clap::Parser;
 use tern_agent::compiler::lb::NodeContext;
 use tern_agent::config::{AgentArgs, AgentConfig, RoutingMode};
 use tern_agent::datapath::conntrack::CtMap;
+use tern_agent::flows::FlowHub;
+use tern_agent::flows::names::{NameSources, Names};
 use tern_agent::metrics::Metrics;
 use tern_agent::policy::PolicyPipeline;
 use tern_agent::routing::Routing;
@@ -114,6 +116,18 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     let endpoints = Arc::new(started.endpoints);
     let metrics = Arc::new(Metrics::default());
     let source_status = watch::Sender::new(SourceStatus::default());
+    let cluster = watch::Sender::new(tern_agent::model::Cluster::default());
+    let counters = Arc::new(started.counters);
+    let (flow_writer, flows) = FlowHub::new(config.events.flows_kept, counters.clone());
+    let names = Names::new(
+        config.node_name.clone(),
+        NameSources {
+            cluster: cluster.subscribe(),
+            endpoints: endpoints.subscribe(),
+            services: services.subscribe(),
+            policy: policy.subscribe(),
+        },
+    );
     let status = StatusView {
         facts: Arc::new(NodeFacts {
             node_name: config.node_name.clone(),
@@ -133,6 +147,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     let handlers = cni_api::Handlers {
         endpoints: endpoints.clone(),
         status: status.clone(),
+        flows,
     };
     let tables = vec![
         (tern_common::maps::CT, started.ct),
@@ -142,8 +157,15 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         let health = health::bind(config.health_address).await?;
         let source =
             sync::start_source(&config.source, &config.node_name, metrics.clone()).await?;
-        tokio::spawn(health::serve(health, status, Arc::new(started.counters)));
-        tokio::spawn(conntrack_gc(tables, metrics.clone()));
+        tokio::spawn(health::serve(health, status, counters));
+        tokio::spawn(conntrack_gc(tables, metrics.clone(), config.bpffs_dir.clone()));
+        tokio::spawn(tern_agent::flows::run(
+            started.events,
+            names,
+            flow_writer,
+            metrics.clone(),
+            config.node_name.clone(),
+        ));
         tokio::spawn(tern_agent::qdiscs::watch(endpoints.clone()));
         let pipelines = sync::Pipelines {
             endpoints,
@@ -151,6 +173,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             services,
             policy,
             source_status,
+            cluster,
         };
         tokio::spawn(sync::run(
             source,
@@ -174,18 +197,36 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 /// Expired entries of the flow tables (CT: per-packet Services; NAT:
-/// masquerade) are removed every 10 s.
-async fn conntrack_gc(mut tables: Vec<(&'static str, CtMap)>, metrics: Arc<Metrics>) {
-    use tern_agent::datapath::conntrack;
+/// masquerade) are removed every 10 s; then the fill of every map that
+/// refuses or evicts when full is counted.
+async fn conntrack_gc(
+    mut tables: Vec<(&'static str, CtMap)>,
+    metrics: Arc<Metrics>,
+    bpffs_dir: std::path::PathBuf,
+) {
+    use tern_agent::datapath::{conntrack, fill};
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         ticker.tick().await;
-        let (returned, removed) = match tokio::task::spawn_blocking(move || {
-            let removed: Vec<(&str, (usize, usize))> = tables
+        let bpffs_dir = bpffs_dir.clone();
+        let (returned, removed, fills) = match tokio::task::spawn_blocking(move || {
+            let removed: Vec<(&'static str, (usize, usize))> = tables
                 .iter_mut()
                 .map(|(name, table)| (*name, conntrack::collect_garbage(table)))
                 .collect();
-            (tables, removed)
+            let fills: Vec<(&'static str, anyhow::Result<(usize, u32)>)> = fill::WATCHED
+                .iter()
+                .map(
+                    |name| match removed.iter().find(|(table, _)| table == name) {
+                        // Just counted by the collection.
+                        Some((_, (_, left))) => {
+                            (*name, fill::capacity(&bpffs_dir, name).map(|c| (*left, c)))
+                        }
+                        None => (*name, fill::fill(&bpffs_dir, name)),
+                    },
+                )
+                .collect();
+            (tables, removed, fills)
         })
         .await
         {
@@ -197,6 +238,12 @@ async fn conntrack_gc(mut tables: Vec<(&'static str, CtMap)>, metrics: Arc<Metri
             metrics.set_table_entries(table, left);
             if removed > 0 {
                 tracing::debug!(table, removed, left, "expired entries removed");
+            }
+        }
+        for (map, fill) in fills {
+            match fill {
+                Ok((entries, capacity)) => metrics.set_map_fill(map, entries, capacity),
+                Err(e) => tracing::debug!(map, "cannot count the map's entries: {e:#}"),
             }
         }
     }

@@ -9,7 +9,9 @@ use std::path::Path;
 use anyhow::Context;
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
-use tern_common::{DatapathConfig, EndpointInfo, Reason, maps};
+use ipnetwork::Ipv4Network;
+use tern_common::events::Direction;
+use tern_common::{DatapathConfig, DropReason, EndpointInfo, Reason, maps};
 
 pub type EndpointsMap = HashMap<MapData, u32, EndpointInfo>;
 pub type MetricsMap = PerCpuArray<MapData, u64>;
@@ -47,19 +49,28 @@ pub struct Counters {
     metrics: MetricsMap,
     /// POLICY_COUNTS (allowed) and POLICY_DENIALS.
     policies: Option<(MetricsMap, MetricsMap)>,
+    /// DROPS; absent while an agent older than flow events runs.
+    drops: Option<MetricsMap>,
 }
 
 impl Counters {
-    pub fn new(metrics: MetricsMap, allowed: MetricsMap, denied: MetricsMap) -> Self {
+    pub fn new(
+        metrics: MetricsMap,
+        allowed: MetricsMap,
+        denied: MetricsMap,
+        drops: MetricsMap,
+    ) -> Self {
         Counters {
             metrics,
             policies: Some((allowed, denied)),
+            drops: Some(drops),
         }
     }
 
     pub fn open_pinned(bpffs_dir: &Path) -> anyhow::Result<Self> {
         Ok(Counters {
             metrics: open_pinned(bpffs_dir, maps::METRICS)?,
+            drops: open_pinned(bpffs_dir, maps::DROPS).ok(),
             // Absent while an agent older than NetworkPolicy runs.
             policies: open_pinned(bpffs_dir, maps::POLICY_COUNTS)
                 .and_then(|allowed| Ok((allowed, open_pinned(bpffs_dir, maps::POLICY_DENIALS)?)))
@@ -89,6 +100,27 @@ impl Counters {
 
     pub fn get(&self, reason: Reason) -> anyhow::Result<u64> {
         Ok(self.metrics.get(&(reason as u32), 0)?.iter().sum())
+    }
+
+    /// Drops and refusals summed over CPUs, by reason and direction
+    /// (those never seen left out).
+    pub fn drops(&self) -> Vec<(DropReason, Direction, u64)> {
+        let Some(drops) = &self.drops else {
+            return Vec::new();
+        };
+        let mut all = Vec::new();
+        for reason in DropReason::ALL {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let index = reason as u32 * 2 + direction as u32;
+                let count: u64 = drops
+                    .get(&index, 0)
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
+                if count > 0 {
+                    all.push((reason, direction, count));
+                }
+            }
+        }
+        all
     }
 }
 
@@ -128,9 +160,32 @@ impl Endpoints {
     }
 }
 
-/// Writes the node's settings (CONFIG) once, at start.
-pub fn write_config(mut map: ConfigMap, config: DatapathConfig) -> anyhow::Result<()> {
-    map.set(0, config, 0).context("writing the CONFIG map")
+/// The node's settings (CONFIG): written at start, and again when the
+/// node's PodCIDR becomes known later (from its Node object).
+pub struct Settings {
+    map: ConfigMap,
+    value: DatapathConfig,
+}
+
+impl Settings {
+    pub fn write(mut map: ConfigMap, value: DatapathConfig) -> anyhow::Result<Self> {
+        map.set(0, value, 0).context("writing the CONFIG map")?;
+        Ok(Settings { map, value })
+    }
+
+    /// The PodCIDR whose unused addresses the datapath drops as unknown pods.
+    pub fn set_pod_cidr(&mut self, cidr: Ipv4Network) -> anyhow::Result<()> {
+        let mut value = self.value;
+        value.pod_cidr_addr = ip_to_key(cidr.network());
+        value.pod_cidr_mask = ip_to_key(cidr.mask());
+        if value != self.value {
+            self.map
+                .set(0, value, 0)
+                .context("writing the CONFIG map")?;
+            self.value = value;
+        }
+        Ok(())
+    }
 }
 
 /// Removes `key`; a key that is already gone is not an error.

@@ -7,6 +7,7 @@
 //! program into each existing link atomically.
 
 pub mod conntrack;
+pub mod fill;
 pub mod maps;
 mod pins;
 pub mod policy;
@@ -79,9 +80,11 @@ pub struct MapOwners {
     pub policy: PolicyMaps,
     /// CONFIG: written once, at start.
     pub config: ConfigMap,
-    /// METRICS, POLICY_COUNTS and POLICY_DENIALS: written by the eBPF
-    /// programs, only read by the agent.
+    /// METRICS, POLICY_COUNTS, POLICY_DENIALS and DROPS: written by the
+    /// eBPF programs, only read by the agent.
     pub counters: Counters,
+    /// EVENTS: the eBPF programs write it; the flow reader consumes it.
+    pub events: aya::maps::RingBuf<aya::maps::MapData>,
 }
 
 impl Datapath {
@@ -140,7 +143,9 @@ impl Datapath {
                 take(&mut ebpf, names::METRICS)?,
                 take(&mut ebpf, names::POLICY_COUNTS)?,
                 take(&mut ebpf, names::POLICY_DENIALS)?,
+                take(&mut ebpf, names::DROPS)?,
             ),
+            events: take(&mut ebpf, names::EVENTS)?,
         };
         let datapath = Datapath {
             ebpf,
@@ -393,6 +398,7 @@ mod tests {
             MapKind::Array => bpf_map_type::BPF_MAP_TYPE_ARRAY,
             MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
             MapKind::LpmTrie => bpf_map_type::BPF_MAP_TYPE_LPM_TRIE,
+            MapKind::RingBuf => bpf_map_type::BPF_MAP_TYPE_RINGBUF,
         }) as u32
     }
 

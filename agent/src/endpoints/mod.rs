@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 pub use self::store::EndpointStore;
 use crate::compiler::policy::LocalEndpoint;
+use crate::datapath::maps::Settings;
 use crate::datapath::{Datapath, Endpoints};
 use crate::ipam::Ipam;
 use crate::model::{HostPort, Protocol};
@@ -44,6 +45,9 @@ pub struct EndpointsStatus {
     /// The pods by address, with the pod each belongs to: what policy
     /// is compiled for.
     pub local_pods: Arc<Vec<LocalEndpoint>>,
+    /// (network namespace cookie, pod address) of the endpoints whose
+    /// plugin reported the cookie: socket events name their pod by it.
+    pub netns_cookies: Arc<Vec<(u64, Ipv4Addr)>>,
 }
 
 /// Qdiscs on a pod's host veth (`qdiscs::watch` reports them): tern-cni's
@@ -128,6 +132,8 @@ pub struct EndpointManager {
     store: Mutex<EndpointStore>,
     pods: Mutex<PodDatapath>,
     status: watch::Sender<EndpointsStatus>,
+    /// CONFIG: its PodCIDR follows the one IPAM serves.
+    settings: Mutex<Settings>,
 }
 
 /// A lock whose holder panicked still guards consistent state: every
@@ -146,6 +152,7 @@ impl EndpointManager {
         pod_cidr: Option<Ipv4Network>,
         programs: Datapath,
         endpoints: Endpoints,
+        settings: Settings,
     ) -> anyhow::Result<Self> {
         let ipam_path = state_dir.join("ipam.json");
         let ipam = match pod_cidr {
@@ -169,6 +176,7 @@ impl EndpointManager {
                 qdiscs: BTreeMap::new(),
             }),
             status: watch::Sender::new(EndpointsStatus::default()),
+            settings: Mutex::new(settings),
         };
         manager.reconcile()?;
         manager.publish_status();
@@ -243,6 +251,12 @@ impl EndpointManager {
             endpoint_ips: Arc::new(store.iter().map(|e| e.ip).collect()),
             host_ports: Arc::new(host_ports(&store)),
             local_pods: Arc::new(local_pods(&store)),
+            netns_cookies: Arc::new(
+                store
+                    .iter()
+                    .filter_map(|e| Some((e.netns_cookie?, e.ip)))
+                    .collect(),
+            ),
         });
     }
 
@@ -410,6 +424,7 @@ impl EndpointManager {
         let before = ipam.as_ref().map(|ipam| ipam.cidr().to_string());
         *ipam = Some(Ipam::open(cidr, &self.ipam_path)?);
         drop(ipam);
+        lock(&self.settings).set_pod_cidr(cidr)?;
         info!(node = %self.node_name, %cidr, ?before, "PodCIDR from the Node object");
         self.publish_status();
         Ok(())

@@ -89,6 +89,7 @@ mod tests {
             host_ports: vec![],
             bandwidth: None,
             pod: None,
+            netns_cookie: None,
         }
     }
 

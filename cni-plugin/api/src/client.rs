@@ -49,6 +49,36 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     serde_json::from_str(&answer).map_err(|e| CallError::Protocol(e.to_string()))
 }
 
+/// Sends one request whose answer is many responses, one per line, and
+/// hands each to `each` until the agent closes the stream or `each`
+/// breaks. `idle`: how long a line may take (`None`: forever, for
+/// streams that wait on events).
+pub fn stream(
+    socket: &Path,
+    request: &Request,
+    idle: Option<Duration>,
+    mut each: impl FnMut(Response) -> std::ops::ControlFlow<()>,
+) -> Result<(), CallError> {
+    let unreachable = |source| CallError::Unreachable {
+        path: socket.display().to_string(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    stream.set_read_timeout(idle).map_err(unreachable)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| CallError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(unreachable)?;
+    for answer in BufReader::new(&stream).lines() {
+        let answer = answer.map_err(unreachable)?;
+        let response =
+            serde_json::from_str(&answer).map_err(|e| CallError::Protocol(e.to_string()))?;
+        if each(response).is_break() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

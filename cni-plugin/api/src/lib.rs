@@ -7,7 +7,8 @@
 //! and the CLI make. Both are re-exported at the top.
 
 pub mod client;
+pub mod flows;
 pub mod protocol;
 
-pub use client::{CallError, call};
+pub use client::{CallError, call, stream};
 pub use protocol::*;

@@ -39,6 +39,10 @@ pub struct Endpoint {
     /// labels by it before the kubelet reports the pod's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+    /// The pod network namespace's cookie (SO_NETNS_COOKIE): how socket
+    /// events (`tern observe`) name their pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
 }
 
 /// A pod by namespace and name.
@@ -135,6 +139,15 @@ pub enum Request {
         protocol: u8,
         port: u16,
     },
+    /// The last `last` flows `filter` selects, oldest first, each its own
+    /// [`Response::Flow`] line; then, with `follow`, new ones as they come,
+    /// until the client hangs up. [`Response::FlowsLost`] reports events
+    /// the datapath or this stream lost.
+    Observe {
+        filter: crate::flows::FlowFilter,
+        last: usize,
+        follow: bool,
+    },
 }
 
 impl Request {
@@ -151,6 +164,7 @@ impl Request {
             Request::ListServices => "list_services",
             Request::ListPolicies => "list_policies",
             Request::ExplainPolicy { .. } => "explain_policy",
+            Request::Observe { .. } => "observe",
         }
     }
 }
@@ -183,6 +197,19 @@ pub enum Response {
         policies: Vec<PolicyListing>,
         endpoints: Vec<EndpointPolicyListing>,
     },
+    /// One flow of an `Observe` stream.
+    Flow(Box<crate::flows::Flow>),
+    /// Events lost so far: `ring` the datapath could not report (ring
+    /// buffer full) since the agent started, `rate_limited` drop events
+    /// over the per-CPU budget, `stream` flows this stream skipped because
+    /// its reader fell behind. Sent first and whenever a count grows.
+    FlowsLost {
+        ring: u64,
+        rate_limited: u64,
+        stream: u64,
+    },
+    /// The end of an `Observe` answer without `follow`.
+    FlowsEnd,
     Explained {
         allowed: bool,
         /// One line per direction judged (egress at a local sender,

@@ -86,6 +86,10 @@ pub struct PodInterface {
     pub pod_mac: [u8; 6],
     /// Index of the pod-side veth inside the pod namespace.
     pub pod_ifindex: u32,
+    /// The pod namespace's cookie (SO_NETNS_COOKIE), which socket-level
+    /// eBPF programs see: the agent names the pod of a socket event by it.
+    /// `None` from CHECK, which does not read it.
+    pub netns_cookie: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +168,7 @@ pub fn create(spec: &PodInterfaceSpec) -> Result<PodInterface> {
     let tmp = tmp.as_str();
 
     // 1a. Pod side first: nothing has been created yet.
-    run_netlink(Some(&ns), "pod", |h| async move {
+    let netns_cookie = run_netlink(Some(&ns), "pod", |h| async move {
         if get_link(&h, spec.ifname)
             .await
             .map_err(nl(format_args!("looking up {} in pod netns", spec.ifname)))?
@@ -184,7 +188,7 @@ pub fn create(spec: &PodInterfaceSpec) -> Result<PodInterface> {
                 "temporary peer name {tmp} is already taken in the pod netns"
             )));
         }
-        Ok(())
+        Ok(current_netns_cookie())
     })?;
 
     // 1b + 2. Host side: check, then create the veth with its peer directly
@@ -354,7 +358,31 @@ pub fn create(spec: &PodInterfaceSpec) -> Result<PodInterface> {
         host_mac,
         pod_mac,
         pod_ifindex,
+        netns_cookie,
     })
+}
+
+/// The calling thread's network namespace cookie; `None` where the kernel
+/// cannot tell it (before 5.14). Only observability depends on it.
+fn current_netns_cookie() -> Option<u64> {
+    // SAFETY: plain socket calls on a descriptor owned here.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let got = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        );
+        libc::close(fd);
+        (got == 0).then_some(cookie)
+    }
 }
 
 /// Deletes the veth pair; idempotent (CNI DEL).
@@ -542,6 +570,7 @@ pub fn check(spec: &PodInterfaceSpec) -> Result<PodInterface> {
         host_mac,
         pod_mac,
         pod_ifindex,
+        netns_cookie: None,
     })
 }
 

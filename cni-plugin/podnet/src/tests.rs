@@ -147,6 +147,14 @@ fn create_check_delete_lifecycle() {
 
     let pi = host.run(|| create(&s)).expect("create");
     assert_eq!(thread_netns(), caller_ino);
+    // CHECK does not read the namespace cookie; ADD does, and it is the
+    // pod's namespace's, not the caller's.
+    let pod_cookie = pi.netns_cookie.expect("ADD reads the pod netns cookie");
+    assert_ne!(Some(pod_cookie), host.run(current_netns_cookie));
+    let pi = PodInterface {
+        netns_cookie: None,
+        ..pi
+    };
     assert_eq!(host.run(|| check(&s)).expect("check"), pi);
     assert_eq!(
         host.run(|| host_link("ternpn0")).unwrap(),

@@ -13,8 +13,8 @@ pub mod maps {
 
     use super::{
         AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, EndpointInfo,
-        MaglevTable, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue, PolicyKey,
-        PolicyRuleRef, RevNat, ServiceKey, ServiceValue, SockRevNatKey, TunnelEndpoint,
+        EventBudget, MaglevTable, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue,
+        PolicyKey, PolicyRuleRef, RevNat, ServiceKey, ServiceValue, SockRevNatKey, TunnelEndpoint,
     };
 
     pub const ENDPOINTS: &str = "ENDPOINTS";
@@ -37,6 +37,9 @@ pub mod maps {
     pub const POLICY_CT: &str = "POLICY_CT";
     pub const POLICY_COUNTS: &str = "POLICY_COUNTS";
     pub const POLICY_DENIALS: &str = "POLICY_DENIALS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const DROPS: &str = "DROPS";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// The BPF map type (the aya-ebpf map the static is declared as).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +50,8 @@ pub mod maps {
         PerCpuArray,
         /// Keys carry a 32-bit prefix length in front of the data.
         LpmTrie,
+        /// A BPF ring buffer: no keys or values; its size is in bytes.
+        RingBuf,
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +85,7 @@ pub mod maps {
     const RESIZABLE: bool = true;
     const FIXED: bool = false;
 
-    pub const ALL: [MapSpec; 20] = [
+    pub const ALL: [MapSpec; 23] = [
         MapSpec::new::<u32, EndpointInfo>(ENDPOINTS, MapKind::Hash, RESIZABLE),
         // Indexed by `Reason`: its size is `Reason::COUNT`.
         MapSpec::new::<u32, u64>(METRICS, MapKind::PerCpuArray, FIXED),
@@ -105,6 +110,13 @@ pub mod maps {
         MapSpec::new::<u32, u64>(POLICY_COUNTS, MapKind::PerCpuArray, FIXED),
         // The same, for denials.
         MapSpec::new::<u32, u64>(POLICY_DENIALS, MapKind::PerCpuArray, FIXED),
+        // Flow events for the agent; its size (bytes) is the agent's
+        // `--events-ring-size`.
+        MapSpec::new::<(), ()>(EVENTS, MapKind::RingBuf, FIXED),
+        // Indexed by `DropReason * 2 + Direction`.
+        MapSpec::new::<u32, u64>(DROPS, MapKind::PerCpuArray, FIXED),
+        // One entry per CPU: the drop-event rate limit.
+        MapSpec::new::<u32, EventBudget>(EVENT_BUDGET, MapKind::PerCpuArray, FIXED),
     ];
 
     /// The map called `name`.
@@ -162,7 +174,7 @@ macro_rules! layout {
             let value = core::mem::MaybeUninit::<$type>::uninit();
             let base = value.as_ptr();
             // SAFETY: field addresses only; nothing is read.
-            let fields = 0 $(+ field_size(unsafe { &raw const (*base).$field }))+;
+            let fields = 0 $(+ $crate::field_size(unsafe { &raw const (*base).$field }))+;
             assert!(
                 fields == $size,
                 concat!(stringify!($type), " has implicit padding, or a field is not listed")
@@ -171,9 +183,13 @@ macro_rules! layout {
     };
 }
 
-const fn field_size<F>(_: *const F) -> usize {
+#[doc(hidden)]
+pub const fn field_size<F>(_: *const F) -> usize {
     core::mem::size_of::<F>()
 }
+
+pub mod events;
+pub use events::{DropReason, EventBudget, FlowEvent};
 
 /// Default capacity of the ENDPOINTS map (local pods on one node).
 pub const ENDPOINTS_MAX: u32 = 16384;
@@ -579,10 +595,21 @@ pub struct DatapathConfig {
     /// 1: pod traffic to destinations outside NON_MASQUERADE leaves with
     /// `node_addr` as source.
     pub masquerade: u32,
+    /// This node's PodCIDR (network order): a packet for an address in it
+    /// that no pod has is dropped (`DropReason::UnknownPod`). Mask 0: none.
+    pub pod_cidr_addr: u32,
+    pub pod_cidr_mask: u32,
+    /// `events::event_flags`: which flow events the programs report.
+    pub events: u32,
+    /// Drop events each CPU reports per second at most.
+    pub drop_events_per_second: u32,
 }
 layout!(
-    DatapathConfig { service_cidr_addr, service_cidr_mask, node_addr, tunnel_ifindex, masquerade },
-    size 20, align 4
+    DatapathConfig {
+        service_cidr_addr, service_cidr_mask, node_addr, tunnel_ifindex, masquerade,
+        pod_cidr_addr, pod_cidr_mask, events, drop_events_per_second
+    },
+    size 36, align 4
 );
 
 /// Why a packet took the path it took; index into the per-CPU METRICS array.
@@ -651,10 +678,17 @@ pub enum Reason {
     /// An IPv4 packet whose TCP/UDP/ICMP header could not be read:
     /// dropped (nothing could judge or translate it).
     MalformedIpv4 = 26,
+    /// A flow event was lost: the EVENTS ring was full.
+    EventsLost = 27,
+    /// A drop event was not reported: its CPU's per-second budget was
+    /// spent (the drop itself is counted in DROPS).
+    EventsRateLimited = 28,
+    /// For an address of this node's PodCIDR that no pod has: dropped.
+    UnknownPod = 29,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 30;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::RedirectLocalPod,
         Reason::PassToStack,
@@ -683,6 +717,9 @@ impl Reason {
         Reason::PolicyAllowedEgress,
         Reason::SourceNotPod,
         Reason::MalformedIpv4,
+        Reason::EventsLost,
+        Reason::EventsRateLimited,
+        Reason::UnknownPod,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -714,6 +751,9 @@ impl Reason {
             Reason::PolicyAllowedEgress => "policy_allowed_egress",
             Reason::SourceNotPod => "source_not_pod",
             Reason::MalformedIpv4 => "malformed_ipv4",
+            Reason::EventsLost => "events_lost",
+            Reason::EventsRateLimited => "events_rate_limited",
+            Reason::UnknownPod => "unknown_pod",
         }
     }
 }
@@ -741,4 +781,6 @@ mod user {
     unsafe impl aya::Pod for super::PolicyCidrKey {}
     unsafe impl aya::Pod for super::PolicyFlowKey {}
     unsafe impl aya::Pod for super::PolicyFlowValue {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::EventBudget {}
 }
