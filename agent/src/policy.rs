@@ -38,7 +38,14 @@ pub struct PolicyPipeline {
     sync: PolicySync,
     maps: PolicyMaps,
     status: watch::Sender<PolicyStatus>,
+    /// Policy numbers -> "namespace/name", published before the maps are
+    /// written: the datapath's first verdict under a new policy already
+    /// has a name (flow events).
+    numbers: watch::Sender<PolicyNumbers>,
 }
+
+/// Policy numbers as the datapath counts and reports them, with names.
+pub type PolicyNumbers = Arc<std::collections::BTreeMap<u32, String>>;
 
 impl PolicyPipeline {
     /// Adopts what the (pinned) maps hold: until the first sync the
@@ -56,11 +63,16 @@ impl PolicyPipeline {
             sync,
             maps,
             status,
+            numbers: watch::Sender::new(PolicyNumbers::default()),
         })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<PolicyStatus> {
         self.status.subscribe()
+    }
+
+    pub fn subscribe_numbers(&self) -> watch::Receiver<PolicyNumbers> {
+        self.numbers.subscribe()
     }
 
     /// Records this node's pods for the next sync, without one.
@@ -107,6 +119,18 @@ impl PolicyPipeline {
         let started = Instant::now();
         let state = self.compiler.compile(&self.cluster, &self.local);
         let compiled_us = started.elapsed().as_micros() as u64;
+        let numbers: std::collections::BTreeMap<u32, String> = state
+            .policies
+            .iter()
+            .map(|(number, policy)| (*number, policy.name.clone()))
+            .collect();
+        self.numbers.send_if_modified(|published| {
+            let changed = **published != numbers;
+            if changed {
+                *published = Arc::new(numbers);
+            }
+            changed
+        });
         let stats = self.sync.sync(&mut self.maps, &state);
         for (ip, direction, error) in &stats.failed {
             warn!(%ip, ?direction, "policy could not be programmed, the pod denies that way (fail closed): {error}");

@@ -125,7 +125,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
             cluster: cluster.subscribe(),
             endpoints: endpoints.subscribe(),
             services: services.subscribe(),
-            policy: policy.subscribe(),
+            policies: policy.subscribe_numbers(),
         },
     );
     let status = StatusView {

@@ -5,9 +5,13 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     match tern_agent::cli::run(tern_agent::cli::Cli::parse()) {
         Ok(out) => {
-            print!("{out}");
-            if !out.ends_with('\n') {
-                println!();
+            // Streaming commands print as they go and return nothing (their
+            // stdout may be closed by now: `| head`).
+            if !out.is_empty() {
+                print!("{out}");
+                if !out.ends_with('\n') {
+                    println!();
+                }
             }
             std::process::ExitCode::SUCCESS
         }

@@ -12,10 +12,9 @@ use imbl::ordmap::DiffItem;
 use tokio::sync::watch;
 
 use crate::compiler::lb::{Frontend, LbState, Scope};
-use crate::compiler::policy::PolicyState;
 use crate::endpoints::EndpointsStatus;
 use crate::model::{Cluster, Pod, Protocol};
-use crate::policy::PolicyStatus;
+use crate::policy::PolicyNumbers;
 use crate::services::ServicesStatus;
 
 /// The snapshots names come from.
@@ -23,7 +22,7 @@ pub struct NameSources {
     pub cluster: watch::Receiver<Cluster>,
     pub endpoints: watch::Receiver<EndpointsStatus>,
     pub services: watch::Receiver<ServicesStatus>,
-    pub policy: watch::Receiver<PolicyStatus>,
+    pub policies: watch::Receiver<PolicyNumbers>,
 }
 
 /// A pod as flows show it.
@@ -45,7 +44,7 @@ pub struct Names {
     local: HashMap<Ipv4Addr, String>,
     cookies: HashMap<u64, Ipv4Addr>,
     frontends: Arc<LbState>,
-    policies: Arc<PolicyState>,
+    policies: PolicyNumbers,
     interfaces: HashMap<u32, String>,
 }
 
@@ -95,8 +94,8 @@ impl Names {
         if all || self.sources.services.has_changed().unwrap_or(false) {
             self.frontends = self.sources.services.borrow_and_update().state.clone();
         }
-        if all || self.sources.policy.has_changed().unwrap_or(false) {
-            self.policies = self.sources.policy.borrow_and_update().state.clone();
+        if all || self.sources.policies.has_changed().unwrap_or(false) {
+            self.policies = self.sources.policies.borrow_and_update().clone();
         }
     }
 
@@ -168,7 +167,7 @@ impl Names {
     }
 
     pub fn policy(&self, number: u32) -> Option<String> {
-        self.policies.policies.get(&number).map(|p| p.name.clone())
+        self.policies.get(&number).cloned()
     }
 
     /// The device's name (asked once per index).

@@ -10,6 +10,8 @@ use serde_json::json;
 use tern_api::{Request, Response};
 use tern_podnet::format_mac;
 
+mod observe;
+
 use crate::datapath::{Counters, Endpoints, attached_pods};
 use crate::table;
 
@@ -68,6 +70,9 @@ pub enum Command {
         #[command(subcommand)]
         command: TunnelCommand,
     },
+    /// Flows the datapath reported: drops with their reason, policy
+    /// verdicts, Service translations (and trace events when enabled).
+    Observe(observe::ObserveArgs),
     /// Install tern-cni and the network configuration list on this node
     /// (the DaemonSet's init container runs it).
     InstallCni(crate::install::InstallCniArgs),
@@ -135,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Policy {
             command: PolicyCommand::Explain { src, dst, ref port },
         } => policy_explain(&cli, src, dst, port),
+        Command::Observe(ref args) => observe::run(&cli, args),
         Command::InstallCni(args) => crate::install::run(&args),
     }
 }

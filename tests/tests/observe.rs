@@ -1,0 +1,618 @@
+//! Flow observability end to end: real agents on two lab nodes, pods
+//! wired by tern-cni, real traffic; what the datapath reports must show
+//! up in `tern observe` (the real CLI against the real agent) with the
+//! right type, reason, pods, Service and node within a second. Needs root.
+
+// Tests: a failed unwrap or expect is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use tern_lab::lab::{Lab, LabNode, OUTSIDE_IP, Pod, list_manifest, namespace_object, pod_object};
+use tern_lab::netns::ChildGuard;
+use tern_lab::traffic::{EchoServer, agent_http_get, tcp_connect_from, udp_roundtrip};
+
+/// Events reach `tern observe` within this (the issue's promise).
+const WITHIN: Duration = Duration::from_secs(1);
+/// Manifest changes reach the datapath within this (poll + sync).
+const SETTLE: Duration = Duration::from_secs(8);
+const SERVER_PORT: u16 = 8080;
+/// An address of n1's PodCIDR that no pod has.
+const NO_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 200);
+const EMPTY_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const WEB_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+
+tern_lab::both_service_paths!(
+    socket_lb: true, per_packet: false;
+    drops_show_with_their_reason_pods_and_node,
+    translations_show_frontend_and_chosen_backend,
+);
+
+#[test]
+fn filters_json_and_follow() -> Result<()> {
+    if !tern_lab::skip::require_root("filters_json_and_follow") {
+        return Ok(());
+    }
+    filters(true)
+}
+
+#[test]
+fn ring_overflow_is_counted_and_reported() -> Result<()> {
+    if !tern_lab::skip::require_root("ring_overflow_is_counted_and_reported") {
+        return Ok(());
+    }
+    ring_overflow()
+}
+
+/// Two nodes; n1 has pods client and server (echo on 8080), n2 has
+/// remote (echo on 8080); Pod and Namespace objects on every node; the
+/// Service "empty" has no endpoints, "web" sends to server.
+struct Cluster {
+    nodes: Vec<LabNode>,
+    client: Pod,
+    server: Pod,
+    remote: Pod,
+    _servers: Vec<EchoServer>,
+    lab: Lab,
+}
+
+impl Cluster {
+    fn new(socket_lb: bool, n1_args: &[&str]) -> Result<Cluster> {
+        let lab = Lab::new()?;
+        let mut nodes = lab.cluster(2, "overlay")?;
+        for node in &mut nodes {
+            node.kill_agent()?;
+            node.socket_lb = socket_lb;
+        }
+        nodes[0].extra_args = n1_args.iter().map(|a| a.to_string()).collect();
+        for node in &mut nodes {
+            node.start_agent()?;
+        }
+        let client = nodes[0].add_k8s_pod("default", "client")?;
+        let server = nodes[0].add_k8s_pod("default", "server")?;
+        let remote = nodes[1].add_k8s_pod("default", "remote")?;
+        let servers = vec![
+            EchoServer::start(&server.ns, SERVER_PORT, "server")?,
+            EchoServer::start(&remote.ns, SERVER_PORT, "remote")?,
+        ];
+        let objects = list_manifest(vec![
+            namespace_object("default", &[]),
+            pod_object(
+                "default",
+                "client",
+                "n1",
+                client.ip,
+                &[("app", "client")],
+                &[],
+            ),
+            pod_object(
+                "default",
+                "server",
+                "n1",
+                server.ip,
+                &[("app", "server")],
+                &[],
+            ),
+            pod_object(
+                "default",
+                "remote",
+                "n2",
+                remote.ip,
+                &[("app", "remote")],
+                &[],
+            ),
+        ]);
+        let services = format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  clusterIP: {EMPTY_SERVICE}
+  ports: [{{name: http, port: 80, targetPort: {SERVER_PORT}, protocol: TCP}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: {WEB_SERVICE}
+  ports: [{{name: http, port: 80, targetPort: {SERVER_PORT}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: {SERVER_PORT}, protocol: TCP}}]
+endpoints:
+- addresses: [\"{}\"]
+  conditions: {{ready: true}}
+  nodeName: n1
+",
+            server.ip
+        );
+        for node in &nodes {
+            node.write_manifest("objects.json", &objects)?;
+            node.write_manifest("services.yaml", &services)?;
+        }
+        for node in &nodes {
+            node.wait_for_frontend(&format!("{EMPTY_SERVICE}:80/TCP"), Some(&[]))?;
+            node.wait_for_frontend(
+                &format!("{WEB_SERVICE}:80/TCP"),
+                Some(&[&format!("{}:{SERVER_PORT}", server.ip)]),
+            )?;
+        }
+        Ok(Cluster {
+            nodes,
+            client,
+            server,
+            remote,
+            _servers: servers,
+            lab,
+        })
+    }
+
+    fn n1(&self) -> &LabNode {
+        &self.nodes[0]
+    }
+}
+
+/// `tern observe -o json` with `args` on `node`: the flows, parsed.
+fn observe(node: &LabNode, args: &[&str]) -> Result<Vec<Value>> {
+    let mut all = vec!["observe", "-o", "json", "--last", "100000"];
+    all.extend_from_slice(args);
+    node.tern(&all)?
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}")))
+        .collect()
+}
+
+/// Waits (at most `within`) for a flow of `node` that `wanted` accepts,
+/// among those `args` select.
+fn wait_for_flow(
+    node: &LabNode,
+    args: &[&str],
+    within: Duration,
+    what: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let flows = observe(node, args)?;
+        if let Some(flow) = flows.iter().find(|f| wanted(f)) {
+            return Ok(flow.clone());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no flow for {what} within {within:?}; tern observe showed:\n{}",
+                node.tern(&["observe", "--last", "30"])?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP connect that is expected to fail (refused or dropped).
+fn connect_fails(from: &Pod, to: SocketAddr) -> bool {
+    tcp_connect_from(&from.ns, 0, to, Duration::from_millis(500)).is_err()
+}
+
+fn drops_show_with_their_reason_pods_and_node(socket_lb: bool) -> Result<()> {
+    let c = Cluster::new(socket_lb, &["--map-size", "NAT=2"])?;
+    let n1 = c.n1();
+    // Socket-LB applies to sockets made by processes of the pods cgroup.
+    let _pods = socket_lb.then(|| n1.enter_pods_cgroup()).transpose()?;
+
+    // A Service without backends: refused, reason no_backend, the Service named.
+    ensure!(connect_fails(
+        &c.client,
+        SocketAddr::from((EMPTY_SERVICE, 80))
+    ));
+    let flow = wait_for_flow(n1, &["--type", "drop"], WITHIN, "no backend", |f| {
+        f["reason"] == "no_backend" && f["source"]["pod"] == "default/client"
+    })?;
+    assert_eq!(flow["verdict"], "dropped", "{flow}");
+    assert_eq!(flow["node"], "n1", "{flow}");
+    assert_eq!(flow["service"]["name"], "default/empty", "{flow}");
+    assert_eq!(flow["service"]["ip"], EMPTY_SERVICE.to_string(), "{flow}");
+    let point = if socket_lb {
+        "sock_connect"
+    } else {
+        "from_pod"
+    };
+    assert_eq!(flow["point"], point, "{flow}");
+    assert_eq!(flow["direction"], "egress", "{flow}");
+
+    // Denied by policy: the server isolated for ingress, nothing allowed.
+    let deny = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-server, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  policyTypes: [Ingress]
+";
+    for node in &c.nodes {
+        node.write_manifest("policy.yaml", deny)?;
+    }
+    let to_server = SocketAddr::from((c.server.ip, SERVER_PORT));
+    let deadline = Instant::now() + SETTLE;
+    while !connect_fails(&c.client, to_server) {
+        ensure!(Instant::now() < deadline, "the policy never denied");
+    }
+    let flow = wait_for_flow(n1, &["--type", "policy"], WITHIN, "policy denial", |f| {
+        f["verdict"] == "dropped" && f["destination"]["pod"] == "default/server"
+    })?;
+    assert_eq!(flow["reason"], "policy_denied", "{flow}");
+    assert_eq!(flow["source"]["pod"], "default/client", "{flow}");
+    assert_eq!(flow["destination"]["port"], SERVER_PORT, "{flow}");
+    assert_eq!(flow["direction"], "ingress", "{flow}");
+    assert_eq!(flow["policy"], "default/deny-server", "{flow}");
+    assert_eq!(flow["node"], "n1", "{flow}");
+
+    // Masquerade with a NAT map of 2 entries: one flow fits, the next is
+    // dropped as nat_full.
+    let outside = c.lab.outside()?;
+    let _echo = EchoServer::start(&outside.host, 9000, "outside")?;
+    let to_outside = SocketAddr::from((OUTSIDE_IP, 9000));
+    udp_roundtrip(&c.client.ns, to_outside, "first").context("the first flow out")?;
+    ensure!(
+        udp_roundtrip(&c.client.ns, to_outside, "second").is_err(),
+        "a second flow fitted into a NAT map of 2 entries"
+    );
+    let flow = wait_for_flow(n1, &["--type", "drop"], WITHIN, "NAT full", |f| {
+        f["reason"] == "nat_full"
+    })?;
+    assert_eq!(flow["source"]["pod"], "default/client", "{flow}");
+    assert_eq!(flow["destination"]["ip"], OUTSIDE_IP.to_string(), "{flow}");
+    assert_eq!(flow["protocol"], "UDP", "{flow}");
+    assert_eq!(flow["point"], "to_netdev", "{flow}");
+
+    // A packet for an address of n1's PodCIDR that no pod has, from a pod
+    // of n2: dropped on n1 as it comes out of the overlay.
+    ensure!(connect_fails(&c.remote, SocketAddr::from((NO_POD, 80))));
+    let flow = wait_for_flow(n1, &["--type", "drop"], WITHIN, "unknown pod", |f| {
+        f["reason"] == "unknown_pod"
+    })?;
+    assert_eq!(flow["source"]["pod"], "default/remote", "{flow}");
+    assert_eq!(flow["source"]["node"], "n2", "{flow}");
+    assert_eq!(flow["destination"]["ip"], NO_POD.to_string(), "{flow}");
+    assert_eq!(flow["point"], "from_overlay", "{flow}");
+
+    // Every drop is counted by reason and direction.
+    let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
+    for (reason, direction) in [
+        ("no_backend", "egress"),
+        ("policy_denied", "ingress"),
+        ("nat_full", "egress"),
+        ("unknown_pod", "ingress"),
+    ] {
+        let series = format!("tern_drops_total{{reason=\"{reason}\",direction=\"{direction}\"}} ");
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(value.is_some_and(|v| v >= 1.0), "{series}: {value:?}");
+    }
+    let flows = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tern_flows_total{type=\"drop\",verdict=\"dropped\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        flows.is_some_and(|v| v >= 3.0),
+        "tern_flows_total: {flows:?}"
+    );
+    // Fill levels, counted every 10 s: the NAT map shows full.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
+        let value = |series: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series))
+                .map(str::to_owned)
+        };
+        let nat = (
+            value("tern_map_entries{map=\"NAT\"} "),
+            value("tern_map_capacity{map=\"NAT\"} "),
+            value("tern_map_fill_ratio{map=\"NAT\"} "),
+        );
+        if nat.0.as_deref() == Some("2") {
+            assert_eq!(nat.1.as_deref(), Some("2"), "{nat:?}");
+            assert_eq!(nat.2.as_deref(), Some("1.0"), "{nat:?}");
+            for map in ["CT", "POLICY_CT", "AFFINITY", "POLICY"] {
+                let series = format!("tern_map_capacity{{map=\"{map}\"}} ");
+                ensure!(
+                    value(&series).is_some(),
+                    "no fill level of {map}:\n{metrics}"
+                );
+            }
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the NAT map never showed full: {nat:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+fn translations_show_frontend_and_chosen_backend(socket_lb: bool) -> Result<()> {
+    let c = Cluster::new(socket_lb, &[])?;
+    let n1 = c.n1();
+    let _pods = socket_lb.then(|| n1.enter_pods_cgroup()).transpose()?;
+    let mut stream = tcp_connect_from(
+        &c.client.ns,
+        0,
+        SocketAddr::from((WEB_SERVICE, 80)),
+        Duration::from_secs(2),
+    )?;
+    stream.write_all(b"hello\n")?;
+    let flow = wait_for_flow(n1, &["--type", "service"], WITHIN, "translation", |f| {
+        f["service"]["name"] == "default/web"
+    })?;
+    assert_eq!(flow["verdict"], "translated", "{flow}");
+    assert_eq!(
+        flow["reason"],
+        if socket_lb { "socket" } else { "packet" },
+        "{flow}"
+    );
+    assert_eq!(flow["source"]["pod"], "default/client", "{flow}");
+    assert_eq!(flow["source"]["ip"], c.client.ip.to_string(), "{flow}");
+    assert_eq!(flow["destination"]["pod"], "default/server", "{flow}");
+    assert_eq!(flow["destination"]["ip"], c.server.ip.to_string(), "{flow}");
+    assert_eq!(flow["destination"]["port"], SERVER_PORT, "{flow}");
+    assert_eq!(flow["service"]["ip"], WEB_SERVICE.to_string(), "{flow}");
+    assert_eq!(flow["service"]["port"], 80, "{flow}");
+    assert_eq!(flow["protocol"], "TCP", "{flow}");
+    // One event per connection, not per packet.
+    for _ in 0..20 {
+        stream.write_all(b"more\n")?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let translations = observe(
+        n1,
+        &["--type", "service", "--to-ip", &WEB_SERVICE.to_string()],
+    )?;
+    assert_eq!(translations.len(), 1, "{translations:?}");
+    // Aligned text names the same.
+    let text = n1.tern(&["observe", "--type", "service"])?;
+    assert!(
+        text.lines().next().unwrap_or("").starts_with("TIME"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "-> default/web {WEB_SERVICE}:80/TCP => default/server ({}:{SERVER_PORT})",
+            c.server.ip
+        )),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// Whether a flow is one a filter should select.
+type Selects<'a> = Box<dyn Fn(&Value) -> bool + 'a>;
+
+fn filters(socket_lb: bool) -> Result<()> {
+    let c = Cluster::new(socket_lb, &[])?;
+    let n1 = c.n1();
+    // `tern observe --follow` as an operator runs it: started first, it
+    // must stream what happens next.
+    let mut follow = Command::new(&n1.bins.tern);
+    follow
+        .args(["--socket"])
+        .arg(&n1.socket)
+        .args(["observe", "--follow", "-o", "json", "--type", "drop"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut follower = ChildGuard::new(follow.spawn()?);
+    let lines = BufReader::new(follower.0.stdout.take().expect("piped"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Traffic of every kind: a refused Service (TCP), a translated one,
+    // UDP to a pod that does not exist, a UDP round trip to the server.
+    ensure!(connect_fails(
+        &c.client,
+        SocketAddr::from((EMPTY_SERVICE, 80))
+    ));
+    tcp_connect_from(
+        &c.client.ns,
+        0,
+        SocketAddr::from((WEB_SERVICE, 80)),
+        Duration::from_secs(2),
+    )?;
+    c.client.ns.run(|| -> Result<()> {
+        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.send_to(b"lost", (NO_POD, 5353))?;
+        Ok(())
+    })?;
+    udp_roundtrip(
+        &c.remote.ns,
+        SocketAddr::from((c.server.ip, SERVER_PORT)),
+        "hi",
+    )?;
+    let streamed: Value = serde_json::from_str(
+        &rx.recv_timeout(Duration::from_secs(2))
+            .context("tern observe --follow streamed nothing")?,
+    )?;
+    assert_eq!(streamed["type"], "drop", "{streamed}");
+    drop(follower);
+
+    let all = wait_for_flow(n1, &[], WITHIN, "the UDP drop", |f| {
+        f["reason"] == "unknown_pod" && f["protocol"] == "UDP"
+    })
+    .and_then(|_| observe(n1, &[]))?;
+    ensure!(all.len() >= 3, "{all:?}");
+    let client = c.client.ip.to_string();
+    let no_pod = NO_POD.to_string();
+    let web = WEB_SERVICE.to_string();
+    let side = |f: &Value, key: &str, value: &str| {
+        f["source"][key] == value || f["destination"][key] == value
+    };
+    let cases: Vec<(Vec<&str>, Selects)> = vec![
+        (
+            vec!["--pod", "default/client"],
+            Box::new(|f| side(f, "pod", "default/client")),
+        ),
+        (
+            vec!["--pod", "client"],
+            Box::new(|f| side(f, "pod", "default/client")),
+        ),
+        (vec!["--namespace", "default"], Box::new(|_| true)),
+        (
+            vec!["--from-ip", &client],
+            Box::new(|f| f["source"]["ip"] == client.as_str()),
+        ),
+        (
+            vec!["--to-ip", &no_pod],
+            Box::new(|f| f["destination"]["ip"] == no_pod.as_str()),
+        ),
+        (
+            vec!["--to-ip", &web],
+            Box::new(|f| f["service"]["ip"] == web.as_str()),
+        ),
+        (
+            vec!["--port", "5353"],
+            Box::new(|f| f["destination"]["port"] == 5353),
+        ),
+        (
+            vec!["--protocol", "udp"],
+            Box::new(|f| f["protocol"] == "UDP"),
+        ),
+        (
+            vec!["--verdict", "dropped"],
+            Box::new(|f| f["verdict"] == "dropped"),
+        ),
+        (
+            vec!["--verdict", "translated"],
+            Box::new(|f| f["verdict"] == "translated"),
+        ),
+        (
+            vec!["--type", "service"],
+            Box::new(|f| f["type"] == "service"),
+        ),
+        (
+            vec!["--type", "drop,service"],
+            Box::new(|f| f["type"] == "drop" || f["type"] == "service"),
+        ),
+    ];
+    for (args, selects) in cases {
+        let expected: Vec<&Value> = all.iter().filter(|f| selects(f)).collect();
+        let got = observe(n1, &args)?;
+        ensure!(
+            !expected.is_empty(),
+            "{args:?} selects nothing to compare with in {all:?}"
+        );
+        assert_eq!(got.iter().collect::<Vec<_>>(), expected, "{args:?}");
+    }
+    // --last N: the newest N.
+    let newest = observe(n1, &[])?;
+    let last_two = n1.tern(&["observe", "-o", "json", "--last", "2"])?;
+    let last_two: Vec<Value> = last_two
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(last_two, newest[newest.len() - 2..], "--last 2");
+    // A reader that goes away (`| head -1`) ends the CLI cleanly, also
+    // while it follows.
+    for follow in [false, true] {
+        let mut cmd = Command::new(&n1.bins.tern);
+        cmd.arg("--socket")
+            .arg(&n1.socket)
+            .args(["observe", "--last", "100"]);
+        if follow {
+            cmd.arg("--follow");
+        }
+        let mut tern = ChildGuard::new(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
+        let mut first = String::new();
+        BufReader::new(tern.0.stdout.take().expect("piped")).read_line(&mut first)?;
+        ensure!(first.starts_with("TIME"), "{first}");
+        // The pipe is closed now; more flows make the CLI write into it.
+        ensure!(connect_fails(
+            &c.client,
+            SocketAddr::from((EMPTY_SERVICE, 80))
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = tern.0.try_wait()? {
+                break status;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "tern observe (follow: {follow}) kept running into a closed pipe"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut tern.0.stderr.take().expect("piped"), &mut stderr)?;
+        assert!(status.success(), "follow: {follow}: {status}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    Ok(())
+}
+
+fn ring_overflow() -> Result<()> {
+    // A ring of one page (about 60 events) and no drop-event budget: a
+    // burst of drops overflows it, and the losses must be counted.
+    let c = Cluster::new(
+        false,
+        &[
+            "--events-ring-size",
+            "4096",
+            "--drop-events-per-second",
+            "100000000",
+        ],
+    )?;
+    let n1 = c.n1();
+    c.client.ns.run(|| -> Result<()> {
+        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        for _ in 0..20_000 {
+            socket.send_to(b"x", (NO_POD, 9))?;
+        }
+        Ok(())
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let lost = loop {
+        let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
+        let lost = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tern_events_lost_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if lost > 0.0 || Instant::now() > deadline {
+            break lost;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(lost > 0.0, "20 000 drops into a 4 KiB ring lost nothing?");
+    // tern observe says so (on stderr, so stdout stays one flow per line).
+    let out = Command::new(&n1.bins.tern)
+        .arg("--socket")
+        .arg(&n1.socket)
+        .args(["observe", "--last", "5"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("events lost:"), "{stderr}");
+    // Every drop is still counted, reported or not.
+    let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
+    let dropped = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tern_drops_total{reason=\"unknown_pod\",direction=\"egress\"} ")
+        })
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(dropped.is_some_and(|d| d >= 20_000.0), "{dropped:?}");
+    Ok(())
+}
