@@ -161,6 +161,7 @@ pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> anyhow::Result<u32
             });
             if same {
                 let index = link.header.index;
+                without_ipv6(name)?;
                 let update = LinkMessageBuilder::<LinkUnspec>::new()
                     .index(index)
                     .mtu(mtu)
@@ -180,17 +181,37 @@ pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> anyhow::Result<u32
             // No ARP across the overlay: to_overlay names each packet's far
             // end and from_overlay rewrites the MACs on arrival.
             .arp(false)
-            .up()
             .build();
         handle.link().add(device).execute().await?;
-        find_link(&handle, name)
+        let index = find_link(&handle, name)
             .await?
             .map(|link| link.header.index)
-            .ok_or_else(|| anyhow::anyhow!("{name} vanished right after it was created"))
+            .ok_or_else(|| anyhow::anyhow!("{name} vanished right after it was created"))?;
+        // Down until it has no IPv6, so it never sends any.
+        without_ipv6(name)?;
+        let up = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(index)
+            .up()
+            .build();
+        handle.link().set(up).execute().await?;
+        Ok(index)
     }
     .await;
     task.abort();
     result
+}
+
+/// The overlay carries IPv4 only (Tern is IPv4-only): without this, the
+/// kernel's IPv6 neighbour discovery on the device would be dropped by
+/// to_overlay (no far end) and reported as drops. A kernel without IPv6
+/// has nothing to turn off.
+fn without_ipv6(device: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let path = format!("/proc/sys/net/ipv6/conf/{device}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other.with_context(|| format!("setting {path}")),
+    }
 }
 
 /// The node forwards between its devices, as Kubernetes requires of every
