@@ -42,6 +42,14 @@ fn filters_json_and_follow() -> Result<()> {
 }
 
 #[test]
+fn trace_mode_shows_every_observation_point() -> Result<()> {
+    if !tern_lab::skip::require_root("trace_mode_shows_every_observation_point") {
+        return Ok(());
+    }
+    trace_mode()
+}
+
+#[test]
 fn ring_overflow_is_counted_and_reported() -> Result<()> {
     if !tern_lab::skip::require_root("ring_overflow_is_counted_and_reported") {
         return Ok(());
@@ -62,15 +70,14 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(socket_lb: bool, n1_args: &[&str]) -> Result<Cluster> {
+    /// `args`: more flags for both agents.
+    fn new(socket_lb: bool, args: &[&str]) -> Result<Cluster> {
         let lab = Lab::new()?;
         let mut nodes = lab.cluster(2, "overlay")?;
         for node in &mut nodes {
             node.kill_agent()?;
             node.socket_lb = socket_lb;
-        }
-        nodes[0].extra_args = n1_args.iter().map(|a| a.to_string()).collect();
-        for node in &mut nodes {
+            node.extra_args = args.iter().map(|a| a.to_string()).collect();
             node.start_agent()?;
         }
         let client = nodes[0].add_k8s_pod("default", "client")?;
@@ -558,6 +565,91 @@ fn filters(socket_lb: bool) -> Result<()> {
         std::io::Read::read_to_string(&mut tern.0.stderr.take().expect("piped"), &mut stderr)?;
         assert!(status.success(), "follow: {follow}: {status}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+
+    // A burst of drops: each is counted, but each CPU reports at most
+    // 1000 a second (the default budget); the rest are counted as such.
+    let started = Instant::now();
+    c.client.ns.run(|| -> Result<()> {
+        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        for _ in 0..20_000 {
+            socket.send_to(b"x", (NO_POD, 7))?;
+        }
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let seconds = started.elapsed().as_secs() + 1;
+    let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let limited = value("tern_events_rate_limited_total ");
+    let reported = observe(n1, &["--port", "7"])?.len() as u64;
+    let cpus = std::thread::available_parallelism()?.get() as u64;
+    ensure!(limited > 0.0, "20 000 drops at once were all reported");
+    ensure!(
+        reported > 0 && reported <= 1000 * cpus * seconds,
+        "{reported} reported"
+    );
+    ensure!(
+        value("tern_drops_total{reason=\"unknown_pod\",direction=\"egress\"} ") >= 20_000.0,
+        "{metrics}"
+    );
+    Ok(())
+}
+
+fn trace_mode() -> Result<()> {
+    let c = Cluster::new(false, &["--events", "drops,policy,service,trace"])?;
+    let to_remote = SocketAddr::from((c.remote.ip, SERVER_PORT));
+    let mut stream = tcp_connect_from(&c.client.ns, 0, to_remote, Duration::from_secs(2))?;
+    for _ in 0..20 {
+        tern_lab::traffic::tcp_exchange(&mut stream, "data")?;
+    }
+    let (client, remote) = (c.client.ip.to_string(), c.remote.ip.to_string());
+    // Each node sees the connection's packets leave one pod and reach the
+    // other, through the overlay both ways.
+    for (node, expected) in [
+        (
+            &c.nodes[0],
+            [
+                ("from_pod", &client),
+                ("to_overlay", &client),
+                ("from_overlay", &remote),
+                ("to_pod", &remote),
+            ],
+        ),
+        (
+            &c.nodes[1],
+            [
+                ("from_overlay", &client),
+                ("to_pod", &client),
+                ("from_pod", &remote),
+                ("to_overlay", &remote),
+            ],
+        ),
+    ] {
+        for (point, source) in expected {
+            wait_for_flow(node, &["--type", "trace"], WITHIN, point, |f| {
+                f["point"] == point && f["source"]["ip"] == source.as_str()
+            })?;
+        }
+        // TCP only on SYN, FIN and RST: 20 round trips of data add nothing.
+        let traced = observe(
+            node,
+            &["--type", "trace", "--port", &SERVER_PORT.to_string()],
+        )?;
+        ensure!(traced.len() <= 8, "data packets were traced: {traced:?}");
+        for flow in &traced {
+            let flags = flow["tcp_flags"].as_str().unwrap_or("");
+            ensure!(
+                flags.contains("SYN") || flags.contains("FIN") || flags.contains("RST"),
+                "{flow}"
+            );
+        }
     }
     Ok(())
 }
