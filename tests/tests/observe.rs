@@ -202,6 +202,25 @@ fn wait_for_flow(
     }
 }
 
+/// A series of the agent's /metrics (the full name with its labels).
+fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `count` UDP datagrams from `pod` to a port of NO_POD: each dropped.
+fn flood_unknown_pod(pod: &Pod, count: usize, port: u16) -> Result<()> {
+    pod.ns.run(|| -> Result<()> {
+        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        for _ in 0..count {
+            socket.send_to(b"x", (NO_POD, port))?;
+        }
+        Ok(())
+    })
+}
+
 /// A TCP connect that is expected to fail (refused or dropped).
 fn connect_fails(from: &Pod, to: SocketAddr) -> bool {
     tcp_connect_from(&from.ns, 0, to, Duration::from_millis(500)).is_err()
@@ -296,17 +315,14 @@ spec:
         ("nat_full", "egress"),
         ("unknown_pod", "ingress"),
     ] {
-        let series = format!("tern_drops_total{{reason=\"{reason}\",direction=\"{direction}\"}} ");
-        let value = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .and_then(|v| v.parse::<f64>().ok());
+        let series = format!("tern_drops_total{{reason=\"{reason}\",direction=\"{direction}\"}}");
+        let value = metric(&metrics, &series);
         assert!(value.is_some_and(|v| v >= 1.0), "{series}: {value:?}");
     }
-    let flows = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tern_flows_total{type=\"drop\",verdict=\"dropped\"} "))
-        .and_then(|v| v.parse::<f64>().ok());
+    let flows = metric(
+        &metrics,
+        "tern_flows_total{type=\"drop\",verdict=\"dropped\"}",
+    );
     assert!(
         flows.is_some_and(|v| v >= 3.0),
         "tern_flows_total: {flows:?}"
@@ -570,24 +586,12 @@ fn filters(socket_lb: bool) -> Result<()> {
     // A burst of drops: each is counted, but each CPU reports at most
     // 1000 a second (the default budget); the rest are counted as such.
     let started = Instant::now();
-    c.client.ns.run(|| -> Result<()> {
-        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
-        for _ in 0..20_000 {
-            socket.send_to(b"x", (NO_POD, 7))?;
-        }
-        Ok(())
-    })?;
+    flood_unknown_pod(&c.client, 20_000, 7)?;
     std::thread::sleep(Duration::from_millis(300));
     let seconds = started.elapsed().as_secs() + 1;
     let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
-    let value = |series: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let limited = value("tern_events_rate_limited_total ");
+    let value = |series: &str| metric(&metrics, series).unwrap_or(0.0);
+    let limited = value("tern_events_rate_limited_total");
     let reported = observe(n1, &["--port", "7"])?.len() as u64;
     let cpus = std::thread::available_parallelism()?.get() as u64;
     ensure!(limited > 0.0, "20 000 drops at once were all reported");
@@ -596,7 +600,7 @@ fn filters(socket_lb: bool) -> Result<()> {
         "{reported} reported"
     );
     ensure!(
-        value("tern_drops_total{reason=\"unknown_pod\",direction=\"egress\"} ") >= 20_000.0,
+        value("tern_drops_total{reason=\"unknown_pod\",direction=\"egress\"}") >= 20_000.0,
         "{metrics}"
     );
     Ok(())
@@ -667,21 +671,11 @@ fn ring_overflow() -> Result<()> {
         ],
     )?;
     let n1 = c.n1();
-    c.client.ns.run(|| -> Result<()> {
-        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
-        for _ in 0..20_000 {
-            socket.send_to(b"x", (NO_POD, 9))?;
-        }
-        Ok(())
-    })?;
+    flood_unknown_pod(&c.client, 20_000, 9)?;
     let deadline = Instant::now() + Duration::from_secs(3);
     let lost = loop {
         let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
-        let lost = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("tern_events_lost_total "))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let lost = metric(&metrics, "tern_events_lost_total").unwrap_or(0.0);
         if lost > 0.0 || Instant::now() > deadline {
             break lost;
         }
@@ -699,12 +693,10 @@ fn ring_overflow() -> Result<()> {
     assert!(stderr.contains("events lost:"), "{stderr}");
     // Every drop is still counted, reported or not.
     let (_, metrics) = agent_http_get(&n1.ns, "/metrics")?;
-    let dropped = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("tern_drops_total{reason=\"unknown_pod\",direction=\"egress\"} ")
-        })
-        .and_then(|v| v.parse::<f64>().ok());
+    let dropped = metric(
+        &metrics,
+        "tern_drops_total{reason=\"unknown_pod\",direction=\"egress\"}",
+    );
     assert!(dropped.is_some_and(|d| d >= 20_000.0), "{dropped:?}");
     Ok(())
 }

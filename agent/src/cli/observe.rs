@@ -262,42 +262,11 @@ fn clock(time_ns: u64) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use tern_api::flows::ServiceRef;
-
     use super::*;
 
     #[test]
     fn a_translation_reads_client_service_and_backend() {
-        let flow = Flow {
-            time_ns: 1_765_015_562_123_000_000,
-            node: "node-a".into(),
-            kind: FlowType::Service,
-            verdict: FlowVerdict::Translated,
-            reason: Some("socket".into()),
-            point: "sock_connect".into(),
-            direction: "egress".into(),
-            protocol: "TCP".into(),
-            source: Endpoint {
-                ip: Some(Ipv4Addr::new(10, 244, 1, 5)),
-                port: None,
-                pod: Some("shop/frontend".into()),
-                node: Some("node-a".into()),
-            },
-            destination: Endpoint {
-                ip: Some(Ipv4Addr::new(10, 244, 2, 7)),
-                port: Some(8080),
-                pod: Some("shop/backend-1".into()),
-                node: Some("node-b".into()),
-            },
-            service: Some(ServiceRef {
-                name: Some("shop/backend".into()),
-                ip: Ipv4Addr::new(10, 96, 0, 10),
-                port: 80,
-            }),
-            policy: None,
-            interface: None,
-            tcp_flags: None,
-        };
+        let flow = Flow::example();
         let text = line(&flow);
         assert!(text.starts_with("10:06:02.123 node-a"), "{text}");
         assert!(text.contains(" shop/frontend (10.244.1.5) "), "{text}");

@@ -133,6 +133,44 @@ pub struct FlowFilter {
     pub types: Vec<FlowType>,
 }
 
+impl Flow {
+    /// A translated connection (socket-LB, shop/frontend to the Service
+    /// shop/backend, sent to shop/backend-1): for tests and examples.
+    #[doc(hidden)]
+    pub fn example() -> Flow {
+        Flow {
+            time_ns: 1_765_015_562_123_000_000,
+            node: "node-a".into(),
+            kind: FlowType::Service,
+            verdict: FlowVerdict::Translated,
+            reason: Some("socket".into()),
+            point: "sock_connect".into(),
+            direction: "egress".into(),
+            protocol: "TCP".into(),
+            source: Endpoint {
+                ip: Some(Ipv4Addr::new(10, 244, 1, 5)),
+                port: None,
+                pod: Some("shop/frontend".into()),
+                node: Some("node-a".into()),
+            },
+            destination: Endpoint {
+                ip: Some(Ipv4Addr::new(10, 244, 2, 7)),
+                port: Some(8080),
+                pod: Some("shop/backend-1".into()),
+                node: Some("node-b".into()),
+            },
+            service: Some(ServiceRef {
+                name: Some("shop/backend".into()),
+                ip: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+            }),
+            policy: None,
+            interface: None,
+            tcp_flags: None,
+        }
+    }
+}
+
 impl FlowFilter {
     pub fn matches(&self, flow: &Flow) -> bool {
         let sides = [&flow.source, &flow.destination];
@@ -176,36 +214,7 @@ mod tests {
     use super::*;
 
     fn flow() -> Flow {
-        Flow {
-            time_ns: 1,
-            node: "node-a".into(),
-            kind: FlowType::Service,
-            verdict: FlowVerdict::Translated,
-            reason: Some("socket".into()),
-            point: "sock_connect".into(),
-            direction: "egress".into(),
-            protocol: "TCP".into(),
-            source: Endpoint {
-                ip: Some(Ipv4Addr::new(10, 244, 1, 5)),
-                port: None,
-                pod: Some("shop/frontend".into()),
-                node: Some("node-a".into()),
-            },
-            destination: Endpoint {
-                ip: Some(Ipv4Addr::new(10, 244, 2, 7)),
-                port: Some(8080),
-                pod: Some("shop/backend".into()),
-                node: Some("node-b".into()),
-            },
-            service: Some(ServiceRef {
-                name: Some("shop/backend".into()),
-                ip: Ipv4Addr::new(10, 96, 0, 10),
-                port: 80,
-            }),
-            policy: None,
-            interface: None,
-            tcp_flags: None,
-        }
+        Flow::example()
     }
 
     #[test]
@@ -219,7 +228,7 @@ mod tests {
             ..Default::default()
         });
         yes(FlowFilter {
-            pod: Some("backend".into()),
+            pod: Some("backend-1".into()),
             ..Default::default()
         });
         no(FlowFilter {
