@@ -124,6 +124,8 @@ struct Memo {
     service: Arc<Service>,
     /// The namespace's default algorithm it was compiled with.
     namespace_algorithm: Option<LbAlgorithm>,
+    /// This node's zone it was compiled with (topology hints).
+    zone: Option<String>,
     slices: Vec<Arc<EndpointSlice>>,
     frontends: Vec<(Frontend, Arc<FrontendEntry>)>,
 }
@@ -148,6 +150,10 @@ impl LbCompiler {
         let mut old = std::mem::take(&mut self.memo).into_iter().peekable();
         let mut compiled = Vec::with_capacity(cluster.services.len());
         let mut own_slices = Vec::new();
+        let zone = cluster
+            .nodes
+            .get(&self.ctx.node_name)
+            .and_then(|node| node.zone.clone());
         for service in cluster.services.values() {
             while old.next_if(|(key, _)| *key < service.key).is_some() {}
             while slices.next_if(|s| s.service < service.key).is_some() {}
@@ -163,6 +169,7 @@ impl LbCompiler {
                 Some((key, m))
                     if Arc::ptr_eq(&m.service, service)
                         && m.namespace_algorithm == namespace_algorithm
+                        && m.zone == zone
                         && m.slices.len() == own_slices.len()
                         && m.slices
                             .iter()
@@ -177,11 +184,18 @@ impl LbCompiler {
                         .lb_algorithm
                         .or(namespace_algorithm)
                         .unwrap_or(self.ctx.default_algorithm);
+                    let topology = Topology {
+                        node: &self.ctx.node_name,
+                        zone: zone.as_deref(),
+                    };
+                    let frontends =
+                        service_frontends(service, &plain, algorithm, topology, &self.ctx);
                     let entry = Memo {
                         service: service.clone(),
                         namespace_algorithm,
+                        zone: zone.clone(),
                         slices: own_slices.iter().map(|s| (*s).clone()).collect(),
-                        frontends: service_frontends(service, &plain, algorithm, &self.ctx)
+                        frontends: frontends
                             .into_iter()
                             .map(|(f, e)| (f, Arc::new(e)))
                             .collect(),
@@ -247,11 +261,19 @@ fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc
         .collect()
 }
 
+/// Where this node is, for endpoints' topology hints.
+#[derive(Clone, Copy)]
+struct Topology<'a> {
+    node: &'a str,
+    zone: Option<&'a str>,
+}
+
 /// Every frontend of one Service, in port order.
 fn service_frontends(
     service: &Service,
     slices: &[&EndpointSlice],
     algorithm: LbAlgorithm,
+    topology: Topology,
     ctx: &NodeContext,
 ) -> Vec<(Frontend, FrontendEntry)> {
     let mut out = Vec::new();
@@ -260,7 +282,7 @@ fn service_frontends(
     }
     for port in &service.ports {
         if port.protocol != Protocol::Sctp {
-            compile_port(&mut out, service, port, slices, algorithm, ctx);
+            compile_port(&mut out, service, port, slices, algorithm, topology, ctx);
         }
     }
     out
@@ -285,6 +307,7 @@ fn compile_port(
     port: &ServicePort,
     slices: &[&EndpointSlice],
     algorithm: LbAlgorithm,
+    topology: Topology,
     ctx: &NodeContext,
 ) {
     let pool = |backends: Vec<BackendAddr>| Pool {
@@ -292,7 +315,15 @@ fn compile_port(
         backends,
     };
     let candidates = candidates(port, slices);
-    let all = pool(select(service, candidates.iter()));
+    // Topology hints steer cluster-wide traffic only; Local policies
+    // already keep it on the node.
+    let all = match topology_filter(&candidates, topology) {
+        Some(close) => pool(select(
+            service,
+            candidates.iter().filter(|c| close.keeps(c.endpoint)),
+        )),
+        None => pool(select(service, candidates.iter())),
+    };
     let is_local = |c: &&Candidate| c.endpoint.node_name.as_deref() == Some(&ctx.node_name);
     // Only Local traffic policies need the node-local set (and its table).
     let local = LazyCell::new(|| pool(select(service, candidates.iter().filter(is_local))));
@@ -437,6 +468,53 @@ fn select<'a>(
     chosen.into_iter().collect()
 }
 
+/// kube-proxy's reading of topology hints: when every ready endpoint has
+/// node hints and one is for this node, those for this node; else when
+/// every ready endpoint has zone hints and one is for this node's zone,
+/// those for the zone; else none (every endpoint serves). The hints are
+/// the EndpointSlice controller's answer to `trafficDistribution`
+/// (PreferClose, PreferSameZone, PreferSameNode) and to the
+/// `service.kubernetes.io/topology-mode: Auto` annotation.
+fn topology_filter<'t>(candidates: &[Candidate], topology: Topology<'t>) -> Option<Close<'t>> {
+    let ready: Vec<&Endpoint> = candidates
+        .iter()
+        .map(|c| c.endpoint)
+        .filter(|e| e.ready)
+        .collect();
+    if ready.is_empty() {
+        return None;
+    }
+    let all_have = |hints: fn(&Endpoint) -> &[String]| ready.iter().all(|e| !hints(e).is_empty());
+    let one_for = |hints: fn(&Endpoint) -> &[String], wanted: &str| {
+        ready.iter().any(|e| hints(e).iter().any(|h| h == wanted))
+    };
+    let node = topology.node;
+    if all_have(|e| &e.node_hints) && one_for(|e| &e.node_hints, node) {
+        return Some(Close::Node(node));
+    }
+    let zone = topology.zone?;
+    if all_have(|e| &e.zone_hints) && one_for(|e| &e.zone_hints, zone) {
+        return Some(Close::Zone(zone));
+    }
+    None
+}
+
+/// The endpoints topology hints keep: those hinted for this node, or for
+/// its zone.
+enum Close<'a> {
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+impl Close<'_> {
+    fn keeps(&self, endpoint: &Endpoint) -> bool {
+        match self {
+            Close::Node(node) => endpoint.node_hints.iter().any(|h| h == node),
+            Close::Zone(zone) => endpoint.zone_hints.iter().any(|h| h == zone),
+        }
+    }
+}
+
 fn maglev_table(algorithm: LbAlgorithm, backends: &[BackendAddr], size: u32) -> Option<Vec<u32>> {
     if algorithm != LbAlgorithm::Maglev || backends.is_empty() {
         return None;
@@ -523,6 +601,8 @@ mod tests {
             serving,
             terminating,
             node_name: Some(node.into()),
+            zone_hints: vec![],
+            node_hints: vec![],
         }
     }
 
@@ -1095,5 +1175,118 @@ mod tests {
         let third = compiler.compile(&c, &[]);
         assert_eq!(third.frontends.len(), 1);
         assert!(compiler.memo.len() == 1);
+    }
+
+    /// An endpoint with topology hints.
+    fn hinted(ip: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
+        Endpoint {
+            zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+            node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+            ..ep(ip, node, State::Ready)
+        }
+    }
+
+    /// `web` with `endpoints`, compiled on NODE in `zone`.
+    fn in_zone(zone: Option<&str>, endpoints: Vec<Endpoint>) -> LbState {
+        let mut c = cluster(vec![web()], vec![slice("web-a", 8080, endpoints)]);
+        let node = crate::model::Node {
+            name: NODE.into(),
+            internal_ip: None,
+            pod_cidrs: vec![],
+            zone: zone.map(str::to_owned),
+        };
+        c.nodes.insert(NODE.into(), Arc::new(node));
+        compile(&c, &ctx())
+    }
+
+    #[test]
+    fn zone_hints_keep_cluster_traffic_in_the_node_zone() {
+        let hinted_endpoints = || {
+            vec![
+                hinted("10.0.1.1", NODE, &["zone-a"], &[]),
+                hinted("10.0.2.1", "node-b", &["zone-a"], &[]),
+                hinted("10.0.3.1", "node-c", &["zone-b"], &[]),
+            ]
+        };
+        let state = in_zone(Some("zone-a"), hinted_endpoints());
+        assert_eq!(
+            cluster_ip_backends(&state),
+            ["10.0.1.1:8080", "10.0.2.1:8080"]
+        );
+        let state = in_zone(Some("zone-b"), hinted_endpoints());
+        assert_eq!(cluster_ip_backends(&state), ["10.0.3.1:8080"]);
+        // No endpoint for this zone, or a node without a zone label, or
+        // one ready endpoint without hints: the hints are ignored.
+        let every = ["10.0.1.1:8080", "10.0.2.1:8080", "10.0.3.1:8080"];
+        assert_eq!(
+            cluster_ip_backends(&in_zone(Some("zone-c"), hinted_endpoints())),
+            every
+        );
+        assert_eq!(
+            cluster_ip_backends(&in_zone(None, hinted_endpoints())),
+            every
+        );
+        let mut partly = hinted_endpoints();
+        partly[2].zone_hints.clear();
+        assert_eq!(cluster_ip_backends(&in_zone(Some("zone-a"), partly)), every);
+        // A not-ready endpoint without hints does not count.
+        let mut with_unready = hinted_endpoints();
+        with_unready.push(ep("10.0.4.1", "node-d", State::NotReady));
+        assert_eq!(
+            cluster_ip_backends(&in_zone(Some("zone-b"), with_unready)),
+            ["10.0.3.1:8080"]
+        );
+    }
+
+    #[test]
+    fn node_hints_win_over_zone_hints() {
+        let state = in_zone(
+            Some("zone-a"),
+            vec![
+                hinted("10.0.1.1", NODE, &["zone-a"], &[NODE]),
+                hinted("10.0.2.1", "node-b", &["zone-a"], &["node-b"]),
+            ],
+        );
+        assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+        // Not every endpoint has node hints: zones decide.
+        let state = in_zone(
+            Some("zone-a"),
+            vec![
+                hinted("10.0.1.1", NODE, &["zone-a"], &[NODE]),
+                hinted("10.0.2.1", "node-b", &["zone-a"], &[]),
+            ],
+        );
+        assert_eq!(
+            cluster_ip_backends(&state),
+            ["10.0.1.1:8080", "10.0.2.1:8080"]
+        );
+    }
+
+    #[test]
+    fn a_zone_change_of_the_node_recompiles() {
+        let endpoints = vec![
+            hinted("10.0.1.1", NODE, &["zone-a"], &[]),
+            hinted("10.0.3.1", "node-c", &["zone-b"], &[]),
+        ];
+        let mut c = cluster(vec![web()], vec![slice("web-a", 8080, endpoints)]);
+        let node = |zone: &str| {
+            Arc::new(crate::model::Node {
+                name: NODE.into(),
+                internal_ip: None,
+                pod_cidrs: vec![],
+                zone: Some(zone.into()),
+            })
+        };
+        let mut compiler = LbCompiler::new(ctx());
+        c.nodes.insert(NODE.into(), node("zone-a"));
+        assert_eq!(
+            cluster_ip_backends(&compiler.compile(&c, &[])),
+            ["10.0.1.1:8080"]
+        );
+        c.nodes.insert(NODE.into(), node("zone-b"));
+        assert_eq!(
+            cluster_ip_backends(&compiler.compile(&c, &[])),
+            ["10.0.3.1:8080"]
+        );
     }
 }

@@ -89,6 +89,7 @@ mod tests {
                 name: name.into(),
                 internal_ip: ip.map(|ip| ip.parse().unwrap()),
                 pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+                zone: None,
             }),
         )
     }

@@ -35,4 +35,10 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `hints.forZones`: the zones whose nodes should use this endpoint
+    /// (set by the EndpointSlice controller for `trafficDistribution:
+    /// PreferClose` / `PreferSameZone` and topology-aware routing).
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes` (`trafficDistribution: PreferSameNode`).
+    pub node_hints: Vec<String>,
 }

@@ -14,4 +14,7 @@ pub struct Node {
     pub internal_ip: Option<Ipv4Addr>,
     /// `spec.podCIDRs` (or `spec.podCIDR`), IPv4 only.
     pub pod_cidrs: Vec<Ipv4Network>,
+    /// The `topology.kubernetes.io/zone` label: which endpoints' zone
+    /// hints this node follows.
+    pub zone: Option<String>,
 }

@@ -82,6 +82,9 @@ pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Conversion<EndpointS
 
 /// A Node: its PodCIDRs and underlay address. A node without either is
 /// kept (it may get them later) but cannot be routed to.
+/// The Node label naming its zone (`v1.LabelTopologyZone`).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 pub fn node(object: &core::Node) -> Conversion<Node> {
     let mut warnings = Vec::new();
     let result = convert_node(object, &mut warnings);
@@ -140,10 +143,17 @@ fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node,
             }
         }
     }
+    let zone = object
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .cloned();
     Ok(Node {
         name,
         internal_ip,
         pod_cidrs,
+        zone,
     })
 }
 
@@ -582,6 +592,18 @@ fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, String>
         serving: conditions.serving.unwrap_or(ready),
         terminating: conditions.terminating.unwrap_or(false),
         node_name: raw.node_name.clone(),
+        zone_hints: raw
+            .hints
+            .iter()
+            .flat_map(|h| h.for_zones.iter().flatten())
+            .map(|z| z.name.clone())
+            .collect(),
+        node_hints: raw
+            .hints
+            .iter()
+            .flat_map(|h| h.for_nodes.iter().flatten())
+            .map(|n| n.name.clone())
+            .collect(),
     })
 }
 
@@ -799,6 +821,10 @@ endpoints:
 - addresses: ["10.244.2.10"]
   conditions:
     ready: false
+- addresses: ["10.244.3.1"]
+  hints:
+    forZones: [{name: zone-a}, {name: zone-b}]
+    forNodes: [{name: node-c}]
 "#;
 
     #[test]
@@ -823,10 +849,14 @@ endpoints:
             [
                 (true, true, false),
                 (false, true, true),
-                (false, false, false)
+                (false, false, false),
+                (true, true, false)
             ]
         );
         assert_eq!(slice.endpoints[0].node_name.as_deref(), Some("node-a"));
+        assert!(slice.endpoints[0].zone_hints.is_empty());
+        assert_eq!(slice.endpoints[3].zone_hints, ["zone-a", "zone-b"]);
+        assert_eq!(slice.endpoints[3].node_hints, ["node-c"]);
 
         let bare = SLICE.replace(
             "ports:\n- name: http\n  protocol: TCP\n  port: 8080\n",

@@ -296,7 +296,7 @@ status:
 ---
 apiVersion: v1
 kind: Node
-metadata: {name: n2}
+metadata: {name: n2, labels: {topology.kubernetes.io/zone: zone-b}}
 spec: {podCIDR: 10.244.2.0/24}
 status: {addresses: [{type: ExternalIP, address: 192.0.2.2}]}
 ---
@@ -324,6 +324,10 @@ status: {addresses: [{type: InternalIP, address: ten.zero}]}
         let n2 = &report.cluster.nodes["n2"];
         assert_eq!(n2.internal_ip, Some("192.0.2.2".parse().unwrap()));
         assert_eq!(n2.pod_cidrs, ["10.244.2.0/24".parse().unwrap()]);
+        assert_eq!(
+            (n1.zone.as_deref(), n2.zone.as_deref()),
+            (None, Some("zone-b"))
+        );
         let n3 = &report.cluster.nodes["n3"];
         assert_eq!((n3.internal_ip, n3.pod_cidrs.len()), (None, 0));
         assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
