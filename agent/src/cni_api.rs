@@ -104,7 +104,8 @@ async fn serve_one(stream: UnixStream, handlers: Handlers) {
                 follow,
             }) => {
                 let flows = handlers.flows.clone();
-                return crate::flows::observe::serve(write, flows, filter, last, follow).await;
+                return crate::flows::observe::serve(reader, write, flows, filter, last, follow)
+                    .await;
             }
             Ok(request) => {
                 debug!(?request, "request");

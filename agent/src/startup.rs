@@ -58,7 +58,7 @@ pub fn start(
     let mut map_sizes = config.map_sizes.clone();
     map_sizes.push((tern_common::maps::EVENTS, config.events.ring_bytes));
     let (mut datapath, owned) = Datapath::load(&config.bpffs_dir, &map_sizes)?;
-    let mut settings = maps::Settings::write(
+    let settings = maps::Settings::write(
         owned.config,
         DatapathConfig {
             service_cidr_addr: ip_to_key(config.service_cidr.network()),
@@ -72,9 +72,6 @@ pub fn start(
             drop_events_per_second: config.events.drop_events_per_second,
         },
     )?;
-    if let Some(cidr) = config.pod_cidr {
-        settings.set_pod_cidr(cidr)?;
-    }
     if let Some(overlay) = overlay {
         datapath
             .attach_overlay(&overlay.name)

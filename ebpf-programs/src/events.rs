@@ -72,15 +72,11 @@ fn count_drop(reason: DropReason, at: u8) {
 }
 
 /// A NetworkPolicy verdict on a new connection (or the denial of a live
-/// one whose policy changed) at the local pod: egress judged as the pod
-/// sends, ingress before delivery. Denials are drops too.
+/// one whose policy changed) at the local pod, `at` where the packet was:
+/// leaving it (FROM_POD) or about to reach it (TO_POD). Denials are drops
+/// too.
 #[inline(always)]
-pub fn policy_verdict(p: &Packet, allowed: bool, ingress: bool, policy: u32) {
-    let at = if ingress {
-        point::TO_POD
-    } else {
-        point::FROM_POD
-    };
+pub fn policy_verdict(p: &Packet, allowed: bool, at: u8, policy: u32) {
     let (reason, outcome) = if allowed {
         (0, verdict::FORWARDED)
     } else {

@@ -53,9 +53,9 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
     let to = match ct::lookup(&NAT, &p) {
         Some(entry) => Tuple::of(&entry),
         None if opens => match new_flow(&p, cfg.node_addr) {
-            Some(to) => to,
-            None => {
-                events::drop(&p, DropReason::NatFull, point::TO_NETDEV, ifindex(ctx));
+            Ok(to) => to,
+            Err(reason) => {
+                events::drop(&p, reason, point::TO_NETDEV, ifindex(ctx));
                 return TC_ACT_SHOT;
             }
         },
@@ -124,9 +124,9 @@ fn rewrite_flow(ctx: &TcContext, p: &Packet, to: &Tuple) -> Result<(), i64> {
 }
 
 /// Picks a free node port for `p` (a hash of the flow first, then random
-/// ones) and records both directions; `None` (counted) when the map is
+/// ones) and records both directions; why not (counted) when the map is
 /// full or no port was free.
-fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
+fn new_flow(p: &Packet, node_addr: u32) -> Result<Tuple, DropReason> {
     let span = (MASQUERADE_PORT_MAX - MASQUERADE_PORT_MIN) as u32 + 1;
     let mut to = Tuple {
         saddr: node_addr,
@@ -141,19 +141,21 @@ fn new_flow(p: &Packet, node_addr: u32) -> Option<Tuple> {
             let ((reply_key, reply), (key, forward)) = ct::entries(p, &to, 0, 0);
             // Reply entry first: a reply never arrives without its way back.
             if NAT.insert(reply_key, reply, 0).is_err() {
-                break;
+                count(Reason::NatFull);
+                return Err(DropReason::NatFull);
             }
             if NAT.insert(key, forward, 0).is_err() {
                 let _ = NAT.remove(reply_key);
-                break;
+                count(Reason::NatFull);
+                return Err(DropReason::NatFull);
             }
-            return Some(to);
+            return Ok(to);
         }
         // SAFETY: plain helper call.
         pick = unsafe { bpf_get_prandom_u32() };
     }
     count(Reason::NatFull);
-    None
+    Err(DropReason::NatPortsExhausted)
 }
 
 /// On the way in (underlay ingress): a reply to a masqueraded flow gets

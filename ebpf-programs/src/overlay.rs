@@ -17,7 +17,9 @@ use tern_common::{DropReason, OVERLAY_VNI, Reason, TunnelEndpoint};
 use crate::events;
 use crate::maps::{ENDPOINTS, TUNNEL, count};
 use crate::packet::{Packet, ifindex, parse};
-use crate::pod::{claims_local_address, hop, redirect_to_local_pod, unknown_pod, unparsed};
+use crate::pod::{
+    claims_local_address, hop, redirect_to_local_pod, refuse_unknown_pod, unknown_pod, unparsed,
+};
 use crate::policy;
 use crate::service_nat::{self, Outcome};
 
@@ -51,8 +53,8 @@ pub fn encapsulate(
 /// theirs already.
 pub fn to_overlay(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
-        // Nothing else can be sent without a far end.
-        events::drop_unparsed(DropReason::Unroutable, point::TO_OVERLAY, ifindex(ctx));
+        // The overlay carries IPv4 only; nothing else has a far end.
+        events::drop_unparsed(DropReason::NotIpv4, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
     };
     // SAFETY: only presence is read.
@@ -95,13 +97,7 @@ pub fn from_overlay(ctx: &TcContext) -> i32 {
         Some(_) if !policy::ingress(&p) => return TC_ACT_SHOT,
         Some(endpoint) => redirect_to_local_pod(ctx, &p, &endpoint),
         None if unknown_pod(p.daddr) => {
-            events::drop(
-                &p,
-                DropReason::UnknownPod,
-                point::FROM_OVERLAY,
-                ifindex(ctx),
-            );
-            return TC_ACT_SHOT;
+            return refuse_unknown_pod(ctx, &p, point::FROM_OVERLAY).1;
         }
         None => (Reason::PassToStack, TC_ACT_OK),
     };

@@ -91,7 +91,7 @@ fn from_pod_to<const VIA_QDISC: bool>(ctx: &TcContext) -> i32 {
             count(Reason::ToPodQdisc);
             TC_ACT_UNSPEC
         }
-        Outcome::Route => forward(ctx, &p, point::FROM_POD),
+        Outcome::Route => forwarded(ctx, &p, point::FROM_POD),
     }
 }
 
@@ -111,7 +111,7 @@ pub fn from_netdev(ctx: &TcContext) -> i32 {
     }
     match service_nat::from_netdev(ctx, &mut p) {
         Outcome::Verdict(verdict) => verdict,
-        Outcome::Route => forward(ctx, &p, point::FROM_NETDEV),
+        Outcome::Route => forwarded(ctx, &p, point::FROM_NETDEV),
     }
 }
 
@@ -140,30 +140,48 @@ pub fn claims_local_address(ctx: &TcContext, p: &Packet, at: u8) -> bool {
     forged
 }
 
+/// `forward`'s verdict; a packet for an unknown pod is refused here, at
+/// the program's top level (the refusal's frame is large).
+#[inline(always)]
+fn forwarded(ctx: &TcContext, p: &Packet, at: u8) -> i32 {
+    match forward(ctx, p) {
+        UNKNOWN_POD => refuse_unknown_pod(ctx, p, at).1,
+        verdict => verdict,
+    }
+}
+
+/// `forward`: the destination is an address of this node's PodCIDR that
+/// no pod has (not a tc verdict; those are -1 and up).
+const UNKNOWN_POD: i32 = -2;
+
 /// Into the local pod `p.daddr`, else through the overlay to the node that
-/// has it, else to the node's stack. `at`: where the packet came in.
-fn forward(ctx: &TcContext, p: &Packet, at: u8) -> i32 {
+/// has it, else to the node's stack; `UNKNOWN_POD` for the caller to refuse.
+fn forward(ctx: &TcContext, p: &Packet) -> i32 {
     // SAFETY: the value is copied out at once.
     let (reason, verdict) = match unsafe { ENDPOINTS.get(p.daddr) }.copied() {
         Some(_) if !policy::ingress(p) => return TC_ACT_SHOT,
         Some(endpoint) => redirect_to_local_pod(ctx, p, &endpoint),
-        None => not_local(ctx, p, at),
+        None if unknown_pod(p.daddr) => return UNKNOWN_POD,
+        None => to_remote_node(ctx, p),
     };
     count(reason);
     verdict
 }
 
-/// No local pod has `p.daddr`: dropped if it is in this node's PodCIDR,
-/// else on to the node that has it. A call of its own: its FIB lookup
-/// and event must not sit in `forward`'s frame, on the path that goes on
-/// to judge policy.
-#[inline(never)]
-fn not_local(ctx: &TcContext, p: &Packet, at: u8) -> (Reason, i32) {
-    if unknown_pod(p.daddr) {
+/// A packet for an address of this node's PodCIDR that no pod has (a pod
+/// just deleted, a stale backend): refused at once — TCP RST, ICMP port
+/// unreachable for UDP — so the client fails now instead of timing out.
+/// Anything else (ICMP) is only dropped: no error answers an error.
+#[inline(always)]
+pub fn refuse_unknown_pod(ctx: &TcContext, p: &Packet, at: u8) -> (Reason, i32) {
+    count(Reason::UnknownPod);
+    let verdict = if p.has_ports() {
+        crate::reject::refuse(ctx, p, DropReason::UnknownPod, at)
+    } else {
         events::drop(p, DropReason::UnknownPod, at, ifindex(ctx));
-        return (Reason::UnknownPod, TC_ACT_SHOT);
-    }
-    to_remote_node(ctx, p)
+        TC_ACT_SHOT
+    };
+    (Reason::UnknownPod, verdict)
 }
 
 /// An address of this node's PodCIDR that no local pod has (ENDPOINTS
@@ -216,7 +234,10 @@ pub fn redirect_to_local_pod(
 
 /// A packet for a remote node's PodCIDR: into the overlay (overlay mode),
 /// or out of the underlay device towards that node (native routing).
-/// Anything else is the node stack's to route.
+/// Anything else is the node stack's to route. A call of its own: its
+/// FIB lookup must not sit in `forward`'s frame, on the path that goes on
+/// to judge policy.
+#[inline(never)]
 fn to_remote_node(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
     let Some(node) = TUNNEL.get(Key::new(32, p.daddr)).copied() else {
         return (Reason::PassToStack, TC_ACT_OK);
@@ -272,7 +293,9 @@ fn redirect_by_fib(ctx: &TcContext, p: &Packet) -> (Reason, i32) {
         // SAFETY: plain helper call; the kernel resolves the next hop.
         _ => unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) },
     };
-    events::trace(p, point::TO_NETDEV, fib.ifindex);
+    if verdict == TC_ACT_REDIRECT as i64 {
+        events::trace(p, point::TO_NETDEV, fib.ifindex);
+    }
     (Reason::RedirectFib, verdict as i32)
 }
 

@@ -24,6 +24,7 @@ use crate::maps::{
     bump, config, count,
 };
 use crate::packet::{IPPROTO_ICMP, IPPROTO_TCP, Packet, TCP_FIN, TCP_RST};
+use tern_common::events::point;
 
 /// The identity number that stands for every peer.
 const ANY_IDENTITY: u32 = 0;
@@ -67,7 +68,7 @@ pub fn egress_new(sent: &Packet, to: &Packet) -> bool {
         // (kubelet probes must work under any policy).
         return true;
     }
-    admit(sent, &ep, policy_direction::EGRESS, to.daddr, to.dport)
+    admit(sent, to, &ep, policy_direction::EGRESS, to.daddr, to.dport)
 }
 
 /// A packet about to be delivered to the local pod `p.daddr`, as that pod
@@ -79,14 +80,23 @@ pub fn ingress(p: &Packet) -> bool {
         Tracked::Denied => false,
         Tracked::New => {
             let ep = endpoint(p.daddr);
-            admit(p, &ep, policy_direction::INGRESS, p.saddr, p.dport)
+            admit(p, p, &ep, policy_direction::INGRESS, p.saddr, p.dport)
         }
     }
 }
 
-/// Judges a new connection at `ep` and tracks it when allowed; counts.
+/// Judges a new connection at `ep` and tracks it (under `key_of`'s tuple)
+/// when allowed; counts, and reports it as `shown` (egress: after Service
+/// translation, the tuple the verdict was on).
 #[inline(always)]
-fn admit(key_of: &Packet, ep: &Isolation, direction: u8, peer: u32, port: u16) -> bool {
+fn admit(
+    key_of: &Packet,
+    shown: &Packet,
+    ep: &Isolation,
+    direction: u8,
+    peer: u32,
+    port: u16,
+) -> bool {
     let local = if direction == policy_direction::EGRESS {
         key_of.saddr
     } else {
@@ -95,8 +105,13 @@ fn admit(key_of: &Packet, ep: &Isolation, direction: u8, peer: u32, port: u16) -
     let verdict = judge(ep, local, direction, peer, proto_port(key_of.proto, port));
     let isolated = ep.flags & isolated_flag(direction) != 0;
     let ingress = direction == policy_direction::INGRESS;
+    let at = if ingress {
+        point::TO_POD
+    } else {
+        point::FROM_POD
+    };
     if verdict == DENIED {
-        count_denial(key_of, local, direction);
+        count_denial(shown, local, direction, at);
         return false;
     }
     if isolated {
@@ -108,7 +123,6 @@ fn admit(key_of: &Packet, ep: &Isolation, direction: u8, peer: u32, port: u16) -
         if verdict > 0 {
             bump(&POLICY_COUNTS, verdict as u32);
         }
-        events::policy_verdict(key_of, true, ingress, verdict as u32);
     }
     // Only a TCP segment that opens a connection starts tracking one: a
     // stray segment of a connection that was cut (or whose entry is gone)
@@ -116,6 +130,10 @@ fn admit(key_of: &Packet, ep: &Isolation, direction: u8, peer: u32, port: u16) -
     // through as its "replies".
     if key_of.proto == IPPROTO_TCP && !opens_connection(key_of) {
         return true;
+    }
+    // Reported once per connection: when its tracking starts.
+    if isolated {
+        events::policy_verdict(shown, true, at, verdict as u32);
     }
     let entry = PolicyFlowValue {
         revision: ep.revision,
@@ -148,11 +166,17 @@ fn tracked(p: &Packet, local: u32, direction: u8) -> Tracked {
     let ep = endpoint(local);
     let now = now();
     let own = flow_key(p, direction);
-    if let Some(found) = follow(&own, &ep, local, now, p) {
+    // Where the packet is: leaving the pod (egress) or reaching it.
+    let at = if direction == policy_direction::INGRESS {
+        point::TO_POD
+    } else {
+        point::FROM_POD
+    };
+    if let Some(found) = follow(&own, &ep, local, now, p, at) {
         return found;
     }
     let other = reply_key(p, opposite(direction));
-    follow(&other, &ep, local, now, p).unwrap_or(Tracked::New)
+    follow(&other, &ep, local, now, p, at).unwrap_or(Tracked::New)
 }
 
 #[inline(always)]
@@ -162,6 +186,7 @@ fn follow(
     local: u32,
     now: u32,
     p: &Packet,
+    at: u8,
 ) -> Option<Tracked> {
     let entry = POLICY_CT.get_ptr_mut(key)?;
     // SAFETY: a map value, updated in place (racing CPUs only move a
@@ -180,7 +205,7 @@ fn follow(
         );
         if judged == DENIED {
             let _ = POLICY_CT.remove(key);
-            count_denial(p, local, key.direction);
+            count_denial(p, local, key.direction, at);
             return Some(Tracked::Denied);
         }
         entry.revision = ep.revision;
@@ -194,7 +219,7 @@ fn follow(
 // Inlined: a call of its own would take the deepest chain past the
 // verifier's 512 bytes of combined stack.
 #[inline(always)]
-fn count_denial(p: &Packet, local: u32, direction: u8) {
+fn count_denial(p: &Packet, local: u32, direction: u8, at: u8) {
     let ingress = direction == policy_direction::INGRESS;
     count(if ingress {
         Reason::PolicyDeniedIngress
@@ -213,7 +238,7 @@ fn count_denial(p: &Packet, local: u32, direction: u8) {
         if policy != 0 {
             bump(&POLICY_DENIALS, policy);
         }
-        events::policy_verdict(p, false, ingress, policy);
+        events::policy_verdict(p, false, at, policy);
     }
 }
 

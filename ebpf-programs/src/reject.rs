@@ -9,12 +9,31 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 
+use tern_common::DropReason;
+
+use crate::events;
 use crate::packet::{IPPROTO_ICMP, IPPROTO_TCP, L3, Packet, TCP_ACK, TCP_RST, ifindex};
 
 const IP_LEN: usize = 20;
 const TCP_LEN: usize = 20;
 /// ICMP header plus what it quotes: the offending IP header and 8 bytes.
 const ICMP_LEN: usize = 8 + IP_LEN + 8;
+
+/// A refusal for `reason` at `at`: built, counted and reported (as
+/// `RejectFailed` when none could be built, and the packet is dropped).
+/// A call of its own, made only from a program's top level: building the
+/// answer takes a large frame.
+#[inline(never)]
+pub fn refuse(ctx: &TcContext, p: &Packet, reason: DropReason, at: u8) -> i32 {
+    let verdict = reject(ctx, p);
+    let reported = if verdict == TC_ACT_SHOT {
+        DropReason::RejectFailed
+    } else {
+        reason
+    };
+    events::drop(p, reported, at, ifindex(ctx));
+    verdict
+}
 
 /// Turns the packet into a refusal and sends it back out of the device it
 /// came in on. Returns the tc verdict.

@@ -17,7 +17,7 @@ use crate::events;
 use crate::lb::{lookup_service_for_pod, select_backend};
 use crate::maps::{CT, SERVICES, config, count};
 use crate::packet::{Packet, Tuple, ifindex, translate};
-use crate::reject::reject;
+use crate::reject;
 
 /// What became of the packet: handled (a tc verdict), or to be routed on
 /// (possibly rewritten).
@@ -132,18 +132,11 @@ fn to_backend(
     })
 }
 
-/// Answers with a refusal (kube-proxy's REJECT): counted and reported as
-/// `reason`, or as `RejectFailed` when none could be built.
+/// Answers with a refusal (kube-proxy's REJECT).
+#[inline(always)]
 fn refuse(ctx: &TcContext, p: &Packet, reason: DropReason, at: u8) -> i32 {
     count(Reason::LbReject);
-    let verdict = reject(ctx, p);
-    let reported = if verdict == TC_ACT_SHOT {
-        DropReason::RejectFailed
-    } else {
-        reason
-    };
-    events::drop(p, reported, at, ifindex(ctx));
-    verdict
+    reject::refuse(ctx, p, reason, at)
 }
 
 // Inlined: BPF calls take at most five arguments.
@@ -216,7 +209,12 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
         // Dropped only when the last port tried is taken too.
         if taken {
             count(Reason::CtFull);
-            events::drop(p, DropReason::CtFull, point::FROM_NETDEV, ifindex(ctx));
+            events::drop(
+                p,
+                DropReason::SnatPortsExhausted,
+                point::FROM_NETDEV,
+                ifindex(ctx),
+            );
             return Outcome::Verdict(TC_ACT_SHOT);
         }
     }

@@ -126,8 +126,10 @@ pub fn run(cli: &Cli, args: &ObserveArgs) -> anyhow::Result<String> {
             stream,
         } => {
             if ring + rate_limited + stream > 0 {
-                eprintln!(
-                    "tern: events lost: {ring} (ring buffer full), {rate_limited} drop events over the rate limit, {stream} skipped by this stream"
+                // A closed stderr is no reason to stop.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tern: events lost: {ring} (ring buffer full) and {rate_limited} drop events over the rate limit since the datapath's maps were created, {stream} skipped by this stream"
                 );
             }
             ControlFlow::Continue(())

@@ -179,6 +179,11 @@ impl EndpointManager {
             settings: Mutex::new(settings),
         };
         manager.reconcile()?;
+        // Only now that every endpoint is in ENDPOINTS: from here on the
+        // datapath refuses addresses of the PodCIDR no pod has.
+        if let Some(cidr) = pod_cidr {
+            lock(&manager.settings).set_pod_cidr(cidr)?;
+        }
         manager.publish_status();
         Ok(manager)
     }
@@ -417,6 +422,9 @@ impl EndpointManager {
     /// names. Addresses already given out of an earlier PodCIDR stay
     /// allocated (their pods still run) but are never handed out again.
     pub fn serve_pod_cidr(&self, cidr: Ipv4Network) -> anyhow::Result<()> {
+        // The datapath first (idempotent, so a failed write is retried
+        // with the next snapshot even when IPAM has switched already).
+        lock(&self.settings).set_pod_cidr(cidr)?;
         let mut ipam = lock(&self.ipam);
         if ipam.as_ref().is_some_and(|ipam| ipam.cidr() == cidr) {
             return Ok(());
@@ -424,7 +432,6 @@ impl EndpointManager {
         let before = ipam.as_ref().map(|ipam| ipam.cidr().to_string());
         *ipam = Some(Ipam::open(cidr, &self.ipam_path)?);
         drop(ipam);
-        lock(&self.settings).set_pod_cidr(cidr)?;
         info!(node = %self.node_name, %cidr, ?before, "PodCIDR from the Node object");
         self.publish_status();
         Ok(())

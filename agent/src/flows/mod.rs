@@ -20,31 +20,51 @@ pub use reader::run;
 /// Followers a live feed can be behind before they lose flows.
 const LIVE_BACKLOG: usize = 4096;
 
+/// A flow with its place in the stream: followers take the snapshot up
+/// to some number and the live feed after it, with nothing twice and
+/// nothing missed.
+#[derive(Debug)]
+pub struct Kept {
+    pub seq: u64,
+    pub flow: Flow,
+}
+
 /// The last flows, oldest first; cloning shares them.
-pub type FlowLog = imbl::Vector<Arc<Flow>>;
+pub type FlowLog = imbl::Vector<Arc<Kept>>;
 
 /// The reader's side: it alone writes the log and the feed.
 pub struct FlowWriter {
     log: FlowLog,
     capacity: usize,
+    next_seq: u64,
+    /// Pushed since the last publish: fed live only after the snapshot
+    /// holding them is out.
+    pending: Vec<Arc<Kept>>,
     published: watch::Sender<FlowLog>,
-    live: broadcast::Sender<Arc<Flow>>,
+    live: broadcast::Sender<Arc<Kept>>,
 }
 
 impl FlowWriter {
     pub fn push(&mut self, flow: Flow) {
-        let flow = Arc::new(flow);
-        // Nobody following is not an error.
-        let _ = self.live.send(flow.clone());
-        self.log.push_back(flow);
+        self.next_seq += 1;
+        let kept = Arc::new(Kept {
+            seq: self.next_seq,
+            flow,
+        });
+        self.pending.push(kept.clone());
+        self.log.push_back(kept);
         while self.log.len() > self.capacity {
             self.log.pop_front();
         }
     }
 
-    /// Makes what was pushed visible to snapshot readers.
-    pub fn publish(&self) {
+    /// Makes what was pushed visible: the snapshot first, then the feed.
+    pub fn publish(&mut self) {
         self.published.send_replace(self.log.clone());
+        for kept in self.pending.drain(..) {
+            // Nobody following is not an error.
+            let _ = self.live.send(kept);
+        }
     }
 }
 
@@ -52,7 +72,7 @@ impl FlowWriter {
 #[derive(Clone)]
 pub struct FlowHub {
     log: watch::Receiver<FlowLog>,
-    live: broadcast::Sender<Arc<Flow>>,
+    live: broadcast::Sender<Arc<Kept>>,
     /// Where the datapath counts events it could not report.
     counters: Arc<Counters>,
 }
@@ -68,6 +88,8 @@ impl FlowHub {
         let writer = FlowWriter {
             log: FlowLog::new(),
             capacity,
+            next_seq: 0,
+            pending: Vec::new(),
             published,
             live: live.clone(),
         };
@@ -86,8 +108,9 @@ impl FlowHub {
         self.log.borrow().clone()
     }
 
-    /// Flows from now on.
-    pub fn follow(&self) -> broadcast::Receiver<Arc<Flow>> {
+    /// Flows from now on (subscribe before taking `recent`: the feed
+    /// repeats what the snapshot may already hold, never less).
+    pub fn follow(&self) -> broadcast::Receiver<Arc<Kept>> {
         self.live.subscribe()
     }
 

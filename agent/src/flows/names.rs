@@ -45,7 +45,8 @@ pub struct Names {
     cookies: HashMap<u64, Ipv4Addr>,
     frontends: Arc<LbState>,
     policies: PolicyNumbers,
-    interfaces: HashMap<u32, String>,
+    /// Device names by index; `None`: the device was gone when asked.
+    interfaces: HashMap<u32, Option<String>>,
 }
 
 impl Names {
@@ -176,18 +177,17 @@ impl Names {
             return None;
         }
         if let Some(name) = self.interfaces.get(&ifindex) {
-            return Some(name.clone());
+            return name.clone();
         }
         let name = nix::net::if_::if_indextoname(ifindex)
-            .ok()?
-            .to_string_lossy()
-            .into_owned();
+            .ok()
+            .map(|name| name.to_string_lossy().into_owned());
         // Pods come and go: a bounded cache, cleared when it grows large.
         if self.interfaces.len() > 65_536 {
             self.interfaces.clear();
         }
         self.interfaces.insert(ifindex, name.clone());
-        Some(name)
+        name
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tern_api::Response;
 use tern_api::flows::{Flow, FlowFilter};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -16,7 +16,9 @@ use super::FlowHub;
 const LOST_POLL: Duration = Duration::from_secs(1);
 
 /// Ends when the client hangs up (or, not following, after the last line).
+/// `input`: the rest of the client's side, read only to see it close.
 pub async fn serve(
+    mut input: impl AsyncRead + Unpin,
     mut out: OwnedWriteHalf,
     flows: FlowHub,
     filter: FlowFilter,
@@ -26,8 +28,8 @@ pub async fn serve(
     // Subscribed first: nothing falls between the snapshot and the feed.
     let mut live = follow.then(|| flows.follow());
     let recent = flows.recent();
-    let newest = recent.back().map(|f| f.time_ns);
-    let selected: Vec<_> = recent.iter().filter(|f| filter.matches(f)).collect();
+    let snapshot_seq = recent.back().map_or(0, |k| k.seq);
+    let selected: Vec<_> = recent.iter().filter(|k| filter.matches(&k.flow)).collect();
     let skip = selected.len().saturating_sub(last);
     let mut lost = flows.lost();
     let mut stream_lost = 0;
@@ -35,7 +37,7 @@ pub async fn serve(
     lines.extend(
         selected[skip..]
             .iter()
-            .map(|f| Response::Flow(Box::new(Flow::clone(f)))),
+            .map(|k| Response::Flow(Box::new(Flow::clone(&k.flow)))),
     );
     if !follow {
         lines.push(Response::FlowsEnd);
@@ -47,12 +49,15 @@ pub async fn serve(
         return;
     };
     let mut poll = tokio::time::interval(LOST_POLL);
+    let mut byte = [0u8; 1];
     loop {
         let line = tokio::select! {
+            // The client sends nothing more: end of input is its hang-up.
+            _ = input.read(&mut byte) => return,
             received = live.recv() => match received {
                 // Already sent with the snapshot.
-                Ok(flow) if newest.is_some_and(|t| flow.time_ns <= t) && recent.iter().any(|f| std::sync::Arc::ptr_eq(f, &flow)) => continue,
-                Ok(flow) if filter.matches(&flow) => Response::Flow(Box::new((*flow).clone())),
+                Ok(kept) if kept.seq <= snapshot_seq => continue,
+                Ok(kept) if filter.matches(&kept.flow) => Response::Flow(Box::new(kept.flow.clone())),
                 Ok(_) => continue,
                 Err(RecvError::Lagged(skipped)) => {
                     stream_lost += skipped;

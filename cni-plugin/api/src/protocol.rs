@@ -200,9 +200,10 @@ pub enum Response {
     /// One flow of an `Observe` stream.
     Flow(Box<crate::flows::Flow>),
     /// Events lost so far: `ring` the datapath could not report (ring
-    /// buffer full) since the agent started, `rate_limited` drop events
-    /// over the per-CPU budget, `stream` flows this stream skipped because
-    /// its reader fell behind. Sent first and whenever a count grows.
+    /// buffer full) and `rate_limited` drop events over the per-CPU
+    /// budget, both since the datapath's maps were created (they outlive
+    /// agent restarts); `stream` flows this stream skipped because its
+    /// reader fell behind. Sent first and whenever a count grows.
     FlowsLost {
         ring: u64,
         rate_limited: u64,

@@ -21,10 +21,9 @@ pub enum DropReason {
     /// A bind to a NodePort's port on the node (it would shadow the
     /// Service): EADDRINUSE.
     NodePortBind = 2,
-    /// The CT map refused a new entry, or no port was free to SNAT a
-    /// NodePort connection.
+    /// The CT map refused a new entry.
     CtFull = 3,
-    /// The NAT map is full, or no node port was free to masquerade.
+    /// The NAT map is full: a new flow to outside the cluster is refused.
     NatFull = 4,
     /// A NetworkPolicy isolating the pod does not allow the connection.
     PolicyDenied = 5,
@@ -33,7 +32,8 @@ pub enum DropReason {
     SourceNotPod = 6,
     /// IPv4 whose TCP/UDP/ICMP header could not be read.
     MalformedIpv4 = 7,
-    /// For an address of this node's PodCIDR that no pod has.
+    /// For an address of this node's PodCIDR that no pod has: refused
+    /// (TCP RST / ICMP unreachable) so the client fails at once.
     UnknownPod = 8,
     /// The node's own packet into the overlay for an address no node's
     /// PodCIDR holds: there is no far end to send it to.
@@ -44,10 +44,17 @@ pub enum DropReason {
     RewriteFailed = 11,
     /// A refusal (RST / ICMP) could not be built (IP options).
     RejectFailed = 12,
+    /// No node port was free to masquerade the new flow (the NAT map has
+    /// room).
+    NatPortsExhausted = 13,
+    /// No port was free to SNAT a NodePort connection to the node address.
+    SnatPortsExhausted = 14,
+    /// Not IPv4 (e.g. IPv6) where only IPv4 can go: the overlay.
+    NotIpv4 = 15,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::NoBackend,
         DropReason::UnknownService,
@@ -62,6 +69,9 @@ impl DropReason {
         DropReason::EncapFailed,
         DropReason::RewriteFailed,
         DropReason::RejectFailed,
+        DropReason::NatPortsExhausted,
+        DropReason::SnatPortsExhausted,
+        DropReason::NotIpv4,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -79,6 +89,9 @@ impl DropReason {
             DropReason::EncapFailed => "encap_failed",
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::RejectFailed => "reject_failed",
+            DropReason::NatPortsExhausted => "nat_ports_exhausted",
+            DropReason::SnatPortsExhausted => "snat_ports_exhausted",
+            DropReason::NotIpv4 => "not_ipv4",
         }
     }
 
@@ -186,7 +199,7 @@ pub mod event_flags {
 }
 
 /// Default size of the EVENTS ring buffer (bytes; a power of two multiple
-/// of the page size): about 11 000 events.
+/// of the page size): 16 384 events of 64 bytes (56 and the ring's header).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// Drop events each CPU may report per second by default; more are
 /// counted (`Reason::EventsRateLimited`), not reported.

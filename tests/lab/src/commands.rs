@@ -571,10 +571,6 @@ fn services_demo(running: &Running) -> Result<()> {
     Ok(())
 }
 
-/// The NetworkPolicy most people try first, exactly as written: pods
-/// named and labelled as a runtime and the API would have them, the
-/// policy from the manifest directory, real connections allowed and
-/// denied, and what the agent says of it.
 /// What the datapath reported while the demo ran, as an operator reads it.
 fn observe_demo(running: &Running) -> Result<()> {
     let node = &running.nodes[0];
@@ -608,6 +604,10 @@ fn observe_demo(running: &Running) -> Result<()> {
     Ok(())
 }
 
+/// The NetworkPolicy most people try first, exactly as written: pods
+/// named and labelled as a runtime and the API would have them, the
+/// policy from the manifest directory, real connections allowed and
+/// denied, and what the agent says of it.
 fn policy_demo(running: &Running) -> Result<()> {
     let node = &running.nodes[0];
     let mut pods = Vec::new();
