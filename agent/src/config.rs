@@ -115,7 +115,7 @@ pub struct AgentArgs {
     #[arg(long, value_delimiter = ',')]
     pub events: Vec<String>,
     /// Size of the events ring buffer in bytes: a power of two, at least
-    /// one page (default 1 MiB, about 18 000 events).
+    /// one page (default 1 MiB: 16 384 events of 64 bytes).
     #[arg(long)]
     pub events_ring_size: Option<u32>,
     /// Drop events each CPU reports per second at most (the rest are
@@ -125,6 +125,10 @@ pub struct AgentArgs {
     /// Flows the agent keeps for `tern observe --last` (bounded memory).
     #[arg(long)]
     pub flows_kept: Option<usize>,
+    /// Port of the node's proxy health endpoint on the node addresses
+    /// (kube-proxy's /healthz and /livez; 0: off).
+    #[arg(long)]
+    pub proxy_healthz_port: Option<u16>,
 }
 
 /// The file form; keys are camelCase like Kubernetes objects.
@@ -165,6 +169,7 @@ struct FileConfig {
     events_ring_size: Option<u32>,
     drop_events_per_second: Option<u32>,
     flows_kept: Option<usize>,
+    proxy_healthz_port: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +200,8 @@ pub struct AgentConfig {
     pub masquerade: bool,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     pub events: EventsConfig,
+    /// 0: no proxy health endpoint.
+    pub proxy_healthz_port: u16,
 }
 
 /// Flow observability settings.
@@ -254,9 +261,16 @@ fn events_config(args: &AgentArgs, file: &FileConfig) -> anyhow::Result<EventsCo
         .events_ring_size
         .or(file.events_ring_size)
         .unwrap_or(defaults.ring_bytes);
-    // The kernel's rule for ring buffers (BPF_MAP_TYPE_RINGBUF).
-    if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
-        anyhow::bail!("events ring size {ring_bytes} is not a power of two of at least 4096 bytes");
+    // The kernel's rule for ring buffers (BPF_MAP_TYPE_RINGBUF): a power
+    // of two, and a whole number of pages.
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u32;
+    if !ring_bytes.is_power_of_two() || ring_bytes < page {
+        anyhow::bail!(
+            "events ring size {ring_bytes} is not a power of two of at least one page ({page} bytes)"
+        );
     }
     let flows_kept = args
         .flows_kept
@@ -431,6 +445,10 @@ impl AgentConfig {
             args.non_masquerade_cidrs
         };
         Ok(AgentConfig {
+            proxy_healthz_port: args
+                .proxy_healthz_port
+                .or(file.proxy_healthz_port)
+                .unwrap_or(crate::service_health::PROXY_HEALTHZ_PORT),
             events,
             masquerade: args.masquerade.or(file.masquerade).unwrap_or(true),
             non_masquerade_cidrs,

@@ -24,6 +24,7 @@ pub mod model;
 pub mod policy;
 pub mod qdiscs;
 pub mod routing;
+pub mod service_health;
 pub mod services;
 pub mod sources;
 pub mod startup;

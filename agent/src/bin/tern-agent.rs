@@ -14,7 +14,7 @@ use tern_agent::routing::Routing;
 use tern_agent::services::ServicePipeline;
 use tern_agent::startup::{self, OverlayDevice};
 use tern_agent::status::{NodeFacts, SourceStatus, StatusView};
-use tern_agent::{cni_api, health, host, sync};
+use tern_agent::{cni_api, health, host, service_health, sync};
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -93,6 +93,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     // 0.0.0.0 stands for "any local address": the NodePort entry that
     // local binds are checked against.
+    let underlay_ips = node_ips.clone();
     node_ips.insert(0, std::net::Ipv4Addr::UNSPECIFIED);
     let context = NodeContext {
         node_name: config.node_name.clone(),
@@ -157,8 +158,27 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         let health = health::bind(config.health_address).await?;
         let source =
             sync::start_source(&config.source, &config.node_name, metrics.clone()).await?;
-        tokio::spawn(health::serve(health, status, counters));
+        tokio::spawn(health::serve(health, status.clone(), counters));
         tokio::spawn(conntrack_gc(tables, metrics.clone(), config.bpffs_dir.clone()));
+        tokio::spawn(service_health::run(
+            cluster.subscribe(),
+            config.node_name.clone(),
+            underlay_ips.clone(),
+            status.clone(),
+        ));
+        if config.proxy_healthz_port != 0 {
+            let addresses = underlay_ips
+                .iter()
+                .map(|ip| std::net::SocketAddr::from((*ip, config.proxy_healthz_port)))
+                .collect();
+            service_health::serve_proxy_health(
+                addresses,
+                config.node_name.clone(),
+                cluster.subscribe(),
+                status.clone(),
+            )
+            .await;
+        }
         tokio::spawn(tern_agent::flows::run(
             started.events,
             names,

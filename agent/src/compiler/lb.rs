@@ -406,6 +406,27 @@ fn at(ip: Ipv4Addr, port: u16, protocol: Protocol, scope: Scope) -> Frontend {
     }
 }
 
+/// kube-proxy's count for a Service's health check: its ready endpoints on
+/// `node_name`, once per Service port that resolves on them.
+pub fn local_ready_endpoints(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node_name: &str,
+) -> usize {
+    service
+        .ports
+        .iter()
+        .map(|port| {
+            candidates(port, slices)
+                .iter()
+                .filter(|c| c.endpoint.ready && c.endpoint.node_name.as_deref() == Some(node_name))
+                .map(|c| c.addr)
+                .collect::<BTreeSet<_>>()
+                .len()
+        })
+        .sum()
+}
+
 /// Every (endpoint address, backend port) the Service port could use,
 /// whatever the endpoint's conditions.
 fn candidates<'a>(port: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<Candidate<'a>> {
@@ -574,6 +595,7 @@ mod tests {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             publish_not_ready_addresses: false,
+            health_check_node_port: None,
             lb_algorithm: None,
         }
     }
@@ -1194,6 +1216,7 @@ mod tests {
             internal_ip: None,
             pod_cidrs: vec![],
             zone: zone.map(str::to_owned),
+            to_be_deleted: false,
         };
         c.nodes.insert(NODE.into(), Arc::new(node));
         compile(&c, &ctx())
@@ -1275,6 +1298,7 @@ mod tests {
                 internal_ip: None,
                 pod_cidrs: vec![],
                 zone: Some(zone.into()),
+                to_be_deleted: false,
             })
         };
         let mut compiler = LbCompiler::new(ctx());

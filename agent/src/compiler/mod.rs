@@ -2,6 +2,7 @@
 //! no eBPF here, so everything is unit-testable; the datapath diffs the
 //! output into its maps.
 
+pub mod health;
 pub mod lb;
 pub mod maglev;
 pub mod policy;

@@ -90,6 +90,7 @@ mod tests {
                 internal_ip: ip.map(|ip| ip.parse().unwrap()),
                 pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
                 zone: None,
+                to_be_deleted: false,
             }),
         )
     }

@@ -17,4 +17,7 @@ pub struct Node {
     /// The `topology.kubernetes.io/zone` label: which endpoints' zone
     /// hints this node follows.
     pub zone: Option<String>,
+    /// Being deleted, or tainted ToBeDeletedByClusterAutoscaler: the
+    /// proxy health check says "not eligible" so load balancers drain it.
+    pub to_be_deleted: bool,
 }

@@ -113,6 +113,10 @@ pub struct Service {
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     pub publish_not_ready_addresses: bool,
+    /// `spec.healthCheckNodePort` (a LoadBalancer with
+    /// externalTrafficPolicy Local): the node answers cloud load
+    /// balancers' health checks there with its count of local endpoints.
+    pub health_check_node_port: Option<u16>,
     /// From the `tern.io/lb-algorithm` annotation; `None` leaves the choice
     /// to the node's configured default (sources need no config that way).
     pub lb_algorithm: Option<LbAlgorithm>,

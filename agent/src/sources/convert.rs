@@ -84,6 +84,8 @@ pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Conversion<EndpointS
 /// kept (it may get them later) but cannot be routed to.
 /// The Node label naming its zone (`v1.LabelTopologyZone`).
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The cluster autoscaler's taint on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 pub fn node(object: &core::Node) -> Conversion<Node> {
     let mut warnings = Vec::new();
@@ -149,11 +151,18 @@ fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node,
         .as_ref()
         .and_then(|l| l.get(ZONE_LABEL))
         .cloned();
+    let to_be_deleted = object.metadata.deletion_timestamp.is_some()
+        || spec
+            .taints
+            .iter()
+            .flatten()
+            .any(|t| t.key == TO_BE_DELETED_TAINT);
     Ok(Node {
         name,
         internal_ip,
         pod_cidrs,
         zone,
+        to_be_deleted,
     })
 }
 
@@ -222,6 +231,13 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
             spec.internal_traffic_policy.as_deref(),
         )?,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+        health_check_node_port: match spec.health_check_node_port {
+            None | Some(0) => None,
+            Some(port) => Some(
+                u16::try_from(port)
+                    .map_err(|_| format!("spec.healthCheckNodePort {port} is not a port"))?,
+            ),
+        },
         lb_algorithm,
     })
 }

@@ -298,10 +298,14 @@ pub const AGENT_HEALTH: &str = "127.0.0.1:9876";
 
 /// GET `path` from the agent's health endpoint in `ns`: status code and body.
 pub fn agent_http_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
-    let address: SocketAddr = AGENT_HEALTH.parse()?;
+    http_get(ns, AGENT_HEALTH.parse()?, path)
+}
+
+/// GET `path` from `address`, from inside `ns`: status code and body.
+pub fn http_get(ns: &Netns, address: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut stream = ns
         .run(|| TcpStream::connect_timeout(&address, Duration::from_secs(2)))
-        .context("connecting to the health endpoint")?;
+        .with_context(|| format!("connecting to {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,

@@ -303,6 +303,7 @@ status: {addresses: [{type: ExternalIP, address: 192.0.2.2}]}
 apiVersion: v1
 kind: Node
 metadata: {name: n3}
+spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]}
 ---
 apiVersion: v1
 kind: Node
@@ -330,6 +331,7 @@ status: {addresses: [{type: InternalIP, address: ten.zero}]}
         );
         let n3 = &report.cluster.nodes["n3"];
         assert_eq!((n3.internal_ip, n3.pod_cidrs.len()), (None, 0));
+        assert!(n3.to_be_deleted && !n1.to_be_deleted);
         assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
         assert!(
             report.errors[0]
