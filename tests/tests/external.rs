@@ -215,3 +215,67 @@ fn node_port_without_backends_is_refused_from_outside() -> Result<()> {
     );
     Ok(())
 }
+
+tern_lab::both_service_paths!(
+    socket_lb: true, per_packet: false;
+    load_balancer_and_external_ips_from_pods_inside_the_cluster,
+);
+
+/// kube-proxy short-circuits a Service's LoadBalancer ingress and external
+/// IPs for traffic from inside the cluster: pods reach the backends
+/// directly, keeping their own address, a backend reaching itself
+/// included (hairpin); an ingress with ipMode Proxy is the load
+/// balancer's to serve, not the node's.
+fn load_balancer_and_external_ips_from_pods_inside_the_cluster(socket_lb: bool) -> Result<()> {
+    let lab = Lab::new()?;
+    let cidr = if socket_lb {
+        "10.244.42.0/24"
+    } else {
+        "10.244.43.0/24"
+    };
+    let node = lab.node_with("n1", cidr, NODE_IP, socket_lb)?;
+    let mut backends = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let pod = node.add_pod(&format!("b{i}"))?;
+        servers.push(EchoServer::start(&pod.ns, 8080, &format!("b{i}"))?);
+        backends.push(pod);
+    }
+    let client = node.add_pod("client")?;
+    let b: Vec<&Pod> = backends.iter().collect();
+    let proxied = Ipv4Addr::new(10, 98, 0, 101);
+    let yaml = manifest("Cluster", &b, None).replace(
+        &format!("ingress: [{{ip: \"{LB_IP}\"}}]"),
+        &format!("ingress: [{{ip: \"{LB_IP}\"}}, {{ip: \"{proxied}\", ipMode: Proxy}}]"),
+    );
+    node.write_manifest("web.yaml", &yaml)?;
+    let want = [format!("{}:8080", b[0].ip), format!("{}:8080", b[1].ip)];
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    node.wait_for_frontend(&format!("{LB_IP}:80/TCP"), Some(&want))?;
+    node.wait_for_frontend(&format!("{EXTERNAL_IP}:80/TCP"), Some(&want))?;
+    node.wait_for_frontend(&format!("{proxied}:80/TCP"), None)?;
+    let _pods = socket_lb.then(|| node.enter_pods_cgroup()).transpose()?;
+    for ip in [LB_IP, EXTERNAL_IP] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let answer = tcp_roundtrip(&client.ns, at(ip, 80), "peer?")?;
+            let (who, peer) = answer.split_once(':').unwrap();
+            assert_eq!(
+                peer,
+                client.ip.to_string(),
+                "{ip}: no SNAT inside the cluster"
+            );
+            seen.insert(who.to_owned());
+        }
+        assert_eq!(seen.len(), 2, "{ip}: both backends serve pods: {seen:?}");
+        // A backend reaching its own Service through that address: every
+        // attempt is answered, by itself too.
+        let mut by_itself = false;
+        for _ in 0..20 {
+            let answer = tcp_roundtrip(&b[0].ns, at(ip, 80), "peer?")?;
+            by_itself |= answer.starts_with("b0:");
+        }
+        assert!(by_itself, "{ip}: b0 never reached itself (hairpin)");
+    }
+    Ok(())
+}

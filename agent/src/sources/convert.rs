@@ -207,6 +207,10 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
+        // ipMode Proxy (1.30+): the load balancer proxies and sends to the
+        // nodes itself, so its address is not served here, and pods
+        // reaching it go through the load balancer (as kube-proxy does).
+        .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|ingress| ingress.ip.clone())
         .collect();
     let lb_algorithm = lb_algorithm(&object.metadata)?;
@@ -688,6 +692,10 @@ status:
   loadBalancer:
     ingress:
     - ip: 203.0.113.7
+    - ip: 203.0.113.8
+      ipMode: VIP
+    - ip: 203.0.113.9
+      ipMode: Proxy
     - hostname: lb.example.com
 "#;
         let (svc, warnings) = accepted(service_from(yaml));
@@ -696,7 +704,11 @@ status:
         assert_eq!(svc.service_type, ServiceType::LoadBalancer);
         assert_eq!(svc.cluster_ips, [Ipv4Addr::new(10, 96, 12, 34)]);
         assert_eq!(svc.external_ips, [Ipv4Addr::new(198, 51, 100, 9)]);
-        assert_eq!(svc.load_balancer_ips, [Ipv4Addr::new(203, 0, 113, 7)]);
+        // ipMode VIP (the default) is served, Proxy is the balancer's.
+        assert_eq!(
+            svc.load_balancer_ips,
+            [Ipv4Addr::new(203, 0, 113, 7), Ipv4Addr::new(203, 0, 113, 8)]
+        );
         assert_eq!(svc.session_affinity_timeout, Some(300));
         assert_eq!(svc.external_traffic_policy, TrafficPolicy::Local);
         assert_eq!(svc.internal_traffic_policy, TrafficPolicy::Cluster);
