@@ -221,6 +221,9 @@ impl StatusView {
                 if entry.external_traffic_local {
                     flags.push("local".into());
                 }
+                if entry.no_local_backend {
+                    flags.push("drop:no-local-backend".into());
+                }
                 FrontendStatus {
                     frontend: format!("{}:{}/{}", frontend.ip, frontend.port, frontend.protocol),
                     kind: match entry.kind {

@@ -114,6 +114,8 @@ pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
 
 /// The tuple of `p` sent to one of the service's backends, or the refusal
 /// when it has none.
+// Inlined: BPF calls take at most five arguments (the result is a sixth).
+#[inline(always)]
 fn to_backend(
     ctx: &TcContext,
     p: &Packet,
@@ -122,6 +124,10 @@ fn to_backend(
     at: u8,
 ) -> Result<Tuple, Outcome> {
     let Some(backend) = select_backend(master, service, flow_hash(p), p.saddr as u64) else {
+        if service.flags & service_flags::NO_LOCAL_BACKEND != 0 {
+            events::drop(p, DropReason::NoLocalBackend, at, ifindex(ctx));
+            return Err(Outcome::Verdict(TC_ACT_SHOT));
+        }
         return Err(Outcome::Verdict(refuse(ctx, p, DropReason::NoBackend, at)));
     };
     Ok(Tuple {

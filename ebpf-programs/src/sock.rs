@@ -42,6 +42,11 @@ pub fn translate_to_backend(ctx: &SockAddrContext, at: u8) -> i32 {
     let client = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let hash = unsafe { bpf_get_prandom_u32() };
     let Some(backend) = select_backend(&master, &service, hash, client) else {
+        if service.flags & service_flags::NO_LOCAL_BACKEND != 0 {
+            // Dropped, not refused (kube-proxy's DROP): sent on as it is,
+            // the per-packet path drops (and reports) its packets.
+            return ALLOW;
+        }
         // No backend: refuse at once, like kube-proxy's REJECT.
         count(Reason::SockLbNoBackend);
         refuse(ctx, DropReason::NoBackend, at);

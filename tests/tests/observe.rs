@@ -26,6 +26,8 @@ const SERVER_PORT: u16 = 8080;
 const NO_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 200);
 const EMPTY_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const WEB_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+/// internalTrafficPolicy Local, its one endpoint on n2.
+const LOCAL_ONLY_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 42);
 
 tern_lab::both_service_paths!(
     socket_lb: true, per_packet: false;
@@ -138,8 +140,26 @@ endpoints:
 - addresses: [\"{}\"]
   conditions: {{ready: true}}
   nodeName: n1
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: local-only, namespace: default}}
+spec:
+  clusterIP: {LOCAL_ONLY_SERVICE}
+  internalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, targetPort: {SERVER_PORT}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: local-only-1, namespace: default, labels: {{kubernetes.io/service-name: local-only}}}}
+addressType: IPv4
+ports: [{{name: http, port: {SERVER_PORT}, protocol: TCP}}]
+endpoints:
+- addresses: [\"{}\"]
+  conditions: {{ready: true}}
+  nodeName: n2
 ",
-            server.ip
+            server.ip, remote.ip
         );
         for node in &nodes {
             node.write_manifest("objects.json", &objects)?;
@@ -251,6 +271,30 @@ fn drops_show_with_their_reason_pods_and_node(socket_lb: bool) -> Result<()> {
     };
     assert_eq!(flow["point"], point, "{flow}");
     assert_eq!(flow["direction"], "egress", "{flow}");
+
+    // internalTrafficPolicy Local with its only endpoint on n2: dropped
+    // (the client times out), not refused, as kube-proxy does.
+    n1.wait_for_frontend(&format!("{LOCAL_ONLY_SERVICE}:80/TCP"), Some(&[]))?;
+    let started = Instant::now();
+    ensure!(connect_fails(
+        &c.client,
+        SocketAddr::from((LOCAL_ONLY_SERVICE, 80))
+    ));
+    ensure!(
+        started.elapsed() >= Duration::from_millis(450),
+        "refused at once ({:?}): should have been dropped",
+        started.elapsed()
+    );
+    let flow = wait_for_flow(n1, &["--type", "drop"], WITHIN, "no local backend", |f| {
+        f["reason"] == "no_local_backend"
+    })?;
+    assert_eq!(flow["source"]["pod"], "default/client", "{flow}");
+    assert_eq!(
+        flow["destination"]["ip"],
+        LOCAL_ONLY_SERVICE.to_string(),
+        "{flow}"
+    );
+    assert_eq!(flow["point"], "from_pod", "{flow}");
 
     // Denied by policy: the server isolated for ingress, nothing allowed.
     let deny = "apiVersion: networking.k8s.io/v1

@@ -104,6 +104,9 @@ pub struct FrontendEntry {
     /// ETP=Local on an externally reachable frontend: keep the client's
     /// source address (no SNAT); only node-local backends are listed.
     pub external_traffic_local: bool,
+    /// No backend here, though the Service has usable endpoints elsewhere
+    /// (a Local traffic policy): the datapath drops, it does not refuse.
+    pub no_local_backend: bool,
 }
 
 /// Compiles `cluster` from scratch (no hostPorts).
@@ -248,6 +251,7 @@ fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc
         algorithm: LbAlgorithm::Random,
         maglev: None,
         external_traffic_local: true,
+        no_local_backend: false,
     });
     let ips = match port.host_ip {
         Some(ip) => vec![ip],
@@ -366,6 +370,7 @@ fn compile_port(
             algorithm,
             maglev: pool.maglev.clone(),
             external_traffic_local,
+            no_local_backend: pool.backends.is_empty() && !all.backends.is_empty(),
         };
         compiled.push((frontend, entry));
     }
@@ -1311,6 +1316,36 @@ mod tests {
         assert_eq!(
             cluster_ip_backends(&compiler.compile(&c, &[])),
             ["10.0.3.1:8080"]
+        );
+    }
+
+    #[test]
+    fn local_policies_without_a_local_endpoint_drop_instead_of_refusing() {
+        let mut svc = web();
+        svc.service_type = ServiceType::NodePort;
+        svc.ports[0].node_port = Some(30080);
+        svc.internal_traffic_policy = TrafficPolicy::Local;
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        // Endpoints elsewhere only: kube-proxy DROPs (not REJECTs).
+        let elsewhere = vec![ep("10.0.2.1", "node-b", State::Ready)];
+        let state = compile(
+            &cluster(vec![svc.clone()], vec![slice("web-a", 8080, elsewhere)]),
+            &ctx(),
+        );
+        let cluster_ip = &state.frontends[&at(CLUSTER_IP, 80, Scope::External)];
+        assert!(cluster_ip.backends.is_empty() && cluster_ip.no_local_backend);
+        let outside = &state.frontends[&at(NODE_IPS[0], 30080, Scope::External)];
+        assert!(outside.backends.is_empty() && outside.no_local_backend);
+        // In-cluster clients of the NodePort may use every endpoint.
+        let inside = &state.frontends[&at(NODE_IPS[0], 30080, Scope::Internal)];
+        assert!(!inside.no_local_backend && inside.backends.len() == 1);
+        // No endpoint anywhere: refused, as for any Service without one.
+        let state = compile(&cluster(vec![svc], vec![]), &ctx());
+        assert!(
+            state
+                .frontends
+                .values()
+                .all(|e| e.backends.is_empty() && !e.no_local_backend)
         );
     }
 }

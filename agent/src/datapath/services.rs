@@ -149,6 +149,9 @@ fn flags(entry: &FrontendEntry) -> u16 {
     if entry.external_traffic_local {
         flags |= service_flags::EXTERNAL_LOCAL;
     }
+    if entry.no_local_backend {
+        flags |= service_flags::NO_LOCAL_BACKEND;
+    }
     flags
 }
 

@@ -75,7 +75,7 @@ pub fn flow(event: &FlowEvent, names: &mut Names, node: &str, offset: i128) -> O
     let refused_service = flow_type == FlowType::Drop
         && matches!(
             DropReason::from_u8(event.reason),
-            Some(DropReason::NoBackend | DropReason::UnknownService)
+            Some(DropReason::NoBackend | DropReason::UnknownService | DropReason::NoLocalBackend)
         );
     let service = if flow_type == FlowType::Service {
         let ip = Ipv4Addr::from(u32::from_be(event.service_addr));

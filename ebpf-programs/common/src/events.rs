@@ -51,10 +51,13 @@ pub enum DropReason {
     SnatPortsExhausted = 14,
     /// Not IPv4 (e.g. IPv6) where only IPv4 can go: the overlay.
     NotIpv4 = 15,
+    /// A Service with a Local traffic policy and no endpoint on this node
+    /// (it has some elsewhere): dropped, as kube-proxy does.
+    NoLocalBackend = 16,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::NoBackend,
         DropReason::UnknownService,
@@ -72,6 +75,7 @@ impl DropReason {
         DropReason::NatPortsExhausted,
         DropReason::SnatPortsExhausted,
         DropReason::NotIpv4,
+        DropReason::NoLocalBackend,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -92,6 +96,7 @@ impl DropReason {
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
             DropReason::SnatPortsExhausted => "snat_ports_exhausted",
             DropReason::NotIpv4 => "not_ipv4",
+            DropReason::NoLocalBackend => "no_local_backend",
         }
     }
 

@@ -479,6 +479,10 @@ pub mod service_flags {
     pub const EXTERNAL_LOCAL: u16 = 1 << 6;
     /// A pod's hostPort (CNI portMappings); no bind on the node is refused.
     pub const HOST_PORT: u16 = 1 << 7;
+    /// No backend here although the Service has endpoints elsewhere (a
+    /// Local traffic policy and none on this node): connections are
+    /// dropped, not refused, as kube-proxy does.
+    pub const NO_LOCAL_BACKEND: u16 = 1 << 8;
 }
 
 /// SERVICES key. Slot 0 is the master entry (count, flags); slots
