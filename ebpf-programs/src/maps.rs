@@ -14,7 +14,7 @@ use tern_common::{
     MAGLEV_MAX_SERVICES, MaglevTable, NAT_MAX, NON_MASQUERADE_MAX, POLICY_CIDR_MAX, POLICY_CT_MAX,
     POLICY_MAX, POLICY_NUMBERS_MAX, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue,
     PolicyKey, PolicyRuleRef, REVNAT_MAX, Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX,
-    ServiceKey, ServiceValue, SockRevNatKey, TUNNEL_MAX, TunnelEndpoint,
+    ServiceKey, ServiceValue, SockRevNatKey, SourceRangeKey, TUNNEL_MAX, TunnelEndpoint,
 };
 
 /// Local pods by IPv4 address (network byte order).
@@ -112,6 +112,11 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT * 2, 
 /// The drop-event rate limit's window, per CPU.
 #[map]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+
+/// LoadBalancer frontends' allowed client prefixes.
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(tern_common::SOURCE_RANGES_MAX, 0);
 
 /// Settings from the agent (index 0).
 #[map]

@@ -2,6 +2,7 @@
 //! tracking, reverse NAT of replies, SNAT for NodePort traffic from
 //! outside, and refusals for Services without backends.
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
     helpers::generated::{bpf_get_prandom_u32, bpf_redirect_neigh},
@@ -9,13 +10,14 @@ use aya_ebpf::{
 };
 use tern_common::events::{point, service_path};
 use tern_common::{
-    DropReason, HAIRPIN_ADDR, Reason, ServiceKey, ServiceValue, ct_flags, scope, service_flags,
+    DropReason, HAIRPIN_ADDR, Reason, SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue,
+    SourceRangeKey, ct_flags, scope, service_flags,
 };
 
 use crate::ct;
 use crate::events;
 use crate::lb::{lookup_service_for_pod, select_backend};
-use crate::maps::{CT, SERVICES, config, count};
+use crate::maps::{CT, SERVICES, SOURCE_RANGES, config, count};
 use crate::packet::{Packet, Tuple, ifindex, translate};
 use crate::reject;
 
@@ -123,6 +125,10 @@ fn to_backend(
     service: &ServiceValue,
     at: u8,
 ) -> Result<Tuple, Outcome> {
+    if !source_allowed(service, p.saddr) {
+        events::drop(p, DropReason::SourceRangeDenied, at, ifindex(ctx));
+        return Err(Outcome::Verdict(TC_ACT_SHOT));
+    }
     let Some(backend) = select_backend(master, service, flow_hash(p), p.saddr as u64) else {
         if service.flags & service_flags::NO_LOCAL_BACKEND != 0 {
             events::drop(p, DropReason::NoLocalBackend, at, ifindex(ctx));
@@ -136,6 +142,22 @@ fn to_backend(
         sport: p.sport,
         dport: backend.port,
     })
+}
+
+/// `loadBalancerSourceRanges`: the client is in one of the frontend's
+/// ranges (or it has none).
+#[inline(always)]
+fn source_allowed(service: &ServiceValue, saddr: u32) -> bool {
+    if service.flags & service_flags::SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = SourceRangeKey {
+        rev_nat_id: service.rev_nat_id,
+        addr: saddr,
+    };
+    SOURCE_RANGES
+        .get(Key::new(SOURCE_RANGE_PREFIX_BASE + 32, key))
+        .is_some()
 }
 
 /// Answers with a refusal (kube-proxy's REJECT).

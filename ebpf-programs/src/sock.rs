@@ -39,6 +39,11 @@ pub fn translate_to_backend(ctx: &SockAddrContext, at: u8) -> i32 {
         }
         return ALLOW;
     };
+    if service.flags & service_flags::SOURCE_RANGES != 0 {
+        // The socket's source is not known yet: its packets are judged
+        // (and translated) per packet, with their real source.
+        return ALLOW;
+    }
     let client = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let hash = unsafe { bpf_get_prandom_u32() };
     let Some(backend) = select_backend(&master, &service, hash, client) else {

@@ -219,6 +219,7 @@ fn node_port_without_backends_is_refused_from_outside() -> Result<()> {
 tern_lab::both_service_paths!(
     socket_lb: true, per_packet: false;
     load_balancer_and_external_ips_from_pods_inside_the_cluster,
+    load_balancer_source_ranges_admit_only_their_clients,
 );
 
 /// kube-proxy short-circuits a Service's LoadBalancer ingress and external
@@ -276,6 +277,84 @@ fn load_balancer_and_external_ips_from_pods_inside_the_cluster(socket_lb: bool) 
             by_itself |= answer.starts_with("b0:");
         }
         assert!(by_itself, "{ip}: b0 never reached itself (hairpin)");
+    }
+    Ok(())
+}
+
+/// `loadBalancerSourceRanges` as kube-proxy applies them: the load
+/// balancer's address serves clients in the ranges and drops the others
+/// (counted by reason), from outside and from pods alike; the NodePort is
+/// not guarded (a balancer sending to NodePorts hides the client).
+fn load_balancer_source_ranges_admit_only_their_clients(socket_lb: bool) -> Result<()> {
+    let lab = Lab::new()?;
+    let cidr = if socket_lb {
+        "10.244.44.0/24"
+    } else {
+        "10.244.45.0/24"
+    };
+    let node = lab.node_with("n1", cidr, NODE_IP, socket_lb)?;
+    let backend = node.add_pod("b0")?;
+    let _server = EchoServer::start(&backend.ns, 8080, "b0")?;
+    let pod = node.add_pod("client")?;
+    let allowed = lab.external_client(CLIENT_IP)?;
+    let denied = lab.external_client(Ipv4Addr::new(10, 0, 0, 101))?;
+    for client in [&allowed, &denied] {
+        client.sh(&format!("ip route add {LB_IP}/32 via {NODE_IP}"))?;
+    }
+    let yaml = manifest("Cluster", &[&backend], None).replace(
+        "  externalTrafficPolicy: Cluster\n",
+        &format!(
+            "  externalTrafficPolicy: Cluster\n  loadBalancerSourceRanges: [\"{CLIENT_IP}/32\"]\n"
+        ),
+    );
+    node.write_manifest("web.yaml", &yaml)?;
+    let want = format!("{}:8080", backend.ip);
+    node.wait_for_frontend(&format!("{LB_IP}:80/TCP"), Some(&[&want]))?;
+    let reached = |ns: &Netns, to: SocketAddr| {
+        tern_lab::traffic::tcp_connect_from(ns, 0, to, std::time::Duration::from_millis(700))
+            .is_ok()
+    };
+    // Clients outside the cluster first: this process is no pod yet.
+    assert!(
+        reached(&allowed, at(LB_IP, 80)),
+        "a client in the range is not served"
+    );
+    assert!(
+        !reached(&denied, at(LB_IP, 80)),
+        "a client outside the range is served"
+    );
+    assert!(
+        reached(&denied, at(NODE_IP, 30080)),
+        "the NodePort is not guarded"
+    );
+    let _pods = socket_lb.then(|| node.enter_pods_cgroup()).transpose()?;
+    assert!(
+        !reached(&pod.ns, at(LB_IP, 80)),
+        "a pod outside the range is served"
+    );
+    let (_, metrics) = tern_lab::traffic::agent_http_get(&node.ns, "/metrics")?;
+    for direction in ["ingress", "egress"] {
+        let series = format!(
+            "tern_drops_total{{reason=\"source_range_denied\",direction=\"{direction}\"}} "
+        );
+        let count: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(count >= 1.0, "{series}: {count}");
+    }
+    // Widened to every client: the pod gets through too.
+    node.write_manifest(
+        "web.yaml",
+        &yaml.replace(&format!("{CLIENT_IP}/32"), "0.0.0.0/0"),
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !reached(&pod.ns, at(LB_IP, 80)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the widened range never served the pod"
+        );
     }
     Ok(())
 }

@@ -81,6 +81,7 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             publish_not_ready_addresses: false,
             health_check_node_port: port,
+            load_balancer_source_ranges: None,
             lb_algorithm: None,
         }
     }

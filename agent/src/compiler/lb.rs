@@ -107,6 +107,9 @@ pub struct FrontendEntry {
     /// No backend here, though the Service has usable endpoints elsewhere
     /// (a Local traffic policy): the datapath drops, it does not refuse.
     pub no_local_backend: bool,
+    /// A LoadBalancer frontend's allowed clients
+    /// (`loadBalancerSourceRanges`); `None`: every client.
+    pub source_ranges: Option<Vec<ipnetwork::Ipv4Network>>,
 }
 
 /// Compiles `cluster` from scratch (no hostPorts).
@@ -252,6 +255,7 @@ fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc
         maglev: None,
         external_traffic_local: true,
         no_local_backend: false,
+        source_ranges: None,
     });
     let ips = match port.host_ip {
         Some(ip) => vec![ip],
@@ -360,6 +364,7 @@ fn compile_port(
         }
     }
 
+    let source_ranges = load_balancer_source_ranges(service, ctx);
     for (frontend, kind, pool, external_traffic_local) in out {
         let entry = FrontendEntry {
             service: service.key.clone(),
@@ -371,9 +376,38 @@ fn compile_port(
             maglev: pool.maglev.clone(),
             external_traffic_local,
             no_local_backend: pool.backends.is_empty() && !all.backends.is_empty(),
+            // kube-proxy applies them to the load balancer's addresses only
+            // (a balancer sending to NodePorts hides the client anyway).
+            source_ranges: (kind == FrontendKind::LoadBalancer)
+                .then(|| source_ranges.clone())
+                .flatten(),
         };
         compiled.push((frontend, entry));
     }
+}
+
+/// The Service's `loadBalancerSourceRanges`, and as kube-proxy adds them
+/// when a range holds this node: the load balancer addresses themselves
+/// (a node reaching its own VIP loops back with the VIP as source).
+fn load_balancer_source_ranges(
+    service: &Service,
+    ctx: &NodeContext,
+) -> Option<Vec<ipnetwork::Ipv4Network>> {
+    let mut ranges = service.load_balancer_source_ranges.clone()?;
+    let holds_node = ranges.iter().any(|range| {
+        ctx.node_ips
+            .iter()
+            .any(|ip| !ip.is_unspecified() && range.contains(*ip))
+    });
+    if holds_node {
+        ranges.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .filter_map(|ip| ipnetwork::Ipv4Network::new(*ip, 32).ok()),
+        );
+    }
+    Some(ranges)
 }
 
 /// (ip, port, kind) of every frontend reachable from outside the cluster.
@@ -601,6 +635,7 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             publish_not_ready_addresses: false,
             health_check_node_port: None,
+            load_balancer_source_ranges: None,
             lb_algorithm: None,
         }
     }
@@ -1346,6 +1381,42 @@ mod tests {
                 .frontends
                 .values()
                 .all(|e| e.backends.is_empty() && !e.no_local_backend)
+        );
+    }
+
+    #[test]
+    fn source_ranges_guard_load_balancer_addresses_only() {
+        let lb_ip = Ipv4Addr::new(203, 0, 113, 7);
+        let mut svc = web();
+        svc.service_type = ServiceType::LoadBalancer;
+        svc.ports[0].node_port = Some(30080);
+        svc.load_balancer_ips = vec![lb_ip];
+        svc.load_balancer_source_ranges = Some(vec!["10.0.0.0/8".parse().unwrap()]);
+        let endpoints = vec![ep("10.0.1.1", NODE, State::Ready)];
+        let c = cluster(
+            vec![svc.clone()],
+            vec![slice("web-a", 8080, endpoints.clone())],
+        );
+        let state = compile(&c, &ctx());
+        let ranges = |ip: Ipv4Addr, port: u16| {
+            state.frontends[&at(ip, port, Scope::External)]
+                .source_ranges
+                .clone()
+        };
+        assert_eq!(ranges(lb_ip, 80), Some(vec!["10.0.0.0/8".parse().unwrap()]));
+        // NodePort and ClusterIP are not guarded (kube-proxy's choice).
+        assert_eq!(ranges(NODE_IPS[0], 30080), None);
+        assert_eq!(ranges(CLUSTER_IP, 80), None);
+        // A range holding the node lets the VIP itself in (hairpin from the node).
+        svc.load_balancer_source_ranges = Some(vec!["192.168.1.0/24".parse().unwrap()]);
+        let c = cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]);
+        let state = compile(&c, &ctx());
+        assert_eq!(
+            state.frontends[&at(lb_ip, 80, Scope::External)].source_ranges,
+            Some(vec![
+                "192.168.1.0/24".parse().unwrap(),
+                "203.0.113.7/32".parse().unwrap()
+            ])
         );
     }
 }

@@ -13,10 +13,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use aya::maps::{HashMap, MapData};
+use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{HashMap, LpmTrie, MapData};
 use tern_common::{
-    AffinityKey, AffinityValue, Backend, MAGLEV_TABLE_MAX, MaglevTable, RevNat, ServiceKey,
-    ServiceValue, maps, service_flags,
+    AffinityKey, AffinityValue, Backend, MAGLEV_TABLE_MAX, MaglevTable, RevNat,
+    SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue, SourceRangeKey, maps, service_flags,
 };
 use tracing::warn;
 
@@ -30,10 +31,11 @@ pub struct ServiceMaps {
     pub revnat: HashMap<MapData, u32, RevNat>,
     pub maglev: HashMap<MapData, u32, MaglevTable>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 impl ServiceMaps {
-    /// Takes the five Service maps out of the loaded object: the Service
+    /// Takes the Service maps out of the loaded object: the Service
     /// pipeline is their one writer.
     pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         Ok(ServiceMaps {
@@ -42,6 +44,7 @@ impl ServiceMaps {
             revnat: take(ebpf, maps::REVNAT)?,
             maglev: take(ebpf, maps::MAGLEV)?,
             affinity: take(ebpf, maps::AFFINITY)?,
+            source_ranges: take(ebpf, maps::SOURCE_RANGES)?,
         })
     }
 }
@@ -71,6 +74,8 @@ struct Applied {
     slots: Vec<u32>,
     /// `None` also when unknown (adopted at start): rewritten on next apply.
     maglev: Option<Vec<u32>>,
+    /// SOURCE_RANGES entries: (address in network order, prefix length).
+    ranges: BTreeSet<(u32, u8)>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +157,18 @@ fn flags(entry: &FrontendEntry) -> u16 {
     if entry.no_local_backend {
         flags |= service_flags::NO_LOCAL_BACKEND;
     }
+    if entry.source_ranges.is_some() {
+        flags |= service_flags::SOURCE_RANGES;
+    }
     flags
+}
+
+/// The SOURCE_RANGES key of a frontend's allowed prefix.
+fn range_key(rev_nat_id: u32, addr: u32, prefix: u8) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SOURCE_RANGE_PREFIX_BASE + u32::from(prefix),
+        SourceRangeKey { rev_nat_id, addr },
+    )
 }
 
 impl LbSync {
@@ -171,6 +187,7 @@ impl LbSync {
                         value,
                         slots: Vec::new(),
                         maglev: None,
+                        ranges: BTreeSet::new(),
                     },
                 );
             } else {
@@ -193,6 +210,27 @@ impl LbSync {
                         });
                     }
                 }
+            }
+        }
+        let mut ranges: BTreeMap<u32, BTreeSet<(u32, u8)>> = BTreeMap::new();
+        for key in maps.source_ranges.keys() {
+            let key = key?;
+            let prefix = key.prefix_len().saturating_sub(SOURCE_RANGE_PREFIX_BASE) as u8;
+            let data = key.data();
+            ranges
+                .entry(data.rev_nat_id)
+                .or_default()
+                .insert((data.addr, prefix));
+        }
+        for applied in sync.applied.values_mut() {
+            applied.ranges = ranges.remove(&applied.value.rev_nat_id).unwrap_or_default();
+        }
+        // Entries of no frontend: leftovers of an interrupted removal.
+        for (rev_nat_id, stale) in ranges {
+            for (addr, prefix) in stale {
+                let _ = maps
+                    .source_ranges
+                    .remove(&range_key(rev_nat_id, addr, prefix));
             }
         }
         for entry in maps.backends.iter() {
@@ -456,6 +494,22 @@ impl LbSync {
                 stats.writes += 1;
             }
         }
+        // Allowed clients before the master that turns their check on;
+        // ranges no longer allowed after it (a narrowing never lets the
+        // old ranges serve with the new flags, and a check on finds its
+        // entries there).
+        let ranges: BTreeSet<(u32, u8)> = entry
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|r| (ip_to_key(r.network()), r.prefix()))
+            .collect();
+        for (addr, prefix) in ranges.difference(&old.ranges) {
+            maps.source_ranges
+                .insert(&range_key(rev_nat_id, *addr, *prefix), 1, 0)
+                .context("SOURCE_RANGES map write failed (full?)")?;
+            stats.writes += 1;
+        }
         let value = ServiceValue {
             backend_id: 0,
             rev_nat_id,
@@ -482,6 +536,12 @@ impl LbSync {
             let _ = maps.maglev.remove(&rev_nat_id);
             stats.deletes += 1;
         }
+        for (addr, prefix) in old.ranges.difference(&ranges) {
+            let _ = maps
+                .source_ranges
+                .remove(&range_key(rev_nat_id, *addr, *prefix));
+            stats.deletes += 1;
+        }
         let new_ids: BTreeSet<u32> = ids.iter().copied().collect();
         let gone: BTreeSet<u32> = old
             .slots
@@ -496,6 +556,7 @@ impl LbSync {
                 value,
                 slots: ids,
                 maglev,
+                ranges,
             },
         );
         Ok(Some((rev_nat_id, gone)))
@@ -523,6 +584,11 @@ impl LbSync {
         }
         if old.value.flags & service_flags::MAGLEV != 0 {
             let _ = maps.maglev.remove(&old.value.rev_nat_id);
+        }
+        for (addr, prefix) in &old.ranges {
+            let _ = maps
+                .source_ranges
+                .remove(&range_key(old.value.rev_nat_id, *addr, *prefix));
         }
         remove_if_present(&mut maps.revnat, &old.value.rev_nat_id)?;
         self.rev_nat_ids.give_back(old.value.rev_nat_id);

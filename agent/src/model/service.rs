@@ -117,6 +117,10 @@ pub struct Service {
     /// externalTrafficPolicy Local): the node answers cloud load
     /// balancers' health checks there with its count of local endpoints.
     pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges` (or the older annotation): clients
+    /// its LoadBalancer addresses serve. `Some(empty)`: ranges were given
+    /// but none is IPv4, so no IPv4 client is served (never "all").
+    pub load_balancer_source_ranges: Option<Vec<ipnetwork::Ipv4Network>>,
     /// From the `tern.io/lb-algorithm` annotation; `None` leaves the choice
     /// to the node's configured default (sources need no config that way).
     pub lb_algorithm: Option<LbAlgorithm>,

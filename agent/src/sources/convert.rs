@@ -10,7 +10,7 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use ipnetwork::IpNetwork;
+use ipnetwork::{IpNetwork, Ipv4Network};
 
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, NAMESPACE_NAME_LABEL, NamedPort, Namespace,
@@ -20,6 +20,9 @@ use crate::model::{
 /// Per-Service (or per-namespace default) backend selection: `maglev` or
 /// `random`.
 pub const LB_ALGORITHM_ANNOTATION: &str = "tern.io/lb-algorithm";
+/// The older form of `spec.loadBalancerSourceRanges` (comma-separated),
+/// read when the field is empty, as kube-proxy does.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// Services (and their slices) with this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Set on the slices of headless Services: nothing for a proxy to do.
@@ -235,6 +238,7 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
             spec.internal_traffic_policy.as_deref(),
         )?,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+        load_balancer_source_ranges: source_ranges(object, &spec, warnings)?,
         health_check_node_port: match spec.health_check_node_port {
             None | Some(0) => None,
             Some(port) => Some(
@@ -386,6 +390,43 @@ fn cluster_ips(
 }
 
 /// Parses every address; IPv6 ones are skipped with a warning.
+/// `spec.loadBalancerSourceRanges`, else the annotation; `None`: neither.
+fn source_ranges(
+    object: &core::Service,
+    spec: &core::ServiceSpec,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Vec<Ipv4Network>>, String> {
+    let (field, raw): (&str, Vec<String>) = match spec.load_balancer_source_ranges.as_deref() {
+        Some(ranges) if !ranges.is_empty() => ("spec.loadBalancerSourceRanges", ranges.to_vec()),
+        _ => match object
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+            .filter(|v| !v.trim().is_empty())
+        {
+            Some(value) => (
+                SOURCE_RANGES_ANNOTATION,
+                value.split(',').map(|r| r.trim().to_owned()).collect(),
+            ),
+            None => return Ok(None),
+        },
+    };
+    let mut ranges = Vec::new();
+    for text in &raw {
+        match text.parse::<IpNetwork>() {
+            // The API accepts host bits; the range is the network.
+            Ok(IpNetwork::V4(cidr)) => ranges
+                .push(Ipv4Network::new(cidr.network(), cidr.prefix()).map_err(|e| e.to_string())?),
+            Ok(IpNetwork::V6(cidr)) => {
+                warnings.push(format!("{field}: IPv6 range {cidr} skipped (IPv4 only)"))
+            }
+            Err(_) => return Err(format!("{field}: {text:?} is not a CIDR")),
+        }
+    }
+    Ok(Some(ranges))
+}
+
 fn ipv4s(field: &str, raw: &[String], warnings: &mut Vec<String>) -> Result<Vec<Ipv4Addr>, String> {
     let mut out = Vec::new();
     for text in raw {
@@ -1038,6 +1079,55 @@ status:
         assert_eq!(
             bare.labels,
             crate::model::Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), "dev".to_owned())])
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_come_from_the_field_or_the_annotation() {
+        let lb = |extra: &str| {
+            web_with(&format!(
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.1\n  ports: [{{port: 80}}]\n{extra}"
+            ))
+        };
+        assert_eq!(
+            accepted(service_from(&lb("")))
+                .0
+                .load_balancer_source_ranges,
+            None
+        );
+        let (svc, warnings) = accepted(service_from(&lb(
+            "  loadBalancerSourceRanges: [10.0.0.100/32, 192.0.2.7/24, \"2001:db8::/32\"]\n",
+        )));
+        assert_eq!(
+            svc.load_balancer_source_ranges,
+            Some(vec![
+                "10.0.0.100/32".parse().unwrap(),
+                "192.0.2.0/24".parse().unwrap()
+            ])
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        // Only IPv6 ranges: no IPv4 client is allowed (not "every client").
+        let (svc, _) = accepted(service_from(&lb(
+            "  loadBalancerSourceRanges: [\"2001:db8::/32\"]\n",
+        )));
+        assert_eq!(svc.load_balancer_source_ranges, Some(vec![]));
+        let annotated = lb("").replace(
+            "  namespace: shop\n",
+            "  namespace: shop\n  annotations:\n    service.beta.kubernetes.io/load-balancer-source-ranges: \"10.1.0.0/16, 10.2.0.0/16\"\n",
+        );
+        assert_eq!(
+            accepted(service_from(&annotated))
+                .0
+                .load_balancer_source_ranges,
+            Some(vec![
+                "10.1.0.0/16".parse().unwrap(),
+                "10.2.0.0/16".parse().unwrap()
+            ])
+        );
+        let bad = lb("  loadBalancerSourceRanges: [not-a-cidr]\n");
+        assert!(
+            matches!(service_from(&bad), Conversion::Rejected(_)),
+            "a bad range fails closed"
         );
     }
 }

@@ -54,10 +54,12 @@ pub enum DropReason {
     /// A Service with a Local traffic policy and no endpoint on this node
     /// (it has some elsewhere): dropped, as kube-proxy does.
     NoLocalBackend = 16,
+    /// A client outside a LoadBalancer Service's `loadBalancerSourceRanges`.
+    SourceRangeDenied = 17,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::NoBackend,
         DropReason::UnknownService,
@@ -76,6 +78,7 @@ impl DropReason {
         DropReason::SnatPortsExhausted,
         DropReason::NotIpv4,
         DropReason::NoLocalBackend,
+        DropReason::SourceRangeDenied,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -97,6 +100,7 @@ impl DropReason {
             DropReason::SnatPortsExhausted => "snat_ports_exhausted",
             DropReason::NotIpv4 => "not_ipv4",
             DropReason::NoLocalBackend => "no_local_backend",
+            DropReason::SourceRangeDenied => "source_range_denied",
         }
     }
 

@@ -14,7 +14,8 @@ pub mod maps {
     use super::{
         AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, EndpointInfo,
         EventBudget, MaglevTable, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue,
-        PolicyKey, PolicyRuleRef, RevNat, ServiceKey, ServiceValue, SockRevNatKey, TunnelEndpoint,
+        PolicyKey, PolicyRuleRef, RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRangeKey,
+        TunnelEndpoint,
     };
 
     pub const ENDPOINTS: &str = "ENDPOINTS";
@@ -40,6 +41,7 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const DROPS: &str = "DROPS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 
     /// The BPF map type (the aya-ebpf map the static is declared as).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,7 +87,7 @@ pub mod maps {
     const RESIZABLE: bool = true;
     const FIXED: bool = false;
 
-    pub const ALL: [MapSpec; 23] = [
+    pub const ALL: [MapSpec; 24] = [
         MapSpec::new::<u32, EndpointInfo>(ENDPOINTS, MapKind::Hash, RESIZABLE),
         // Indexed by `Reason`: its size is `Reason::COUNT`.
         MapSpec::new::<u32, u64>(METRICS, MapKind::PerCpuArray, FIXED),
@@ -117,6 +119,7 @@ pub mod maps {
         MapSpec::new::<u32, u64>(DROPS, MapKind::PerCpuArray, FIXED),
         // One entry per CPU: the drop-event rate limit.
         MapSpec::new::<u32, EventBudget>(EVENT_BUDGET, MapKind::PerCpuArray, FIXED),
+        MapSpec::new::<SourceRangeKey, u8>(SOURCE_RANGES, MapKind::LpmTrie, RESIZABLE),
     ];
 
     /// The map called `name`.
@@ -421,6 +424,24 @@ layout!(PolicyCidrKey { endpoint, direction, pad, addr }, size 12, align 4);
 /// The bits of a POLICY_CIDR key before the address.
 pub const POLICY_CIDR_PREFIX_BASE: u32 = 64;
 
+/// Default capacity of SOURCE_RANGES (loadBalancerSourceRanges entries).
+pub const SOURCE_RANGES_MAX: u32 = 65_536;
+
+/// SOURCE_RANGES key (an LPM trie): a LoadBalancer frontend (its REVNAT
+/// id) and a client prefix its `loadBalancerSourceRanges` allow; prefix
+/// = 32 + the range's prefix length. Value: 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRangeKey {
+    pub rev_nat_id: u32,
+    /// Network order.
+    pub addr: u32,
+}
+layout!(SourceRangeKey { rev_nat_id, addr }, size 8, align 4);
+
+/// The bits of a SOURCE_RANGES key before the address.
+pub const SOURCE_RANGE_PREFIX_BASE: u32 = 32;
+
 /// POLICY_CT key: a connection at one local pod, as the pod sends it
 /// (egress: before Service translation) or receives it (ingress), and the
 /// direction it was opened in.
@@ -483,6 +504,9 @@ pub mod service_flags {
     /// Local traffic policy and none on this node): connections are
     /// dropped, not refused, as kube-proxy does.
     pub const NO_LOCAL_BACKEND: u16 = 1 << 8;
+    /// A LoadBalancer frontend with `loadBalancerSourceRanges`: only
+    /// clients in its SOURCE_RANGES entries are served, others dropped.
+    pub const SOURCE_RANGES: u16 = 1 << 9;
 }
 
 /// SERVICES key. Slot 0 is the master entry (count, flags); slots
@@ -787,4 +811,5 @@ mod user {
     unsafe impl aya::Pod for super::PolicyFlowValue {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::EventBudget {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
 }
