@@ -222,6 +222,59 @@ tern_lab::both_service_paths!(
     load_balancer_source_ranges_admit_only_their_clients,
 );
 
+#[test]
+fn session_affinity_and_publish_not_ready_addresses_from_outside() -> Result<()> {
+    if !require_root("session_affinity_and_publish_not_ready_addresses_from_outside") {
+        return Ok(());
+    }
+    let s = setup("10.244.46.0/24")?;
+    let b: Vec<&Pod> = s.backends.iter().collect();
+    let who = |to: SocketAddr| -> Result<String> {
+        let answer = tcp_roundtrip(&s.client, to, "who")?;
+        Ok(answer.split(':').next().unwrap_or_default().to_owned())
+    };
+    let spread = |to: SocketAddr| -> Result<std::collections::BTreeSet<String>> {
+        (0..24).map(|_| who(to)).collect()
+    };
+    // sessionAffinity ClientIP holds on the NodePort and the load
+    // balancer address too (kube-proxy applies it to every frontend).
+    let sticky = manifest("Cluster", &b, None).replace(
+        "  externalTrafficPolicy: Cluster\n",
+        "  externalTrafficPolicy: Cluster\n  sessionAffinity: ClientIP\n",
+    );
+    s.node.write_manifest("web.yaml", &sticky)?;
+    let want = [format!("{}:8080", b[0].ip), format!("{}:8080", b[1].ip)];
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    s.node
+        .wait_for_frontend("10.0.0.11:30080/TCP", Some(&want))?;
+    for to in [at(NODE_IP, 30080), at(LB_IP, 80)] {
+        let seen = spread(to)?;
+        assert_eq!(seen.len(), 1, "{to}: affinity did not hold: {seen:?}");
+    }
+    // A not-ready endpoint: left out, unless publishNotReadyAddresses.
+    let not_ready = manifest("Cluster", &b, None).replacen(
+        "conditions: {ready: true}",
+        "conditions: {ready: false}",
+        1,
+    );
+    s.node.write_manifest("web.yaml", &not_ready)?;
+    s.node
+        .wait_for_frontend("10.0.0.11:30080/TCP", Some(&[&format!("{}:8080", b[1].ip)]))?;
+    assert_eq!(
+        spread(at(NODE_IP, 30080))?.into_iter().collect::<Vec<_>>(),
+        ["b1"]
+    );
+    let published = not_ready.replace(
+        "  externalTrafficPolicy: Cluster\n",
+        "  externalTrafficPolicy: Cluster\n  publishNotReadyAddresses: true\n",
+    );
+    s.node.write_manifest("web.yaml", &published)?;
+    s.node
+        .wait_for_frontend("10.0.0.11:30080/TCP", Some(&want))?;
+    assert_eq!(spread(at(NODE_IP, 30080))?.len(), 2, "both endpoints serve");
+    Ok(())
+}
+
 /// kube-proxy short-circuits a Service's LoadBalancer ingress and external
 /// IPs for traffic from inside the cluster: pods reach the backends
 /// directly, keeping their own address, a backend reaching itself
