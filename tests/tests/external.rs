@@ -24,12 +24,19 @@ struct Setup {
     node: LabNode,
     backends: Vec<Pod>,
     _servers: Vec<EchoServer>,
-    _lab: Lab,
+    lab: Lab,
 }
 
 fn setup(cidr: &str) -> Result<Setup> {
+    setup_with(cidr, true)
+}
+
+/// A node on `cidr` (socket-LB on or off), its two backends (b0, b1,
+/// echo on 8080) and a client outside the cluster that routes the load
+/// balancer and external IPs to the node.
+fn setup_with(cidr: &str, socket_lb: bool) -> Result<Setup> {
     let lab = Lab::new()?;
-    let node = lab.node("n1", cidr, NODE_IP)?;
+    let node = lab.node_with("n1", cidr, NODE_IP, socket_lb)?;
     let client = lab.external_client(CLIENT_IP)?;
     // The underlay routes LoadBalancer and external IPs to the node.
     client.sh(&format!(
@@ -47,7 +54,7 @@ fn setup(cidr: &str) -> Result<Setup> {
         node,
         backends,
         _servers: servers,
-        _lab: lab,
+        lab,
     })
 }
 
@@ -281,20 +288,12 @@ fn session_affinity_and_publish_not_ready_addresses_from_outside() -> Result<()>
 /// included (hairpin); an ingress with ipMode Proxy is the load
 /// balancer's to serve, not the node's.
 fn load_balancer_and_external_ips_from_pods_inside_the_cluster(socket_lb: bool) -> Result<()> {
-    let lab = Lab::new()?;
     let cidr = if socket_lb {
         "10.244.42.0/24"
     } else {
         "10.244.43.0/24"
     };
-    let node = lab.node_with("n1", cidr, NODE_IP, socket_lb)?;
-    let mut backends = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..2 {
-        let pod = node.add_pod(&format!("b{i}"))?;
-        servers.push(EchoServer::start(&pod.ns, 8080, &format!("b{i}"))?);
-        backends.push(pod);
-    }
+    let Setup { node, backends, .. } = &setup_with(cidr, socket_lb)?;
     let client = node.add_pod("client")?;
     let b: Vec<&Pod> = backends.iter().collect();
     let proxied = Ipv4Addr::new(10, 98, 0, 101);
@@ -339,22 +338,17 @@ fn load_balancer_and_external_ips_from_pods_inside_the_cluster(socket_lb: bool) 
 /// (counted by reason), from outside and from pods alike; the NodePort is
 /// not guarded (a balancer sending to NodePorts hides the client).
 fn load_balancer_source_ranges_admit_only_their_clients(socket_lb: bool) -> Result<()> {
-    let lab = Lab::new()?;
     let cidr = if socket_lb {
         "10.244.44.0/24"
     } else {
         "10.244.45.0/24"
     };
-    let node = lab.node_with("n1", cidr, NODE_IP, socket_lb)?;
-    let backend = node.add_pod("b0")?;
-    let _server = EchoServer::start(&backend.ns, 8080, "b0")?;
+    let s = setup_with(cidr, socket_lb)?;
+    let (node, backend, allowed) = (&s.node, &s.backends[0], &s.client);
     let pod = node.add_pod("client")?;
-    let allowed = lab.external_client(CLIENT_IP)?;
-    let denied = lab.external_client(Ipv4Addr::new(10, 0, 0, 101))?;
-    for client in [&allowed, &denied] {
-        client.sh(&format!("ip route add {LB_IP}/32 via {NODE_IP}"))?;
-    }
-    let yaml = manifest("Cluster", &[&backend], None).replace(
+    let denied = s.lab.external_client(Ipv4Addr::new(10, 0, 0, 101))?;
+    denied.sh(&format!("ip route add {LB_IP}/32 via {NODE_IP}"))?;
+    let yaml = manifest("Cluster", &[backend], None).replace(
         "  externalTrafficPolicy: Cluster\n",
         &format!(
             "  externalTrafficPolicy: Cluster\n  loadBalancerSourceRanges: [\"{CLIENT_IP}/32\"]\n"
@@ -369,7 +363,7 @@ fn load_balancer_source_ranges_admit_only_their_clients(socket_lb: bool) -> Resu
     };
     // Clients outside the cluster first: this process is no pod yet.
     assert!(
-        reached(&allowed, at(LB_IP, 80)),
+        reached(allowed, at(LB_IP, 80)),
         "a client in the range is not served"
     );
     assert!(
