@@ -82,6 +82,35 @@ fn watch(stop: &AtomicBool) -> f64 {
     }
 }
 
+/// The CPU time process `pid` has taken so far (user + system), in
+/// seconds; `None` when it cannot be read (the process is gone).
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, ticks) = parse_stat(&stat)?;
+    Some(ticks as f64 / clock_ticks_per_second())
+}
+
+/// How often the threads of process `pid` have blocked and been woken
+/// again so far (their `voluntary_ctxt_switches`); `None` when it cannot
+/// be read (the process is gone).
+pub fn process_wakeups(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+            .filter_map(|status| {
+                status.lines().find_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            })
+            .sum(),
+    )
+}
+
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf reads a constant of the system.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -160,6 +189,11 @@ mod tests {
         assert_eq!(parse_stat("garbage"), None);
         // This process is ours, so never among the others.
         assert!(!others().contains_key(&std::process::id()));
+        let own = process_cpu_seconds(std::process::id()).unwrap();
+        assert!(own.is_finite() && own >= 0.0, "{own}");
+        let before = process_wakeups(std::process::id()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(process_wakeups(std::process::id()).unwrap() > before);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod charts;
 pub mod contention;
 pub mod control_plane;
+pub mod flow_events;
 pub mod interrupt;
 pub mod kube_proxy;
 pub mod policy;
@@ -94,13 +95,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // stops it through the same clean-up as an error.
     interrupt::install()?;
     type Scenario = fn(&Profile) -> Result<Vec<report::ScenarioResult>>;
-    let all: [(&str, Scenario); 7] = [
+    let all: [(&str, Scenario); 8] = [
         ("pod-to-pod", scenarios::pod_to_pod),
         ("cross-node", scenarios::cross_node),
         ("clusterip", scenarios::cluster_ip),
         ("scale", scenarios::service_scale),
         ("control-plane", control_plane::control_plane),
         ("network-policy", policy::network_policy),
+        ("flow-events", flow_events::flow_events),
         ("cni", scenarios::cni),
     ];
     for (key, scenario) in all {
@@ -143,6 +145,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if !report::group_rows(&results, policy::GROUP).is_empty() {
         markdown.push_str(&policy::notes());
+    }
+    if !report::group_rows(&results, flow_events::GROUP).is_empty() {
+        markdown.push_str(&flow_events::notes());
     }
     markdown.push_str(&format!(
         "\nProfile `{}` took {:.0} s.\n",

@@ -63,7 +63,7 @@ pub const CHANGES_GROUP: &str = "network policy, change -> datapath";
 pub const MEMORY_GROUP: &str = "network policy, agent memory";
 
 /// The namespace of the real client and server pods.
-const NAMESPACE: &str = "bench";
+pub(crate) const NAMESPACE: &str = "bench";
 /// Namespaces of the other pods and policies: team-0 ...
 const OTHER_NAMESPACES: usize = 100;
 /// Apps per namespace (`app: app-N`): pods of one app share labels, so a
@@ -101,7 +101,7 @@ pub fn network_policy(profile: &Profile) -> Result<Vec<ScenarioResult>> {
 
 /// What a node's manifest directory holds besides the changing objects.
 #[derive(Debug, Clone, Copy)]
-struct Fixture {
+pub(crate) struct Fixture {
     /// Policies selecting the server (ingress from the client on one port
     /// each; the measured ports among them).
     selecting: usize,
@@ -113,6 +113,16 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// `selecting` policies, all selecting the server, and the Pod objects
+    /// of the real pods only: the server and a client per row ([`CLIENTS`]).
+    pub(crate) fn local(selecting: usize) -> Fixture {
+        Fixture {
+            selecting,
+            policies: selecting,
+            pods: 1 + CLIENTS.len(),
+        }
+    }
+
     fn params(&self, extra_policies: usize) -> Vec<(&'static str, String)> {
         vec![
             ("policies", (self.policies + extra_policies).to_string()),
@@ -129,6 +139,10 @@ fn networkpolicy(namespace: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
            "metadata": {"namespace": namespace, "name": name}, "spec": spec})
 }
+
+/// The fewest policies selecting the server that allow every measured
+/// port (one each).
+pub(crate) const FEWEST_SELECTING: usize = MEASURED.len();
 
 /// Policy `i` of those selecting the server: ingress from the client on one
 /// port, and from the front tier of one other namespace (pods that exist
@@ -300,7 +314,7 @@ fn publish(node: &LabNode, file: &str, items: Vec<Value>) -> Result<(SystemTime,
 
 /// One `policy synced` line of the agent's log.
 #[derive(Debug, Clone, PartialEq)]
-struct PolicySync {
+pub(crate) struct PolicySync {
     /// When the line was logged, right after the sync.
     at: SystemTime,
     policies: usize,
@@ -372,7 +386,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// The agent's log, read on from where it was last read.
-struct AgentLog {
+pub(crate) struct AgentLog {
     path: PathBuf,
     offset: usize,
     /// The Services' sync after the last policy sync [`AgentLog::wait_for`]
@@ -382,7 +396,7 @@ struct AgentLog {
 
 impl AgentLog {
     /// From the log's current end on.
-    fn from_end(node: &LabNode) -> AgentLog {
+    pub(crate) fn from_end(node: &LabNode) -> AgentLog {
         let path = node.agent_log();
         let offset = std::fs::metadata(&path).map_or(0, |m| m.len() as usize);
         AgentLog {
@@ -419,7 +433,7 @@ impl AgentLog {
 
     /// Waits for the Services' sync after the policy sync [`wait_for`]
     /// returned.
-    fn wait_done(&mut self, node: &LabNode) -> Result<()> {
+    pub(crate) fn wait_done(&mut self, node: &LabNode) -> Result<()> {
         let started = Instant::now();
         if std::mem::take(&mut self.done) {
             return Ok(());
@@ -436,6 +450,21 @@ impl AgentLog {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Waits for the policy sync that has `policies` policies and `pods`
+    /// pod addresses (logged after the last call), nothing failed closed.
+    fn wait_loaded(&mut self, node: &LabNode, policies: usize, pods: usize) -> Result<PolicySync> {
+        let sync = self.wait_for(node, LOAD_LIMIT, |s| {
+            s.policies == policies && s.identities == pods
+        })?;
+        ensure!(
+            sync.failed == 0,
+            "{} pods failed closed loading {policies} policies:\n{}",
+            sync.failed,
+            node.agent_log_tail()
+        );
+        Ok(sync)
     }
 
     /// Waits for a policy sync that `wanted` accepts, logged after the
@@ -480,15 +509,7 @@ fn load(
         let (wall, _) = publish(node, file, items)?;
         first.get_or_insert(wall);
     }
-    let sync = log.wait_for(node, LOAD_LIMIT, |s| {
-        s.policies == policies && s.identities == pods
-    })?;
-    ensure!(
-        sync.failed == 0,
-        "{} pods failed closed loading {policies} policies:\n{}",
-        sync.failed,
-        node.agent_log_tail()
-    );
+    let sync = log.wait_loaded(node, policies, pods)?;
     let since = first
         .and_then(|wall| sync.at.duration_since(wall).ok())
         .unwrap_or_default();
@@ -503,7 +524,7 @@ fn ip_key(ip: Ipv4Addr) -> u32 {
 }
 
 /// The policy maps as the agent pinned them.
-struct PinnedPolicyMaps {
+pub(crate) struct PinnedPolicyMaps {
     endpoints: HashMap<MapData, u32, PolicyEndpoint>,
     identities: HashMap<MapData, u32, u32>,
     allow: LpmTrie<MapData, PolicyKey, PolicyRuleRef>,
@@ -525,7 +546,7 @@ fn found<V>(got: std::result::Result<V, MapError>) -> Result<Option<V>> {
 }
 
 impl PinnedPolicyMaps {
-    fn open(bpffs_dir: &Path) -> Result<Self> {
+    pub(crate) fn open(bpffs_dir: &Path) -> Result<Self> {
         Ok(PinnedPolicyMaps {
             endpoints: HashMap::try_from(Map::HashMap(pinned(
                 bpffs_dir,
@@ -682,7 +703,7 @@ fn policy_map_memory(bpffs_dir: &Path) -> Result<PolicyMapMemory> {
 // 1. The datapath
 
 /// The datapath rows' own clients, one per row, all `app: client`.
-const CLIENTS: [&str; 3] = ["client", "client-2", "client-3"];
+pub(crate) const CLIENTS: [&str; 3] = ["client", "client-2", "client-3"];
 
 /// Pod to pod on one node with no policy, with policies selecting the
 /// server, and with a large cluster's policies: the same server pod and
@@ -698,17 +719,8 @@ const CLIENTS: [&str; 3] = ["client", "client-2", "client-3"];
 /// made connect()'s port search, not the datapath, set the rate (c=8 down
 /// to ~600/s, no packet lost anywhere).
 fn datapath(profile: &Profile) -> Result<Vec<ScenarioResult>> {
-    let local = 1 + CLIENTS.len();
-    let none = Fixture {
-        selecting: 0,
-        policies: 0,
-        pods: local,
-    };
-    let selecting = Fixture {
-        selecting: profile.policies_selecting,
-        policies: profile.policies_selecting,
-        pods: local,
-    };
+    let none = Fixture::local(0);
+    let selecting = Fixture::local(profile.policies_selecting);
     let cluster = Fixture {
         selecting: profile.policies_selecting,
         policies: profile.policies_total,
@@ -738,15 +750,7 @@ fn datapath(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     }
     eprintln!("bench: {GROUP}: setting up");
     let tern = Tern::with_k8s_pods("10.244.71.0/24", NAMESPACE)?;
-    // The other rows' clients; each row's is swapped in for its turn.
-    let mut clients: Vec<Pod> = CLIENTS[1..]
-        .iter()
-        .map(|name| tern.node.add_k8s_pod(NAMESPACE, name))
-        .collect::<Result<_>>()?;
-    let addresses: Vec<(&str, Ipv4Addr)> = CLIENTS
-        .into_iter()
-        .zip(std::iter::once(tern.client.ip).chain(clients.iter().map(|c| c.ip)))
-        .collect();
+    let mut clients = RowClients::add(&tern)?;
     let mut log = AgentLog::from_end(&tern.node);
     let maps = PinnedPolicyMaps::open(&tern.node.bpffs_dir)?;
     let placeholder = row(GROUP, "", None, &[], vec![]);
@@ -755,41 +759,66 @@ fn datapath(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     for rep in 1..=n {
         for (i, (fixture, r)) in states.iter_mut().enumerate() {
             interrupt::check()?;
-            let Topology::Tern(tern) = arm.topology_mut() else {
-                anyhow::bail!("the policy rows run on a Tern node");
-            };
-            load_state(tern, &mut log, &maps, *fixture, &addresses)?;
-            // Row i measures from client i (0: the topology's own).
-            if let Some(client) = i.checked_sub(1).and_then(|k| clients.get_mut(k)) {
-                std::mem::swap(&mut tern.client, client);
-            }
+            let tern = tern_of(&mut arm)?;
+            load_state(tern, &mut log, &maps, *fixture, &clients.addresses, GROUP)?;
             eprintln!("bench: {GROUP}: {} ({rep}/{n})", r.label());
-            let watch = CpuWatch::start();
-            let measured = arm.measure_into(profile, r);
-            let other = watch.finish();
-            if let (Topology::Tern(tern), Some(client)) = (
-                arm.topology_mut(),
-                i.checked_sub(1).and_then(|k| clients.get_mut(k)),
-            ) {
-                std::mem::swap(&mut tern.client, client);
-            }
-            measured.with_context(|| r.label())?;
-            push(&mut r.metrics, OTHER_CPU, "%", false, other);
+            // Row i measures from client i (0: the topology's own).
+            arm.measure_row(profile, r, clients.of_row(i))?;
         }
     }
     drop(arm);
     Ok(states.into_iter().map(|(_, r)| r).collect())
 }
 
+/// The clients of the rows measured on one Tern node, one per row
+/// ([`CLIENTS`]): the first row measures from the topology's own client,
+/// every other row's pod is swapped in for its turn.
+pub(crate) struct RowClients {
+    /// The clients of the rows after the first.
+    pods: Vec<Pod>,
+    /// Every client's name and address, the first row's first.
+    pub(crate) addresses: Vec<(&'static str, Ipv4Addr)>,
+}
+
+impl RowClients {
+    /// Adds the pods of the rows after the first to `tern`'s node.
+    pub(crate) fn add(tern: &Tern) -> Result<RowClients> {
+        let pods: Vec<Pod> = CLIENTS[1..]
+            .iter()
+            .map(|name| tern.node.add_k8s_pod(NAMESPACE, name))
+            .collect::<Result<_>>()?;
+        let addresses = CLIENTS
+            .into_iter()
+            .zip(std::iter::once(tern.client.ip).chain(pods.iter().map(|c| c.ip)))
+            .collect();
+        Ok(RowClients { pods, addresses })
+    }
+
+    /// Row `i`'s client to swap in: `None` (the topology's own) for the
+    /// first row.
+    pub(crate) fn of_row(&mut self, i: usize) -> Option<&mut Pod> {
+        i.checked_sub(1).and_then(|k| self.pods.get_mut(k))
+    }
+}
+
+/// The Tern node an arm of these rows measures.
+pub(crate) fn tern_of(arm: &mut Arm) -> Result<&mut Tern> {
+    match arm.topology_mut() {
+        Topology::Tern(tern) => Ok(tern),
+        _ => anyhow::bail!("these rows run on a Tern node"),
+    }
+}
+
 /// Brings the datapath node to fixture `f` (the pods' objects, `f`'s
 /// policies and pods), waits until the agent is done with it, and checks
 /// the measured ports in the pinned maps for every client.
-fn load_state(
+pub(crate) fn load_state(
     tern: &Tern,
     log: &mut AgentLog,
     maps: &PinnedPolicyMaps,
     f: Fixture,
     clients: &[(&str, Ipv4Addr)],
+    group: &str,
 ) -> Result<()> {
     let server = tern.server.ip;
     let objects = fixture_objects(f, &tern.node.name, server, clients, 0);
@@ -804,11 +833,38 @@ fn load_state(
     // snapshot: it is idle from here on.
     log.wait_done(&tern.node)?;
     eprintln!(
-        "bench: {GROUP}: {} policies, {} pods loaded in {seconds:.2} s (policy sync {:.1} ms)",
+        "bench: {group}: {} policies, {} pods loaded in {seconds:.2} s (policy sync {:.1} ms)",
         f.policies,
         f.pods,
         sync.took_us as f64 / 1e3
     );
+    check_state(tern, maps, f, clients)
+}
+
+/// Waits until the agent has synced fixture `f` without it being written
+/// again (a restarted agent reading its manifest directory), and checks
+/// the maps as [`load_state`] does.
+pub(crate) fn synced_state(
+    tern: &Tern,
+    log: &mut AgentLog,
+    maps: &PinnedPolicyMaps,
+    f: Fixture,
+    clients: &[(&str, Ipv4Addr)],
+) -> Result<()> {
+    log.wait_loaded(&tern.node, f.policies, f.pods)?;
+    log.wait_done(&tern.node)?;
+    check_state(tern, maps, f, clients)
+}
+
+/// Whether the pinned maps hold fixture `f` for the server: isolated when
+/// policies select it, and the measured ports allowed from every client.
+fn check_state(
+    tern: &Tern,
+    maps: &PinnedPolicyMaps,
+    f: Fixture,
+    clients: &[(&str, Ipv4Addr)],
+) -> Result<()> {
+    let server = tern.server.ip;
     ensure!(
         maps.ingress_isolated(server)? == (f.selecting > 0),
         "server isolation is not what {} policies selecting it make it",
@@ -1484,8 +1540,11 @@ mod tests {
             assert_eq!(allowing, 1, "{port}/{proto}");
         }
         // The smallest number of selecting policies still covers them.
-        let ports: Vec<Value> = (0..4)
-            .map(|i| selecting_policy(i, 4)["spec"]["ingress"][0]["ports"][0]["port"].clone())
+        let ports: Vec<Value> = (0..FEWEST_SELECTING)
+            .map(|i| {
+                selecting_policy(i, FEWEST_SELECTING)["spec"]["ingress"][0]["ports"][0]["port"]
+                    .clone()
+            })
             .collect();
         assert_eq!(
             ports,

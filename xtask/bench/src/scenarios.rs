@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
+use tern_lab::lab::{LabNode, Pod};
 use tern_lab::netns::Netns;
 
+use super::contention::CpuWatch;
 use super::interrupt;
 use super::kube_proxy::{self, IptablesBackend, KpService, Proto};
 use super::report::{Metric, ScenarioResult};
@@ -291,6 +293,39 @@ impl Arm {
             }
         }
         measured
+    }
+
+    /// One repetition into `row` ([`Arm::measure_into`]) with the CPU other
+    /// processes of the machine took meanwhile ([`OTHER_CPU`]), measured
+    /// from `client` instead of the Tern node's own client pod when given:
+    /// rows of one node each with a client pod of their own (see
+    /// `policy::datapath` for why a shared client skews the rows).
+    pub(crate) fn measure_row(
+        &mut self,
+        profile: &Profile,
+        row: &mut ScenarioResult,
+        mut client: Option<&mut Pod>,
+    ) -> Result<()> {
+        self.swap_client(client.as_deref_mut())?;
+        let watch = CpuWatch::start();
+        let measured = self.measure_into(profile, row);
+        let other = watch.finish();
+        self.swap_client(client)?;
+        measured.with_context(|| row.label())?;
+        push(&mut row.metrics, OTHER_CPU, "%", false, other);
+        Ok(())
+    }
+
+    /// Exchanges the Tern node's client pod with `client`.
+    fn swap_client(&mut self, client: Option<&mut Pod>) -> Result<()> {
+        let Some(client) = client else {
+            return Ok(());
+        };
+        let Topology::Tern(tern) = &mut self.topology else {
+            anyhow::bail!("only a Tern node's client pod is swapped between rows");
+        };
+        std::mem::swap(&mut tern.client, client);
+        Ok(())
     }
 
     /// One repetition of every measure, added to the row's samples.
@@ -585,7 +620,7 @@ pub fn cross_node(profile: &Profile) -> Result<Vec<ScenarioResult>> {
 }
 
 /// The Service (and `fillers` more) as manifests for the Tern agent.
-fn tern_services(tern: &Tern, fillers: usize) -> Result<()> {
+pub(crate) fn tern_services(tern: &Tern, fillers: usize) -> Result<()> {
     let ports = json!([
         {"name": "iperf", "port": IPERF_PORT, "protocol": "TCP"},
         {"name": "rr-tcp", "port": SOCKPERF_PORT, "protocol": "TCP"},
@@ -615,20 +650,25 @@ fn tern_services(tern: &Tern, fillers: usize) -> Result<()> {
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
     tern.node
         .write_manifest("bench.json", &serde_json::to_string(&list)?)?;
+    wait_for_frontends(&tern.node, 4 + fillers)
+}
+
+/// Waits until the agent has `frontends` Service frontends in the datapath
+/// (the measured Service's four and the fillers').
+pub(crate) fn wait_for_frontends(node: &LabNode, frontends: usize) -> Result<()> {
     let started = Instant::now();
     loop {
-        let status: Value = tern
-            .node
+        let status: Value = node
             .agent_request(&json!({"op": "status"}))
             .unwrap_or(Value::Null);
-        if status["frontends"].as_u64() >= Some(4 + fillers as u64) {
+        if status["frontends"].as_u64() >= Some(frontends as u64) {
             return Ok(());
         }
         interrupt::check()?;
         anyhow::ensure!(
             started.elapsed().as_secs() < 600,
             "services not synced:\n{}",
-            tern.node.agent_log_tail()
+            node.agent_log_tail()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -893,7 +933,7 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 /// ADD then DEL of `pods` pods with `binary` as the plugin, `parallel` at
 /// a time: each group's ADDs run together, then their DELs.
 fn cni_latencies(
-    node: &tern_lab::lab::LabNode,
+    node: &LabNode,
     binary: &str,
     conf: &Value,
     pods: usize,
