@@ -4,6 +4,7 @@
 //! drops always but within a per-CPU budget, trace events only in trace
 //! mode and, for TCP, only on SYN, FIN and RST.
 
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use tern_common::events::{Direction, event_flags, kind, point, verdict};
 use tern_common::{DropReason, FlowEvent, Reason};
@@ -12,6 +13,8 @@ use crate::maps::{CONFIG, DROPS, EVENT_BUDGET, EVENTS, bump, count};
 use crate::packet::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST, TCP_SYN};
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
+/// Unread events (bytes; 64 each) that wake the agent before its timer.
+const WAKE_BACKLOG_BYTES: u64 = 64 * 1024;
 
 /// What a point is to the pod (or node) there: what it sends, or what
 /// arrives for it.
@@ -184,7 +187,15 @@ fn emit(p: &Packet, meta: u32, extra: u64, cookie: u64, ifindex: u32) {
         (*event).tcp_flags = p.tcp_flags;
         (*event).pad = [0; 7];
     }
-    entry.submit(0);
+    // No wake-up per event (each would cost the sender an irq_work): the
+    // agent drains the ring on a short timer, and is woken only when a
+    // backlog builds up.
+    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_BACKLOG_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake as u64);
 }
 
 /// Drop events this CPU may still report in the current second.

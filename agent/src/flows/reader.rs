@@ -16,6 +16,10 @@ use crate::metrics::Metrics;
 /// Events taken per wake-up before the log is published and other tasks
 /// get a turn.
 const BATCH: usize = 4096;
+/// The datapath does not wake the reader per event (only on a backlog of
+/// 1 024): the ring is drained this often, well inside `tern observe`'s
+/// promise of a second.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs until the ring cannot be polled any more (logged).
 pub async fn run(
@@ -34,28 +38,29 @@ pub async fn run(
             return;
         }
     };
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut ready = match ring.readable_mut().await {
-            Ok(ready) => ready,
-            Err(e) => {
-                warn!("polling the flow events ring failed: {e}; tern observe shows nothing");
-                return;
-            }
-        };
         let mut events = Vec::new();
-        {
-            let ring = ready.get_inner_mut();
-            while events.len() < BATCH {
-                let Some(item) = ring.next() else { break };
-                match decode(&item) {
-                    Some(event) => events.push(event),
-                    None => metrics.record_flow_undecoded(),
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut ready = match ready {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        warn!("polling the flow events ring failed: {e}; tern observe shows nothing");
+                        return;
+                    }
+                };
+                drain(ready.get_inner_mut(), &mut events, &metrics);
+                if events.len() < BATCH {
+                    // Drained: wait for the kernel's next wake-up.
+                    ready.clear_ready();
                 }
             }
+            _ = tick.tick() => drain(ring.get_mut(), &mut events, &metrics),
         }
-        if events.len() < BATCH {
-            // Drained: wait for the kernel's next wake-up.
-            ready.clear_ready();
+        if events.is_empty() {
+            continue;
         }
         names.refresh(false);
         let offset = resolve::monotonic_to_wall();
@@ -70,6 +75,17 @@ pub async fn run(
         }
         writer.publish();
         tokio::task::yield_now().await;
+    }
+}
+
+/// Up to BATCH events from the ring into `events`.
+fn drain(ring: &mut RingBuf<MapData>, events: &mut Vec<FlowEvent>, metrics: &Metrics) {
+    while events.len() < BATCH {
+        let Some(item) = ring.next() else { break };
+        match decode(&item) {
+            Some(event) => events.push(event),
+            None => metrics.record_flow_undecoded(),
+        }
     }
 }
 
