@@ -1,0 +1,587 @@
+//! Services -> load-balancer frontends with their backends, following the
+//! Kubernetes "Virtual IPs and Service Proxies" rules as kube-proxy and
+//! Cilium apply them. Deterministic: the same cluster always compiles to the
+//! same state, on every node that has the same node context.
+
+use std::cell::LazyCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use super::maglev;
+use crate::model::{
+    Cluster, Endpoint, EndpointSlice, HostPort, LbAlgorithm, Protocol, Service, ServiceKey,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy,
+};
+
+/// What the compiler needs to know about the node it compiles for.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub node_name: String,
+    /// Addresses NodePorts listen on.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Must be prime (checked with [`maglev::is_prime`] by configuration).
+    pub maglev_table_size: u32,
+    /// For Services without the `tern.io/lb-algorithm` annotation.
+    pub default_algorithm: LbAlgorithm,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LbState {
+    /// Shared (`Arc`) between compilations while the Service behind them
+    /// does not change, so the datapath sync can skip them by pointer.
+    pub frontends: BTreeMap<Frontend, Arc<FrontendEntry>>,
+    /// Frontends claimed by more than one Service: the first Service in key
+    /// order keeps it, the rest are listed here for the log.
+    pub conflicts: Vec<String>,
+}
+
+/// Which clients a frontend entry serves; the datapath picks External for
+/// packets from outside the cluster and tries Internal first for in-cluster
+/// ones (only ETP=Local frontends have an Internal entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Scope {
+    External = 0,
+    Internal = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        if self.scope == Scope::Internal {
+            f.write_str(" (internal)")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+    /// A pod's hostPort (CNI `portMappings`), on this node only.
+    HostPort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for BackendAddr {
+    /// Also the stable name Maglev hashes, so it must never change.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendEntry {
+    pub service: ServiceKey,
+    pub port_name: String,
+    pub kind: FrontendKind,
+    /// Sorted and deduplicated. Empty: the datapath refuses connections.
+    pub backends: Vec<BackendAddr>,
+    pub affinity_timeout: Option<u32>,
+    pub algorithm: LbAlgorithm,
+    /// `maglev_table_size` slots, each an index into `backends`; `None` for
+    /// Random or when there are no backends.
+    pub maglev: Option<Vec<u32>>,
+    /// ETP=Local on an externally reachable frontend: keep the client's
+    /// source address (no SNAT); only node-local backends are listed.
+    pub external_traffic_local: bool,
+    /// No backend here, though the Service has usable endpoints elsewhere
+    /// (a Local traffic policy): the datapath drops, it does not refuse.
+    pub no_local_backend: bool,
+    /// A LoadBalancer frontend's allowed clients
+    /// (`loadBalancerSourceRanges`); `None`: every client.
+    pub source_ranges: Option<Vec<ipnetwork::Ipv4Network>>,
+}
+
+/// Compiles `cluster` from scratch (no hostPorts).
+pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
+    LbCompiler::new(ctx.clone()).compile(cluster, &[])
+}
+
+/// Compiles cluster after cluster, reusing a Service's frontends while the
+/// Service and its slices are the very objects (`Arc`) of the last time:
+/// one endpoint change recompiles one Service, not all of them.
+pub struct LbCompiler {
+    ctx: NodeContext,
+    /// Sorted by Service key.
+    memo: Vec<(ServiceKey, Memo)>,
+}
+
+struct Memo {
+    service: Arc<Service>,
+    /// The namespace's default algorithm it was compiled with.
+    namespace_algorithm: Option<LbAlgorithm>,
+    /// This node's zone it was compiled with (topology hints).
+    zone: Option<String>,
+    slices: Vec<Arc<EndpointSlice>>,
+    frontends: Vec<(Frontend, Arc<FrontendEntry>)>,
+}
+
+impl LbCompiler {
+    pub fn new(ctx: NodeContext) -> Self {
+        LbCompiler {
+            ctx,
+            memo: Vec::new(),
+        }
+    }
+
+    /// The frontends of every Service of `cluster`, and of this node's
+    /// pods' `host_ports`.
+    pub fn compile(&mut self, cluster: &Cluster, host_ports: &[HostPort]) -> LbState {
+        // Services, slices (by their Service) and the memo are all walked in
+        // Service key order, side by side: no hashing, no key copies.
+        let mut slices: Vec<&Arc<EndpointSlice>> = cluster.slices.values().collect();
+        // Nearly sorted already (slices are named after their Service).
+        slices.sort_by(|a, b| a.service.cmp(&b.service));
+        let mut slices = slices.into_iter().peekable();
+        let mut old = std::mem::take(&mut self.memo).into_iter().peekable();
+        let mut compiled = Vec::with_capacity(cluster.services.len());
+        let mut own_slices = Vec::new();
+        let zone = cluster
+            .nodes
+            .get(&self.ctx.node_name)
+            .and_then(|node| node.zone.clone());
+        for service in cluster.services.values() {
+            while old.next_if(|(key, _)| *key < service.key).is_some() {}
+            while slices.next_if(|s| s.service < service.key).is_some() {}
+            own_slices.clear();
+            own_slices.extend(std::iter::from_fn(|| {
+                slices.next_if(|s| s.service == service.key)
+            }));
+            let namespace_algorithm = cluster
+                .namespaces
+                .get(&service.key.namespace)
+                .and_then(|ns| ns.lb_algorithm);
+            let (key, entry) = match old.next_if(|(key, _)| *key == service.key) {
+                Some((key, m))
+                    if Arc::ptr_eq(&m.service, service)
+                        && m.namespace_algorithm == namespace_algorithm
+                        && m.zone == zone
+                        && m.slices.len() == own_slices.len()
+                        && m.slices
+                            .iter()
+                            .zip(&own_slices)
+                            .all(|(a, b)| Arc::ptr_eq(a, b)) =>
+                {
+                    (key, m)
+                }
+                _ => {
+                    let plain: Vec<&EndpointSlice> = own_slices.iter().map(|s| &***s).collect();
+                    let algorithm = service
+                        .lb_algorithm
+                        .or(namespace_algorithm)
+                        .unwrap_or(self.ctx.default_algorithm);
+                    let topology = Topology {
+                        node: &self.ctx.node_name,
+                        zone: zone.as_deref(),
+                    };
+                    let frontends =
+                        service_frontends(service, &plain, algorithm, topology, &self.ctx);
+                    let entry = Memo {
+                        service: service.clone(),
+                        namespace_algorithm,
+                        zone: zone.clone(),
+                        slices: own_slices.iter().map(|s| (*s).clone()).collect(),
+                        frontends: frontends
+                            .into_iter()
+                            .map(|(f, e)| (f, Arc::new(e)))
+                            .collect(),
+                    };
+                    (service.key.clone(), entry)
+                }
+            };
+            compiled.extend(entry.frontends.iter().cloned());
+            self.memo.push((key, entry));
+        }
+        // After every Service: a Service keeps a frontend a hostPort claims too.
+        compiled.extend(
+            host_ports
+                .iter()
+                .flat_map(|p| host_port_frontends(p, &self.ctx)),
+        );
+        // A stable sort keeps the Services' key order among equal frontends:
+        // the first Service keeps a frontend claimed twice.
+        compiled.sort_by_key(|(frontend, _)| *frontend);
+        let mut state = LbState::default();
+        let mut unique: Vec<(Frontend, Arc<FrontendEntry>)> = Vec::with_capacity(compiled.len());
+        for (frontend, entry) in compiled {
+            match unique.last() {
+                Some((last, owner)) if *last == frontend => state.conflicts.push(format!(
+                    "{frontend} of {} port {:?} is already {}'s port {:?}",
+                    entry.service, entry.port_name, owner.service, owner.port_name
+                )),
+                _ => unique.push((frontend, entry)),
+            }
+        }
+        state.frontends = unique.into_iter().collect();
+        state
+    }
+}
+
+/// A hostPort on its address, or on every node address: the pod is its
+/// only backend, and the client keeps its address (a hostPort is DNAT only,
+/// as the portmap plugin does it; the pod is on this node).
+fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc<FrontendEntry>)> {
+    let entry = Arc::new(FrontendEntry {
+        service: ServiceKey::new("hostPort", port.pod.clone()),
+        port_name: String::new(),
+        kind: FrontendKind::HostPort,
+        backends: vec![BackendAddr {
+            ip: port.pod_ip,
+            port: port.container_port,
+            protocol: port.protocol,
+        }],
+        affinity_timeout: None,
+        algorithm: LbAlgorithm::Random,
+        maglev: None,
+        external_traffic_local: true,
+        no_local_backend: false,
+        source_ranges: None,
+    });
+    let ips = match port.host_ip {
+        Some(ip) => vec![ip],
+        None => ctx.node_ips.clone(),
+    };
+    ips.into_iter()
+        .map(|ip| {
+            let frontend = at(ip, port.host_port, port.protocol, Scope::External);
+            (frontend, entry.clone())
+        })
+        .collect()
+}
+
+/// Where this node is, for endpoints' topology hints.
+#[derive(Clone, Copy)]
+struct Topology<'a> {
+    node: &'a str,
+    zone: Option<&'a str>,
+}
+
+/// Every frontend of one Service, in port order.
+fn service_frontends(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    algorithm: LbAlgorithm,
+    topology: Topology,
+    ctx: &NodeContext,
+) -> Vec<(Frontend, FrontendEntry)> {
+    let mut out = Vec::new();
+    if service.service_type == ServiceType::ExternalName || service.is_headless() {
+        return out;
+    }
+    for port in &service.ports {
+        if port.protocol != Protocol::Sctp {
+            compile_port(&mut out, service, port, slices, algorithm, topology, ctx);
+        }
+    }
+    out
+}
+
+/// A backend candidate: one address of one endpoint, with its conditions.
+struct Candidate<'a> {
+    addr: BackendAddr,
+    endpoint: &'a Endpoint,
+}
+
+/// A backend set with its Maglev table, computed once and shared by every
+/// frontend of the port that uses it.
+struct Pool {
+    backends: Vec<BackendAddr>,
+    maglev: Option<Vec<u32>>,
+}
+
+fn compile_port(
+    compiled: &mut Vec<(Frontend, FrontendEntry)>,
+    service: &Service,
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    algorithm: LbAlgorithm,
+    topology: Topology,
+    ctx: &NodeContext,
+) {
+    let pool = |backends: Vec<BackendAddr>| Pool {
+        maglev: maglev_table(algorithm, &backends, ctx.maglev_table_size),
+        backends,
+    };
+    let candidates = candidates(port, slices);
+    // Topology hints steer cluster-wide traffic only; Local policies
+    // already keep it on the node.
+    let all = match topology_filter(&candidates, topology) {
+        Some(close) => pool(select(
+            service,
+            candidates.iter().filter(|c| close.keeps(c.endpoint)),
+        )),
+        None => pool(select(service, candidates.iter())),
+    };
+    let is_local = |c: &&Candidate| c.endpoint.node_name.as_deref() == Some(&ctx.node_name);
+    // Only Local traffic policies need the node-local set (and its table).
+    let local = LazyCell::new(|| pool(select(service, candidates.iter().filter(is_local))));
+
+    // (frontend, kind, pool, external_traffic_local)
+    let mut out: Vec<(Frontend, FrontendKind, &Pool, bool)> = Vec::new();
+    let cluster_ip_pool = match service.internal_traffic_policy {
+        TrafficPolicy::Cluster => &all,
+        TrafficPolicy::Local => &*local,
+    };
+    for &ip in &service.cluster_ips {
+        out.push((
+            at(ip, port.port, port.protocol, Scope::External),
+            FrontendKind::ClusterIp,
+            cluster_ip_pool,
+            false,
+        ));
+    }
+    for (ip, frontend_port, kind) in external_addresses(service, port, ctx) {
+        let external_scope = at(ip, frontend_port, port.protocol, Scope::External);
+        match service.external_traffic_policy {
+            TrafficPolicy::Cluster => out.push((external_scope, kind, &all, false)),
+            TrafficPolicy::Local => {
+                out.push((external_scope, kind, &*local, true));
+                // In-cluster clients are exempt from ETP (kube-proxy does the
+                // same): they may reach every backend, wherever it runs.
+                let internal_scope = at(ip, frontend_port, port.protocol, Scope::Internal);
+                out.push((internal_scope, kind, &all, false));
+            }
+        }
+    }
+
+    let source_ranges = load_balancer_source_ranges(service, ctx);
+    for (frontend, kind, pool, external_traffic_local) in out {
+        let entry = FrontendEntry {
+            service: service.key.clone(),
+            port_name: port.name.clone(),
+            kind,
+            backends: pool.backends.clone(),
+            affinity_timeout: service.session_affinity_timeout,
+            algorithm,
+            maglev: pool.maglev.clone(),
+            external_traffic_local,
+            no_local_backend: pool.backends.is_empty() && !all.backends.is_empty(),
+            // kube-proxy applies them to the load balancer's addresses only
+            // (a balancer sending to NodePorts hides the client anyway).
+            source_ranges: (kind == FrontendKind::LoadBalancer)
+                .then(|| source_ranges.clone())
+                .flatten(),
+        };
+        compiled.push((frontend, entry));
+    }
+}
+
+/// The Service's `loadBalancerSourceRanges`, and as kube-proxy adds them
+/// when a range holds this node: the load balancer addresses themselves
+/// (a node reaching its own VIP loops back with the VIP as source).
+fn load_balancer_source_ranges(
+    service: &Service,
+    ctx: &NodeContext,
+) -> Option<Vec<ipnetwork::Ipv4Network>> {
+    let mut ranges = service.load_balancer_source_ranges.clone()?;
+    let holds_node = ranges.iter().any(|range| {
+        ctx.node_ips
+            .iter()
+            .any(|ip| !ip.is_unspecified() && range.contains(*ip))
+    });
+    if holds_node {
+        ranges.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .filter_map(|ip| ipnetwork::Ipv4Network::new(*ip, 32).ok()),
+        );
+    }
+    Some(ranges)
+}
+
+/// (ip, port, kind) of every frontend reachable from outside the cluster.
+fn external_addresses(
+    service: &Service,
+    port: &ServicePort,
+    ctx: &NodeContext,
+) -> Vec<(Ipv4Addr, u16, FrontendKind)> {
+    let mut out = Vec::new();
+    // LoadBalancer Services are NodePort Services too.
+    if let (ServiceType::NodePort | ServiceType::LoadBalancer, Some(node_port)) =
+        (service.service_type, port.node_port)
+    {
+        out.extend(
+            ctx.node_ips
+                .iter()
+                .map(|&ip| (ip, node_port, FrontendKind::NodePort)),
+        );
+    }
+    if service.service_type == ServiceType::LoadBalancer {
+        let ingress = service.load_balancer_ips.iter();
+        out.extend(ingress.map(|&ip| (ip, port.port, FrontendKind::LoadBalancer)));
+    }
+    let external_ips = service.external_ips.iter();
+    out.extend(external_ips.map(|&ip| (ip, port.port, FrontendKind::ExternalIp)));
+    out
+}
+
+fn at(ip: Ipv4Addr, port: u16, protocol: Protocol, scope: Scope) -> Frontend {
+    Frontend {
+        ip,
+        port,
+        protocol,
+        scope,
+    }
+}
+
+/// kube-proxy's count for a Service's health check: its ready endpoints on
+/// `node_name`, once per Service port that resolves on them.
+pub fn local_ready_endpoints(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node_name: &str,
+) -> usize {
+    service
+        .ports
+        .iter()
+        .map(|port| {
+            candidates(port, slices)
+                .iter()
+                .filter(|c| c.endpoint.ready && c.endpoint.node_name.as_deref() == Some(node_name))
+                .map(|c| c.addr)
+                .collect::<BTreeSet<_>>()
+                .len()
+        })
+        .sum()
+}
+
+/// Every (endpoint address, backend port) the Service port could use,
+/// whatever the endpoint's conditions.
+fn candidates<'a>(port: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<Candidate<'a>> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let backend_port = match &slice.ports {
+            // Named targetPorts were resolved by whoever wrote the slice:
+            // its port of the same name and protocol carries the number.
+            Some(ports) => ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+                .map(|p| p.port),
+            None => match port.target_port {
+                TargetPort::Number(n) => Some(n),
+                // Nothing to resolve the name through.
+                TargetPort::Name(_) => None,
+            },
+        };
+        let Some(backend_port) = backend_port else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            for &ip in &endpoint.addresses {
+                let addr = BackendAddr {
+                    ip,
+                    port: backend_port,
+                    protocol: port.protocol,
+                };
+                out.push(Candidate { addr, endpoint });
+            }
+        }
+    }
+    out
+}
+
+/// Kubernetes' endpoint choice: ready endpoints; only when none is ready,
+/// the serving ones that are terminating (so a rolling update never leaves a
+/// Service with nothing). publishNotReadyAddresses takes them all.
+fn select<'a>(
+    service: &Service,
+    candidates: impl Iterator<Item = &'a Candidate<'a>> + Clone,
+) -> Vec<BackendAddr> {
+    let pick = |keep: fn(&Endpoint) -> bool| -> BTreeSet<BackendAddr> {
+        candidates
+            .clone()
+            .filter(|c| keep(c.endpoint))
+            .map(|c| c.addr)
+            .collect()
+    };
+    let chosen = if service.publish_not_ready_addresses {
+        pick(|_| true)
+    } else {
+        let ready = pick(|e| e.ready);
+        if ready.is_empty() {
+            pick(|e| e.serving && e.terminating)
+        } else {
+            ready
+        }
+    };
+    chosen.into_iter().collect()
+}
+
+/// kube-proxy's reading of topology hints: when every ready endpoint has
+/// node hints and one is for this node, those for this node; else when
+/// every ready endpoint has zone hints and one is for this node's zone,
+/// those for the zone; else none (every endpoint serves). The hints are
+/// the EndpointSlice controller's answer to `trafficDistribution`
+/// (PreferClose, PreferSameZone, PreferSameNode) and to the
+/// `service.kubernetes.io/topology-mode: Auto` annotation.
+fn topology_filter<'t>(candidates: &[Candidate], topology: Topology<'t>) -> Option<Close<'t>> {
+    let ready: Vec<&Endpoint> = candidates
+        .iter()
+        .map(|c| c.endpoint)
+        .filter(|e| e.ready)
+        .collect();
+    if ready.is_empty() {
+        return None;
+    }
+    let all_have = |hints: fn(&Endpoint) -> &[String]| ready.iter().all(|e| !hints(e).is_empty());
+    let one_for = |hints: fn(&Endpoint) -> &[String], wanted: &str| {
+        ready.iter().any(|e| hints(e).iter().any(|h| h == wanted))
+    };
+    let node = topology.node;
+    if all_have(|e| &e.node_hints) && one_for(|e| &e.node_hints, node) {
+        return Some(Close::Node(node));
+    }
+    let zone = topology.zone?;
+    if all_have(|e| &e.zone_hints) && one_for(|e| &e.zone_hints, zone) {
+        return Some(Close::Zone(zone));
+    }
+    None
+}
+
+/// The endpoints topology hints keep: those hinted for this node, or for
+/// its zone.
+enum Close<'a> {
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+impl Close<'_> {
+    fn keeps(&self, endpoint: &Endpoint) -> bool {
+        match self {
+            Close::Node(node) => endpoint.node_hints.iter().any(|h| h == node),
+            Close::Zone(zone) => endpoint.zone_hints.iter().any(|h| h == zone),
+        }
+    }
+}
+
+fn maglev_table(algorithm: LbAlgorithm, backends: &[BackendAddr], size: u32) -> Option<Vec<u32>> {
+    if algorithm != LbAlgorithm::Maglev || backends.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = backends.iter().map(BackendAddr::to_string).collect();
+    Some(maglev::table(&names, size))
+}
+
+#[cfg(test)]
+mod tests;

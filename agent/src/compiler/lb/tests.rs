@@ -1,0 +1,835 @@
+//! Unit tests of the parent module.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::model::EndpointPort;
+use std::sync::Arc;
+
+const NODE: &str = "node-a";
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(192, 168, 1, 10),
+    Ipv4Addr::new(192, 168, 1, 11),
+];
+
+fn ctx() -> NodeContext {
+    NodeContext {
+        node_name: NODE.into(),
+        node_ips: NODE_IPS.to_vec(),
+        maglev_table_size: 251,
+        default_algorithm: LbAlgorithm::Random,
+    }
+}
+
+fn port(name: &str, protocol: Protocol, port: u16, target: TargetPort) -> ServicePort {
+    ServicePort {
+        name: name.into(),
+        protocol,
+        port,
+        target_port: target,
+        node_port: None,
+    }
+}
+
+/// ClusterIP `web` on 10.96.0.10:80 -> targetPort "http".
+fn web() -> Service {
+    Service {
+        key: ServiceKey::new("default", "web"),
+        service_type: ServiceType::ClusterIp,
+        cluster_ips: vec![CLUSTER_IP],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        ports: vec![port(
+            "http",
+            Protocol::Tcp,
+            80,
+            TargetPort::Name("http".into()),
+        )],
+        session_affinity_timeout: None,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        publish_not_ready_addresses: false,
+        health_check_node_port: None,
+        load_balancer_source_ranges: None,
+        lb_algorithm: None,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum State {
+    Ready,
+    NotReady,
+    /// Terminating, still serving.
+    Draining,
+    /// Terminating, no longer serving.
+    Gone,
+}
+
+fn ep(ip: &str, node: &str, state: State) -> Endpoint {
+    let (ready, serving, terminating) = match state {
+        State::Ready => (true, true, false),
+        State::NotReady => (false, false, false),
+        State::Draining => (false, true, true),
+        State::Gone => (false, false, true),
+    };
+    Endpoint {
+        addresses: vec![ip.parse().unwrap()],
+        ready,
+        serving,
+        terminating,
+        node_name: Some(node.into()),
+        zone_hints: vec![],
+        node_hints: vec![],
+    }
+}
+
+/// A slice of `web` whose "http" port is `http`.
+fn slice(name: &str, http: u16, endpoints: Vec<Endpoint>) -> EndpointSlice {
+    slice_with_ports(name, Some(vec![("http", Protocol::Tcp, http)]), endpoints)
+}
+
+fn slice_with_ports(
+    name: &str,
+    ports: Option<Vec<(&str, Protocol, u16)>>,
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
+    EndpointSlice {
+        key: ("default".into(), name.into()),
+        service: ServiceKey::new("default", "web"),
+        ports: ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|(name, protocol, port)| EndpointPort {
+                    name: name.into(),
+                    port,
+                    protocol,
+                })
+                .collect()
+        }),
+        endpoints,
+    }
+}
+
+fn cluster(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Cluster {
+    Cluster {
+        services: services
+            .into_iter()
+            .map(|s| (s.key.clone(), Arc::new(s)))
+            .collect(),
+        slices: slices
+            .into_iter()
+            .map(|s| (s.key.clone(), Arc::new(s)))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn at(ip: Ipv4Addr, port: u16, scope: Scope) -> Frontend {
+    Frontend {
+        ip,
+        port,
+        protocol: Protocol::Tcp,
+        scope,
+    }
+}
+
+fn backends_of(state: &LbState, frontend: Frontend) -> Vec<String> {
+    let entry = state.frontends.get(&frontend).unwrap_or_else(|| {
+        panic!(
+            "no {frontend}; have {:?}",
+            state.frontends.keys().collect::<Vec<_>>()
+        )
+    });
+    entry
+        .backends
+        .iter()
+        .map(|b| format!("{}:{}", b.ip, b.port))
+        .collect()
+}
+
+fn cluster_ip_backends(state: &LbState) -> Vec<String> {
+    backends_of(state, at(CLUSTER_IP, 80, Scope::External))
+}
+
+#[test]
+fn cluster_ip_spreads_over_ready_backends_of_every_slice() {
+    let c = cluster(
+        vec![web()],
+        vec![
+            slice(
+                "web-a",
+                8080,
+                vec![
+                    ep("10.0.1.2", NODE, State::Ready),
+                    ep("10.0.1.1", NODE, State::Ready),
+                ],
+            ),
+            // The same pod listed twice (e.g. during a slice rebalance) is one backend.
+            slice(
+                "web-b",
+                8080,
+                vec![
+                    ep("10.0.2.1", "node-b", State::Ready),
+                    ep("10.0.1.1", NODE, State::Ready),
+                ],
+            ),
+        ],
+    );
+    let state = compile(&c, &ctx());
+    assert_eq!(state.frontends.len(), 1);
+    assert_eq!(
+        cluster_ip_backends(&state),
+        ["10.0.1.1:8080", "10.0.1.2:8080", "10.0.2.1:8080"]
+    );
+    let entry = state.frontends.values().next().unwrap();
+    assert_eq!(
+        (entry.kind, entry.port_name.as_str()),
+        (FrontendKind::ClusterIp, "http")
+    );
+    assert!(
+        !entry.external_traffic_local && entry.maglev.is_none() && entry.affinity_timeout.is_none()
+    );
+    assert!(state.conflicts.is_empty());
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+    let mixed = vec![
+        ep("10.0.1.1", NODE, State::Ready),
+        ep("10.0.1.2", NODE, State::NotReady),
+        ep("10.0.1.3", NODE, State::Draining),
+        ep("10.0.1.4", NODE, State::Gone),
+    ];
+    let state = compile(
+        &cluster(vec![web()], vec![slice("web-a", 8080, mixed.clone())]),
+        &ctx(),
+    );
+    assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+
+    let none_ready = mixed[1..].to_vec();
+    let state = compile(
+        &cluster(vec![web()], vec![slice("web-a", 8080, none_ready.clone())]),
+        &ctx(),
+    );
+    assert_eq!(cluster_ip_backends(&state), ["10.0.1.3:8080"]);
+
+    let mut publish = web();
+    publish.publish_not_ready_addresses = true;
+    let state = compile(
+        &cluster(vec![publish], vec![slice("web-a", 8080, mixed)]),
+        &ctx(),
+    );
+    assert_eq!(cluster_ip_backends(&state).len(), 4);
+}
+
+#[test]
+fn named_target_port_resolves_per_slice() {
+    let c = cluster(
+        vec![web()],
+        vec![
+            slice("web-v1", 8080, vec![ep("10.0.1.1", NODE, State::Ready)]),
+            slice("web-v2", 9090, vec![ep("10.0.2.1", NODE, State::Ready)]),
+            // No ports: a named targetPort has nothing to resolve through.
+            slice_with_ports("web-bare", None, vec![ep("10.0.3.1", NODE, State::Ready)]),
+            // A port of another name or protocol is not this one.
+            slice_with_ports(
+                "web-udp",
+                Some(vec![
+                    ("http", Protocol::Udp, 7070),
+                    ("metrics", Protocol::Tcp, 9100),
+                ]),
+                vec![ep("10.0.4.1", NODE, State::Ready)],
+            ),
+        ],
+    );
+    let state = compile(&c, &ctx());
+    assert_eq!(
+        cluster_ip_backends(&state),
+        ["10.0.1.1:8080", "10.0.2.1:9090"]
+    );
+
+    // A numeric targetPort serves slices without ports.
+    let mut numeric = web();
+    numeric.ports[0].target_port = TargetPort::Number(8000);
+    let state = compile(
+        &cluster(
+            vec![numeric],
+            vec![slice_with_ports(
+                "web-bare",
+                None,
+                vec![ep("10.0.3.1", NODE, State::Ready)],
+            )],
+        ),
+        &ctx(),
+    );
+    assert_eq!(cluster_ip_backends(&state), ["10.0.3.1:8000"]);
+}
+
+#[test]
+fn every_port_of_a_multi_port_service_is_a_frontend() {
+    let mut dns = web();
+    dns.ports = vec![
+        port("dns", Protocol::Udp, 53, TargetPort::Number(53)),
+        port("dns-tcp", Protocol::Tcp, 53, TargetPort::Number(53)),
+        port("sctp", Protocol::Sctp, 9999, TargetPort::Number(9999)),
+    ];
+    let ports = vec![
+        ("dns", Protocol::Udp, 5353),
+        ("dns-tcp", Protocol::Tcp, 5354),
+        ("sctp", Protocol::Sctp, 9999),
+    ];
+    let state = compile(
+        &cluster(
+            vec![dns],
+            vec![slice_with_ports(
+                "dns-a",
+                Some(ports),
+                vec![ep("10.0.1.1", NODE, State::Ready)],
+            )],
+        ),
+        &ctx(),
+    );
+    let summary: Vec<(String, Vec<String>)> = state
+        .frontends
+        .iter()
+        .map(|(f, e)| {
+            (
+                f.to_string(),
+                e.backends.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    // SCTP is not compiled.
+    assert_eq!(
+        summary,
+        [
+            (
+                "10.96.0.10:53/TCP".to_string(),
+                vec!["10.0.1.1:5354/TCP".to_string()]
+            ),
+            (
+                "10.96.0.10:53/UDP".to_string(),
+                vec!["10.0.1.1:5353/UDP".to_string()]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn node_port_listens_on_every_node_ip() {
+    let mut svc = web();
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30080);
+    svc.session_affinity_timeout = Some(600);
+    let state = compile(
+        &cluster(
+            vec![svc],
+            vec![slice(
+                "web-a",
+                8080,
+                vec![ep("10.0.1.1", "node-b", State::Ready)],
+            )],
+        ),
+        &ctx(),
+    );
+    assert_eq!(state.frontends.len(), 3);
+    for ip in NODE_IPS {
+        let entry = &state.frontends[&at(ip, 30080, Scope::External)];
+        assert_eq!(entry.kind, FrontendKind::NodePort);
+        assert_eq!(entry.affinity_timeout, Some(600));
+        assert_eq!(
+            backends_of(&state, at(ip, 30080, Scope::External)),
+            ["10.0.1.1:8080"]
+        );
+    }
+    assert_eq!(
+        state.frontends[&at(CLUSTER_IP, 80, Scope::External)].affinity_timeout,
+        Some(600)
+    );
+}
+
+/// A hostPort listens on every node address (or its hostIP) with the
+/// pod as its only backend, keeps the client address, and yields to a
+/// Service frontend on the same address and port.
+#[test]
+fn host_ports_are_frontends_services_win() {
+    let host_port = |host_ip, host_port| HostPort {
+        pod: "c0ffee".into(),
+        pod_ip: Ipv4Addr::new(10, 244, 0, 7),
+        host_ip,
+        host_port,
+        container_port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut svc = web();
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30080);
+    let ports = [host_port(None, 8080), host_port(Some(NODE_IPS[1]), 30080)];
+    let state = LbCompiler::new(ctx()).compile(&cluster(vec![svc], vec![]), &ports);
+    for ip in NODE_IPS {
+        let entry = &state.frontends[&at(ip, 8080, Scope::External)];
+        assert_eq!(entry.kind, FrontendKind::HostPort);
+        assert_eq!(entry.service.to_string(), "hostPort/c0ffee");
+        assert!(entry.external_traffic_local);
+        assert_eq!(
+            backends_of(&state, at(ip, 8080, Scope::External)),
+            ["10.244.0.7:80"]
+        );
+    }
+    let node_port = &state.frontends[&at(NODE_IPS[1], 30080, Scope::External)];
+    assert_eq!(node_port.kind, FrontendKind::NodePort);
+    assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
+    assert!(state.conflicts[0].contains("hostPort/c0ffee"));
+    // ClusterIP, two NodePorts, two hostPorts.
+    assert_eq!(state.frontends.len(), 5);
+}
+
+#[test]
+fn load_balancer_ingress_and_external_ips() {
+    let lb_ip = Ipv4Addr::new(203, 0, 113, 7);
+    let external_ip = Ipv4Addr::new(198, 51, 100, 9);
+    let mut svc = web();
+    svc.service_type = ServiceType::LoadBalancer;
+    svc.ports[0].node_port = Some(31000);
+    svc.load_balancer_ips = vec![lb_ip];
+    svc.external_ips = vec![external_ip];
+    let state = compile(
+        &cluster(
+            vec![svc],
+            vec![slice(
+                "web-a",
+                8080,
+                vec![ep("10.0.1.1", NODE, State::Ready)],
+            )],
+        ),
+        &ctx(),
+    );
+    let kinds: Vec<(String, FrontendKind)> = state
+        .frontends
+        .iter()
+        .map(|(f, e)| (f.to_string(), e.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("10.96.0.10:80/TCP".into(), FrontendKind::ClusterIp),
+            ("192.168.1.10:31000/TCP".into(), FrontendKind::NodePort),
+            ("192.168.1.11:31000/TCP".into(), FrontendKind::NodePort),
+            ("198.51.100.9:80/TCP".into(), FrontendKind::ExternalIp),
+            ("203.0.113.7:80/TCP".into(), FrontendKind::LoadBalancer),
+        ]
+    );
+    assert!(state.frontends.values().all(|e| e.backends.len() == 1));
+}
+
+#[test]
+fn external_traffic_policy_local_splits_outside_and_inside_clients() {
+    let mut svc = web();
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30080);
+    svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
+    svc.external_traffic_policy = TrafficPolicy::Local;
+    let endpoints = vec![
+        ep("10.0.1.1", NODE, State::Ready),
+        ep("10.0.2.1", "node-b", State::Ready),
+    ];
+    let state = compile(
+        &cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]),
+        &ctx(),
+    );
+
+    for (ip, port) in [
+        (NODE_IPS[0], 30080),
+        (NODE_IPS[1], 30080),
+        (Ipv4Addr::new(198, 51, 100, 9), 80),
+    ] {
+        let outside = &state.frontends[&at(ip, port, Scope::External)];
+        assert!(outside.external_traffic_local);
+        assert_eq!(
+            backends_of(&state, at(ip, port, Scope::External)),
+            ["10.0.1.1:8080"]
+        );
+        let inside = &state.frontends[&at(ip, port, Scope::Internal)];
+        assert!(!inside.external_traffic_local);
+        assert_eq!(
+            backends_of(&state, at(ip, port, Scope::Internal)),
+            ["10.0.1.1:8080", "10.0.2.1:8080"]
+        );
+    }
+    // ETP does not touch the ClusterIP.
+    assert_eq!(cluster_ip_backends(&state).len(), 2);
+    assert_eq!(state.frontends.len(), 7);
+}
+
+#[test]
+fn local_policies_fall_back_to_local_terminating_endpoints() {
+    let mut svc = web();
+    svc.internal_traffic_policy = TrafficPolicy::Local;
+    // Ready elsewhere, only draining here: the local choice is made
+    // among local endpoints (as kube-proxy does).
+    let endpoints = vec![
+        ep("10.0.1.1", NODE, State::Draining),
+        ep("10.0.2.1", "node-b", State::Ready),
+    ];
+    let state = compile(
+        &cluster(vec![svc.clone()], vec![slice("web-a", 8080, endpoints)]),
+        &ctx(),
+    );
+    assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+
+    let endpoints = vec![
+        ep("10.0.1.1", NODE, State::Ready),
+        ep("10.0.2.1", "node-b", State::Ready),
+    ];
+    let state = compile(
+        &cluster(vec![svc.clone()], vec![slice("web-a", 8080, endpoints)]),
+        &ctx(),
+    );
+    assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+
+    // No local endpoint: the frontend stays, with nothing to refuse from.
+    let endpoints = vec![ep("10.0.2.1", "node-b", State::Ready)];
+    let state = compile(
+        &cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]),
+        &ctx(),
+    );
+    assert!(cluster_ip_backends(&state).is_empty());
+}
+
+#[test]
+fn headless_and_external_name_services_have_no_frontends() {
+    let mut headless = web();
+    headless.cluster_ips.clear();
+    let mut alias = web();
+    alias.key = ServiceKey::new("default", "alias");
+    alias.service_type = ServiceType::ExternalName;
+    alias.external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
+    let state = compile(
+        &cluster(
+            vec![headless, alias],
+            vec![slice(
+                "web-a",
+                8080,
+                vec![ep("10.0.1.1", NODE, State::Ready)],
+            )],
+        ),
+        &ctx(),
+    );
+    assert_eq!(state, LbState::default());
+}
+
+#[test]
+fn a_service_without_endpoints_keeps_its_frontend() {
+    let mut svc = web();
+    svc.lb_algorithm = Some(LbAlgorithm::Maglev);
+    let state = compile(&cluster(vec![svc], vec![]), &ctx());
+    let entry = &state.frontends[&at(CLUSTER_IP, 80, Scope::External)];
+    assert!(entry.backends.is_empty());
+    assert_eq!(
+        (entry.algorithm, &entry.maglev),
+        (LbAlgorithm::Maglev, &None)
+    );
+}
+
+#[test]
+fn maglev_table_only_for_maglev_services_with_backends() {
+    let endpoints = vec![
+        ep("10.0.1.1", NODE, State::Ready),
+        ep("10.0.1.2", NODE, State::Ready),
+    ];
+    let slices = vec![slice("web-a", 8080, endpoints)];
+    let maglev_of = |annotation, default| {
+        let mut svc = web();
+        svc.lb_algorithm = annotation;
+        let ctx = NodeContext {
+            default_algorithm: default,
+            ..ctx()
+        };
+        let state = compile(&cluster(vec![svc], slices.clone()), &ctx);
+        let entry = state.frontends.into_values().next().unwrap();
+        (entry.algorithm, entry.maglev.clone())
+    };
+    let (algorithm, table) = maglev_of(Some(LbAlgorithm::Maglev), LbAlgorithm::Random);
+    let table = table.unwrap();
+    assert_eq!((algorithm, table.len()), (LbAlgorithm::Maglev, 251));
+    assert!(table.iter().all(|&i| i < 2) && table.contains(&0) && table.contains(&1));
+    assert!(maglev_of(None, LbAlgorithm::Maglev).1.is_some());
+    assert_eq!(
+        maglev_of(None, LbAlgorithm::Random),
+        (LbAlgorithm::Random, None)
+    );
+    assert_eq!(
+        maglev_of(Some(LbAlgorithm::Random), LbAlgorithm::Maglev),
+        (LbAlgorithm::Random, None)
+    );
+}
+
+#[test]
+fn the_namespace_annotation_is_the_default_of_its_services() {
+    let slices = vec![slice(
+        "web-a",
+        8080,
+        vec![ep("10.0.1.1", NODE, State::Ready)],
+    )];
+    let mut c = cluster(vec![web()], slices);
+    let mut compiler = LbCompiler::new(ctx());
+    let algorithm = |state: &LbState| state.frontends.values().next().unwrap().algorithm;
+    assert_eq!(algorithm(&compiler.compile(&c, &[])), LbAlgorithm::Random);
+    let namespace = |lb_algorithm| {
+        Arc::new(crate::model::Namespace {
+            name: "default".into(),
+            lb_algorithm,
+            labels: Default::default(),
+        })
+    };
+    // A kept compiler notices the namespace's change alone.
+    c.namespaces
+        .insert("default".into(), namespace(Some(LbAlgorithm::Maglev)));
+    assert_eq!(algorithm(&compiler.compile(&c, &[])), LbAlgorithm::Maglev);
+    // The Service's own annotation wins.
+    let mut svc = web();
+    svc.lb_algorithm = Some(LbAlgorithm::Random);
+    c.services.insert(svc.key.clone(), Arc::new(svc));
+    assert_eq!(algorithm(&compiler.compile(&c, &[])), LbAlgorithm::Random);
+}
+
+#[test]
+fn a_frontend_claimed_twice_stays_with_the_first_service() {
+    let mut other = web();
+    other.key = ServiceKey::new("default", "zz-other");
+    let state = compile(&cluster(vec![web(), other], vec![]), &ctx());
+    assert_eq!(state.frontends.len(), 1);
+    assert_eq!(state.frontends.values().next().unwrap().service.name, "web");
+    assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
+    assert!(state.conflicts[0].contains("default/zz-other"));
+}
+
+#[test]
+fn a_kept_compiler_recompiles_only_the_changed_service() {
+    let mut api = web();
+    api.key = ServiceKey::new("default", "api");
+    api.cluster_ips = vec![Ipv4Addr::new(10, 96, 0, 11)];
+    let mut api_slice = slice("api-a", 9090, vec![ep("10.0.3.1", NODE, State::Ready)]);
+    api_slice.service = api.key.clone();
+    let web_slice = slice("web-a", 8080, vec![ep("10.0.1.1", NODE, State::Ready)]);
+    let mut c = cluster(vec![web(), api], vec![web_slice, api_slice]);
+    let mut compiler = LbCompiler::new(ctx());
+    let first = compiler.compile(&c, &[]);
+    assert_eq!(first.frontends.len(), 2);
+
+    // A new web slice object (one more endpoint); api's objects stay.
+    let web_slice = slice(
+        "web-a",
+        8080,
+        vec![
+            ep("10.0.1.1", NODE, State::Ready),
+            ep("10.0.1.2", NODE, State::Ready),
+        ],
+    );
+    c.slices.insert(web_slice.key.clone(), Arc::new(web_slice));
+    let second = compiler.compile(&c, &[]);
+    let web_at = at(CLUSTER_IP, 80, Scope::External);
+    let api_at = at(Ipv4Addr::new(10, 96, 0, 11), 80, Scope::External);
+    assert!(Arc::ptr_eq(
+        &first.frontends[&api_at],
+        &second.frontends[&api_at]
+    ));
+    assert!(!Arc::ptr_eq(
+        &first.frontends[&web_at],
+        &second.frontends[&web_at]
+    ));
+    assert_eq!(
+        cluster_ip_backends(&second),
+        ["10.0.1.1:8080", "10.0.1.2:8080"]
+    );
+    // Same result as compiling from scratch.
+    assert_eq!(second, compile(&c, &ctx()));
+
+    // A removed Service leaves the memo and the state.
+    c.services.remove(&ServiceKey::new("default", "api"));
+    let third = compiler.compile(&c, &[]);
+    assert_eq!(third.frontends.len(), 1);
+    assert!(compiler.memo.len() == 1);
+}
+
+/// An endpoint with topology hints.
+fn hinted(ip: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
+    Endpoint {
+        zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+        node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+        ..ep(ip, node, State::Ready)
+    }
+}
+
+/// `web` with `endpoints`, compiled on NODE in `zone`.
+fn in_zone(zone: Option<&str>, endpoints: Vec<Endpoint>) -> LbState {
+    let mut c = cluster(vec![web()], vec![slice("web-a", 8080, endpoints)]);
+    let node = crate::model::Node {
+        name: NODE.into(),
+        internal_ip: None,
+        pod_cidrs: vec![],
+        zone: zone.map(str::to_owned),
+        to_be_deleted: false,
+    };
+    c.nodes.insert(NODE.into(), Arc::new(node));
+    compile(&c, &ctx())
+}
+
+#[test]
+fn zone_hints_keep_cluster_traffic_in_the_node_zone() {
+    let hinted_endpoints = || {
+        vec![
+            hinted("10.0.1.1", NODE, &["zone-a"], &[]),
+            hinted("10.0.2.1", "node-b", &["zone-a"], &[]),
+            hinted("10.0.3.1", "node-c", &["zone-b"], &[]),
+        ]
+    };
+    let state = in_zone(Some("zone-a"), hinted_endpoints());
+    assert_eq!(
+        cluster_ip_backends(&state),
+        ["10.0.1.1:8080", "10.0.2.1:8080"]
+    );
+    let state = in_zone(Some("zone-b"), hinted_endpoints());
+    assert_eq!(cluster_ip_backends(&state), ["10.0.3.1:8080"]);
+    // No endpoint for this zone, or a node without a zone label, or
+    // one ready endpoint without hints: the hints are ignored.
+    let every = ["10.0.1.1:8080", "10.0.2.1:8080", "10.0.3.1:8080"];
+    assert_eq!(
+        cluster_ip_backends(&in_zone(Some("zone-c"), hinted_endpoints())),
+        every
+    );
+    assert_eq!(
+        cluster_ip_backends(&in_zone(None, hinted_endpoints())),
+        every
+    );
+    let mut partly = hinted_endpoints();
+    partly[2].zone_hints.clear();
+    assert_eq!(cluster_ip_backends(&in_zone(Some("zone-a"), partly)), every);
+    // A not-ready endpoint without hints does not count.
+    let mut with_unready = hinted_endpoints();
+    with_unready.push(ep("10.0.4.1", "node-d", State::NotReady));
+    assert_eq!(
+        cluster_ip_backends(&in_zone(Some("zone-b"), with_unready)),
+        ["10.0.3.1:8080"]
+    );
+}
+
+#[test]
+fn node_hints_win_over_zone_hints() {
+    let state = in_zone(
+        Some("zone-a"),
+        vec![
+            hinted("10.0.1.1", NODE, &["zone-a"], &[NODE]),
+            hinted("10.0.2.1", "node-b", &["zone-a"], &["node-b"]),
+        ],
+    );
+    assert_eq!(cluster_ip_backends(&state), ["10.0.1.1:8080"]);
+    // Not every endpoint has node hints: zones decide.
+    let state = in_zone(
+        Some("zone-a"),
+        vec![
+            hinted("10.0.1.1", NODE, &["zone-a"], &[NODE]),
+            hinted("10.0.2.1", "node-b", &["zone-a"], &[]),
+        ],
+    );
+    assert_eq!(
+        cluster_ip_backends(&state),
+        ["10.0.1.1:8080", "10.0.2.1:8080"]
+    );
+}
+
+#[test]
+fn a_zone_change_of_the_node_recompiles() {
+    let endpoints = vec![
+        hinted("10.0.1.1", NODE, &["zone-a"], &[]),
+        hinted("10.0.3.1", "node-c", &["zone-b"], &[]),
+    ];
+    let mut c = cluster(vec![web()], vec![slice("web-a", 8080, endpoints)]);
+    let node = |zone: &str| {
+        Arc::new(crate::model::Node {
+            name: NODE.into(),
+            internal_ip: None,
+            pod_cidrs: vec![],
+            zone: Some(zone.into()),
+            to_be_deleted: false,
+        })
+    };
+    let mut compiler = LbCompiler::new(ctx());
+    c.nodes.insert(NODE.into(), node("zone-a"));
+    assert_eq!(
+        cluster_ip_backends(&compiler.compile(&c, &[])),
+        ["10.0.1.1:8080"]
+    );
+    c.nodes.insert(NODE.into(), node("zone-b"));
+    assert_eq!(
+        cluster_ip_backends(&compiler.compile(&c, &[])),
+        ["10.0.3.1:8080"]
+    );
+}
+
+#[test]
+fn local_policies_without_a_local_endpoint_drop_instead_of_refusing() {
+    let mut svc = web();
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30080);
+    svc.internal_traffic_policy = TrafficPolicy::Local;
+    svc.external_traffic_policy = TrafficPolicy::Local;
+    // Endpoints elsewhere only: kube-proxy DROPs (not REJECTs).
+    let elsewhere = vec![ep("10.0.2.1", "node-b", State::Ready)];
+    let state = compile(
+        &cluster(vec![svc.clone()], vec![slice("web-a", 8080, elsewhere)]),
+        &ctx(),
+    );
+    let cluster_ip = &state.frontends[&at(CLUSTER_IP, 80, Scope::External)];
+    assert!(cluster_ip.backends.is_empty() && cluster_ip.no_local_backend);
+    let outside = &state.frontends[&at(NODE_IPS[0], 30080, Scope::External)];
+    assert!(outside.backends.is_empty() && outside.no_local_backend);
+    // In-cluster clients of the NodePort may use every endpoint.
+    let inside = &state.frontends[&at(NODE_IPS[0], 30080, Scope::Internal)];
+    assert!(!inside.no_local_backend && inside.backends.len() == 1);
+    // No endpoint anywhere: refused, as for any Service without one.
+    let state = compile(&cluster(vec![svc], vec![]), &ctx());
+    assert!(
+        state
+            .frontends
+            .values()
+            .all(|e| e.backends.is_empty() && !e.no_local_backend)
+    );
+}
+
+#[test]
+fn source_ranges_guard_load_balancer_addresses_only() {
+    let lb_ip = Ipv4Addr::new(203, 0, 113, 7);
+    let mut svc = web();
+    svc.service_type = ServiceType::LoadBalancer;
+    svc.ports[0].node_port = Some(30080);
+    svc.load_balancer_ips = vec![lb_ip];
+    svc.load_balancer_source_ranges = Some(vec!["10.0.0.0/8".parse().unwrap()]);
+    let endpoints = vec![ep("10.0.1.1", NODE, State::Ready)];
+    let c = cluster(
+        vec![svc.clone()],
+        vec![slice("web-a", 8080, endpoints.clone())],
+    );
+    let state = compile(&c, &ctx());
+    let ranges = |ip: Ipv4Addr, port: u16| {
+        state.frontends[&at(ip, port, Scope::External)]
+            .source_ranges
+            .clone()
+    };
+    assert_eq!(ranges(lb_ip, 80), Some(vec!["10.0.0.0/8".parse().unwrap()]));
+    // NodePort and ClusterIP are not guarded (kube-proxy's choice).
+    assert_eq!(ranges(NODE_IPS[0], 30080), None);
+    assert_eq!(ranges(CLUSTER_IP, 80), None);
+    // A range holding the node lets the VIP itself in (hairpin from the node).
+    svc.load_balancer_source_ranges = Some(vec!["192.168.1.0/24".parse().unwrap()]);
+    let c = cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]);
+    let state = compile(&c, &ctx());
+    assert_eq!(
+        state.frontends[&at(lb_ip, 80, Scope::External)].source_ranges,
+        Some(vec![
+            "192.168.1.0/24".parse().unwrap(),
+            "203.0.113.7/32".parse().unwrap()
+        ])
+    );
+}
