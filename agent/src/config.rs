@@ -85,7 +85,7 @@ pub struct AgentArgs {
     /// Maglev table size, a prime up to 16381.
     #[arg(long)]
     pub maglev_table_size: Option<u32>,
-    /// Backend selection for Services without the tern.io/lb-algorithm annotation: random or maglev.
+    /// Backend selection for Services without the tern.io/lb-algorithm annotation: random, maglev, rr, wrr, lc, wlc, sh, dh, sed or nq.
     #[arg(long)]
     pub lb_algorithm: Option<String>,
     /// The cluster's Service CIDR: connections to unused addresses in it are refused.
@@ -383,18 +383,18 @@ impl AgentConfig {
             .maglev_table_size
             .or(file.maglev_table_size)
             .unwrap_or(DEFAULT_MAGLEV_TABLE_SIZE);
-        if !is_prime(maglev_table_size)
-            || maglev_table_size as usize > tern_common::MAGLEV_TABLE_MAX
-        {
+        if !is_prime(maglev_table_size) || maglev_table_size as usize > tern_common::LB_TABLE_MAX {
             anyhow::bail!(
                 "maglev table size {maglev_table_size} must be a prime no larger than {}",
-                tern_common::MAGLEV_TABLE_MAX
+                tern_common::LB_TABLE_MAX
             );
         }
         let lb_algorithm = match args.lb_algorithm.or(file.lb_algorithm).as_deref() {
-            None | Some("random") => LbAlgorithm::Random,
-            Some("maglev") => LbAlgorithm::Maglev,
-            Some(other) => anyhow::bail!("lb algorithm {other:?} is not one of random, maglev"),
+            None => LbAlgorithm::Random,
+            Some(name) => LbAlgorithm::from_name(name).with_context(|| {
+                let known: Vec<&str> = LbAlgorithm::ALL.iter().map(|a| a.name()).collect();
+                format!("lb algorithm {name:?} is not one of {}", known.join(", "))
+            })?,
         };
         let routing_mode = match args.routing_mode.or(file.routing_mode).as_deref() {
             None | Some("overlay") => RoutingMode::Overlay,

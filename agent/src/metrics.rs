@@ -35,6 +35,8 @@ pub struct Metrics {
     services: Gauge,
     sync_duration: Histogram,
     source_errors: Counter,
+    /// Backend connection counters the recount set right.
+    connection_corrections: Counter,
     cni_requests: Family<Labels, Counter>,
     cni_duration: HistogramFamily,
     /// Entry counts of the flow tables, from their last garbage collection
@@ -60,6 +62,7 @@ impl Default for Metrics {
             // 100 µs .. ~3.3 s.
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             source_errors: Counter::default(),
+            connection_corrections: Counter::default(),
             cni_requests: Family::default(),
             // 100 µs .. ~1.6 s: an ADD's agent part is milliseconds.
             cni_duration: Family::new_with_constructor(|| {
@@ -85,6 +88,10 @@ impl Metrics {
 
     pub fn record_source_error(&self) {
         self.source_errors.inc();
+    }
+
+    pub fn record_connection_corrections(&self, corrected: usize) {
+        self.connection_corrections.inc_by(corrected as u64);
     }
 
     pub fn record_cni_request(&self, op: &'static str, ok: bool, took: Duration) {
@@ -366,6 +373,11 @@ impl Metrics {
             "source_errors",
             "Failed list or watch calls to the source (each retried with back-off)",
             self.source_errors.clone(),
+        );
+        registry.register(
+            "lb_connection_corrections",
+            "Backend open-connection counts (least-connection schedulers) the periodic recount found drifted and set right",
+            self.connection_corrections.clone(),
         );
         let age: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64> =
             Default::default();

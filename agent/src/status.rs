@@ -17,7 +17,7 @@ use crate::compiler::lb::{FrontendKind, Scope};
 use crate::compiler::policy::{self, DirectionPolicy};
 use crate::endpoints::EndpointsStatus;
 use crate::metrics::Metrics;
-use crate::model::Cluster;
+use crate::model::{Cluster, LbAlgorithm};
 use crate::policy::PolicyStatus;
 use crate::services::ServicesStatus;
 
@@ -215,8 +215,8 @@ impl StatusView {
                 if let Some(t) = entry.affinity_timeout {
                     flags.push(format!("affinity={t}s"));
                 }
-                if entry.maglev.is_some() {
-                    flags.push("maglev".into());
+                if entry.algorithm != LbAlgorithm::Random {
+                    flags.push(entry.algorithm.name().into());
                 }
                 if entry.external_traffic_local {
                     flags.push("local".into());
@@ -247,6 +247,9 @@ impl StatusView {
                         .iter()
                         .map(|b| format!("{}:{}", b.ip, b.port))
                         .collect(),
+                    algorithm: entry.algorithm.name().into(),
+                    weights: entry.weights.clone(),
+                    connections: Vec::new(),
                 }
             })
             .collect();

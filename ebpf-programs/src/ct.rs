@@ -129,6 +129,11 @@ pub fn lookup<T: FlowTable>(table: &T, p: &Packet) -> Option<CtValue> {
     let mut state = entry.flags & !ct_flags::REPLY;
     if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         state |= ct_flags::CLOSING;
+        if entry.flags & ct_flags::CLOSING == 0 && entry.backend_id != 0 {
+            // The flow's first FIN or RST: its backend has one open
+            // connection less (both entries turn CLOSING together).
+            crate::lb::count_connection(entry.backend_id, -1);
+        }
     }
     if reply && p.tcp_flags & TCP_SYN == 0 {
         state |= ct_flags::ESTABLISHED;
@@ -163,6 +168,7 @@ pub fn lookup<T: FlowTable>(table: &T, p: &Packet) -> Option<CtValue> {
                 last_seen: now,
                 lifetime,
                 flags: state | (!entry.flags & ct_flags::REPLY),
+                backend_id: entry.backend_id,
             };
             // A full table keeps the flow as it is, one direction short.
             let _ = table.put(&other, &partner);
@@ -205,12 +211,24 @@ pub fn claim<T: FlowTable>(table: &T, p: &Packet) {
     table.delete(&reply_key);
 }
 
+/// What a new translated flow records besides its tuples.
+pub struct NewFlow {
+    pub rev_nat_id: u32,
+    /// Replies leave through this device (0: routed).
+    pub reply_ifindex: u32,
+    /// The backend whose open connections count the flow, or 0.
+    pub backend_id: u32,
+}
+
 /// Records a new flow: `p` becomes `to`; replies (the reverse of `to`)
-/// become the reverse of `p` and leave through `reply_ifindex`.
+/// become the reverse of `p` and leave as `flow` says.
 // A leaf call (see `lookup`).
 #[inline(never)]
-pub fn create(p: &Packet, to: &Tuple, rev_nat_id: u32, reply_ifindex: u32) -> Result<(), i64> {
-    let ((reply_key, reply), (key, forward)) = entries(p, to, rev_nat_id, reply_ifindex);
+pub fn create(p: &Packet, to: &Tuple, flow: &NewFlow) -> Result<(), i64> {
+    let ((reply_key, mut reply), (key, mut forward)) =
+        entries(p, to, flow.rev_nat_id, flow.reply_ifindex);
+    forward.backend_id = flow.backend_id;
+    reply.backend_id = flow.backend_id;
     // Reply entry first: a reply can never find its way back untranslated.
     CT.put(&reply_key, &reply)?;
     CT.put(&key, &forward)
@@ -234,6 +252,7 @@ pub fn entries(
         last_seen: now(),
         lifetime: lifetime(p.proto, 0),
         flags: 0,
+        backend_id: 0,
     };
     let reply = CtValue {
         saddr: p.daddr,

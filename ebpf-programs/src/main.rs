@@ -2,6 +2,9 @@
 //! module per concern (pod routing, socket-LB, service selection, maps).
 #![no_std]
 #![no_main]
+// Atomic adds on map values: core has no atomic types for the BPF target.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod arp;
 mod ct;
@@ -82,6 +85,12 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(post_bind4)]
 pub fn sock_post_bind4(ctx: SockContext) -> i32 {
     sock::refuse_node_port_bind(&ctx)
+}
+
+/// A pod's socket is released: its counted socket-LB connection ends.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 #[cfg(not(test))]

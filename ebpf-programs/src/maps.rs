@@ -11,10 +11,11 @@ use aya_ebpf::{
 use tern_common::{
     AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, CT_MAX, CtKey, CtValue,
     DatapathConfig, DropReason, ENDPOINTS_MAX, EndpointInfo, EventBudget, IDENTITIES_MAX,
-    MAGLEV_MAX_SERVICES, MaglevTable, NAT_MAX, NON_MASQUERADE_MAX, POLICY_CIDR_MAX, POLICY_CT_MAX,
-    POLICY_MAX, POLICY_NUMBERS_MAX, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue,
-    PolicyKey, PolicyRuleRef, REVNAT_MAX, Reason, RevNat, SERVICES_MAX, SOCK_REVNAT_MAX,
-    ServiceKey, ServiceValue, SockRevNatKey, SourceRangeKey, TUNNEL_MAX, TunnelEndpoint,
+    LB_SOCKETS_MAX, LB_TABLES_MAX, LbTable, NAT_MAX, NON_MASQUERADE_MAX, POLICY_CIDR_MAX,
+    POLICY_CT_MAX, POLICY_MAX, POLICY_NUMBERS_MAX, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey,
+    PolicyFlowValue, PolicyKey, PolicyRuleRef, REVNAT_MAX, Reason, RevNat, SERVICES_MAX,
+    SOCK_REVNAT_MAX, ServiceKey, ServiceValue, SockRevNatKey, SourceRangeKey, TUNNEL_MAX,
+    TunnelEndpoint,
 };
 
 /// Local pods by IPv4 address (network byte order).
@@ -38,10 +39,20 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAX, BPF_F
 #[map]
 pub static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(REVNAT_MAX, BPF_F_NO_PREALLOC);
 
-/// Maglev lookup tables by rev_nat_id; allocated only for Maglev services.
+/// Lookup tables by rev_nat_id (maglev, wrr, sh, dh frontends only).
 #[map]
-pub static MAGLEV: HashMap<u32, MaglevTable> =
-    HashMap::pinned(MAGLEV_MAX_SERVICES, BPF_F_NO_PREALLOC);
+pub static LB_TABLES: HashMap<u32, LbTable> = HashMap::pinned(LB_TABLES_MAX, BPF_F_NO_PREALLOC);
+
+/// Open connections by backend id, for the least-connection schedulers.
+/// The agent creates and removes a backend's entry with the backend (and
+/// corrects drifted counts); the datapath adds and subtracts atomically.
+#[map]
+pub static CONNECTIONS: HashMap<u32, u32> = HashMap::pinned(BACKENDS_MAX, BPF_F_NO_PREALLOC);
+
+/// Socket-LB connections counted in CONNECTIONS: socket cookie -> backend
+/// id, so the socket's release takes its count back exactly once.
+#[map]
+pub static LB_SOCKETS: LruHashMap<u64, u32> = LruHashMap::pinned(LB_SOCKETS_MAX, 0);
 
 /// sessionAffinity ClientIP: the backend a client last used, per service.
 #[map]

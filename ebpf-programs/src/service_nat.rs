@@ -16,7 +16,7 @@ use tern_common::{
 
 use crate::ct;
 use crate::events;
-use crate::lb::{lookup_service_for_pod, select_backend};
+use crate::lb::{count_connection, counts_connections, lookup_service_for_pod, select_backend};
 use crate::maps::{CT, SERVICES, SOURCE_RANGES, config, count};
 use crate::packet::{Packet, Tuple, ifindex, translate};
 use crate::reject;
@@ -103,19 +103,25 @@ pub fn from_pod(ctx: &TcContext, p: &mut Packet) -> Outcome {
         claim_if_opening(p);
         return Outcome::Route;
     };
-    let mut to = match to_backend(ctx, p, &master, &service, point::FROM_POD) {
-        Ok(to) => to,
+    let (mut to, counted) = match to_backend(ctx, p, &master, &service, point::FROM_POD) {
+        Ok(chosen) => chosen,
         Err(refused) => return refused,
     };
     if to.daddr == p.saddr {
         // Hairpin: the pod would drop a packet from its own address.
         to.saddr = u32::from_ne_bytes(HAIRPIN_ADDR);
     }
-    translate_new(ctx, p, &to, service.rev_nat_id, 0, Reason::LbDnat)
+    let flow = ct::NewFlow {
+        rev_nat_id: service.rev_nat_id,
+        reply_ifindex: 0,
+        backend_id: counted,
+    };
+    translate_new(ctx, p, &to, &flow, Reason::LbDnat)
 }
 
-/// The tuple of `p` sent to one of the service's backends, or the refusal
-/// when it has none.
+/// The tuple of `p` sent to one of the service's backends, with the
+/// backend's id when the flow counts as its open connection (else 0), or
+/// the refusal when it has none.
 // Inlined: BPF calls take at most five arguments (the result is a sixth).
 #[inline(always)]
 fn to_backend(
@@ -124,24 +130,30 @@ fn to_backend(
     master: &ServiceKey,
     service: &ServiceValue,
     at: u8,
-) -> Result<Tuple, Outcome> {
+) -> Result<(Tuple, u32), Outcome> {
     if !source_allowed(service, p.saddr) {
         events::drop(p, DropReason::SourceRangeDenied, at, ifindex(ctx));
         return Err(Outcome::Verdict(TC_ACT_SHOT));
     }
-    let Some(backend) = select_backend(master, service, flow_hash(p), p.saddr as u64) else {
+    let Some(chosen) = select_backend(master, service, flow_hash(p), p.saddr as u64) else {
         if service.flags & service_flags::NO_LOCAL_BACKEND != 0 {
             events::drop(p, DropReason::NoLocalBackend, at, ifindex(ctx));
             return Err(Outcome::Verdict(TC_ACT_SHOT));
         }
         return Err(Outcome::Verdict(refuse(ctx, p, DropReason::NoBackend, at)));
     };
-    Ok(Tuple {
+    let to = Tuple {
         saddr: p.saddr,
-        daddr: backend.addr,
+        daddr: chosen.backend.addr,
         sport: p.sport,
-        dport: backend.port,
-    })
+        dport: chosen.backend.port,
+    };
+    let counted = if counts_connections(service, p.proto) {
+        chosen.id
+    } else {
+        0
+    };
+    Ok((to, counted))
 }
 
 /// `loadBalancerSourceRanges`: the client is in one of the frontend's
@@ -173,8 +185,7 @@ fn translate_new(
     ctx: &TcContext,
     p: &mut Packet,
     to: &Tuple,
-    rev_nat_id: u32,
-    reply_ifindex: u32,
+    flow: &ct::NewFlow,
     reason: Reason,
 ) -> Outcome {
     let (at, path) = if reason == Reason::ExternalDnat {
@@ -182,10 +193,13 @@ fn translate_new(
     } else {
         (point::FROM_POD, service_path::PACKET)
     };
-    if ct::create(p, to, rev_nat_id, reply_ifindex).is_err() {
+    if ct::create(p, to, flow).is_err() {
         count(Reason::CtFull);
         events::drop(p, DropReason::CtFull, at, ifindex(ctx));
         return Outcome::Verdict(TC_ACT_SHOT);
+    }
+    if flow.backend_id != 0 {
+        count_connection(flow.backend_id, 1);
     }
     events::service(p, to.daddr, to.dport, path, at, 0);
     if translate(ctx, p, to).is_err() {
@@ -217,8 +231,8 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
         claim_if_opening(p);
         return Outcome::Route;
     };
-    let mut to = match to_backend(ctx, p, &master, &service, point::FROM_NETDEV) {
-        Ok(to) => to,
+    let (mut to, counted) = match to_backend(ctx, p, &master, &service, point::FROM_NETDEV) {
+        Ok(chosen) => chosen,
         Err(refused) => return refused,
     };
     if service.flags & service_flags::EXTERNAL_LOCAL == 0 {
@@ -246,12 +260,10 @@ pub fn from_netdev(ctx: &TcContext, p: &mut Packet) -> Outcome {
             return Outcome::Verdict(TC_ACT_SHOT);
         }
     }
-    translate_new(
-        ctx,
-        p,
-        &to,
-        service.rev_nat_id,
-        ifindex(ctx),
-        Reason::ExternalDnat,
-    )
+    let flow = ct::NewFlow {
+        rev_nat_id: service.rev_nat_id,
+        reply_ifindex: ifindex(ctx),
+        backend_id: counted,
+    };
+    translate_new(ctx, p, &to, &flow, Reason::ExternalDnat)
 }

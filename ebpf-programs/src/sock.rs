@@ -12,8 +12,8 @@ use tern_common::events::{point, service_path};
 use tern_common::{DropReason, Reason, RevNat, ServiceKey, SockRevNatKey, scope, service_flags};
 
 use crate::events;
-use crate::lb::{lookup_service_for_pod, select_backend};
-use crate::maps::{SERVICES, SOCK_REVNAT, config, count};
+use crate::lb::{count_connection, counts_connections, lookup_service_for_pod, select_backend};
+use crate::maps::{LB_SOCKETS, SERVICES, SOCK_REVNAT, config, count};
 use crate::packet::Packet;
 
 const ALLOW: i32 = 1;
@@ -46,7 +46,7 @@ pub fn translate_to_backend(ctx: &SockAddrContext, at: u8) -> i32 {
     }
     let client = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let hash = unsafe { bpf_get_prandom_u32() };
-    let Some(backend) = select_backend(&master, &service, hash, client) else {
+    let Some(chosen) = select_backend(&master, &service, hash, client) else {
         if service.flags & service_flags::NO_LOCAL_BACKEND != 0 {
             // Dropped, not refused (kube-proxy's DROP): sent on as it is,
             // the per-packet path drops (and reports) its packets.
@@ -57,11 +57,15 @@ pub fn translate_to_backend(ctx: &SockAddrContext, at: u8) -> i32 {
         refuse(ctx, DropReason::NoBackend, at);
         return DENY;
     };
+    let backend = chosen.backend;
     unsafe {
         (*sa).user_ip4 = backend.addr;
         (*sa).user_port = backend.port as u32;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if at == point::SOCK_CONNECT && counts_connections(&service, proto) {
+        count_socket(cookie, chosen.id);
+    }
     let key = SockRevNatKey {
         cookie,
         addr: backend.addr,
@@ -84,6 +88,35 @@ pub fn translate_to_backend(ctx: &SockAddrContext, at: u8) -> i32 {
             at,
             client,
         );
+    }
+    ALLOW
+}
+
+/// A connecting socket counts as an open connection of its backend until
+/// it is released; a socket that connects again moves its count.
+#[inline(never)]
+fn count_socket(cookie: u64, backend_id: u32) {
+    // SAFETY: read at once.
+    if let Some(previous) = unsafe { LB_SOCKETS.get(cookie) }.copied()
+        && LB_SOCKETS.remove(cookie).is_ok()
+    {
+        count_connection(previous, -1);
+    }
+    if LB_SOCKETS.insert(cookie, backend_id, 0).is_ok() {
+        count_connection(backend_id, 1);
+    }
+}
+
+/// sock_release: a counted socket-LB connection ends. Only the program
+/// that removes the socket's entry takes its count back, so two attached
+/// at once (an agent replacing its links) count it once.
+pub fn release(ctx: &SockContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    // SAFETY: read at once.
+    if let Some(backend_id) = unsafe { LB_SOCKETS.get(cookie) }.copied()
+        && LB_SOCKETS.remove(cookie).is_ok()
+    {
+        count_connection(backend_id, -1);
     }
     ALLOW
 }

@@ -217,43 +217,68 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 /// Expired entries of the flow tables (CT: per-packet Services; NAT:
-/// masquerade) are removed every 10 s; then the fill of every map that
-/// refuses or evicts when full is counted.
+/// masquerade) are removed every 10 s; then the backends' open-connection
+/// counts are recounted, and the fill of every map that refuses or evicts
+/// when full is counted.
 async fn conntrack_gc(
     mut tables: Vec<(&'static str, CtMap)>,
     metrics: Arc<Metrics>,
     bpffs_dir: std::path::PathBuf,
 ) {
-    use tern_agent::datapath::{conntrack, fill};
+    use tern_agent::datapath::{connections::Recount, conntrack, fill};
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(10));
+    let mut recount = None;
     loop {
         ticker.tick().await;
         let bpffs_dir = bpffs_dir.clone();
-        let (returned, removed, fills) = match tokio::task::spawn_blocking(move || {
-            let removed: Vec<(&'static str, (usize, usize))> = tables
-                .iter_mut()
-                .map(|(name, table)| (*name, conntrack::collect_garbage(table)))
-                .collect();
-            let fills: Vec<(&'static str, anyhow::Result<(usize, u32)>)> = fill::WATCHED
-                .iter()
-                .map(
-                    |name| match removed.iter().find(|(table, _)| table == name) {
-                        // Just counted by the collection.
-                        Some((_, (_, left))) => {
-                            (*name, fill::capacity(&bpffs_dir, name).map(|c| (*left, c)))
-                        }
-                        None => (*name, fill::fill(&bpffs_dir, name)),
-                    },
-                )
-                .collect();
-            (tables, removed, fills)
-        })
-        .await
-        {
-            Ok(done) => done,
-            Err(_) => return,
-        };
+        let (returned, returned_recount, corrected, removed, fills) =
+            match tokio::task::spawn_blocking(move || {
+                let removed: Vec<(&'static str, (usize, usize))> = tables
+                    .iter_mut()
+                    .map(|(name, table)| (*name, conntrack::collect_garbage(table)))
+                    .collect();
+                if recount.is_none() {
+                    recount = Recount::open(&bpffs_dir)
+                        .inspect_err(|e| {
+                            tracing::warn!("cannot recount backend connections: {e:#}")
+                        })
+                        .ok();
+                }
+                let mut corrected = 0;
+                if let (Some(recount), Some((_, ct))) = (
+                    recount.as_mut(),
+                    tables
+                        .iter()
+                        .find(|(name, _)| *name == tern_common::maps::CT),
+                ) {
+                    let stats = recount.run(ct);
+                    if stats.corrected > 0 {
+                        tracing::info!(?stats, "backend connection counts corrected");
+                    }
+                    corrected = stats.corrected;
+                }
+                let fills: Vec<(&'static str, anyhow::Result<(usize, u32)>)> = fill::WATCHED
+                    .iter()
+                    .map(
+                        |name| match removed.iter().find(|(table, _)| table == name) {
+                            // Just counted by the collection.
+                            Some((_, (_, left))) => {
+                                (*name, fill::capacity(&bpffs_dir, name).map(|c| (*left, c)))
+                            }
+                            None => (*name, fill::fill(&bpffs_dir, name)),
+                        },
+                    )
+                    .collect();
+                (tables, recount, corrected, removed, fills)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(_) => return,
+            };
         tables = returned;
+        recount = returned_recount;
+        metrics.record_connection_corrections(corrected);
         for (table, (removed, left)) in removed {
             metrics.set_table_entries(table, left);
             if removed > 0 {

@@ -471,7 +471,8 @@ fn short_id(id: &str) -> String {
 
 fn service_list(cli: &Cli) -> anyhow::Result<String> {
     match ask(cli, &Request::ListServices)? {
-        Response::Services { frontends } => {
+        Response::Services { mut frontends } => {
+            add_connection_counts(&cli.bpffs_dir, &mut frontends);
             if cli.output == Output::Json {
                 return Ok(serde_json::to_string_pretty(&frontends)?);
             }
@@ -499,7 +500,7 @@ fn service_list(cli: &Cli) -> anyhow::Result<String> {
                         if f.backends.is_empty() {
                             "<none: refused>".into()
                         } else {
-                            f.backends.join(" ")
+                            backends_column(f)
                         },
                     ]
                 })
@@ -518,6 +519,75 @@ fn service_list(cli: &Cli) -> anyhow::Result<String> {
         }
         Response::Error { message, .. } => bail!("the agent refused: {message}"),
         other => bail!("unexpected answer from the agent: {other:?}"),
+    }
+}
+
+/// Backends as the table shows them: "ip:port", with " w=N" for a weight
+/// other than 1 and " conns=N" where the scheduler counts connections.
+fn backends_column(f: &tern_api::FrontendStatus) -> String {
+    f.backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut shown = b.clone();
+            if let Some(w) = f.weights.get(i).filter(|w| **w != 1) {
+                shown.push_str(&format!(" w={w}"));
+            }
+            if let Some(c) = f.connections.get(i) {
+                shown.push_str(&format!(" conns={c}"));
+            }
+            shown
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Each least-connection frontend's open connections per backend, as the
+/// datapath counts them (read from the pinned CONNECTIONS and BACKENDS
+/// maps; left empty when they cannot be read).
+fn add_connection_counts(bpffs_dir: &std::path::Path, frontends: &mut [tern_api::FrontendStatus]) {
+    use crate::datapath::maps::open_pinned;
+    let Ok(counts) = crate::datapath::connections::read_pinned(bpffs_dir) else {
+        return;
+    };
+    let Ok(backends) = open_pinned::<aya::maps::HashMap<_, u32, tern_common::Backend>>(
+        bpffs_dir,
+        tern_common::maps::BACKENDS,
+    ) else {
+        return;
+    };
+    // "ip:port/PROTO" -> open connections.
+    let by_address: std::collections::BTreeMap<String, u32> = backends
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(id, b)| {
+            let ip = crate::datapath::maps::ip_from_key(b.addr);
+            let proto = crate::model::Protocol::from_number(b.proto)
+                .map_or_else(|| b.proto.to_string(), |p| p.to_string());
+            (
+                format!("{ip}:{}/{proto}", u16::from_be(b.port)),
+                counts.get(&id).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    for f in frontends.iter_mut() {
+        let counted = crate::model::LbAlgorithm::from_name(&f.algorithm)
+            .is_some_and(|a| tern_common::lb_algorithm::counts_connections(a.code()));
+        let Some(proto) = f.frontend.rsplit('/').next().map(str::to_owned) else {
+            continue;
+        };
+        if counted {
+            f.connections = f
+                .backends
+                .iter()
+                .map(|b| {
+                    by_address
+                        .get(&format!("{b}/{proto}"))
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect();
+        }
     }
 }
 

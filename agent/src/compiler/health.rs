@@ -83,6 +83,7 @@ mod tests {
             health_check_node_port: port,
             load_balancer_source_ranges: None,
             lb_algorithm: None,
+            lb_weights: Default::default(),
         }
     }
 
@@ -95,6 +96,7 @@ mod tests {
             node_name: Some(node.into()),
             zone_hints: vec![],
             node_hints: vec![],
+            pod_name: None,
         }
     }
 

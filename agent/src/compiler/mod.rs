@@ -7,3 +7,4 @@ pub mod lb;
 pub mod maglev;
 pub mod policy;
 pub mod routing;
+pub mod schedulers;

@@ -6,6 +6,7 @@
 //! down; a starting agent re-adopts the pins and swaps its freshly loaded
 //! program into each existing link atomically.
 
+pub mod connections;
 pub mod conntrack;
 pub mod fill;
 pub mod maps;
@@ -49,6 +50,9 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     programs::SOCK_RECVMSG4,
     programs::SOCK_GETPEERNAME4,
 ];
+
+/// The socket-LB programs on whole sockets (cgroup/sock), attached with them.
+const SOCK_PROGRAMS: [&str; 2] = [programs::SOCK_POST_BIND4, programs::SOCK_RELEASE];
 
 /// The eBPF object (tern-ebpf), as build.rs built it.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-ebpf"));
@@ -123,13 +127,15 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("the verifier refused {name}"))?;
         }
-        let post_bind: &mut CgroupSock = ebpf
-            .program_mut(programs::SOCK_POST_BIND4)
-            .context("program sock_post_bind4 missing from the object")?
-            .try_into()?;
-        post_bind
-            .load()
-            .context("the verifier refused sock_post_bind4")?;
+        for name in SOCK_PROGRAMS {
+            let program: &mut CgroupSock = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier refused {name}"))?;
+        }
         let maps = MapOwners {
             endpoints: Endpoints::new(take(&mut ebpf, names::ENDPOINTS)?),
             services: ServiceMaps::take(&mut ebpf)?,
@@ -261,10 +267,7 @@ impl Datapath {
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> anyhow::Result<()> {
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        for name in SOCK_ADDR_PROGRAMS
-            .into_iter()
-            .chain([programs::SOCK_POST_BIND4])
-        {
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain(SOCK_PROGRAMS) {
             // bpf_link_create takes no flags for cgroups: links always
             // coexist, so old and new overlap during a replacement.
             let program = self
@@ -296,10 +299,7 @@ impl Datapath {
 
     /// Removes socket-LB (e.g. when the per-packet path is configured).
     pub fn detach_socket_lb(&mut self) -> anyhow::Result<()> {
-        for name in SOCK_ADDR_PROGRAMS
-            .into_iter()
-            .chain([programs::SOCK_POST_BIND4])
-        {
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain(SOCK_PROGRAMS) {
             let pin = self.bpffs_dir.join("links").join(name);
             if let Ok(link) = PinnedLink::from_pin(&pin) {
                 drop(link.unpin()?);

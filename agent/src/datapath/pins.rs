@@ -41,6 +41,14 @@ pub fn retire_incompatible(
 ) -> anyhow::Result<Vec<String>> {
     let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
     let mut retired = Vec::new();
+    for name in tern_common::maps::RETIRED {
+        let pin = bpffs_dir.join(name);
+        if pin.exists() {
+            warn!(map = %name, "no map is called so any more: removing its pin");
+            std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            retired.push(name.to_owned());
+        }
+    }
     for (name, map) in &parsed.maps {
         let pin = bpffs_dir.join(name);
         if !pin.exists() {

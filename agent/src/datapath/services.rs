@@ -1,7 +1,7 @@
 //! Writes compiled load-balancer state into the service maps with the
 //! fewest map operations, in an order that never shows a half-updated
 //! Service to the datapath:
-//! backends and Maglev tables first, then a frontend's slots, then its
+//! backends and lookup tables first, then a frontend's slots, then its
 //! master entry (which holds the count), then slots beyond the new count;
 //! removal runs the other way round (master first, backends last).
 //!
@@ -16,20 +16,22 @@ use anyhow::{Context, bail};
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{HashMap, LpmTrie, MapData};
 use tern_common::{
-    AffinityKey, AffinityValue, Backend, MAGLEV_TABLE_MAX, MaglevTable, RevNat,
-    SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue, SourceRangeKey, maps, service_flags,
+    AffinityKey, AffinityValue, Backend, LB_TABLE_MAX, LbTable, RevNat, SOURCE_RANGE_PREFIX_BASE,
+    ServiceKey, ServiceValue, SourceRangeKey, maps, service_flags,
 };
 use tracing::warn;
 
 use super::maps::{ip_from_key, ip_to_key, remove_if_present, take};
 use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState};
-use crate::model::LbAlgorithm;
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub revnat: HashMap<MapData, u32, RevNat>,
-    pub maglev: HashMap<MapData, u32, MaglevTable>,
+    pub tables: HashMap<MapData, u32, LbTable>,
+    /// Keys only: a backend's open-connection counter exists while the
+    /// backend does (the datapath counts, the recount corrects).
+    pub connections: HashMap<MapData, u32, u32>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
@@ -42,7 +44,8 @@ impl ServiceMaps {
             services: take(ebpf, maps::SERVICES)?,
             backends: take(ebpf, maps::BACKENDS)?,
             revnat: take(ebpf, maps::REVNAT)?,
-            maglev: take(ebpf, maps::MAGLEV)?,
+            tables: take(ebpf, maps::LB_TABLES)?,
+            connections: take(ebpf, maps::CONNECTIONS)?,
             affinity: take(ebpf, maps::AFFINITY)?,
             source_ranges: take(ebpf, maps::SOURCE_RANGES)?,
         })
@@ -71,9 +74,12 @@ impl From<&BackendAddr> for BackendKey {
 #[derive(Debug, Clone, Default)]
 struct Applied {
     value: ServiceValue,
+    /// Backend ids by slot.
     slots: Vec<u32>,
+    /// Backend weights by slot.
+    weights: Vec<u32>,
     /// `None` also when unknown (adopted at start): rewritten on next apply.
-    maglev: Option<Vec<u32>>,
+    table: Option<Vec<u32>>,
     /// SOURCE_RANGES entries: (address in network order, prefix length).
     ranges: BTreeSet<(u32, u8)>,
 }
@@ -148,9 +154,6 @@ fn flags(entry: &FrontendEntry) -> u16 {
     if entry.affinity_timeout.is_some() {
         flags |= service_flags::AFFINITY;
     }
-    if entry.algorithm == LbAlgorithm::Maglev && entry.maglev.is_some() {
-        flags |= service_flags::MAGLEV;
-    }
     if entry.external_traffic_local {
         flags |= service_flags::EXTERNAL_LOCAL;
     }
@@ -176,17 +179,20 @@ impl LbSync {
     /// an agent restart changes only what really changed.
     pub fn adopt(maps: &mut ServiceMaps) -> anyhow::Result<Self> {
         let mut sync = LbSync::default();
-        let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
+        let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, (u32, u32)>> = BTreeMap::new();
         for entry in maps.services.iter() {
-            let (key, value) = entry?;
+            let (key, mut value) = entry?;
             if key.slot == 0 {
                 sync.rev_nat_ids.seen(value.rev_nat_id);
+                // The datapath's rr position is not part of what was written.
+                value.position = 0;
                 sync.applied.insert(
                     key,
                     Applied {
                         value,
                         slots: Vec::new(),
-                        maglev: None,
+                        weights: Vec::new(),
+                        table: None,
                         ranges: BTreeSet::new(),
                     },
                 );
@@ -194,12 +200,14 @@ impl LbSync {
                 slots
                     .entry(ServiceKey { slot: 0, ..key })
                     .or_default()
-                    .insert(key.slot, value.backend_id);
+                    .insert(key.slot, (value.backend_id, value.weight));
             }
         }
         for (master, by_slot) in slots {
             match sync.applied.get_mut(&master) {
-                Some(applied) => applied.slots = by_slot.into_values().collect(),
+                Some(applied) => {
+                    (applied.slots, applied.weights) = by_slot.into_values().unzip();
+                }
                 // Slots without a master are leftovers of an interrupted
                 // removal: clean them up.
                 None => {
@@ -243,6 +251,11 @@ impl LbSync {
             };
             sync.backend_ids.insert(key, id);
             sync.backend_keys.insert(id, key);
+            // A CONNECTIONS map created anew (another shape) has no
+            // counters yet: they start at 0 and the recount fills them in.
+            let _ = maps
+                .connections
+                .insert(id, 0, u64::from(aya_obj::generated::BPF_NOEXIST));
         }
         for id in sync.applied.values().flat_map(|a| a.slots.iter()) {
             *sync.backend_refs.entry(*id).or_default() += 1;
@@ -396,11 +409,18 @@ impl LbSync {
             proto: key.proto,
             flags: 0,
         };
+        // Its connection counter first: the datapath counts only backends
+        // that have one.
+        if let Err(e) = maps.connections.insert(id, 0, 0) {
+            self.ids.give_back(id);
+            bail!("CONNECTIONS map write failed (full?): {e}");
+        }
         if let Err(e) = maps.backends.insert(id, value, 0) {
+            let _ = maps.connections.remove(&id);
             self.ids.give_back(id);
             bail!("BACKENDS map write failed (full?): {e}");
         }
-        stats.writes += 1;
+        stats.writes += 2;
         self.backend_ids.insert(key, id);
         self.backend_keys.insert(id, key);
         // Unused until a frontend slot points at it.
@@ -451,32 +471,30 @@ impl LbSync {
             }
         };
         let old = old.unwrap_or_default();
-        let maglev = match (&entry.maglev, entry.algorithm) {
-            (Some(table), LbAlgorithm::Maglev) => {
-                Some(table.iter().map(|&i| ids[i as usize]).collect::<Vec<u32>>())
-            }
-            _ => None,
-        };
-        if let Some(table) = &maglev
-            && old.maglev.as_ref() != Some(table)
+        let table = entry
+            .table
+            .as_ref()
+            .map(|t| t.iter().map(|&i| ids[i as usize]).collect::<Vec<u32>>());
+        if let Some(table) = &table
+            && old.table.as_ref() != Some(table)
         {
-            if table.len() > MAGLEV_TABLE_MAX {
+            if table.len() > LB_TABLE_MAX {
                 bail!(
-                    "Maglev table of {} exceeds the maximum {MAGLEV_TABLE_MAX}",
+                    "lookup table of {} exceeds the maximum {LB_TABLE_MAX}",
                     table.len()
                 );
             }
-            let mut value = Box::new(MaglevTable {
-                backend_ids: [0; MAGLEV_TABLE_MAX],
+            let mut value = Box::new(LbTable {
+                backend_ids: [0; LB_TABLE_MAX],
             });
             value.backend_ids[..table.len()].copy_from_slice(table);
-            maps.maglev
+            maps.tables
                 .insert(rev_nat_id, *value, 0)
-                .context("MAGLEV map write failed (full?)")?;
+                .context("LB_TABLES map write failed (full?)")?;
             stats.writes += 1;
         }
-        for (i, id) in ids.iter().enumerate() {
-            if old.slots.get(i) != Some(id) {
+        for (i, (id, weight)) in ids.iter().zip(&entry.weights).enumerate() {
+            if old.slots.get(i) != Some(id) || old.weights.get(i) != Some(weight) {
                 let slot = ServiceKey {
                     slot: i as u16 + 1,
                     ..key
@@ -486,6 +504,7 @@ impl LbSync {
                         slot,
                         ServiceValue {
                             backend_id: *id,
+                            weight: *weight,
                             ..Default::default()
                         },
                         0,
@@ -515,9 +534,12 @@ impl LbSync {
             rev_nat_id,
             count: ids.len() as u16,
             flags: flags(entry),
-            maglev_size: maglev.as_ref().map_or(0, |t| t.len() as u16),
+            table_size: table.as_ref().map_or(0, |t| t.len() as u16),
+            algorithm: entry.algorithm.code(),
             pad: 0,
             affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+            weight: 0,
+            position: 0,
         };
         if old.value != value || !self.applied.contains_key(&key) {
             maps.services
@@ -532,8 +554,8 @@ impl LbSync {
             });
             stats.deletes += 1;
         }
-        if maglev.is_none() && old.value.flags & service_flags::MAGLEV != 0 {
-            let _ = maps.maglev.remove(&rev_nat_id);
+        if table.is_none() && old.value.table_size != 0 {
+            let _ = maps.tables.remove(&rev_nat_id);
             stats.deletes += 1;
         }
         for (addr, prefix) in old.ranges.difference(&ranges) {
@@ -555,7 +577,8 @@ impl LbSync {
             Applied {
                 value,
                 slots: ids,
-                maglev,
+                weights: entry.weights.clone(),
+                table,
                 ranges,
             },
         );
@@ -582,8 +605,8 @@ impl LbSync {
                 },
             )?;
         }
-        if old.value.flags & service_flags::MAGLEV != 0 {
-            let _ = maps.maglev.remove(&old.value.rev_nat_id);
+        if old.value.table_size != 0 {
+            let _ = maps.tables.remove(&old.value.rev_nat_id);
         }
         for (addr, prefix) in &old.ranges {
             let _ = maps
@@ -620,6 +643,7 @@ impl LbSync {
             }
             match remove_if_present(&mut maps.backends, &id) {
                 Ok(()) => {
+                    let _ = maps.connections.remove(&id);
                     if let Some(key) = self.backend_keys.remove(&id) {
                         self.backend_ids.remove(&key);
                     }

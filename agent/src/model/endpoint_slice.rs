@@ -41,4 +41,7 @@ pub struct Endpoint {
     pub zone_hints: Vec<String>,
     /// `hints.forNodes` (`trafficDistribution: PreferSameNode`).
     pub node_hints: Vec<String>,
+    /// `targetRef.name` when the target is a Pod (`tern.io/lb-weights`
+    /// names endpoints by it).
+    pub pod_name: Option<String>,
 }

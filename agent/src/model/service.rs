@@ -1,6 +1,7 @@
 //! Services as the load balancer needs them: no Kubernetes types, every
 //! field already validated and defaulted by the source that made it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -42,6 +43,12 @@ impl Protocol {
             Protocol::Sctp => 132,
         }
     }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            .into_iter()
+            .find(|p| p.number() == number)
+    }
 }
 
 impl fmt::Display for Protocol {
@@ -72,11 +79,126 @@ pub enum TrafficPolicy {
     Local,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How a frontend picks a backend for a new connection
+/// (`tern.io/lb-algorithm`); besides random and Maglev, the IPVS
+/// schedulers, with IPVS's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum LbAlgorithm {
     #[default]
     Random,
     Maglev,
+    /// Round robin.
+    Rr,
+    /// Weighted round robin.
+    Wrr,
+    /// Least connections.
+    Lc,
+    /// Weighted least connections.
+    Wlc,
+    /// Source hashing.
+    Sh,
+    /// Destination hashing.
+    Dh,
+    /// Shortest expected delay.
+    Sed,
+    /// Never queue.
+    Nq,
+}
+
+impl LbAlgorithm {
+    pub const ALL: [LbAlgorithm; 10] = [
+        LbAlgorithm::Random,
+        LbAlgorithm::Maglev,
+        LbAlgorithm::Rr,
+        LbAlgorithm::Wrr,
+        LbAlgorithm::Lc,
+        LbAlgorithm::Wlc,
+        LbAlgorithm::Sh,
+        LbAlgorithm::Dh,
+        LbAlgorithm::Sed,
+        LbAlgorithm::Nq,
+    ];
+
+    /// The annotation's (and IPVS's) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+            LbAlgorithm::Rr => "rr",
+            LbAlgorithm::Wrr => "wrr",
+            LbAlgorithm::Lc => "lc",
+            LbAlgorithm::Wlc => "wlc",
+            LbAlgorithm::Sh => "sh",
+            LbAlgorithm::Dh => "dh",
+            LbAlgorithm::Sed => "sed",
+            LbAlgorithm::Nq => "nq",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The datapath's code (`tern_common::lb_algorithm`).
+    pub fn code(self) -> u8 {
+        use tern_common::lb_algorithm as code;
+        match self {
+            LbAlgorithm::Random => code::RANDOM,
+            LbAlgorithm::Maglev => code::MAGLEV,
+            LbAlgorithm::Rr => code::RR,
+            LbAlgorithm::Wrr => code::WRR,
+            LbAlgorithm::Lc => code::LC,
+            LbAlgorithm::Wlc => code::WLC,
+            LbAlgorithm::Sh => code::SH,
+            LbAlgorithm::Dh => code::DH,
+            LbAlgorithm::Sed => code::SED,
+            LbAlgorithm::Nq => code::NQ,
+        }
+    }
+
+    /// The IPVS schedulers: endpoint weights apply (weight 0 takes no new
+    /// connections); random and Maglev ignore them.
+    pub fn uses_weights(self) -> bool {
+        !matches!(self, LbAlgorithm::Random | LbAlgorithm::Maglev)
+    }
+}
+
+impl fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `tern.io/lb-weights`: per-endpoint weights for the IPVS schedulers,
+/// keyed by the endpoint's pod name (`targetRef.name`) or address; the
+/// others weigh `default`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbWeights {
+    pub by_pod: BTreeMap<String, u32>,
+    pub by_address: BTreeMap<Ipv4Addr, u32>,
+    pub default: u32,
+}
+
+impl Default for LbWeights {
+    fn default() -> Self {
+        LbWeights {
+            by_pod: Default::default(),
+            by_address: Default::default(),
+            default: 1,
+        }
+    }
+}
+
+impl LbWeights {
+    /// The weight of an endpoint address (of pod `pod`, if known): by
+    /// address first, then by pod name.
+    pub fn of(&self, address: Ipv4Addr, pod: Option<&str>) -> u32 {
+        self.by_address
+            .get(&address)
+            .or_else(|| pod.and_then(|p| self.by_pod.get(p)))
+            .copied()
+            .unwrap_or(self.default)
+    }
 }
 
 /// Where a Service port sends traffic on the endpoint.
@@ -124,6 +246,9 @@ pub struct Service {
     /// From the `tern.io/lb-algorithm` annotation; `None` leaves the choice
     /// to the node's configured default (sources need no config that way).
     pub lb_algorithm: Option<LbAlgorithm>,
+    /// From the `tern.io/lb-weights` annotation (every endpoint weighs 1
+    /// without it).
+    pub lb_weights: LbWeights,
 }
 
 impl Service {

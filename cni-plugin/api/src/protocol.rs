@@ -356,6 +356,17 @@ pub struct FrontendStatus {
     pub flags: Vec<String>,
     /// "ip:port".
     pub backends: Vec<String>,
+    /// The scheduler (`tern.io/lb-algorithm`): "random", "maglev", "rr"...
+    #[serde(default)]
+    pub algorithm: String,
+    /// Each backend's weight, in the order of `backends`.
+    #[serde(default)]
+    pub weights: Vec<u32>,
+    /// Each backend's open connections as the datapath counts them (lc,
+    /// wlc, sed, nq; filled in by the CLI from the pinned CONNECTIONS map),
+    /// in the order of `backends`; empty when not counted.
+    #[serde(default)]
+    pub connections: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

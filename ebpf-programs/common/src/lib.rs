@@ -13,7 +13,7 @@ pub mod maps {
 
     use super::{
         AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, EndpointInfo,
-        EventBudget, MaglevTable, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue,
+        EventBudget, LbTable, PolicyCidrKey, PolicyEndpoint, PolicyFlowKey, PolicyFlowValue,
         PolicyKey, PolicyRuleRef, RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRangeKey,
         TunnelEndpoint,
     };
@@ -23,7 +23,7 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const REVNAT: &str = "REVNAT";
-    pub const MAGLEV: &str = "MAGLEV";
+    pub const LB_TABLES: &str = "LB_TABLES";
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const CONFIG: &str = "CONFIG";
@@ -42,6 +42,12 @@ pub mod maps {
     pub const DROPS: &str = "DROPS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const CONNECTIONS: &str = "CONNECTIONS";
+    pub const LB_SOCKETS: &str = "LB_SOCKETS";
+
+    /// Pins earlier agents created under names no map has any more: removed
+    /// at load (LB_TABLES was MAGLEV before it held other schedulers' tables).
+    pub const RETIRED: [&str; 1] = ["MAGLEV"];
 
     /// The BPF map type (the aya-ebpf map the static is declared as).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,14 +93,14 @@ pub mod maps {
     const RESIZABLE: bool = true;
     const FIXED: bool = false;
 
-    pub const ALL: [MapSpec; 24] = [
+    pub const ALL: [MapSpec; 26] = [
         MapSpec::new::<u32, EndpointInfo>(ENDPOINTS, MapKind::Hash, RESIZABLE),
         // Indexed by `Reason`: its size is `Reason::COUNT`.
         MapSpec::new::<u32, u64>(METRICS, MapKind::PerCpuArray, FIXED),
         MapSpec::new::<ServiceKey, ServiceValue>(SERVICES, MapKind::Hash, RESIZABLE),
         MapSpec::new::<u32, Backend>(BACKENDS, MapKind::Hash, RESIZABLE),
         MapSpec::new::<u32, RevNat>(REVNAT, MapKind::Hash, RESIZABLE),
-        MapSpec::new::<u32, MaglevTable>(MAGLEV, MapKind::Hash, RESIZABLE),
+        MapSpec::new::<u32, LbTable>(LB_TABLES, MapKind::Hash, RESIZABLE),
         MapSpec::new::<AffinityKey, AffinityValue>(AFFINITY, MapKind::LruHash, RESIZABLE),
         MapSpec::new::<SockRevNatKey, RevNat>(SOCK_REVNAT, MapKind::LruHash, RESIZABLE),
         // One entry.
@@ -120,6 +126,10 @@ pub mod maps {
         // One entry per CPU: the drop-event rate limit.
         MapSpec::new::<u32, EventBudget>(EVENT_BUDGET, MapKind::PerCpuArray, FIXED),
         MapSpec::new::<SourceRangeKey, u8>(SOURCE_RANGES, MapKind::LpmTrie, RESIZABLE),
+        // Open connections by backend id (least-connection schedulers).
+        MapSpec::new::<u32, u32>(CONNECTIONS, MapKind::Hash, RESIZABLE),
+        // Socket cookie -> backend id of a socket-LB connection counted there.
+        MapSpec::new::<u64, u32>(LB_SOCKETS, MapKind::LruHash, RESIZABLE),
     ];
 
     /// The map called `name`.
@@ -159,6 +169,8 @@ pub mod programs {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
     pub const SOCK_POST_BIND4: &str = "sock_post_bind4";
+    /// A socket's release: its counted socket-LB connection ends.
+    pub const SOCK_RELEASE: &str = "sock_release";
 }
 
 /// Every map key and value below is read by the eBPF programs and written by
@@ -262,10 +274,13 @@ layout!(TunnelEndpoint { node_addr }, size 4, align 4);
 pub const SERVICES_MAX: u32 = 1_200_000;
 pub const BACKENDS_MAX: u32 = 1 << 20;
 pub const REVNAT_MAX: u32 = 262_144;
-pub const MAGLEV_MAX_SERVICES: u32 = 4096;
+/// Frontends with a lookup table (maglev, wrr, sh, dh).
+pub const LB_TABLES_MAX: u32 = 4096;
 pub const AFFINITY_MAX: u32 = 262_144;
 pub const SOCK_REVNAT_MAX: u32 = 262_144;
 pub const CT_MAX: u32 = 262_144;
+/// Socket-LB connections counted for least-connection schedulers.
+pub const LB_SOCKETS_MAX: u32 = 262_144;
 
 /// Source address for hairpin traffic (a pod reaching itself through a
 /// Service): the pod would drop a packet from its own address.
@@ -313,10 +328,14 @@ pub struct CtValue {
     pub last_seen: u32,
     pub lifetime: u32,
     pub flags: u32,
+    /// The backend's id when its open connections are counted (CONNECTIONS,
+    /// least-connection schedulers), else 0: the count drops when the
+    /// connection starts closing.
+    pub backend_id: u32,
 }
 layout!(
-    CtValue { saddr, daddr, sport, dport, ifindex, rev_nat_id, last_seen, lifetime, flags },
-    size 32, align 4
+    CtValue { saddr, daddr, sport, dport, ifindex, rev_nat_id, last_seen, lifetime, flags, backend_id },
+    size 36, align 4
 );
 
 pub mod ct_flags {
@@ -474,9 +493,9 @@ pub struct PolicyFlowValue {
 }
 layout!(PolicyFlowValue { revision, last_seen, peer, port, flags }, size 16, align 4);
 
-/// Largest Maglev table; each service's own size (a prime <= this) is in
-/// its master entry.
-pub const MAGLEV_TABLE_MAX: usize = 16381;
+/// Largest LB_TABLES table (a prime, the largest Maglev size); each
+/// frontend's own size is in its master entry.
+pub const LB_TABLE_MAX: usize = 16381;
 
 /// Scope of a SERVICES entry: external clients use External; pods look up
 /// Internal first (present only when externalTrafficPolicy=Local makes the
@@ -494,8 +513,7 @@ pub mod service_flags {
     pub const EXTERNAL_IP: u16 = 1 << 3;
     /// sessionAffinity: ClientIP.
     pub const AFFINITY: u16 = 1 << 4;
-    /// Backend chosen through the service's Maglev table.
-    pub const MAGLEV: u16 = 1 << 5;
+    // 1 << 5 was MAGLEV, now `lb_algorithm::MAGLEV`.
     /// externalTrafficPolicy=Local: keep the client address (no SNAT).
     pub const EXTERNAL_LOCAL: u16 = 1 << 6;
     /// A pod's hostPort (CNI portMappings); no bind on the node is refused.
@@ -528,21 +546,71 @@ layout!(ServiceKey { addr, port, slot, proto, scope, pad }, size 12, align 4);
 pub struct ServiceValue {
     /// Slots > 0: the backend id.
     pub backend_id: u32,
-    /// Master: id of the REVNAT entry (and of the Maglev table).
+    /// Master: id of the REVNAT entry (and of the LB_TABLES entry).
     pub rev_nat_id: u32,
     /// Master: how many backend slots follow (0 = refuse connections).
     pub count: u16,
     pub flags: u16,
-    /// Master: size of the Maglev table when the MAGLEV flag is set.
-    pub maglev_size: u16,
-    pub pad: u16,
+    /// Master: entries of the frontend's LB_TABLES table (maglev, wrr, sh,
+    /// dh), else 0.
+    pub table_size: u16,
+    /// Master: one of `lb_algorithm`.
+    pub algorithm: u8,
+    pub pad: u8,
     /// Master: session affinity timeout in seconds (AFFINITY flag).
     pub affinity_timeout: u32,
+    /// Slots > 0: the backend's weight (wlc, sed, nq; > 0).
+    pub weight: u32,
+    /// Master: the round-robin position (rr, wrr), advanced atomically by
+    /// the datapath; the agent writes 0.
+    pub position: u32,
 }
 layout!(
-    ServiceValue { backend_id, rev_nat_id, count, flags, maglev_size, pad, affinity_timeout },
-    size 20, align 4
+    ServiceValue {
+        backend_id, rev_nat_id, count, flags, table_size, algorithm, pad, affinity_timeout, weight,
+        position
+    },
+    size 28, align 4
 );
+
+/// How a frontend picks a backend for a new connection (`tern.io/lb-algorithm`),
+/// the IPVS schedulers with IPVS's meaning.
+pub mod lb_algorithm {
+    /// Uniformly at random.
+    pub const RANDOM: u8 = 0;
+    /// Maglev consistent hashing of the flow (LB_TABLES).
+    pub const MAGLEV: u8 = 1;
+    /// Round robin over the slots.
+    pub const RR: u8 = 2;
+    /// Weighted round robin: IPVS's interleaved sequence (LB_TABLES).
+    pub const WRR: u8 = 3;
+    /// Least connections.
+    pub const LC: u8 = 4;
+    /// Weighted least connections.
+    pub const WLC: u8 = 5;
+    /// Source hashing: a 256-bucket table by client (LB_TABLES).
+    pub const SH: u8 = 6;
+    /// Destination hashing: the same table by frontend address.
+    pub const DH: u8 = 7;
+    /// Shortest expected delay: least (connections + 1) / weight.
+    pub const SED: u8 = 8;
+    /// Never queue: an idle backend if any, else as SED.
+    pub const NQ: u8 = 9;
+
+    /// The least-connection family: needs CONNECTIONS counts.
+    pub const fn counts_connections(algorithm: u8) -> bool {
+        matches!(algorithm, LC | WLC | SED | NQ)
+    }
+
+    /// Buckets of the sh and dh tables (IPVS's default, 2^8).
+    pub const HASH_BUCKETS: u16 = 256;
+
+    /// The bucket of a client or destination in an sh/dh table: the top 8
+    /// bits of the 32-bit golden-ratio hash, as the kernel's hash_32.
+    pub const fn hash_bucket(value: u32) -> u32 {
+        value.wrapping_mul(0x61C8_8647) >> 24
+    }
+}
 
 /// BACKENDS value, keyed by backend id (u32).
 #[repr(C)]
@@ -565,13 +633,14 @@ pub struct RevNat {
 }
 layout!(RevNat { addr, port, pad }, size 8, align 4);
 
-/// MAGLEV value, keyed by rev_nat_id (u32): backend ids by table position.
+/// LB_TABLES value, keyed by rev_nat_id (u32): backend ids by table
+/// position (a Maglev table, a wrr sequence, sh/dh buckets).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct MaglevTable {
-    pub backend_ids: [u32; MAGLEV_TABLE_MAX],
+pub struct LbTable {
+    pub backend_ids: [u32; LB_TABLE_MAX],
 }
-layout!(MaglevTable { backend_ids }, size 4 * MAGLEV_TABLE_MAX, align 4);
+layout!(LbTable { backend_ids }, size 4 * LB_TABLE_MAX, align 4);
 
 /// AFFINITY key: a client (netns cookie for socket-LB, address for the
 /// per-packet path) and the service it talks to.
@@ -795,7 +864,7 @@ mod user {
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::RevNat {}
-    unsafe impl aya::Pod for super::MaglevTable {}
+    unsafe impl aya::Pod for super::LbTable {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::SockRevNatKey {}

@@ -9,7 +9,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use super::maglev;
+use super::{maglev, schedulers};
 use crate::model::{
     Cluster, Endpoint, EndpointSlice, HostPort, LbAlgorithm, Protocol, Service, ServiceKey,
     ServicePort, ServiceType, TargetPort, TrafficPolicy,
@@ -98,9 +98,14 @@ pub struct FrontendEntry {
     pub backends: Vec<BackendAddr>,
     pub affinity_timeout: Option<u32>,
     pub algorithm: LbAlgorithm,
-    /// `maglev_table_size` slots, each an index into `backends`; `None` for
-    /// Random or when there are no backends.
-    pub maglev: Option<Vec<u32>>,
+    /// Each backend's weight (`tern.io/lb-weights`; 1 for random and
+    /// Maglev). Backends weighing 0 are not listed: they take no new
+    /// connections.
+    pub weights: Vec<u32>,
+    /// The scheduler's lookup table, each entry an index into `backends`:
+    /// Maglev's (`maglev_table_size` entries), wrr's sequence, sh's or dh's
+    /// buckets; `None` for the others or when there are no backends.
+    pub table: Option<Vec<u32>>,
     /// ETP=Local on an externally reachable frontend: keep the client's
     /// source address (no SNAT); only node-local backends are listed.
     pub external_traffic_local: bool,
@@ -252,7 +257,8 @@ fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc
         }],
         affinity_timeout: None,
         algorithm: LbAlgorithm::Random,
-        maglev: None,
+        weights: vec![1],
+        table: None,
         external_traffic_local: true,
         no_local_backend: false,
         source_ranges: None,
@@ -302,11 +308,58 @@ struct Candidate<'a> {
     endpoint: &'a Endpoint,
 }
 
-/// A backend set with its Maglev table, computed once and shared by every
-/// frontend of the port that uses it.
+/// A backend set with its weights and lookup table, computed once and
+/// shared by every frontend of the port that uses it.
 struct Pool {
     backends: Vec<BackendAddr>,
-    maglev: Option<Vec<u32>>,
+    weights: Vec<u32>,
+    table: Option<Vec<u32>>,
+}
+
+impl Pool {
+    /// The IPVS schedulers weigh each backend (and leave out those weighing
+    /// 0); random and Maglev weigh them all 1.
+    fn new(
+        backends: Vec<BackendAddr>,
+        service: &Service,
+        candidates: &[Candidate],
+        algorithm: LbAlgorithm,
+        ctx: &NodeContext,
+    ) -> Pool {
+        let (backends, weights): (Vec<BackendAddr>, Vec<u32>) = if algorithm.uses_weights() {
+            backends
+                .into_iter()
+                .map(|b| {
+                    let pod = candidates
+                        .iter()
+                        .find(|c| c.addr == b)
+                        .and_then(|c| c.endpoint.pod_name.as_deref());
+                    (b, service.lb_weights.of(b.ip, pod))
+                })
+                .filter(|(_, weight)| *weight > 0)
+                .unzip()
+        } else {
+            let weights = vec![1; backends.len()];
+            (backends, weights)
+        };
+        let table = (!backends.is_empty())
+            .then(|| match algorithm {
+                LbAlgorithm::Maglev => {
+                    let names: Vec<String> = backends.iter().map(BackendAddr::to_string).collect();
+                    Some(maglev::table(&names, ctx.maglev_table_size))
+                }
+                LbAlgorithm::Wrr => Some(schedulers::wrr_sequence(&weights)),
+                LbAlgorithm::Sh => Some(schedulers::sh_table(&weights)),
+                LbAlgorithm::Dh => Some(schedulers::dh_table(backends.len())),
+                _ => None,
+            })
+            .flatten();
+        Pool {
+            backends,
+            weights,
+            table,
+        }
+    }
 }
 
 fn compile_port(
@@ -318,11 +371,9 @@ fn compile_port(
     topology: Topology,
     ctx: &NodeContext,
 ) {
-    let pool = |backends: Vec<BackendAddr>| Pool {
-        maglev: maglev_table(algorithm, &backends, ctx.maglev_table_size),
-        backends,
-    };
     let candidates = candidates(port, slices);
+    let pool =
+        |backends: Vec<BackendAddr>| Pool::new(backends, service, &candidates, algorithm, ctx);
     // Topology hints steer cluster-wide traffic only; Local policies
     // already keep it on the node.
     let all = match topology_filter(&candidates, topology) {
@@ -373,7 +424,8 @@ fn compile_port(
             backends: pool.backends.clone(),
             affinity_timeout: service.session_affinity_timeout,
             algorithm,
-            maglev: pool.maglev.clone(),
+            weights: pool.weights.clone(),
+            table: pool.table.clone(),
             external_traffic_local,
             no_local_backend: pool.backends.is_empty() && !all.backends.is_empty(),
             // kube-proxy applies them to the load balancer's addresses only
@@ -573,14 +625,6 @@ impl Close<'_> {
             Close::Zone(zone) => endpoint.zone_hints.iter().any(|h| h == zone),
         }
     }
-}
-
-fn maglev_table(algorithm: LbAlgorithm, backends: &[BackendAddr], size: u32) -> Option<Vec<u32>> {
-    if algorithm != LbAlgorithm::Maglev || backends.is_empty() {
-        return None;
-    }
-    let names: Vec<String> = backends.iter().map(BackendAddr::to_string).collect();
-    Some(maglev::table(&names, size))
 }
 
 #[cfg(test)]

@@ -53,6 +53,7 @@ fn web() -> Service {
         health_check_node_port: None,
         load_balancer_source_ranges: None,
         lb_algorithm: None,
+        lb_weights: Default::default(),
     }
 }
 
@@ -81,6 +82,7 @@ fn ep(ip: &str, node: &str, state: State) -> Endpoint {
         node_name: Some(node.into()),
         zone_hints: vec![],
         node_hints: vec![],
+        pod_name: None,
     }
 }
 
@@ -188,7 +190,7 @@ fn cluster_ip_spreads_over_ready_backends_of_every_slice() {
         (FrontendKind::ClusterIp, "http")
     );
     assert!(
-        !entry.external_traffic_local && entry.maglev.is_none() && entry.affinity_timeout.is_none()
+        !entry.external_traffic_local && entry.table.is_none() && entry.affinity_timeout.is_none()
     );
     assert!(state.conflicts.is_empty());
 }
@@ -527,7 +529,7 @@ fn a_service_without_endpoints_keeps_its_frontend() {
     let entry = &state.frontends[&at(CLUSTER_IP, 80, Scope::External)];
     assert!(entry.backends.is_empty());
     assert_eq!(
-        (entry.algorithm, &entry.maglev),
+        (entry.algorithm, &entry.table),
         (LbAlgorithm::Maglev, &None)
     );
 }
@@ -548,7 +550,7 @@ fn maglev_table_only_for_maglev_services_with_backends() {
         };
         let state = compile(&cluster(vec![svc], slices.clone()), &ctx);
         let entry = state.frontends.into_values().next().unwrap();
-        (entry.algorithm, entry.maglev.clone())
+        (entry.algorithm, entry.table.clone())
     };
     let (algorithm, table) = maglev_of(Some(LbAlgorithm::Maglev), LbAlgorithm::Random);
     let table = table.unwrap();
@@ -832,4 +834,63 @@ fn source_ranges_guard_load_balancer_addresses_only() {
             "203.0.113.7/32".parse().unwrap()
         ])
     );
+}
+
+#[test]
+fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
+    let named = |ip: &str, pod: &str| Endpoint {
+        pod_name: Some(pod.into()),
+        ..ep(ip, NODE, State::Ready)
+    };
+    let endpoints = vec![
+        named("10.0.1.1", "web-0"),
+        named("10.0.1.2", "web-1"),
+        named("10.0.1.3", "web-2"),
+    ];
+    let slices = vec![slice("web-a", 8080, endpoints)];
+    let compiled = |algorithm| {
+        let mut svc = web();
+        svc.lb_algorithm = Some(algorithm);
+        // By pod name, by address (which wins), and a quiesced endpoint.
+        svc.lb_weights.by_pod.insert("web-0".into(), 4);
+        svc.lb_weights.by_pod.insert("web-1".into(), 9);
+        svc.lb_weights
+            .by_address
+            .insert("10.0.1.2".parse().unwrap(), 2);
+        svc.lb_weights.by_pod.insert("web-2".into(), 0);
+        let state = compile(&cluster(vec![svc], slices.clone()), &ctx());
+        Arc::unwrap_or_clone(state.frontends.into_values().next().unwrap())
+    };
+    let ips = |entry: &FrontendEntry| -> Vec<String> {
+        entry.backends.iter().map(|b| b.ip.to_string()).collect()
+    };
+    for algorithm in LbAlgorithm::ALL {
+        let entry = compiled(algorithm);
+        if algorithm.uses_weights() {
+            // Weight 0 takes no new connections: not a backend at all.
+            assert_eq!(ips(&entry), ["10.0.1.1", "10.0.1.2"], "{algorithm}");
+            assert_eq!(entry.weights, [4, 2], "{algorithm}");
+        } else {
+            assert_eq!(entry.backends.len(), 3, "{algorithm}");
+            assert_eq!(entry.weights, [1, 1, 1], "{algorithm}");
+        }
+        let table = entry.table.clone();
+        match algorithm {
+            LbAlgorithm::Maglev => assert_eq!(table.map(|t| t.len()), Some(251)),
+            LbAlgorithm::Wrr => assert_eq!(table, Some(vec![0, 0, 1])),
+            LbAlgorithm::Sh => {
+                let table = table.unwrap();
+                assert_eq!((table.len(), &table[..6]), (256, &[0, 0, 0, 0, 1, 1][..]));
+            }
+            LbAlgorithm::Dh => assert_eq!(&table.unwrap()[..4], [0, 1, 0, 1]),
+            _ => assert_eq!(table, None, "{algorithm}"),
+        }
+    }
+    // Every endpoint weighing 0: nothing takes connections (refused).
+    let mut svc = web();
+    svc.lb_algorithm = Some(LbAlgorithm::Wlc);
+    svc.lb_weights.default = 0;
+    let state = compile(&cluster(vec![svc], slices.clone()), &ctx());
+    let entry = state.frontends.into_values().next().unwrap();
+    assert!(entry.backends.is_empty() && !entry.no_local_backend);
 }

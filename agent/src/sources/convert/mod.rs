@@ -13,13 +13,20 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use ipnetwork::{IpNetwork, Ipv4Network};
 
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, NAMESPACE_NAME_LABEL, NamedPort, Namespace,
-    Node, Pod, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort,
+    Namespace, Node, Pod, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort,
+    TrafficPolicy,
 };
 
-/// Per-Service (or per-namespace default) backend selection: `maglev` or
-/// `random`.
+/// Per-Service (or per-namespace default) backend selection: `random`,
+/// `maglev` or an IPVS scheduler (`rr`, `wrr`, `lc`, `wlc`, `sh`, `dh`,
+/// `sed`, `nq`).
 pub const LB_ALGORITHM_ANNOTATION: &str = "tern.io/lb-algorithm";
+/// Per-endpoint weights for the IPVS schedulers on a Service:
+/// `web-0=3,web-1=1,10.244.1.7=0,default=2` (pod name or address = weight).
+pub const LB_WEIGHTS_ANNOTATION: &str = "tern.io/lb-weights";
+/// Largest weight (IPVS allows any int; wrr sequences grow with them).
+pub const LB_WEIGHT_MAX: u32 = 65_535;
 /// The older form of `spec.loadBalancerSourceRanges` (comma-separated),
 /// read when the field is empty, as kube-proxy does.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
@@ -217,6 +224,7 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         .filter_map(|ingress| ingress.ip.clone())
         .collect();
     let lb_algorithm = lb_algorithm(&object.metadata)?;
+    let lb_weights = lb_weights(&object.metadata)?;
     Ok(Service {
         key: ServiceKey { namespace, name },
         service_type,
@@ -247,23 +255,59 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
             ),
         },
         lb_algorithm,
+        lb_weights,
     })
 }
 
-fn lb_algorithm(meta: &ObjectMeta) -> Result<Option<LbAlgorithm>, String> {
-    match meta
-        .annotations
+fn annotation<'a>(meta: &'a ObjectMeta, name: &str) -> Option<&'a str> {
+    meta.annotations
         .as_ref()
-        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+        .and_then(|a| a.get(name))
         .map(String::as_str)
-    {
-        None => Ok(None),
-        Some("maglev") => Ok(Some(LbAlgorithm::Maglev)),
-        Some("random") => Ok(Some(LbAlgorithm::Random)),
-        Some(other) => Err(format!(
-            "annotation {LB_ALGORITHM_ANNOTATION}: {other:?} is neither maglev nor random"
-        )),
+}
+
+fn lb_algorithm(meta: &ObjectMeta) -> Result<Option<LbAlgorithm>, String> {
+    let Some(raw) = annotation(meta, LB_ALGORITHM_ANNOTATION) else {
+        return Ok(None);
+    };
+    LbAlgorithm::from_name(raw.trim()).map(Some).ok_or_else(|| {
+        let known: Vec<&str> = LbAlgorithm::ALL.iter().map(|a| a.name()).collect();
+        format!(
+            "annotation {LB_ALGORITHM_ANNOTATION}: {raw:?} is not one of {}",
+            known.join(", ")
+        )
+    })
+}
+
+/// `tern.io/lb-weights`: comma-separated `KEY=WEIGHT`, KEY a pod name, an
+/// IPv4 address or `default`; WEIGHT 0..=65535.
+fn lb_weights(meta: &ObjectMeta) -> Result<LbWeights, String> {
+    let mut weights = LbWeights::default();
+    let Some(raw) = annotation(meta, LB_WEIGHTS_ANNOTATION) else {
+        return Ok(weights);
+    };
+    for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = |why: &str| format!("annotation {LB_WEIGHTS_ANNOTATION}: {item:?}: {why}");
+        let (key, weight) = item
+            .split_once('=')
+            .ok_or_else(|| bad("expected NAME=WEIGHT"))?;
+        let (key, weight) = (key.trim(), weight.trim());
+        let weight: u32 = weight
+            .parse()
+            .ok()
+            .filter(|w| *w <= LB_WEIGHT_MAX)
+            .ok_or_else(|| bad(&format!("the weight must be 0..={LB_WEIGHT_MAX}")))?;
+        if key.is_empty() {
+            return Err(bad("the name is empty"));
+        } else if key == "default" {
+            weights.default = weight;
+        } else if let Ok(address) = key.parse::<Ipv4Addr>() {
+            weights.by_address.insert(address, weight);
+        } else {
+            weights.by_pod.insert(key.to_owned(), weight);
+        }
     }
+    Ok(weights)
 }
 
 /// A Namespace: its default LB algorithm, and its labels for policy's
@@ -665,6 +709,11 @@ fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, String>
             .flat_map(|h| h.for_nodes.iter().flatten())
             .map(|n| n.name.clone())
             .collect(),
+        pod_name: raw
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| r.name.clone()),
     })
 }
 

@@ -148,7 +148,19 @@ fn every_bad_service_is_rejected_with_its_reason() {
             (web_with(&format!("  clusterIP: 10.96.0.1\n  internalTrafficPolicy: Node\n{port80}")), "unknown spec.internalTrafficPolicy \"Node\""),
             (
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-algorithm: round-robin\nspec:\n  clusterIP: 10.96.0.1\n".into(),
-                "\"round-robin\" is neither maglev nor random",
+                "\"round-robin\" is not one of random, maglev, rr, wrr, lc, wlc, sh, dh, sed, nq",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-weights: web-0\nspec:\n  clusterIP: 10.96.0.1\n".into(),
+                "tern.io/lb-weights: \"web-0\": expected NAME=WEIGHT",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-weights: web-0=70000\nspec:\n  clusterIP: 10.96.0.1\n".into(),
+                "\"web-0=70000\": the weight must be 0..=65535",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-weights: =3\nspec:\n  clusterIP: 10.96.0.1\n".into(),
+                "\"=3\": the name is empty",
             ),
         ];
     for (yaml, reason) in cases {
@@ -463,4 +475,56 @@ fn load_balancer_source_ranges_come_from_the_field_or_the_annotation() {
         matches!(service_from(&bad), Conversion::Rejected(_)),
         "a bad range fails closed"
     );
+}
+
+#[test]
+fn every_ipvs_scheduler_and_endpoint_weights_convert() {
+    for algorithm in LbAlgorithm::ALL {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-algorithm: {algorithm}\n    tern.io/lb-weights: \"web-0=3, 10.244.1.7=0,default=2,web-1=1\"\nspec:\n  clusterIP: 10.96.0.1\n"
+        );
+        let (svc, _) = accepted(service_from(&yaml));
+        assert_eq!(svc.lb_algorithm, Some(algorithm));
+        let weights = &svc.lb_weights;
+        assert_eq!(weights.default, 2);
+        assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 7), Some("web-0")), 0);
+        assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 8), Some("web-0")), 3);
+        assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 9), Some("web-1")), 1);
+        assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 9), None), 2);
+    }
+    // No annotation: every endpoint weighs 1.
+    let (svc, _) = accepted(service_from(&web_with("  clusterIP: 10.96.0.1\n")));
+    assert_eq!(svc.lb_weights, LbWeights::default());
+    assert_eq!(svc.lb_weights.of(Ipv4Addr::new(10, 0, 0, 1), Some("x")), 1);
+}
+
+#[test]
+fn an_endpoint_knows_its_pod_by_target_ref() {
+    let yaml = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+endpoints:
+- addresses: [10.244.1.5]
+  targetRef: {kind: Pod, name: web-0, namespace: shop}
+- addresses: [10.244.1.6]
+  targetRef: {kind: Node, name: node-a}
+- addresses: [10.244.1.7]
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+"#;
+    let (slice, _) = accepted(slice_from(yaml));
+    let pods: Vec<Option<&str>> = slice
+        .endpoints
+        .iter()
+        .map(|e| e.pod_name.as_deref())
+        .collect();
+    assert_eq!(pods, [Some("web-0"), None, None]);
 }
