@@ -104,8 +104,10 @@ fn schedule(master: &ServiceKey, service: &ServiceValue, hash: u32, client: u64)
         lb_algorithm::MAGLEV | lb_algorithm::SH | lb_algorithm::DH | lb_algorithm::WRR => {
             let position = match service.algorithm {
                 lb_algorithm::MAGLEV => hash,
+                // The client's address in host order, as IPVS hashes it (a
+                // netns cookie on the socket path: folded, any order).
                 lb_algorithm::SH => {
-                    lb_algorithm::hash_bucket(client as u32 ^ (client >> 32) as u32)
+                    lb_algorithm::hash_bucket(u32::from_be(client as u32 ^ (client >> 32) as u32))
                 }
                 lb_algorithm::DH => lb_algorithm::hash_bucket(u32::from_be(master.addr)),
                 _ => next_position(master)?,
@@ -195,7 +197,10 @@ extern "C" fn scan_slot(index: u64, ctx: *mut c_void) -> i64 {
     let weight = u64::from(entry.weight.max(1));
     let (have, best_have) = (u64::from(connections), u64::from(scan.best_connections));
     let best_weight = u64::from(scan.best_weight);
-    let better = scan.best_slot == u32::MAX
+    // Never queue: an idle backend is taken at once, whatever it weighs.
+    let idle = scan.algorithm == lb_algorithm::NQ && connections == 0;
+    let better = idle
+        || scan.best_slot == u32::MAX
         || match scan.algorithm {
             // Least overhead; weights only exclude (weight 0 is no slot).
             lb_algorithm::LC => have < best_have,
@@ -209,8 +214,8 @@ extern "C" fn scan_slot(index: u64, ctx: *mut c_void) -> i64 {
         scan.best_connections = connections;
         scan.best_weight = weight as u32;
     }
-    // Never queue: an idle backend is taken at once.
-    i64::from(scan.algorithm == lb_algorithm::NQ && connections == 0)
+    // 1 stops the loop.
+    i64::from(idle)
 }
 
 /// A backend's open connections (0 when not counted).

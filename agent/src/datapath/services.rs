@@ -643,7 +643,9 @@ impl LbSync {
             }
             match remove_if_present(&mut maps.backends, &id) {
                 Ok(()) => {
-                    let _ = maps.connections.remove(&id);
+                    if maps.connections.remove(&id).is_ok() {
+                        stats.deletes += 1;
+                    }
                     if let Some(key) = self.backend_keys.remove(&id) {
                         self.backend_ids.remove(&key);
                     }
