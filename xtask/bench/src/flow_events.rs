@@ -257,7 +257,7 @@ fn restart(
 pub fn flow_events(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     eprintln!("bench: {GROUP}: setting up");
     let tern = Tern::with_k8s_pods("10.244.77.0/24", NAMESPACE)?;
-    tern_services(&tern, 0)?;
+    tern_services(&tern, 0, None)?;
     let mut clients = RowClients::add(&tern)?;
     let fixture = Fixture::local(FEWEST_SELECTING);
     let mut log = AgentLog::from_end(&tern.node);

@@ -223,7 +223,9 @@ fn set_port_range(client: &Netns, (first, last): (u16, u16)) -> Result<()> {
 /// group is done), where the client connects to, and the samples so far.
 pub struct Arm {
     // Fields drop in order: nginx stops before its namespace goes.
-    nginx: Option<tools::NginxGuard>,
+    /// One nginx per server namespace ([`Topology::servers`]), started with
+    /// the first HTTP measure.
+    nginx: Vec<tools::NginxGuard>,
     topology: Topology,
     target: Ipv4Addr,
     /// Measure from inside the node's pods cgroup (socket-LB applies to
@@ -245,7 +247,7 @@ impl Arm {
         what: Measures,
     ) -> Arm {
         Arm {
-            nginx: None,
+            nginx: Vec::new(),
             topology,
             target,
             pods_cgroup,
@@ -345,8 +347,19 @@ impl Arm {
             (false, _) => None,
         };
         let (server, client, target) = (topology.server(), topology.client(), *target);
-        if (what.http || what.keep_alive) && nginx.is_none() {
-            *nginx = Some(tools::nginx(server, HTTP_PORT)?);
+        // iperf3 and sockperf run in `server` alone: through a Service
+        // with more backends their connections would reach servers that
+        // are not there.
+        anyhow::ensure!(
+            !(what.throughput || what.latency) || topology.servers().len() == 1,
+            "throughput and round trips are measured against one server pod only"
+        );
+        if (what.http || what.keep_alive) && nginx.is_empty() {
+            *nginx = topology
+                .servers()
+                .into_iter()
+                .map(|server| tools::nginx(server, HTTP_PORT))
+                .collect::<Result<_>>()?;
         }
         let metrics = &mut row.metrics;
         let url = format!("http://{target}:{HTTP_PORT}/");
@@ -619,21 +632,37 @@ pub fn cross_node(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     interleave(group, arms, profile)
 }
 
-/// The Service (and `fillers` more) as manifests for the Tern agent.
-pub(crate) fn tern_services(tern: &Tern, fillers: usize) -> Result<()> {
+/// The Service (and `fillers` more) as manifests for the Tern agent, its
+/// endpoints every server pod of `tern` ([`Tern::servers`]). With
+/// `lb_algorithm`, the Service is annotated `tern.io/lb-algorithm` with it
+/// and `tern.io/lb-weights` with [`lb_weights`] (ignored by the schedulers
+/// that do not weigh, so that the manifests of two algorithms differ only
+/// in the name); without it the node's default (random) applies.
+pub(crate) fn tern_services(tern: &Tern, fillers: usize, lb_algorithm: Option<&str>) -> Result<()> {
     let ports = json!([
         {"name": "iperf", "port": IPERF_PORT, "protocol": "TCP"},
         {"name": "rr-tcp", "port": SOCKPERF_PORT, "protocol": "TCP"},
         {"name": "rr-udp", "port": SOCKPERF_PORT, "protocol": "UDP"},
         {"name": "http", "port": HTTP_PORT, "protocol": "TCP"},
     ]);
+    let servers: Vec<Ipv4Addr> = tern.servers().map(|p| p.ip).collect();
+    let endpoints: Vec<Value> = servers
+        .iter()
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    let mut service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench", "namespace": "bench"},
+                             "spec": {"clusterIP": VIP.to_string(), "ports": ports}});
+    if let Some(algorithm) = lb_algorithm {
+        service["metadata"]["annotations"] = json!({
+            "tern.io/lb-algorithm": algorithm,
+            "tern.io/lb-weights": lb_weights(&servers),
+        });
+    }
     let mut items = vec![
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench", "namespace": "bench"},
-               "spec": {"clusterIP": VIP.to_string(), "ports": ports}}),
+        service,
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                "metadata": {"name": "bench-1", "namespace": "bench", "labels": {"kubernetes.io/service-name": "bench"}},
-               "addressType": "IPv4", "ports": ports,
-               "endpoints": [{"addresses": [tern.server.ip.to_string()], "conditions": {"ready": true}}]}),
+               "addressType": "IPv4", "ports": ports, "endpoints": endpoints}),
     ];
     for (i, service) in kube_proxy::synthetic_services(fillers, 1, &[(tern.server.ip, HTTP_PORT)])
         .into_iter()
@@ -651,6 +680,18 @@ pub(crate) fn tern_services(tern: &Tern, fillers: usize) -> Result<()> {
     tern.node
         .write_manifest("bench.json", &serde_json::to_string(&list)?)?;
     wait_for_frontends(&tern.node, 4 + fillers)
+}
+
+/// `tern.io/lb-weights` for the endpoints `servers`, by address: 1, 2, 3...
+/// in order, unequal so that the weighted schedulers (wrr, wlc, sed, nq)
+/// have weights to follow, none 0 (no endpoint left without connections).
+fn lb_weights(servers: &[Ipv4Addr]) -> String {
+    servers
+        .iter()
+        .zip(1..)
+        .map(|(ip, weight)| format!("{ip}={weight}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Waits until the agent has `frontends` Service frontends in the datapath
@@ -747,7 +788,7 @@ fn service_arm(
     match path {
         DataPath::SocketLb | DataPath::PerPacket => {
             let tern = Tern::new(path == DataPath::SocketLb, cidr)?;
-            tern_services(&tern, fillers)?;
+            tern_services(&tern, fillers, None)?;
             // Socket-LB applies to processes in the pods' cgroup.
             Ok(Arm::new(
                 row,
@@ -778,9 +819,54 @@ fn service_arm(
     }
 }
 
+/// The schedulers of `tern.io/lb-algorithm`, random (the agent's default)
+/// first: the ClusterIP group measures each against it.
+pub const LB_ALGORITHMS: [&str; 10] = [
+    "random", "maglev", "rr", "wrr", "lc", "wlc", "sh", "dh", "sed", "nq",
+];
+/// Server pods behind the Service of the scheduler rows: with one a
+/// scheduler has nothing to choose.
+const SCHEDULER_BACKENDS: usize = 4;
+/// The data paths whose schedulers the ClusterIP group measures. Socket-LB
+/// only, Tern's default: per-packet would be ten more rows, about 9 min of
+/// the full profile.
+const SCHEDULER_PATHS: [DataPath; 1] = [DataPath::SocketLb];
+
+/// The row `row` on Tern's `path` against the VIP of a Service of
+/// [`SCHEDULER_BACKENDS`] server pods with scheduler `algorithm` and
+/// unequal weights ([`tern_services`]). Connection rate only
+/// ([`CONNECTIONS`]): the per-connection cost is where a scheduler's work
+/// is (an established connection keeps its backend), and nginx is the one
+/// server that runs on every backend.
+fn scheduler_arm(path: DataPath, algorithm: &str, row: ScenarioResult, cidr: &str) -> Result<Arm> {
+    eprintln!(
+        "bench: {}: setting up {} with {SCHEDULER_BACKENDS} backends",
+        row.group,
+        row.label()
+    );
+    let socket_lb = match path {
+        DataPath::SocketLb => true,
+        DataPath::PerPacket => false,
+        DataPath::Iptables | DataPath::Nftables => {
+            anyhow::bail!("{}: tern.io/lb-algorithm is Tern's", path.name())
+        }
+    };
+    let tern = Tern::with_servers(socket_lb, cidr, SCHEDULER_BACKENDS)?;
+    tern_services(&tern, 0, Some(algorithm))?;
+    Ok(Arm::new(
+        row,
+        Topology::Tern(Box::new(tern)),
+        VIP,
+        true,
+        CONNECTIONS,
+    ))
+}
+
 /// Scenario 3: pod -> ClusterIP -> pod on every data path, against the
-/// same pods reached by address; all five set up, then measured
-/// interleaved.
+/// same pods reached by address; then Tern's schedulers
+/// ([`LB_ALGORITHMS`]) on a Service of several backends, each against
+/// random there (random against the one-backend row of its data path).
+/// All set up, then measured interleaved.
 pub fn cluster_ip(profile: &Profile) -> Result<Vec<ScenarioResult>> {
     let group = "pod -> ClusterIP -> pod";
     let baseline = "direct pod IP (Tern)";
@@ -807,6 +893,26 @@ pub fn cluster_ip(profile: &Profile) -> Result<Vec<ScenarioResult>> {
             row(group, path.name(), Some(baseline), &[], vec![]),
             cidr,
         )?);
+    }
+    for (p, path) in SCHEDULER_PATHS.into_iter().enumerate() {
+        // Random (first) against the path's one-backend row, the others
+        // against random.
+        let mut baseline = path.name().to_owned();
+        for (i, algorithm) in LB_ALGORITHMS.into_iter().enumerate() {
+            let params = [
+                ("backends", SCHEDULER_BACKENDS.to_string()),
+                ("lb-algorithm", algorithm.to_owned()),
+            ];
+            let r = row(group, path.name(), Some(&baseline), &params, vec![]);
+            if i == 0 {
+                baseline = r.label();
+            }
+            let cidr = format!("10.244.{}.0/24", 120 + 10 * p + i);
+            arms.push(
+                scheduler_arm(path, algorithm, r, &cidr)
+                    .with_context(|| format!("{} lb-algorithm={algorithm}", path.name()))?,
+            );
+        }
     }
     interleave(group, arms, profile)
 }
@@ -1015,6 +1121,18 @@ mod tests {
         // The busy range: an even first port and an odd last one too.
         assert_eq!(BUSY_PORT_RANGE.0 % 2, 0);
         assert_eq!(BUSY_PORT_RANGE.1 % 2, 1);
+    }
+
+    #[test]
+    fn scheduler_rows() {
+        assert_eq!(LB_ALGORITHMS[0], "random", "the schedulers' baseline");
+        let distinct: std::collections::BTreeSet<_> = LB_ALGORITHMS.iter().collect();
+        assert_eq!(distinct.len(), LB_ALGORITHMS.len());
+        let servers = [
+            Ipv4Addr::new(10, 244, 120, 3),
+            Ipv4Addr::new(10, 244, 120, 4),
+        ];
+        assert_eq!(lb_weights(&servers), "10.244.120.3=1,10.244.120.4=2");
     }
 
     #[test]

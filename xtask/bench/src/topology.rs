@@ -4,7 +4,8 @@
 //!   veths through a router namespace with static routes and no BPF at all
 //!   (also where kube-proxy's rules are installed).
 //! - `Tern`: a lab node running the real agent with a client and a server
-//!   pod wired by the real tern-cni.
+//!   pod wired by the real tern-cni (and more server pods on demand, the
+//!   backends of a Service whose scheduler is measured).
 //! - `KernelNodes`: two nodes on a lab underlay switch, a pod behind each,
 //!   joined the way Flannel does it with the kernel alone: plain routes
 //!   via the other node (host-gw) or a VXLAN device with static neighbour
@@ -68,6 +69,10 @@ impl Plain {
 pub struct Tern {
     pub client: Pod,
     pub server: Pod,
+    /// Server pods besides `server`, running the same servers: the other
+    /// endpoints of a Service with several backends. Empty unless asked for
+    /// ([`Tern::with_servers`]).
+    pub more_servers: Vec<Pod>,
     pub node: LabNode,
     /// Kept for its switch namespace; dropped last.
     _lab: Lab,
@@ -75,15 +80,30 @@ pub struct Tern {
 
 impl Tern {
     pub fn new(socket_lb: bool, cidr: &str) -> Result<Tern> {
+        Tern::with_servers(socket_lb, cidr, 1)
+    }
+
+    /// The node with `servers` server pods (at least one): `server`, then
+    /// `server-1`, `server-2`... in `more_servers`.
+    pub fn with_servers(socket_lb: bool, cidr: &str, servers: usize) -> Result<Tern> {
         let (lab, node) = Tern::node(socket_lb, cidr)?;
         let client = node.add_pod("client")?;
         let server = node.add_pod("server")?;
+        let more_servers = (1..servers)
+            .map(|i| node.add_pod(&format!("server-{i}")))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Tern {
             client,
             server,
+            more_servers,
             node,
             _lab: lab,
         })
+    }
+
+    /// Every server pod, `server` first.
+    pub fn servers(&self) -> impl Iterator<Item = &Pod> {
+        std::iter::once(&self.server).chain(&self.more_servers)
     }
 
     /// The same node with its pods added as a Kubernetes runtime adds
@@ -97,6 +117,7 @@ impl Tern {
         Ok(Tern {
             client,
             server,
+            more_servers: Vec::new(),
             node,
             _lab: lab,
         })
@@ -222,6 +243,15 @@ impl Topology {
             Topology::Tern(t) => &t.server.ns,
             Topology::KernelNodes(t) => &t.server,
             Topology::TernNodes(t) => &t.server.ns,
+        }
+    }
+
+    /// Every namespace that runs the servers: [`Topology::server`], then a
+    /// Tern node's further server pods (the backends of one Service).
+    pub fn servers(&self) -> Vec<&Netns> {
+        match self {
+            Topology::Tern(t) => t.servers().map(|p| &p.ns).collect(),
+            _ => vec![self.server()],
         }
     }
 
