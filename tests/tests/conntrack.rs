@@ -43,13 +43,7 @@ fn cluster(cidr: &str, n: usize, socket_lb: bool) -> Result<Cluster> {
     let lab = Lab::new()?;
     let node = lab.node_with("n1", cidr, NODE_IP, socket_lb)?;
     let client = node.add_pod("client")?;
-    let mut backends = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let pod = node.add_pod(&format!("b{i}"))?;
-        servers.push(EchoServer::start(&pod.ns, BACKEND_PORT, &format!("b{i}"))?);
-        backends.push(pod);
-    }
+    let (backends, servers) = node.add_echo_pods(n, BACKEND_PORT)?;
     let mut yaml = format!(
         "apiVersion: v1
 kind: Service

@@ -44,13 +44,7 @@ fn cluster(cidr: &str, n: usize, socket_lb: bool) -> Result<Cluster> {
     let lab = Lab::new()?;
     let node = lab.node_with("n1", cidr, NODE_IP, socket_lb)?;
     let clients = vec![node.add_pod("client")?, node.add_pod("client2")?];
-    let mut backends = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let pod = node.add_pod(&format!("b{i}"))?;
-        servers.push(EchoServer::start(&pod.ns, PORT, &format!("b{i}"))?);
-        backends.push(pod);
-    }
+    let (backends, servers) = node.add_echo_pods(n, PORT)?;
     ensure!(
         backends.windows(2).all(|w| w[0].ip < w[1].ip),
         "backend pods not in address order"

@@ -109,33 +109,23 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        for name in TC_PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the verifier refused {name}"))?;
+        // Each program kind has its own `load` (no common trait).
+        macro_rules! load_all {
+            ($names:expr, $kind:ty) => {
+                for name in $names {
+                    let program: &mut $kind = ebpf
+                        .program_mut(name)
+                        .with_context(|| format!("program {name} missing from the object"))?
+                        .try_into()?;
+                    program
+                        .load()
+                        .with_context(|| format!("the verifier refused {name}"))?;
+                }
+            };
         }
-        for name in SOCK_ADDR_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the verifier refused {name}"))?;
-        }
-        for name in SOCK_PROGRAMS {
-            let program: &mut CgroupSock = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the verifier refused {name}"))?;
-        }
+        load_all!(TC_PROGRAMS, SchedClassifier);
+        load_all!(SOCK_ADDR_PROGRAMS, CgroupSockAddr);
+        load_all!(SOCK_PROGRAMS, CgroupSock);
         let maps = MapOwners {
             endpoints: Endpoints::new(take(&mut ebpf, names::ENDPOINTS)?),
             services: ServiceMaps::take(&mut ebpf)?,

@@ -444,6 +444,27 @@ impl LabNode {
     }
 
     /// A pod: its namespace made as a runtime makes it, then CNI ADD.
+    /// `n` pods "b0", "b1"... each echoing on `port` as "b<i>:<line>"
+    /// (servers stop when dropped).
+    pub fn add_echo_pods(
+        &self,
+        n: usize,
+        port: u16,
+    ) -> Result<(Vec<Pod>, Vec<crate::traffic::EchoServer>)> {
+        let mut pods = Vec::new();
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let pod = self.add_pod(&format!("b{i}"))?;
+            servers.push(crate::traffic::EchoServer::start(
+                &pod.ns,
+                port,
+                &format!("b{i}"),
+            )?);
+            pods.push(pod);
+        }
+        Ok((pods, servers))
+    }
+
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
         self.add_pod_with_args(name, |_| None)
     }
