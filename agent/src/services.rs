@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::compiler::lb::{LbCompiler, LbState, NodeContext};
-use crate::datapath::services::{LbSync, ServiceMaps, SyncStats};
+use crate::datapath::services::{LbSync, ServedFrontend, ServiceMaps, SyncStats};
 use crate::model::{Cluster, HostPort};
 use crate::sources::LoadReport;
 
@@ -28,6 +28,9 @@ pub struct ServicesStatus {
     pub backends: usize,
     pub last_sync: SyncCounts,
     pub last_sync_at: Option<Instant>,
+    /// What the pinned maps served when the agent started, until the first
+    /// sync confirms (or corrects) it.
+    pub adopted: Arc<Vec<ServedFrontend>>,
 }
 
 pub struct ServicePipeline {
@@ -51,6 +54,7 @@ impl ServicePipeline {
         let status = watch::Sender::new(ServicesStatus {
             frontends: sync.frontends(),
             backends: sync.backends(),
+            adopted: Arc::new(sync.served()),
             ..ServicesStatus::default()
         });
         Ok(ServicePipeline {
@@ -165,6 +169,7 @@ impl ServicePipeline {
             status.frontends = self.sync.frontends();
             status.backends = self.sync.backends();
             status.last_sync_at = Some(Instant::now());
+            status.adopted = Arc::default();
             status.last_sync = SyncCounts {
                 syncs: status.last_sync.syncs + 1,
                 writes: stats.writes as u64,

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::compiler::lb::{FrontendKind, Scope};
 use crate::compiler::policy::{self, DirectionPolicy};
+use crate::datapath::services::ServedFrontend;
 use crate::endpoints::EndpointsStatus;
 use crate::metrics::Metrics;
 use crate::model::{Cluster, LbAlgorithm};
@@ -204,9 +205,23 @@ impl StatusView {
         }
     }
 
-    /// The Service frontends in the datapath, with their backends.
+    /// The Service frontends in the datapath, with their backends. Before
+    /// the first sync after a start, what the pinned maps serve, marked
+    /// unconfirmed (no Service names: the maps do not keep them).
     pub fn services(&self) -> Response {
-        let state = self.services.borrow().state.clone();
+        let (state, adopted, synced) = {
+            let services = self.services.borrow();
+            (
+                services.state.clone(),
+                services.adopted.clone(),
+                services.last_sync_at.is_some(),
+            )
+        };
+        if !synced && state.frontends.is_empty() {
+            return Response::Services {
+                frontends: adopted.iter().map(unconfirmed_frontend).collect(),
+            };
+        }
         let frontends = state
             .frontends
             .iter()
@@ -254,6 +269,38 @@ impl StatusView {
             })
             .collect();
         Response::Services { frontends }
+    }
+}
+
+/// A frontend the pinned maps serve that no sync has confirmed yet.
+fn unconfirmed_frontend(served: &ServedFrontend) -> FrontendStatus {
+    use tern_common::service_flags as f;
+    let kind = [
+        (f::CLUSTER_IP, "ClusterIP"),
+        (f::NODE_PORT, "NodePort"),
+        (f::LOAD_BALANCER, "LoadBalancer"),
+        (f::EXTERNAL_IP, "ExternalIP"),
+        (f::HOST_PORT, "HostPort"),
+    ]
+    .into_iter()
+    .find(|(flag, _)| served.flags & flag != 0)
+    .map_or("?", |(_, kind)| kind);
+    FrontendStatus {
+        frontend: served.frontend.clone(),
+        kind: kind.into(),
+        scope: if served.internal {
+            "internal"
+        } else {
+            "external"
+        }
+        .into(),
+        service: "?".into(),
+        port_name: String::new(),
+        flags: vec!["unconfirmed: pinned, not synced yet".into()],
+        backends: served.backends.clone(),
+        algorithm: String::new(),
+        weights: Vec::new(),
+        connections: Vec::new(),
     }
 }
 

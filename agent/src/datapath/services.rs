@@ -281,6 +281,26 @@ impl LbSync {
         self.applied.len()
     }
 
+    /// What the maps serve now, as far as they tell (no Service names): for
+    /// operators before the first sync after a restart, when the pinned
+    /// datapath already serves Services the agent has not confirmed yet.
+    pub fn served(&self) -> Vec<ServedFrontend> {
+        self.applied
+            .iter()
+            .map(|(key, applied)| ServedFrontend {
+                frontend: describe(key),
+                internal: key.scope == tern_common::scope::INTERNAL,
+                flags: applied.value.flags,
+                backends: applied
+                    .slots
+                    .iter()
+                    .filter_map(|id| self.backend_keys.get(id))
+                    .map(|b| format!("{}:{}", ip_from_key(b.addr), u16::from_be(b.port)))
+                    .collect(),
+            })
+            .collect()
+    }
+
     pub fn backends(&self) -> usize {
         self.backend_ids.len()
     }
@@ -686,12 +706,25 @@ fn invalidate_affinity(
     }
 }
 
-/// Readable frontend for logs and the CLI.
+/// Readable frontend for logs and the CLI: "ip:port/PROTO".
 pub fn describe(key: &ServiceKey) -> String {
+    let proto = crate::model::Protocol::from_number(key.proto)
+        .map_or_else(|| key.proto.to_string(), |p| p.to_string());
     format!(
-        "{}:{}/{}",
+        "{}:{}/{proto}",
         ip_from_key(key.addr),
-        u16::from_be(key.port),
-        key.proto
+        u16::from_be(key.port)
     )
+}
+
+/// A frontend as the pinned maps hold it (`LbSync::served`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedFrontend {
+    /// "ip:port/PROTO".
+    pub frontend: String,
+    pub internal: bool,
+    /// `service_flags` of its master entry.
+    pub flags: u16,
+    /// "ip:port".
+    pub backends: Vec<String>,
 }
