@@ -1,6 +1,6 @@
 //! The Kubernetes API source: one watcher per kind Tern reads (list, then
 //! watch from the list's resourceVersion; a re-list after `410 Gone`;
-//! bookmarks; exponential back-off on errors: kube-runtime's watcher), all
+//! bookmarks; a short capped back-off on errors, `backoff`), all
 //! folded into one store. A snapshot goes out only once every kind has been
 //! listed in full, so the datapath never sees a Service whose slices have
 //! not arrived yet; a re-list replaces a kind's objects in one step.
@@ -201,7 +201,7 @@ where
         (key, Entry::from(convert(&object)))
     };
     watcher::watcher(api, config)
-        .default_backoff()
+        .backoff(super::backoff::ApiBackoff::default())
         .map(move |item| match item {
             Ok(event) => wrap(match event {
                 Event::Apply(object) => Event::Apply(keyed(object)),
