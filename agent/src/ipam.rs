@@ -211,22 +211,57 @@ impl Ipam {
 }
 
 /// Writes `bytes` to `path` so a crash leaves either the old or the new
-/// content, never a torn file.
+/// content, never a torn file. Root-only (0600): the state names every
+/// pod, its address and network namespace.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // A leftover temporary file of an older agent keeps its mode otherwise.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Creates `dir` (and its parents) if missing, and makes it root-only
+/// (0700) either way: the agent's state directory.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_files_and_their_directory_are_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let base = std::env::temp_dir().join(format!("tern-state-mode-{}", std::process::id()));
+        let dir = base.join("state");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = dir.join("ipam.json");
+        // A leftover temporary file, world-readable.
+        std::fs::write(dir.join("ipam.tmp"), b"old").unwrap();
+        std::fs::set_permissions(dir.join("ipam.tmp"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        write_atomically(&file, b"{}").unwrap();
+        assert_eq!((mode(&dir), mode(&file)), (0o700, 0o600));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     fn att(id: &str) -> Attachment {
         Attachment {

@@ -53,7 +53,7 @@ pub fn start(
     devices: &[String],
     overlay: Option<&OverlayDevice>,
 ) -> anyhow::Result<Started> {
-    std::fs::create_dir_all(&config.state_dir)
+    crate::ipam::create_private_dir(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     let mut map_sizes = config.map_sizes.clone();
     map_sizes.push((tern_common::maps::EVENTS, config.events.ring_bytes));
