@@ -96,29 +96,26 @@ fn remember(key: &AffinityKey, backend_id: u32, now: u32) {
     );
 }
 
-/// The backend id the frontend's scheduler picks for a new connection.
+/// The backend id the frontend's scheduler picks for a new connection:
+/// by a position in its lookup table (maglev, sh, dh, wrr) or by a slot.
 #[inline(never)]
 fn schedule(master: &ServiceKey, service: &ServiceValue, hash: u32, client: u64) -> Option<u32> {
     let count = u32::from(service.count);
     let slot = match service.algorithm {
-        lb_algorithm::MAGLEV | lb_algorithm::SH | lb_algorithm::DH | lb_algorithm::WRR => {
-            let position = match service.algorithm {
-                lb_algorithm::MAGLEV => hash,
-                // The client's address in host order, as IPVS hashes it (a
-                // netns cookie on the socket path: folded, any order).
-                lb_algorithm::SH => {
-                    lb_algorithm::hash_bucket(u32::from_be(client as u32 ^ (client >> 32) as u32))
-                }
-                lb_algorithm::DH => lb_algorithm::hash_bucket(u32::from_be(master.addr)),
-                _ => next_position(master)?,
-            };
-            if service.table_size == 0 {
-                return None;
-            }
-            let table = unsafe { LB_TABLES.get(service.rev_nat_id) }?;
-            let index = (position % u32::from(service.table_size)) as usize;
-            return table.backend_ids.get(index).copied();
+        lb_algorithm::MAGLEV => return table_entry(service, hash),
+        // The client's address in host order, as IPVS hashes it (a netns
+        // cookie on the socket path: folded, any order).
+        lb_algorithm::SH => {
+            let client = u32::from_be(client as u32 ^ (client >> 32) as u32);
+            return table_entry(service, lb_algorithm::hash_bucket(client));
         }
+        lb_algorithm::DH => {
+            return table_entry(
+                service,
+                lb_algorithm::hash_bucket(u32::from_be(master.addr)),
+            );
+        }
+        lb_algorithm::WRR => return table_entry(service, next_position(master)?),
         lb_algorithm::RR => next_position(master)?.checked_rem(count)?,
         lb_algorithm::LC | lb_algorithm::WLC | lb_algorithm::SED | lb_algorithm::NQ => {
             least_loaded(master, service.algorithm, count, hash)?
@@ -131,6 +128,18 @@ fn schedule(master: &ServiceKey, service: &ServiceValue, hash: u32, client: u64)
     };
     // SAFETY: read at once.
     unsafe { SERVICES.get(key) }.map(|v| v.backend_id)
+}
+
+/// The backend id at `position` (wrapped) of the frontend's lookup table.
+// Not inlined: where the caller's position is known small (sh, dh), LLVM
+// would drop the index's bounds check, and the verifier cannot bound the
+// remainder by itself.
+#[inline(never)]
+fn table_entry(service: &ServiceValue, position: u32) -> Option<u32> {
+    let index = position.checked_rem(u32::from(service.table_size))? as usize;
+    // SAFETY: read at once.
+    let table = unsafe { LB_TABLES.get(service.rev_nat_id) }?;
+    table.backend_ids.get(index).copied()
 }
 
 /// rr and wrr: the frontend's next position, from one counter per frontend

@@ -562,8 +562,7 @@ fn add_connection_counts(bpffs_dir: &std::path::Path, frontends: &mut [tern_api:
         .filter_map(Result::ok)
         .map(|(id, b)| {
             let ip = crate::datapath::maps::ip_from_key(b.addr);
-            let proto = crate::model::Protocol::from_number(b.proto)
-                .map_or_else(|| b.proto.to_string(), |p| p.to_string());
+            let proto = crate::model::Protocol::name_of(b.proto);
             (
                 format!("{ip}:{}/{proto}", u16::from_be(b.port)),
                 counts.get(&id).copied().unwrap_or(0),

@@ -708,12 +708,11 @@ fn invalidate_affinity(
 
 /// Readable frontend for logs and the CLI: "ip:port/PROTO".
 pub fn describe(key: &ServiceKey) -> String {
-    let proto = crate::model::Protocol::from_number(key.proto)
-        .map_or_else(|| key.proto.to_string(), |p| p.to_string());
     format!(
-        "{}:{}/{proto}",
+        "{}:{}/{}",
         ip_from_key(key.addr),
-        u16::from_be(key.port)
+        u16::from_be(key.port),
+        crate::model::Protocol::name_of(key.proto)
     )
 }
 

@@ -49,6 +49,11 @@ impl Protocol {
             .into_iter()
             .find(|p| p.number() == number)
     }
+
+    /// "TCP", "UDP", "SCTP", or the number of any other protocol.
+    pub fn name_of(number: u8) -> String {
+        Self::from_number(number).map_or_else(|| number.to_string(), |p| p.to_string())
+    }
 }
 
 impl fmt::Display for Protocol {
