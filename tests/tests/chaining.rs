@@ -244,31 +244,56 @@ fn iperf3(server: &Netns, server_ip: Ipv4Addr, client: &Netns, port: u16) -> Res
         .ok_or_else(|| anyhow::anyhow!("no sum_received in {report}"))
 }
 
-/// Asserts a measured TCP payload rate is within `tolerance` (0.05: 5 %)
-/// of a limit on the wire. Limits count bytes on the wire (Ethernet frames), as tc and the
-/// bandwidth plugin do; iperf3 counts TCP payload: it is scaled to frames
-/// of the node's pod MTU (20 + 32 bytes of IPv4 and TCP headers with
-/// timestamps, 14 of Ethernet).
-fn wire_rate_check(node: &LabNode, tolerance: f64) -> Result<impl Fn(&str, f64, f64)> {
-    let mtu = node.agent_request(&json!({"op": "status"}))?["mtu"]
-        .as_f64()
-        .unwrap();
-    let on_wire = (mtu + 14.0) / (mtu - 52.0);
-    Ok(move |what: &str, goodput: f64, want: f64| {
-        let got = goodput * on_wire;
-        let off = (got - want) / want;
-        println!(
-            "{what}: {:.2} Mbit/s on the wire ({:.2} TCP payload), limit {:.0}: {:+.1} %",
-            got / 1e6,
-            goodput / 1e6,
-            want / 1e6,
-            off * 100.0
-        );
-        assert!(
-            off.abs() <= tolerance,
-            "{what}: {got} bit/s against a limit of {want}"
-        );
-    })
+/// Checks a limit on the wire against measured TCP payload rates. Limits
+/// count bytes on the wire (Ethernet frames), as tc and the bandwidth plugin
+/// do; iperf3 counts TCP payload: it is scaled to frames of the node's pod
+/// MTU (20 + 32 bytes of IPv4 and TCP headers with timestamps, 14 of
+/// Ethernet). A rate more than `tolerance` (0.05: 5 %) over the limit fails
+/// at once: the limit was bypassed. A rate under it is measured again, up to
+/// three runs in all: a 4 s TCP stream through a token bucket on a loaded
+/// 2-core machine now and then comes in well under (one CI run: -17 %, then
+/// +1 % twice when rerun), which says nothing about the limit; three runs
+/// all under it still fail.
+struct WireRate {
+    on_wire: f64,
+    tolerance: f64,
+}
+
+impl WireRate {
+    fn new(node: &LabNode, tolerance: f64) -> Result<Self> {
+        let mtu = node.agent_request(&json!({"op": "status"}))?["mtu"]
+            .as_f64()
+            .ok_or_else(|| anyhow::anyhow!("status without mtu"))?;
+        Ok(Self {
+            on_wire: (mtu + 14.0) / (mtu - 52.0),
+            tolerance,
+        })
+    }
+
+    fn within(&self, what: &str, measure: impl Fn() -> Result<f64>, want: f64) -> Result<()> {
+        let mut offs = Vec::new();
+        for _ in 0..3 {
+            let goodput = measure()?;
+            let got = goodput * self.on_wire;
+            let off = (got - want) / want;
+            println!(
+                "{what}: {:.2} Mbit/s on the wire ({:.2} TCP payload), limit {:.0}: {:+.1} %",
+                got / 1e6,
+                goodput / 1e6,
+                want / 1e6,
+                off * 100.0
+            );
+            anyhow::ensure!(
+                off <= self.tolerance,
+                "{what}: {got} bit/s over a limit of {want}: bypassed"
+            );
+            if off >= -self.tolerance {
+                return Ok(());
+            }
+            offs.push(format!("{:+.1} %", off * 100.0));
+        }
+        anyhow::bail!("{what}: under the limit of {want} bit/s in every run: {offs:?}")
+    }
 }
 
 /// The `bandwidth` capability served by tern-cni: a pod's ingress and
@@ -300,27 +325,27 @@ fn bandwidth_limits_hold_both_ways() -> Result<()> {
     let limited = pod_ip(&result)?;
     let other = node.add_pod("other")?;
     let third = node.add_pod("third")?;
-    let within = wire_rate_check(&node, 0.05)?;
-    within(
+    let rate = WireRate::new(&node, 0.05)?;
+    rate.within(
         "pod -> limited pod",
-        iperf3(&ns, limited, &other.ns, 5201)?,
+        || iperf3(&ns, limited, &other.ns, 5201),
         INGRESS,
-    );
-    within(
+    )?;
+    rate.within(
         "limited pod -> pod",
-        iperf3(&other.ns, other.ip, &ns, 5202)?,
+        || iperf3(&other.ns, other.ip, &ns, 5202),
         EGRESS,
-    );
-    within(
+    )?;
+    rate.within(
         "node -> limited pod",
-        iperf3(&ns, limited, &node.ns, 5203)?,
+        || iperf3(&ns, limited, &node.ns, 5203),
         INGRESS,
-    );
-    within(
+    )?;
+    rate.within(
         "limited pod -> node",
-        iperf3(&node.ns, NODE_IP, &ns, 5204)?,
+        || iperf3(&node.ns, NODE_IP, &ns, 5204),
         EGRESS,
-    );
+    )?;
     let free = iperf3(&third.ns, third.ip, &other.ns, 5205)?;
     println!("unlimited pod -> pod: {:.2} Mbit/s", free / 1e6);
     assert!(
@@ -429,7 +454,7 @@ fn a_chained_bandwidth_plugin_is_not_bypassed() -> Result<()> {
         .success_json()?;
     let limited = pod_ip(&result)?;
     let other = node.add_pod("other")?;
-    let within = wire_rate_check(&node, 0.05)?;
+    let rate = WireRate::new(&node, 0.05)?;
     // The agent follows the plugin's qdiscs as soon as they exist.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while node.counter("to_pod_qdisc")? == 0 {
@@ -440,26 +465,26 @@ fn a_chained_bandwidth_plugin_is_not_bypassed() -> Result<()> {
         );
         let _ = tern_lab::traffic::icmp_echo(&ns, other.ip, 7);
     }
-    within(
+    rate.within(
         "pod -> limited pod",
-        iperf3(&ns, limited, &other.ns, 5211)?,
+        || iperf3(&ns, limited, &other.ns, 5211),
         INGRESS,
-    );
-    within(
+    )?;
+    rate.within(
         "limited pod -> pod",
-        iperf3(&other.ns, other.ip, &ns, 5212)?,
+        || iperf3(&other.ns, other.ip, &ns, 5212),
         EGRESS,
-    );
-    within(
+    )?;
+    rate.within(
         "node -> limited pod",
-        iperf3(&ns, limited, &node.ns, 5213)?,
+        || iperf3(&ns, limited, &node.ns, 5213),
         INGRESS,
-    );
-    within(
+    )?;
+    rate.within(
         "limited pod -> node",
-        iperf3(&node.ns, NODE_IP, &ns, 5214)?,
+        || iperf3(&node.ns, NODE_IP, &ns, 5214),
         EGRESS,
-    );
+    )?;
     let del = chain.run(&node, "del", &id, ns.path(), &caps)?;
     assert_eq!(del.code, Some(0), "{del:?}");
     Ok(())
