@@ -62,34 +62,41 @@ impl Ipam {
         if cidr.prefix() > 30 {
             return Err(IpamError::TooSmall(cidr));
         }
+        match std::fs::read(path) {
+            Ok(bytes) => Ipam::load(cidr, path, Some(&bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ipam::load(cidr, path, None),
+            Err(source) => Err(IpamError::Persist {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// [`Ipam::open`] of a state file holding `bytes` (`None`: no file
+    /// yet), without reading it; changes are written to `path`.
+    pub fn load(cidr: Ipv4Network, path: &Path, bytes: Option<&[u8]>) -> Result<Self, IpamError> {
+        if cidr.prefix() > 30 {
+            return Err(IpamError::TooSmall(cidr));
+        }
         let mut ipam = Ipam {
             cidr,
             path: path.to_owned(),
             by_attachment: BTreeMap::new(),
             last: None,
         };
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let state: StateFile =
-                    serde_json::from_slice(&bytes).map_err(|e| IpamError::Corrupt {
-                        path: path.to_owned(),
-                        reason: e.to_string(),
-                    })?;
-                ipam.last = state.last.filter(|ip| cidr.contains(*ip));
-                for a in state.allocations {
-                    let attachment = Attachment {
-                        container_id: a.container_id,
-                        ifname: a.ifname,
-                    };
-                    ipam.by_attachment.insert(attachment, a.ip);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(IpamError::Persist {
+        if let Some(bytes) = bytes {
+            let state: StateFile =
+                serde_json::from_slice(bytes).map_err(|e| IpamError::Corrupt {
                     path: path.to_owned(),
-                    source,
-                });
+                    reason: e.to_string(),
+                })?;
+            ipam.last = state.last.filter(|ip| cidr.contains(*ip));
+            for a in state.allocations {
+                let attachment = Attachment {
+                    container_id: a.container_id,
+                    ifname: a.ifname,
+                };
+                ipam.by_attachment.insert(attachment, a.ip);
             }
         }
         Ok(ipam)

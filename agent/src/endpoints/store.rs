@@ -16,16 +16,25 @@ pub struct EndpointStore {
 
 impl EndpointStore {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let by_attachment = match std::fs::read(path) {
-            Ok(bytes) => {
-                let list: Vec<Endpoint> = serde_json::from_slice(&bytes)
+        match std::fs::read(path) {
+            Ok(bytes) => EndpointStore::load(path, Some(&bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => EndpointStore::load(path, None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// [`EndpointStore::open`] of a state file holding `bytes` (`None`: no
+    /// file yet), without reading it; changes are written to `path`.
+    pub fn load(path: &Path, bytes: Option<&[u8]>) -> anyhow::Result<Self> {
+        let by_attachment = match bytes {
+            Some(bytes) => {
+                let list: Vec<Endpoint> = serde_json::from_slice(bytes)
                     .with_context(|| format!("endpoint state {} is unreadable", path.display()))?;
                 list.into_iter()
                     .map(|e| (e.attachment.clone(), e))
                     .collect()
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            None => BTreeMap::new(),
         };
         Ok(EndpointStore {
             path: path.to_owned(),

@@ -19,7 +19,7 @@ use crate::sources::{self, Conversion};
 /// What one file holds, converted: kept per file so a change re-reads only
 /// the files that changed.
 #[derive(Debug, Default)]
-pub(super) struct FileObjects {
+pub struct FileObjects {
     pub services: Vec<(String, Arc<Service>)>,
     pub slices: Vec<(String, Arc<EndpointSlice>)>,
     pub nodes: Vec<(String, Arc<Node>)>,
@@ -64,8 +64,8 @@ pub(super) fn parse_file(path: &Path) -> FileObjects {
 }
 
 /// Reads every document of the file into `objects`. JSON is YAML too, but
-/// serde_json reads it several times faster.
-fn read_documents(
+/// serde_json reads it several times faster. Public for the fuzz targets.
+pub fn read_documents(
     text: &str,
     json: bool,
     file: &str,

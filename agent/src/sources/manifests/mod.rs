@@ -2,7 +2,7 @@
 //! (*.yaml, *.yml, *.json; several documents per file; `kind: List`), read
 //! whole on every change. Tern's mode without an API server.
 
-mod file;
+pub mod file;
 mod watch;
 
 use std::collections::BTreeMap;
