@@ -19,6 +19,7 @@ use tern_api::AgentStatus;
 
 use crate::compiler::policy::PolicyInfo;
 use crate::datapath::Counters;
+use crate::sources::Rejection;
 
 /// The policy verdict counters: (reason, direction, verdict).
 const POLICY_VERDICTS: [(Reason, &str, &str); 4] = [
@@ -53,6 +54,18 @@ pub struct Metrics {
     /// CNI API requests served and failed, for `tern status`.
     requests: AtomicU64,
     requests_failed: AtomicU64,
+    /// Objects the source's last snapshot left out, by (kind, reason);
+    /// a pair seen once stays, at 0, so its series does not vanish.
+    rejected: std::sync::Mutex<BTreeMap<(&'static str, &'static str), usize>>,
+    /// Each time an object is first left out (when it is logged).
+    rejections: Family<Labels, Counter>,
+    /// Service frontends the last compilation gave to another Service
+    /// (or a hostPort), by the loser's frontend kind; same rule as above.
+    frontend_conflicts: std::sync::Mutex<BTreeMap<&'static str, usize>>,
+    /// Each time a frontend is first lost to another Service.
+    frontend_conflicts_total: Family<Labels, Counter>,
+    /// ClusterIPs of the last compilation outside the service CIDR.
+    outside_service_cidr: Gauge,
 }
 
 impl Default for Metrics {
@@ -75,6 +88,11 @@ impl Default for Metrics {
             flows_undecoded: Counter::default(),
             requests: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
+            rejected: Default::default(),
+            rejections: Family::default(),
+            frontend_conflicts: Default::default(),
+            frontend_conflicts_total: Family::default(),
+            outside_service_cidr: Gauge::default(),
         }
     }
 }
@@ -88,6 +106,64 @@ impl Metrics {
 
     pub fn record_source_error(&self) {
         self.source_errors.inc();
+    }
+
+    /// The objects the source's last snapshot left out.
+    pub fn set_rejected(&self, rejected: &[Rejection]) {
+        let mut counts = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        counts.values_mut().for_each(|n| *n = 0);
+        for r in rejected {
+            *counts.entry((r.kind, r.reason.name())).or_default() += 1;
+        }
+    }
+
+    /// An object newly left out (it is logged once, and counted here once).
+    pub fn record_rejection(&self, rejection: &Rejection) {
+        self.rejections
+            .get_or_create(&vec![
+                ("kind", rejection.kind),
+                ("reason", rejection.reason.name()),
+            ])
+            .inc();
+    }
+
+    /// How often objects of `kind` were newly rejected for `reason`.
+    pub fn rejections_counted(&self, kind: &'static str, reason: &'static str) -> u64 {
+        self.rejections
+            .get_or_create(&vec![("kind", kind), ("reason", reason)])
+            .get()
+    }
+
+    /// The frontend conflicts of the last Service compilation, by the
+    /// losing frontend's kind.
+    pub fn set_frontend_conflicts(&self, kinds: impl Iterator<Item = &'static str>) {
+        let mut counts = self
+            .frontend_conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        counts.values_mut().for_each(|n| *n = 0);
+        for kind in kinds {
+            *counts.entry(kind).or_default() += 1;
+        }
+    }
+
+    pub fn set_cluster_ips_outside_service_cidr(&self, n: usize) {
+        self.outside_service_cidr.set(n as i64);
+    }
+
+    /// A frontend newly lost to another Service (logged once, counted once).
+    pub fn record_frontend_conflict(&self, kind: &'static str) {
+        self.frontend_conflicts_total
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
+    }
+
+    /// (kind, reason) -> objects left out of the last snapshot.
+    pub fn rejected(&self) -> BTreeMap<(&'static str, &'static str), usize> {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn record_connection_corrections(&self, corrected: usize) {
@@ -141,6 +217,57 @@ impl Metrics {
 
     pub fn record_flow_undecoded(&self) {
         self.flows_undecoded.inc();
+    }
+
+    /// The source's rejected objects and the Services' frontend conflicts.
+    fn register_rejections(&self, registry: &mut Registry) {
+        let rejected: Family<Labels, Gauge> = Family::default();
+        for ((kind, reason), n) in self.rejected() {
+            rejected
+                .get_or_create(&vec![("kind", kind), ("reason", reason)])
+                .set(n as i64);
+        }
+        registry.register(
+            "rejected_objects",
+            "Objects the source's last snapshot left out (each logged once, with its \
+             namespace/name and why), by kind and reason",
+            rejected,
+        );
+        registry.register(
+            "object_rejections",
+            "Objects left out by the source, counted when each is first left out (and \
+             logged), by kind and reason",
+            self.rejections.clone(),
+        );
+        let conflicts: Family<Labels, Gauge> = Family::default();
+        for (kind, n) in self
+            .frontend_conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            conflicts
+                .get_or_create(&vec![("kind", *kind)])
+                .set(*n as i64);
+        }
+        registry.register(
+            "service_frontend_conflicts",
+            "Service frontends (address, port, protocol) another Service also claims and \
+             keeps (the oldest wins), in the last compilation, by the loser's frontend kind",
+            conflicts,
+        );
+        registry.register(
+            "service_frontend_conflicts_found",
+            "Service frontends lost to another Service, counted when each conflict first \
+             appears (and is logged), by the loser's frontend kind",
+            self.frontend_conflicts_total.clone(),
+        );
+        registry.register(
+            "cluster_ips_outside_service_cidr",
+            "ClusterIPs of Services outside the configured service CIDR (served all the same, \
+             each logged once)",
+            self.outside_service_cidr.clone(),
+        );
     }
 
     /// The Prometheus text exposition of everything: `status` and the
@@ -374,6 +501,7 @@ impl Metrics {
             "Failed list or watch calls to the source (each retried with back-off)",
             self.source_errors.clone(),
         );
+        self.register_rejections(&mut registry);
         registry.register(
             "lb_connection_corrections",
             "Backend open-connection counts (least-connection schedulers) the periodic recount found drifted and set right",
@@ -391,5 +519,58 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::sources::{RejectReason, Rejection};
+
+    fn exposition(metrics: &Metrics) -> String {
+        let mut registry = Registry::with_prefix("tern");
+        metrics.register_rejections(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn rejections_are_counted_by_kind_and_reason() {
+        let metrics = Metrics::default();
+        let port = Rejection::new("Service", RejectReason::InvalidPort, "Service a/b: port 0");
+        let address = Rejection::new(
+            "EndpointSlice",
+            RejectReason::InvalidAddress,
+            "EndpointSlice a/b-1: endpoints[0]",
+        );
+        metrics.record_rejection(&port);
+        metrics.record_rejection(&address);
+        metrics.set_rejected(&[port.clone(), address]);
+        metrics.set_frontend_conflicts(["NodePort", "NodePort"].into_iter());
+        metrics.record_frontend_conflict("NodePort");
+        let text = exposition(&metrics);
+        for line in [
+            "tern_rejected_objects{kind=\"Service\",reason=\"invalid_port\"} 1",
+            "tern_rejected_objects{kind=\"EndpointSlice\",reason=\"invalid_address\"} 1",
+            "tern_object_rejections_total{kind=\"Service\",reason=\"invalid_port\"} 1",
+            "tern_service_frontend_conflicts{kind=\"NodePort\"} 2",
+            "tern_service_frontend_conflicts_found_total{kind=\"NodePort\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Fixed: the gauge goes to 0 and stays; the counter keeps its count.
+        metrics.set_rejected(&[]);
+        metrics.set_frontend_conflicts(std::iter::empty());
+        let text = exposition(&metrics);
+        for line in [
+            "tern_rejected_objects{kind=\"Service\",reason=\"invalid_port\"} 0",
+            "tern_object_rejections_total{kind=\"Service\",reason=\"invalid_port\"} 1",
+            "tern_service_frontend_conflicts{kind=\"NodePort\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! Service maps — and lives in the sync task; readers get
 //! `ServicesStatus` snapshots.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::compiler::lb::{LbCompiler, LbState, NodeContext};
 use crate::datapath::services::{LbSync, ServedFrontend, ServiceMaps, SyncStats};
+use crate::metrics::Metrics;
 use crate::model::{Cluster, HostPort};
 use crate::sources::LoadReport;
 
@@ -44,6 +46,12 @@ pub struct ServicePipeline {
     sync: LbSync,
     maps: ServiceMaps,
     status: watch::Sender<ServicesStatus>,
+    /// Where frontend conflicts and ClusterIPs outside the service CIDR
+    /// are counted (none in tests).
+    metrics: Option<Arc<Metrics>>,
+    /// The conflicts and out-of-CIDR addresses of the last compilation, as
+    /// logged: each is logged (and counted) once, when it first appears.
+    reported: HashSet<String>,
 }
 
 impl ServicePipeline {
@@ -64,7 +72,16 @@ impl ServicePipeline {
             sync,
             maps,
             status,
+            metrics: None,
+            reported: HashSet::new(),
         })
+    }
+
+    /// Counts frontend conflicts and ClusterIPs outside the service CIDR
+    /// in `metrics`.
+    pub fn counted(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn subscribe(&self) -> watch::Receiver<ServicesStatus> {
@@ -138,9 +155,7 @@ impl ServicePipeline {
         let mut took = StageTimes::default();
         let stage = Instant::now();
         let state = self.compiler.compile(&self.cluster, &self.host_ports);
-        for conflict in &state.conflicts {
-            warn!("services: {conflict}");
-        }
+        self.report(&state);
         let services = self.cluster.services.len();
         let frontends = state.frontends.len();
         took.compile_us = stage.elapsed().as_micros() as u64;
@@ -161,6 +176,39 @@ impl ServicePipeline {
         }
         took.release_us = stage.elapsed().as_micros() as u64;
         (services, frontends, stats, rejected, took)
+    }
+
+    /// Logs the compilation's frontend conflicts and ClusterIPs outside
+    /// the service CIDR that the last one did not have, and counts them.
+    fn report(&mut self, state: &LbState) {
+        let mut now = HashSet::with_capacity(state.conflicts.len());
+        for conflict in &state.conflicts {
+            let line = conflict.to_string();
+            if !self.reported.contains(&line) {
+                warn!(
+                    service = %conflict.service,
+                    kind = conflict.kind.name(),
+                    owner = %conflict.owner,
+                    "services: {line}"
+                );
+                if let Some(metrics) = &self.metrics {
+                    metrics.record_frontend_conflict(conflict.kind.name());
+                }
+            }
+            now.insert(line);
+        }
+        for (service, ip) in &state.outside_service_cidr {
+            let line = format!("{service}: ClusterIP {ip} is outside the service CIDR");
+            if !self.reported.contains(&line) {
+                warn!(%service, %ip, "services: {line} (served all the same)");
+            }
+            now.insert(line);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.set_frontend_conflicts(state.conflicts.iter().map(|c| c.kind.name()));
+            metrics.set_cluster_ips_outside_service_cidr(state.outside_service_cidr.len());
+        }
+        self.reported = now;
     }
 
     fn publish_status(&self, stats: SyncStats) {

@@ -141,16 +141,7 @@ pub async fn run(
             }
         };
         let started = Instant::now();
-        let now: HashSet<String> = report
-            .errors
-            .iter()
-            .chain(&report.warnings)
-            .cloned()
-            .collect();
-        for problem in now.difference(&reported) {
-            warn!("source: {problem}");
-        }
-        reported = now;
+        reported = report_problems(&report, &reported, &metrics);
         source_status.send_replace(SourceStatus::of(
             &report.cluster,
             routing.node_name(),
@@ -172,6 +163,40 @@ pub async fn run(
         synced = true;
         metrics.record_sync(count, started.elapsed());
     }
+}
+
+/// Logs the snapshot's rejected objects and warnings that were not in
+/// the last one (once each, not with every snapshot), counts the newly
+/// rejected ones and sets the gauge of those rejected now. Returns what
+/// was reported, for the next call.
+fn report_problems(
+    report: &LoadReport,
+    reported: &HashSet<String>,
+    metrics: &Metrics,
+) -> HashSet<String> {
+    for rejection in &report.errors {
+        if !reported.contains(&rejection.message) {
+            warn!(
+                kind = rejection.kind,
+                reason = rejection.reason.name(),
+                "source: {} (left out)",
+                rejection.message
+            );
+            metrics.record_rejection(rejection);
+        }
+    }
+    for warning in &report.warnings {
+        if !reported.contains(warning) {
+            warn!("source: {warning}");
+        }
+    }
+    metrics.set_rejected(&report.errors);
+    report
+        .errors
+        .iter()
+        .map(|r| r.message.clone())
+        .chain(report.warnings.iter().cloned())
+        .collect()
 }
 
 /// The next snapshot; never, without a source.
@@ -203,5 +228,33 @@ fn adopt_pod_cidr(cluster: &Cluster, endpoints: &EndpointManager, node_name: &st
     };
     if let Err(e) = endpoints.serve_pod_cidr(cidr) {
         warn!(%cidr, "cannot serve the Node object's PodCIDR: {e:#}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::{RejectReason, Rejection};
+
+    #[test]
+    fn a_rejection_is_counted_once_while_it_lasts() {
+        let metrics = Metrics::default();
+        let bad = Rejection::new("Service", RejectReason::DuplicatePort, "Service a/b: twice");
+        let report = LoadReport {
+            errors: vec![bad.clone()],
+            ..LoadReport::default()
+        };
+        let reported = report_problems(&report, &HashSet::new(), &metrics);
+        // The same rejection in the next snapshots: not logged or counted again.
+        let reported = report_problems(&report, &reported, &metrics);
+        let reported = report_problems(&report, &reported, &metrics);
+        assert_eq!(reported, HashSet::from([bad.message.clone()]));
+        assert_eq!(metrics.rejected()[&("Service", "duplicate_port")], 1);
+        assert_eq!(metrics.rejections_counted("Service", "duplicate_port"), 1);
+        // Fixed, then broken again: counted again.
+        let reported = report_problems(&LoadReport::default(), &reported, &metrics);
+        assert_eq!(metrics.rejected()[&("Service", "duplicate_port")], 0);
+        report_problems(&report, &reported, &metrics);
+        assert_eq!(metrics.rejections_counted("Service", "duplicate_port"), 2);
     }
 }

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tern_agent::compiler::lb::{self, NodeContext};
 use tern_agent::model::LbAlgorithm;
 
-use tern_agent::sources::{LoadReport, kube, manifests};
+use tern_agent::sources::{LoadReport, Rejection, kube, manifests};
 use tern_lab::apiserver::ApiServer;
 use tokio::sync::mpsc;
 
@@ -88,6 +88,7 @@ fn context() -> NodeContext {
         node_ips: vec![Ipv4Addr::new(10, 0, 0, 1)],
         maglev_table_size: 251,
         default_algorithm: LbAlgorithm::Random,
+        service_cidr: None,
     }
 }
 
@@ -110,9 +111,13 @@ fn matches(report: &LoadReport, want: &LoadReport) -> bool {
     report.cluster == want.cluster && same_errors(&report.errors, &want.errors)
 }
 
-/// The manifest source puts the file and place before the same message.
-fn same_errors(got: &[String], want: &[String]) -> bool {
-    got.len() == want.len() && got.iter().zip(want).all(|(g, w)| w.ends_with(g.as_str()))
+/// The manifest source puts the file and place before the same message;
+/// the kind and reason are the same either way.
+fn same_errors(got: &[Rejection], want: &[Rejection]) -> bool {
+    got.len() == want.len()
+        && got.iter().zip(want).all(|(g, w)| {
+            w.message.ends_with(g.message.as_str()) && (g.kind, g.reason) == (w.kind, w.reason)
+        })
 }
 
 /// Waits for a snapshot equal to `want`, returning the last one.

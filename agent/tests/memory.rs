@@ -78,6 +78,7 @@ fn ten_thousand_services_keep_little_memory() {
         node_ips: vec!["192.168.1.10".parse().unwrap()],
         maglev_table_size: 16381,
         default_algorithm: LbAlgorithm::Random,
+        service_cidr: None,
     };
     let before = LIVE.load(Ordering::Relaxed);
     let state = compile(&report.cluster, &ctx);

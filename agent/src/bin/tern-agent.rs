@@ -100,6 +100,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         node_ips,
         maglev_table_size: config.maglev_table_size,
         default_algorithm: config.lb_algorithm,
+        service_cidr: Some(config.service_cidr),
     };
     info!(
         node = %config.node_name,
@@ -112,10 +113,10 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
         bpffs = %config.bpffs_dir.display(),
         "tern-agent ready"
     );
-    let services = ServicePipeline::adopt(context, started.service_maps)?;
+    let metrics = Arc::new(Metrics::default());
+    let services = ServicePipeline::adopt(context, started.service_maps)?.counted(metrics.clone());
     let policy = PolicyPipeline::adopt(started.policy_maps)?;
     let endpoints = Arc::new(started.endpoints);
-    let metrics = Arc::new(Metrics::default());
     let source_status = watch::Sender::new(SourceStatus::default());
     let cluster = watch::Sender::new(tern_agent::model::Cluster::default());
     let counters = Arc::new(started.counters);

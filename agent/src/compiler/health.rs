@@ -63,6 +63,7 @@ mod tests {
     fn service(name: &str, etp: TrafficPolicy, port: Option<u16>, ports: usize) -> Service {
         Service {
             key: ServiceKey::new("default", name),
+            created: None,
             service_type: ServiceType::LoadBalancer,
             cluster_ips: vec!["10.96.0.10".parse().unwrap()],
             external_ips: vec![],

@@ -254,6 +254,10 @@ pub struct Service {
     /// From the `tern.io/lb-weights` annotation (every endpoint weighs 1
     /// without it).
     pub lb_weights: LbWeights,
+    /// `metadata.creationTimestamp` in Unix seconds (`None` in manifests
+    /// that leave it out): of two Services claiming one frontend, the older
+    /// keeps it.
+    pub created: Option<i64>,
 }
 
 impl Service {

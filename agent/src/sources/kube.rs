@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Conversion, LoadReport};
+use super::{Conversion, LoadReport, Refusal, Rejection, shortened};
 use crate::model::{
     Cluster, EndpointSlice, Map, Namespace, NetworkPolicy, Node, Pod, Service, ServiceKey,
 };
@@ -141,7 +141,7 @@ pub async fn watch(
 #[derive(Debug, PartialEq)]
 enum Entry<T> {
     Used(Arc<T>, Vec<String>),
-    Rejected(String),
+    Rejected(Refusal),
     Ignored,
 }
 
@@ -299,13 +299,21 @@ impl<K: Ord + Clone, T: PartialEq> Objects<K, T> {
 
     /// The used objects (a structure-sharing copy); rejections and warnings
     /// named by `kind` and key go into `report`.
-    fn collect(&self, kind: &str, report: &mut LoadReport) -> Map<K, Arc<T>> {
+    fn collect(&self, kind: &'static str, report: &mut LoadReport) -> Map<K, Arc<T>> {
         for (key, entry) in &self.live {
             match entry {
-                Entry::Used(_, warnings) => report
-                    .warnings
-                    .extend(warnings.iter().map(|w| format!("{kind} {key}: {w}"))),
-                Entry::Rejected(reason) => report.errors.push(format!("{kind} {key}: {reason}")),
+                Entry::Used(_, warnings) if !warnings.is_empty() => {
+                    let key = shortened(key);
+                    report
+                        .warnings
+                        .extend(warnings.iter().map(|w| format!("{kind} {key}: {w}")))
+                }
+                Entry::Used(..) => {}
+                Entry::Rejected(refusal) => report.errors.push(Rejection::new(
+                    kind,
+                    refusal.reason,
+                    format!("{kind} {}: {refusal}", shortened(key)),
+                )),
                 Entry::Ignored => report.ignored += 1,
             }
         }
@@ -438,7 +446,7 @@ mod tests {
             Some(crate::model::LbAlgorithm::Maglev)
         );
         // Rejected now: out of the used ones, into the errors.
-        let rejected = Entry::Rejected("bad annotation".into());
+        let rejected = Entry::Rejected(Refusal::from("bad annotation"));
         assert!(objects.apply(Event::Apply(("a".into(), rejected))));
         assert!(objects.used.is_empty());
         assert!(objects.apply(Event::Apply(ns("a", true))));
@@ -453,7 +461,7 @@ mod tests {
         store.apply(Update::Namespaces(Event::InitDone));
         store.apply(Update::Services(Event::InitApply((
             "default/bad".into(),
-            Entry::Rejected("unknown spec.type \"X\"".into()),
+            Entry::Rejected(Refusal::from("unknown spec.type \"X\"")),
         ))));
         store.apply(Update::Services(Event::InitDone));
         store.apply(Update::Slices(Event::InitDone));
@@ -479,7 +487,11 @@ mod tests {
         let report = store.snapshot();
         assert_eq!(
             report.errors,
-            ["Service default/bad: unknown spec.type \"X\""]
+            [Rejection::new(
+                "Service",
+                super::super::RejectReason::InvalidField,
+                "Service default/bad: unknown spec.type \"X\""
+            )]
         );
         assert!(report.cluster.services.is_empty());
         assert_eq!(

@@ -19,7 +19,7 @@ use crate::model::Cluster;
 pub struct LoadReport {
     pub cluster: Cluster,
     /// One per rejected file or object: where it is and why.
-    pub errors: Vec<String>,
+    pub errors: Vec<Rejection>,
     /// Objects used with parts left out (SCTP ports, IPv6 addresses).
     pub warnings: Vec<String>,
     /// Objects of other kinds, and ones that belong to another proxy.

@@ -10,7 +10,7 @@ use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::convert::{Conversion, is_port_name, port_number, protocol};
+use super::convert::{Conversion, check_name, is_port_name, port_number, protocol};
 use crate::model::{
     LabelSelector, Labels, NamespaceScope, NetworkPolicy, Operator, Peer, Peers, PolicyPort,
     PolicyRule, PortRef, Ports, Protocol, Requirement,
@@ -22,13 +22,16 @@ use crate::model::{
 /// close. Only one that cannot be keyed (no namespace or name) is rejected.
 pub fn network_policy(object: &networking::NetworkPolicy) -> Conversion<NetworkPolicy> {
     let meta = &object.metadata;
-    let key = match (meta.namespace.as_deref(), meta.name.as_deref()) {
-        (_, None | Some("")) => return Conversion::Rejected("metadata.name is missing".into()),
-        (None | Some(""), _) => {
-            return Conversion::Rejected("metadata.namespace is missing".into());
-        }
-        (Some(namespace), Some(name)) => (namespace.to_owned(), name.to_owned()),
-    };
+    let (namespace, name) = (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    );
+    let named = check_name("metadata.name", name)
+        .and_then(|()| check_name("metadata.namespace", namespace));
+    if let Err(refusal) = named {
+        return Conversion::Rejected(refusal);
+    }
+    let key = (namespace.to_owned(), name.to_owned());
     let empty = networking::NetworkPolicySpec::default();
     let spec = object.spec.as_ref().unwrap_or(&empty);
     let isolates = policy_types(spec);
@@ -847,7 +850,11 @@ mod tests {
             ),
         ];
         for (yaml, reason) in cases {
-            assert_eq!(policy_from(yaml), Conversion::Rejected(reason.into()));
+            let refusal = super::super::convert::Refusal::new(
+                super::super::convert::RejectReason::MissingName,
+                reason,
+            );
+            assert_eq!(policy_from(yaml), Conversion::Rejected(refusal));
         }
     }
 }

@@ -25,6 +25,10 @@ pub struct NodeContext {
     pub maglev_table_size: u32,
     /// For Services without the `tern.io/lb-algorithm` annotation.
     pub default_algorithm: LbAlgorithm,
+    /// The configured service CIDR: a ClusterIP outside it is served all
+    /// the same (kube-proxy serves what the API says, and a cluster may
+    /// have ServiceCIDRs beyond the first), but reported.
+    pub service_cidr: Option<ipnetwork::Ipv4Network>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,9 +36,42 @@ pub struct LbState {
     /// Shared (`Arc`) between compilations while the Service behind them
     /// does not change, so the datapath sync can skip them by pointer.
     pub frontends: BTreeMap<Frontend, Arc<FrontendEntry>>,
-    /// Frontends claimed by more than one Service: the first Service in key
-    /// order keeps it, the rest are listed here for the log.
-    pub conflicts: Vec<String>,
+    /// Frontends claimed by more than one Service (or a Service and a
+    /// hostPort): the oldest Service keeps it (`creationTimestamp`, then
+    /// namespace/name; one without a timestamp after those with one; a
+    /// hostPort after every Service); the others are listed here.
+    pub conflicts: Vec<Conflict>,
+    /// Services with a ClusterIP outside the configured service CIDR
+    /// (served all the same), with that address.
+    pub outside_service_cidr: Vec<(ServiceKey, Ipv4Addr)>,
+}
+
+/// A frontend a Service (or hostPort) claims and another keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub frontend: Frontend,
+    /// What the frontend is to the loser.
+    pub kind: FrontendKind,
+    pub service: ServiceKey,
+    pub port_name: String,
+    /// Who keeps it.
+    pub owner: ServiceKey,
+    pub owner_port_name: String,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} of {} port {:?} is already {}'s port {:?} (the older one keeps it): left out",
+            self.kind.name(),
+            self.frontend,
+            self.service,
+            self.port_name,
+            self.owner,
+            self.owner_port_name
+        )
+    }
 }
 
 /// Which clients a frontend entry serves; the datapath picks External for
@@ -73,6 +110,19 @@ pub enum FrontendKind {
     ExternalIp,
     /// A pod's hostPort (CNI `portMappings`), on this node only.
     HostPort,
+}
+
+impl FrontendKind {
+    /// The Kubernetes name (metric labels, logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::HostPort => "HostPort",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -159,7 +209,9 @@ impl LbCompiler {
         slices.sort_by(|a, b| a.service.cmp(&b.service));
         let mut slices = slices.into_iter().peekable();
         let mut old = std::mem::take(&mut self.memo).into_iter().peekable();
-        let mut compiled = Vec::with_capacity(cluster.services.len());
+        // (frontend, entry, the claim's rank: lowest keeps the frontend).
+        let mut compiled: Vec<(Frontend, Arc<FrontendEntry>, Rank)> =
+            Vec::with_capacity(cluster.services.len());
         let mut own_slices = Vec::new();
         let zone = cluster
             .nodes
@@ -214,32 +266,66 @@ impl LbCompiler {
                     (service.key.clone(), entry)
                 }
             };
-            compiled.extend(entry.frontends.iter().cloned());
+            let rank = Rank {
+                host_port: false,
+                undated: service.created.is_none(),
+                created: service.created.unwrap_or_default(),
+            };
+            compiled.extend(entry.frontends.iter().map(|(f, e)| (*f, e.clone(), rank)));
             self.memo.push((key, entry));
         }
         // After every Service: a Service keeps a frontend a hostPort claims too.
+        let host_port = Rank {
+            host_port: true,
+            undated: true,
+            created: 0,
+        };
         compiled.extend(
             host_ports
                 .iter()
-                .flat_map(|p| host_port_frontends(p, &self.ctx)),
+                .flat_map(|p| host_port_frontends(p, &self.ctx))
+                .map(|(f, e)| (f, e, host_port)),
         );
-        // A stable sort keeps the Services' key order among equal frontends:
-        // the first Service keeps a frontend claimed twice.
-        compiled.sort_by_key(|(frontend, _)| *frontend);
+        // A stable sort keeps the Services' key order among equal ranks:
+        // the oldest Service, then the first by namespace/name, keeps a
+        // frontend claimed twice, whatever order the objects came in.
+        compiled.sort_by_key(|(frontend, _, rank)| (*frontend, *rank));
         let mut state = LbState::default();
         let mut unique: Vec<(Frontend, Arc<FrontendEntry>)> = Vec::with_capacity(compiled.len());
-        for (frontend, entry) in compiled {
+        for (frontend, entry, _) in compiled {
             match unique.last() {
-                Some((last, owner)) if *last == frontend => state.conflicts.push(format!(
-                    "{frontend} of {} port {:?} is already {}'s port {:?}",
-                    entry.service, entry.port_name, owner.service, owner.port_name
-                )),
+                Some((last, owner)) if *last == frontend => state.conflicts.push(Conflict {
+                    frontend,
+                    kind: entry.kind,
+                    service: entry.service.clone(),
+                    port_name: entry.port_name.clone(),
+                    owner: owner.service.clone(),
+                    owner_port_name: owner.port_name.clone(),
+                }),
                 _ => unique.push((frontend, entry)),
             }
         }
         state.frontends = unique.into_iter().collect();
+        if let Some(cidr) = self.ctx.service_cidr {
+            state.outside_service_cidr = cluster
+                .services
+                .values()
+                .flat_map(|s| s.cluster_ips.iter().map(move |ip| (s, *ip)))
+                .filter(|(_, ip)| !cidr.contains(*ip))
+                .map(|(s, ip)| (s.key.clone(), ip))
+                .collect();
+        }
         state
     }
+}
+
+/// Who keeps a frontend claimed twice: the lowest. Services before
+/// hostPorts; dated Services before undated ones, the oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    host_port: bool,
+    undated: bool,
+    created: i64,
 }
 
 /// A hostPort on its address, or on every node address: the pod is its

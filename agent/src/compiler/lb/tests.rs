@@ -19,6 +19,7 @@ fn ctx() -> NodeContext {
         node_ips: NODE_IPS.to_vec(),
         maglev_table_size: 251,
         default_algorithm: LbAlgorithm::Random,
+        service_cidr: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn web() -> Service {
         load_balancer_source_ranges: None,
         lb_algorithm: None,
         lb_weights: Default::default(),
+        created: None,
     }
 }
 
@@ -382,7 +384,8 @@ fn host_ports_are_frontends_services_win() {
     let node_port = &state.frontends[&at(NODE_IPS[1], 30080, Scope::External)];
     assert_eq!(node_port.kind, FrontendKind::NodePort);
     assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
-    assert!(state.conflicts[0].contains("hostPort/c0ffee"));
+    assert_eq!(state.conflicts[0].service.to_string(), "hostPort/c0ffee");
+    assert_eq!(state.conflicts[0].kind, FrontendKind::HostPort);
     // ClusterIP, two NodePorts, two hostPorts.
     assert_eq!(state.frontends.len(), 5);
 }
@@ -546,6 +549,7 @@ fn maglev_table_only_for_maglev_services_with_backends() {
         svc.lb_algorithm = annotation;
         let ctx = NodeContext {
             default_algorithm: default,
+            service_cidr: None,
             ..ctx()
         };
         let state = compile(&cluster(vec![svc], slices.clone()), &ctx);
@@ -604,7 +608,7 @@ fn a_frontend_claimed_twice_stays_with_the_first_service() {
     assert_eq!(state.frontends.len(), 1);
     assert_eq!(state.frontends.values().next().unwrap().service.name, "web");
     assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
-    assert!(state.conflicts[0].contains("default/zz-other"));
+    assert!(state.conflicts[0].to_string().contains("default/zz-other"));
 }
 
 #[test]
@@ -893,4 +897,214 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
     let state = compile(&cluster(vec![svc], slices.clone()), &ctx());
     let entry = state.frontends.into_values().next().unwrap();
     assert!(entry.backends.is_empty() && !entry.no_local_backend);
+}
+
+/// A Service `name` (ClusterIP 10.96.0.`n`:80) created at `created`.
+fn claimant(name: &str, n: u8, created: Option<i64>) -> Service {
+    let mut svc = web();
+    svc.key = ServiceKey::new("default", name);
+    svc.cluster_ips = vec![Ipv4Addr::new(10, 96, 0, n)];
+    svc.ports[0].target_port = TargetPort::Number(8080);
+    svc.created = created;
+    svc
+}
+
+fn owner_of(state: &LbState, frontend: Frontend) -> String {
+    state.frontends[&frontend].service.name.clone()
+}
+
+#[test]
+fn a_frontend_claimed_twice_goes_to_the_oldest_service_in_any_order() {
+    const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+    const INGRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+    // (what the two claim, how the claim is made on a Service)
+    type Claim = fn(&mut Service);
+    let node_port: Claim = |s| {
+        s.service_type = ServiceType::NodePort;
+        s.ports[0].node_port = Some(30080);
+    };
+    let external_ip: Claim = |s| s.external_ips = vec![EXTERNAL];
+    let load_balancer: Claim = |s| {
+        s.service_type = ServiceType::LoadBalancer;
+        s.load_balancer_ips = vec![INGRESS];
+    };
+    let cluster_ip: Claim = |s| s.cluster_ips = vec![CLUSTER_IP];
+    let claims: [(&str, Claim, Frontend, FrontendKind); 4] = [
+        (
+            "NodePort",
+            node_port,
+            at(NODE_IPS[0], 30080, Scope::External),
+            FrontendKind::NodePort,
+        ),
+        (
+            "externalIP",
+            external_ip,
+            at(EXTERNAL, 80, Scope::External),
+            FrontendKind::ExternalIp,
+        ),
+        (
+            "LoadBalancer",
+            load_balancer,
+            at(INGRESS, 80, Scope::External),
+            FrontendKind::LoadBalancer,
+        ),
+        (
+            "ClusterIP",
+            cluster_ip,
+            at(CLUSTER_IP, 80, Scope::External),
+            FrontendKind::ClusterIp,
+        ),
+    ];
+    // (first's name and creation, second's, who keeps the frontend)
+    type Claimant = (&'static str, Option<i64>);
+    let orders: [(Claimant, Claimant, &str); 5] = [
+        (("zz-old", Some(100)), ("aa-new", Some(200)), "zz-old"),
+        (("aa-old", Some(100)), ("zz-new", Some(200)), "aa-old"),
+        (("bb", Some(100)), ("aa", Some(100)), "aa"), // same second: by name
+        (("zz-dated", Some(500)), ("aa-undated", None), "zz-dated"),
+        (("bb-undated", None), ("aa-undated", None), "aa-undated"),
+    ];
+    for (what, claim, frontend, kind) in claims {
+        for ((a, a_created), (b, b_created), winner) in orders {
+            let mut first = claimant(a, 1, a_created);
+            let mut second = claimant(b, 2, b_created);
+            claim(&mut first);
+            claim(&mut second);
+            let loser = if winner == a { b } else { a };
+            // Whichever arrives first, and across recompilations.
+            let mut compiler = LbCompiler::new(ctx());
+            let one = compiler.compile(&cluster(vec![first.clone()], vec![]), &[]);
+            let both = compiler.compile(&cluster(vec![first.clone(), second.clone()], vec![]), &[]);
+            let again =
+                compiler.compile(&cluster(vec![second.clone(), first.clone()], vec![]), &[]);
+            let fresh = LbCompiler::new(ctx()).compile(&cluster(vec![second.clone()], vec![]), &[]);
+            let fresh_both =
+                LbCompiler::new(ctx()).compile(&cluster(vec![second, first.clone()], vec![]), &[]);
+            assert_eq!(owner_of(&one, frontend), a, "{what}");
+            assert_eq!(fresh.frontends[&frontend].service.name, b, "{what}");
+            for state in [&both, &again, &fresh_both] {
+                assert_eq!(owner_of(state, frontend), winner, "{what}: {a} vs {b}");
+                assert_eq!(
+                    state.conflicts.len(),
+                    if what == "NodePort" { 2 } else { 1 },
+                    "{what}: {:?}",
+                    state.conflicts
+                );
+                let conflict = &state.conflicts[0];
+                assert_eq!(
+                    (conflict.service.name.as_str(), conflict.owner.name.as_str()),
+                    (loser, winner)
+                );
+                assert_eq!(conflict.kind, kind);
+                // The loser keeps every frontend nobody disputes.
+                let own_cluster_ip = if what == "ClusterIP" {
+                    None
+                } else {
+                    Some(at(
+                        Ipv4Addr::new(10, 96, 0, if loser == a { 1 } else { 2 }),
+                        80,
+                        Scope::External,
+                    ))
+                };
+                if let Some(own) = own_cluster_ip {
+                    assert_eq!(owner_of(state, own), loser, "{what}");
+                }
+            }
+            assert_eq!(both, again, "{what}: the winner must not flap");
+            assert_eq!(both, fresh_both, "{what}");
+        }
+    }
+}
+
+#[test]
+fn claims_that_differ_in_port_protocol_or_address_do_not_conflict() {
+    let mut a = claimant("a", 1, Some(1));
+    let mut b = claimant("b", 2, Some(2));
+    for s in [&mut a, &mut b] {
+        s.service_type = ServiceType::NodePort;
+        s.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
+    }
+    a.ports[0].node_port = Some(30080);
+    b.ports[0].node_port = Some(30080);
+    b.ports[0].protocol = Protocol::Udp; // 30080/UDP is not 30080/TCP
+    b.ports[0].port = 80;
+    let mut c = claimant("c", 3, Some(3));
+    c.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
+    c.ports[0].port = 81; // another port on the same external IP
+    let state = compile(&cluster(vec![a, b, c], vec![]), &ctx());
+    assert!(state.conflicts.is_empty(), "{:?}", state.conflicts);
+}
+
+#[test]
+fn cluster_ips_outside_the_service_cidr_are_served_and_reported() {
+    let mut ctx = ctx();
+    ctx.service_cidr = Some("10.96.0.0/12".parse().unwrap());
+    let inside = claimant("inside", 1, None);
+    let mut outside = claimant("outside", 1, None);
+    outside.cluster_ips = vec![Ipv4Addr::new(172, 20, 0, 10)];
+    let state = compile(&cluster(vec![inside, outside], vec![]), &ctx);
+    assert_eq!(
+        state.outside_service_cidr,
+        [(
+            ServiceKey::new("default", "outside"),
+            Ipv4Addr::new(172, 20, 0, 10)
+        )]
+    );
+    assert_eq!(
+        owner_of(
+            &state,
+            at(Ipv4Addr::new(172, 20, 0, 10), 80, Scope::External)
+        ),
+        "outside"
+    );
+    // Without a configured CIDR nothing is checked.
+    let state = compile(&cluster(vec![claimant("x", 1, None)], vec![]), &self::ctx());
+    assert!(state.outside_service_cidr.is_empty());
+}
+
+#[test]
+fn slices_and_services_arriving_in_any_order_give_the_same_state() {
+    let svc = || {
+        let mut s = web();
+        s.ports[0].target_port = TargetPort::Number(8080);
+        s
+    };
+    let slice_a = || slice("web-a", 8080, vec![ep("10.244.1.5", NODE, State::Ready)]);
+    let slice_b = || {
+        slice(
+            "web-b",
+            8080,
+            vec![ep("10.244.2.5", "node-b", State::Ready)],
+        )
+    };
+    let mut compiler = LbCompiler::new(ctx());
+    // A slice before its Service: nothing to serve, nothing broken.
+    let early = compiler.compile(&cluster(vec![], vec![slice_a()]), &[]);
+    assert!(early.frontends.is_empty() && early.conflicts.is_empty());
+    let whole = compiler.compile(&cluster(vec![svc()], vec![slice_a(), slice_b()]), &[]);
+    assert_eq!(
+        cluster_ip_backends(&whole),
+        ["10.244.1.5:8080", "10.244.2.5:8080"]
+    );
+    // The same objects built in the other order, by a fresh compiler.
+    let mut c = Cluster::default();
+    for s in [slice_b(), slice_a()] {
+        c.slices.insert(s.key.clone(), Arc::new(s));
+    }
+    c.services.insert(svc().key, Arc::new(svc()));
+    assert_eq!(LbCompiler::new(ctx()).compile(&c, &[]), whole);
+    // The Service deleted before its slices: its frontends go at once.
+    let gone = compiler.compile(&cluster(vec![], vec![slice_a(), slice_b()]), &[]);
+    assert!(gone.frontends.is_empty());
+    // Back, with a slice deleted meanwhile.
+    let back = compiler.compile(&cluster(vec![svc()], vec![slice_b()]), &[]);
+    assert_eq!(cluster_ip_backends(&back), ["10.244.2.5:8080"]);
+    // The slices deleted before the Service: it refuses (no backends).
+    let empty = compiler.compile(&cluster(vec![svc()], vec![]), &[]);
+    assert!(cluster_ip_backends(&empty).is_empty());
+    // A slice naming another Service serves nothing of this one.
+    let mut stray = slice_a();
+    stray.service = ServiceKey::new("default", "not-yet");
+    let state = compiler.compile(&cluster(vec![svc()], vec![stray]), &[]);
+    assert!(cluster_ip_backends(&state).is_empty());
 }

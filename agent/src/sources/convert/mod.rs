@@ -45,11 +45,164 @@ pub enum Conversion<T> {
     Accepted(T, Vec<String>),
     /// Deliberately not ours (another proxy's, a headless slice, not IPv4).
     Ignored(String),
-    Rejected(String),
+    Rejected(Refusal),
+}
+
+/// Why an object was left out, as a fixed name: the `reason` label of
+/// `tern_rejected_objects` and `tern_object_rejections_total` (a closed
+/// set, so the metric's series stay few whatever the objects say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RejectReason {
+    /// No `metadata.name` (or a NetworkPolicy without a namespace).
+    MissingName,
+    /// A name or namespace longer than any the API server allows (253).
+    NameTooLong,
+    /// A port, targetPort, nodePort or healthCheckNodePort out of
+    /// 1..=65535 (or not a port name), or several unnamed ports.
+    InvalidPort,
+    /// Two ports with one name, or with one port number and protocol.
+    DuplicatePort,
+    /// An address that is not an IPv4 address of the kind the field takes
+    /// (not an IP at all, IPv6 in an IPv4 slice, 0.0.0.0, loopback,
+    /// multicast, broadcast).
+    InvalidAddress,
+    /// A Service with neither a clusterIP nor `None`.
+    MissingClusterIp,
+    /// An EndpointSlice without its `kubernetes.io/service-name` label.
+    MissingServiceName,
+    /// A Tern annotation (`tern.io/lb-algorithm`, `tern.io/lb-weights`)
+    /// that does not parse.
+    InvalidAnnotation,
+    /// Any other field whose value the API would not take (an unknown
+    /// type, protocol or policy, a bad CIDR, a timeout out of range).
+    InvalidField,
+    /// Not readable as the kind it says it is (a manifest's type error, a
+    /// file that does not parse, a document that is no object).
+    Malformed,
+    /// The same kind and name defined twice (manifests): the first wins.
+    Duplicate,
+    /// A manifest file (or the directory) that cannot be read.
+    Unreadable,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 12] = [
+        RejectReason::MissingName,
+        RejectReason::NameTooLong,
+        RejectReason::InvalidPort,
+        RejectReason::DuplicatePort,
+        RejectReason::InvalidAddress,
+        RejectReason::MissingClusterIp,
+        RejectReason::MissingServiceName,
+        RejectReason::InvalidAnnotation,
+        RejectReason::InvalidField,
+        RejectReason::Malformed,
+        RejectReason::Duplicate,
+        RejectReason::Unreadable,
+    ];
+
+    /// The metric label's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RejectReason::MissingName => "missing_name",
+            RejectReason::NameTooLong => "name_too_long",
+            RejectReason::InvalidPort => "invalid_port",
+            RejectReason::DuplicatePort => "duplicate_port",
+            RejectReason::InvalidAddress => "invalid_address",
+            RejectReason::MissingClusterIp => "missing_cluster_ip",
+            RejectReason::MissingServiceName => "missing_service_name",
+            RejectReason::InvalidAnnotation => "invalid_annotation",
+            RejectReason::InvalidField => "invalid_field",
+            RejectReason::Malformed => "malformed",
+            RejectReason::Duplicate => "duplicate",
+            RejectReason::Unreadable => "unreadable",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One object refused: the reason's class and the message naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(reason: RejectReason, message: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A field that failed with no finer class: `invalid_field`.
+impl From<String> for Refusal {
+    fn from(message: String) -> Self {
+        Refusal::new(RejectReason::InvalidField, message)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(message: &str) -> Self {
+        Refusal::new(RejectReason::InvalidField, message)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// An object the source left out of its snapshot: of which kind, why (the
+/// metric's labels) and the line the log gets (kind, namespace/name, place
+/// in a manifest file, field and value).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rejection {
+    pub kind: &'static str,
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(kind: &'static str, reason: RejectReason, message: impl Into<String>) -> Self {
+        Rejection {
+            kind,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Longest name or namespace taken (the API server's longest, a DNS
+/// subdomain's 253; Services and namespaces are held to 63 there).
+pub const MAX_NAME_LEN: usize = 253;
+
+/// `text` for a log line: cut to 100 characters, with its full length,
+/// so a hostile name cannot make every line of the log a megabyte.
+pub fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    const SHOWN: usize = 100;
+    match text.char_indices().nth(SHOWN) {
+        None => text.into(),
+        Some((cut, _)) => format!("{}...({} bytes)", &text[..cut], text.len()).into(),
+    }
 }
 
 impl<T> Conversion<T> {
-    fn from_result(result: Result<T, String>, warnings: Vec<String>) -> Self {
+    fn from_result(result: Result<T, Refusal>, warnings: Vec<String>) -> Self {
         match result {
             Ok(value) => Conversion::Accepted(value, warnings),
             Err(reason) => Conversion::Rejected(reason),
@@ -103,11 +256,9 @@ pub fn node(object: &core::Node) -> Conversion<Node> {
     Conversion::from_result(result, warnings)
 }
 
-fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node, String> {
+fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node, Refusal> {
     let name = object.metadata.name.clone().unwrap_or_default();
-    if name.is_empty() {
-        return Err("metadata.name is missing".into());
-    }
+    check_name("metadata.name", &name)?;
     let spec = object.spec.clone().unwrap_or_default();
     // podCIDRs wins over podCIDR; the API keeps podCIDR = podCIDRs[0].
     let raw: Vec<String> = match spec.pod_cidrs {
@@ -123,12 +274,13 @@ fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node,
                     "spec.podCIDRs: {cidr} has host bits set (network is {}/{})",
                     cidr.network(),
                     cidr.prefix()
-                ));
+                )
+                .into());
             }
             Ok(IpNetwork::V6(cidr)) => {
                 warnings.push(format!("spec.podCIDRs: IPv6 {cidr} skipped (IPv4 only)"))
             }
-            Err(_) => return Err(format!("spec.podCIDRs: {text:?} is not a CIDR")),
+            Err(_) => return Err(format!("spec.podCIDRs: {text:?} is not a CIDR").into()),
         }
     }
     let addresses = object
@@ -147,9 +299,12 @@ fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node,
                 }
                 Ok(IpAddr::V6(_)) => {}
                 Err(_) => {
-                    return Err(format!(
-                        "status.addresses: {wanted} {:?} is not an IP address",
-                        address.address
+                    return Err(Refusal::new(
+                        RejectReason::InvalidAddress,
+                        format!(
+                            "status.addresses: {wanted} {:?} is not an IP address",
+                            address.address
+                        ),
                     ));
                 }
             }
@@ -177,20 +332,41 @@ fn convert_node(object: &core::Node, warnings: &mut Vec<String>) -> Result<Node,
 }
 
 /// (namespace, name); a missing namespace is "default", as kubectl does.
-fn identity(meta: &ObjectMeta) -> Result<(String, String), String> {
+fn identity(meta: &ObjectMeta) -> Result<(String, String), Refusal> {
     let name = meta.name.as_deref().unwrap_or_default();
-    if name.is_empty() {
-        return Err("metadata.name is missing".into());
-    }
+    check_name("metadata.name", name)?;
     let namespace = meta
         .namespace
         .as_deref()
         .filter(|ns| !ns.is_empty())
         .unwrap_or("default");
+    check_name("metadata.namespace", namespace)?;
     Ok((namespace.to_owned(), name.to_owned()))
 }
 
-fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result<Service, String> {
+/// A name is there, and no longer than the API server allows any: longer
+/// ones only come from manifests, and would make every log line and
+/// `tern` listing naming them that long.
+pub(super) fn check_name(field: &str, name: &str) -> Result<(), Refusal> {
+    if name.is_empty() {
+        return Err(Refusal::new(
+            RejectReason::MissingName,
+            format!("{field} is missing"),
+        ));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Refusal::new(
+            RejectReason::NameTooLong,
+            format!(
+                "{field} is {} bytes long, more than {MAX_NAME_LEN}",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result<Service, Refusal> {
     let (namespace, name) = identity(&object.metadata)?;
     let spec = object.spec.clone().unwrap_or_default();
     let service_type = match spec.type_.as_deref() {
@@ -198,7 +374,7 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         Some("NodePort") => ServiceType::NodePort,
         Some("LoadBalancer") => ServiceType::LoadBalancer,
         Some("ExternalName") => ServiceType::ExternalName,
-        Some(other) => return Err(format!("unknown spec.type {other:?}")),
+        Some(other) => return Err(format!("unknown spec.type {:?}", shortened(other)).into()),
     };
     let headless_label = object
         .metadata
@@ -229,12 +405,12 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         key: ServiceKey { namespace, name },
         service_type,
         cluster_ips,
-        external_ips: ipv4s(
+        external_ips: service_ips(
             "spec.externalIPs",
             spec.external_ips.as_deref().unwrap_or_default(),
             warnings,
         )?,
-        load_balancer_ips: ipv4s("status.loadBalancer.ingress.ip", &ingress_ips, warnings)?,
+        load_balancer_ips: service_ips("status.loadBalancer.ingress.ip", &ingress_ips, warnings)?,
         ports: service_ports(&spec, service_type, warnings)?,
         session_affinity_timeout: session_affinity(&spec)?,
         external_traffic_policy: traffic_policy(
@@ -249,13 +425,20 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         load_balancer_source_ranges: source_ranges(object, &spec, warnings)?,
         health_check_node_port: match spec.health_check_node_port {
             None | Some(0) => None,
-            Some(port) => Some(
-                u16::try_from(port)
-                    .map_err(|_| format!("spec.healthCheckNodePort {port} is not a port"))?,
-            ),
+            Some(port) => Some(u16::try_from(port).map_err(|_| {
+                Refusal::new(
+                    RejectReason::InvalidPort,
+                    format!("spec.healthCheckNodePort {port} is not a port"),
+                )
+            })?),
         },
         lb_algorithm,
         lb_weights,
+        created: object
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
     })
 }
 
@@ -266,28 +449,40 @@ fn annotation<'a>(meta: &'a ObjectMeta, name: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-fn lb_algorithm(meta: &ObjectMeta) -> Result<Option<LbAlgorithm>, String> {
+fn lb_algorithm(meta: &ObjectMeta) -> Result<Option<LbAlgorithm>, Refusal> {
     let Some(raw) = annotation(meta, LB_ALGORITHM_ANNOTATION) else {
         return Ok(None);
     };
     LbAlgorithm::from_name(raw.trim()).map(Some).ok_or_else(|| {
         let known: Vec<&str> = LbAlgorithm::ALL.iter().map(|a| a.name()).collect();
-        format!(
-            "annotation {LB_ALGORITHM_ANNOTATION}: {raw:?} is not one of {}",
-            known.join(", ")
+        Refusal::new(
+            RejectReason::InvalidAnnotation,
+            format!(
+                "annotation {LB_ALGORITHM_ANNOTATION}: {:?} is not one of {}",
+                shortened(raw),
+                known.join(", ")
+            ),
         )
     })
 }
 
 /// `tern.io/lb-weights`: comma-separated `KEY=WEIGHT`, KEY a pod name, an
 /// IPv4 address or `default`; WEIGHT 0..=65535.
-fn lb_weights(meta: &ObjectMeta) -> Result<LbWeights, String> {
+fn lb_weights(meta: &ObjectMeta) -> Result<LbWeights, Refusal> {
     let mut weights = LbWeights::default();
     let Some(raw) = annotation(meta, LB_WEIGHTS_ANNOTATION) else {
         return Ok(weights);
     };
     for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let bad = |why: &str| format!("annotation {LB_WEIGHTS_ANNOTATION}: {item:?}: {why}");
+        let bad = |why: &str| {
+            Refusal::new(
+                RejectReason::InvalidAnnotation,
+                format!(
+                    "annotation {LB_WEIGHTS_ANNOTATION}: {:?}: {why}",
+                    shortened(item)
+                ),
+            )
+        };
         let (key, weight) = item
             .split_once('=')
             .ok_or_else(|| bad("expected NAME=WEIGHT"))?;
@@ -313,9 +508,10 @@ fn lb_weights(meta: &ObjectMeta) -> Result<LbWeights, String> {
 /// A Namespace: its default LB algorithm, and its labels for policy's
 /// namespaceSelectors.
 pub fn namespace(object: &core::Namespace) -> Conversion<Namespace> {
-    let result = match object.metadata.name.as_deref() {
-        None | Some("") => Err("metadata.name is missing".to_owned()),
-        Some(name) => lb_algorithm(&object.metadata).map(|lb_algorithm| {
+    let name = object.metadata.name.as_deref().unwrap_or_default();
+    let result = match check_name("metadata.name", name) {
+        Err(refusal) => Err(refusal),
+        Ok(()) => lb_algorithm(&object.metadata).map(|lb_algorithm| {
             let mut labels = object.metadata.labels.clone().unwrap_or_default();
             // The API server sets it on every namespace; manifests may not.
             labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
@@ -404,7 +600,7 @@ fn named_ports(spec: &core::PodSpec, warnings: &mut Vec<String>) -> Vec<NamedPor
 fn cluster_ips(
     spec: &core::ServiceSpec,
     warnings: &mut Vec<String>,
-) -> Result<Vec<Ipv4Addr>, String> {
+) -> Result<Vec<Ipv4Addr>, Refusal> {
     let raw: Vec<String> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.clone(),
         _ => spec
@@ -419,15 +615,19 @@ fn cluster_ips(
     }
     if raw.is_empty() {
         // Without an API server nobody allocates one; headless must be explicit.
-        return Err(
-            "spec.clusterIP is missing: give an address, or None for a headless Service".into(),
-        );
+        return Err(Refusal::new(
+            RejectReason::MissingClusterIp,
+            "spec.clusterIP is missing: give an address, or None for a headless Service",
+        ));
     }
-    let ips = ipv4s("spec.clusterIPs", &raw, warnings)?;
+    let ips = service_ips("spec.clusterIPs", &raw, warnings)?;
     if ips.is_empty() {
-        return Err(format!(
-            "only IPv6 cluster IPs ({}): Tern serves IPv4 only",
-            raw.join(", ")
+        return Err(Refusal::new(
+            RejectReason::InvalidAddress,
+            format!(
+                "only IPv6 cluster IPs ({}): Tern serves IPv4 only",
+                raw.join(", ")
+            ),
         ));
     }
     Ok(ips)
@@ -439,7 +639,7 @@ fn source_ranges(
     object: &core::Service,
     spec: &core::ServiceSpec,
     warnings: &mut Vec<String>,
-) -> Result<Option<Vec<Ipv4Network>>, String> {
+) -> Result<Option<Vec<Ipv4Network>>, Refusal> {
     let (field, raw): (&str, Vec<String>) = match spec.load_balancer_source_ranges.as_deref() {
         Some(ranges) if !ranges.is_empty() => ("spec.loadBalancerSourceRanges", ranges.to_vec()),
         _ => match object
@@ -465,13 +665,19 @@ fn source_ranges(
             Ok(IpNetwork::V6(cidr)) => {
                 warnings.push(format!("{field}: IPv6 range {cidr} skipped (IPv4 only)"))
             }
-            Err(_) => return Err(format!("{field}: {text:?} is not a CIDR")),
+            Err(_) => {
+                return Err(format!("{field}: {:?} is not a CIDR", shortened(text)).into());
+            }
         }
     }
     Ok(Some(ranges))
 }
 
-fn ipv4s(field: &str, raw: &[String], warnings: &mut Vec<String>) -> Result<Vec<Ipv4Addr>, String> {
+fn ipv4s(
+    field: &str,
+    raw: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Ipv4Addr>, Refusal> {
     let mut out = Vec::new();
     for text in raw {
         match text.parse::<IpAddr>() {
@@ -479,17 +685,48 @@ fn ipv4s(field: &str, raw: &[String], warnings: &mut Vec<String>) -> Result<Vec<
             Ok(IpAddr::V6(ip)) => {
                 warnings.push(format!("{field}: IPv6 address {ip} skipped (IPv4 only)"))
             }
-            Err(_) => return Err(format!("{field}: {text:?} is not an IP address")),
+            Err(_) => {
+                return Err(Refusal::new(
+                    RejectReason::InvalidAddress,
+                    format!("{field}: {:?} is not an IP address", shortened(text)),
+                ));
+            }
         }
     }
     Ok(out)
+}
+
+/// Addresses a Service cannot take as its own: 0.0.0.0, loopback and
+/// link-local (the API server refuses them too; a loopback one would
+/// capture the node's own traffic), multicast and broadcast (no
+/// connection goes there).
+fn service_ips(
+    field: &str,
+    raw: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Ipv4Addr>, Refusal> {
+    let ips = ipv4s(field, raw, warnings)?;
+    if let Some(ip) = ips.iter().find(|ip| {
+        ip.is_unspecified()
+            || ip.is_loopback()
+            || ip.is_link_local()
+            || ip.is_multicast()
+            || ip.is_broadcast()
+    }) {
+        return Err(Refusal::new(
+            RejectReason::InvalidAddress,
+            format!("{field}: {ip} is not an address a Service can take"),
+        ));
+    }
+    Ok(ips)
 }
 
 fn service_ports(
     spec: &core::ServiceSpec,
     service_type: ServiceType,
     warnings: &mut Vec<String>,
-) -> Result<Vec<ServicePort>, String> {
+) -> Result<Vec<ServicePort>, Refusal> {
+    use RejectReason::{DuplicatePort, InvalidPort};
     let raw = spec.ports.as_deref().unwrap_or_default();
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
@@ -502,15 +739,23 @@ fn service_ports(
             format!("port {name:?}")
         };
         if name.is_empty() && raw.len() > 1 {
-            return Err(format!(
-                "{label}: a Service with several ports must name each of them"
+            return Err(Refusal::new(
+                InvalidPort,
+                format!("{label}: a Service with several ports must name each of them"),
             ));
         }
         if !names.insert(name.clone()) {
-            return Err(format!("{label}: duplicate port name"));
+            return Err(Refusal::new(
+                DuplicatePort,
+                format!("{label}: duplicate port name"),
+            ));
         }
-        let port = port_number(p.port)
-            .ok_or_else(|| format!("{label}: port {} is out of range 1..=65535", p.port))?;
+        let port = port_number(p.port).ok_or_else(|| {
+            Refusal::new(
+                InvalidPort,
+                format!("{label}: port {} is out of range 1..=65535", p.port),
+            )
+        })?;
         let protocol = protocol(p.protocol.as_deref()).map_err(|e| format!("{label}: {e}"))?;
         if protocol == Protocol::Sctp {
             warnings.push(format!(
@@ -518,28 +763,41 @@ fn service_ports(
             ));
         }
         if !numbers.insert((port, protocol)) {
-            return Err(format!("{label}: port {port}/{protocol} is listed twice"));
+            return Err(Refusal::new(
+                DuplicatePort,
+                format!("{label}: port {port}/{protocol} is listed twice"),
+            ));
         }
         let target_port = match &p.target_port {
             // The API defaults an absent (or zero) targetPort to the port.
             None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
             Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => TargetPort::Number(
-                port_number(*n)
-                    .ok_or_else(|| format!("{label}: targetPort {n} is out of range 1..=65535"))?,
-            ),
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(*n).ok_or_else(|| {
+                Refusal::new(
+                    InvalidPort,
+                    format!("{label}: targetPort {n} is out of range 1..=65535"),
+                )
+            })?),
             Some(IntOrString::String(s)) if is_port_name(s) => TargetPort::Name(s.clone()),
             Some(IntOrString::String(s)) => {
-                return Err(format!(
-                    "{label}: targetPort {s:?} is neither a number nor a port name"
+                return Err(Refusal::new(
+                    InvalidPort,
+                    format!(
+                        "{label}: targetPort {:?} is neither a number nor a port name",
+                        shortened(s)
+                    ),
                 ));
             }
         };
         let node_port = match p.node_port {
             None => None,
             Some(n) => {
-                let n = port_number(n)
-                    .ok_or_else(|| format!("{label}: nodePort {n} is out of range 1..=65535"))?;
+                let n = port_number(n).ok_or_else(|| {
+                    Refusal::new(
+                        InvalidPort,
+                        format!("{label}: nodePort {n} is out of range 1..=65535"),
+                    )
+                })?;
                 if matches!(
                     service_type,
                     ServiceType::NodePort | ServiceType::LoadBalancer
@@ -588,7 +846,7 @@ pub(super) fn protocol(raw: Option<&str>) -> Result<Protocol, String> {
     }
 }
 
-fn session_affinity(spec: &core::ServiceSpec) -> Result<Option<u32>, String> {
+fn session_affinity(spec: &core::ServiceSpec) -> Result<Option<u32>, Refusal> {
     match spec.session_affinity.as_deref() {
         None | Some("None") => Ok(None),
         Some("ClientIP") => {
@@ -602,31 +860,38 @@ fn session_affinity(spec: &core::ServiceSpec) -> Result<Option<u32>, String> {
                 Some(t @ 1..=86400) => Ok(Some(t as u32)),
                 Some(t) => Err(format!(
                     "sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of range 1..=86400"
-                )),
+                )
+                .into()),
             }
         }
-        Some(other) => Err(format!("unknown spec.sessionAffinity {other:?}")),
+        Some(other) => Err(format!("unknown spec.sessionAffinity {:?}", shortened(other)).into()),
     }
 }
 
-fn traffic_policy(field: &str, raw: Option<&str>) -> Result<TrafficPolicy, String> {
+fn traffic_policy(field: &str, raw: Option<&str>) -> Result<TrafficPolicy, Refusal> {
     match raw {
         None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
         Some("Local") => Ok(TrafficPolicy::Local),
-        Some(other) => Err(format!("unknown {field} {other:?}")),
+        Some(other) => Err(format!("unknown {field} {:?}", shortened(other)).into()),
     }
 }
 
 fn convert_slice(
     object: &discovery::EndpointSlice,
     warnings: &mut Vec<String>,
-) -> Result<EndpointSlice, String> {
+) -> Result<EndpointSlice, Refusal> {
     let (namespace, name) = identity(&object.metadata)?;
     let labels: Option<&BTreeMap<String, String>> = object.metadata.labels.as_ref();
     let service = labels
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| format!("label {SERVICE_NAME_LABEL} is missing"))?;
+        .ok_or_else(|| {
+            Refusal::new(
+                RejectReason::MissingServiceName,
+                format!("label {SERVICE_NAME_LABEL} is missing"),
+            )
+        })?;
+    check_name(&format!("label {SERVICE_NAME_LABEL}"), service)?;
     let ports = match object.ports.as_deref() {
         None | Some([]) => None,
         Some(raw) => Some(slice_ports(raw, warnings)?),
@@ -648,7 +913,7 @@ fn convert_slice(
 fn slice_ports(
     raw: &[discovery::EndpointPort],
     warnings: &mut Vec<String>,
-) -> Result<Vec<EndpointPort>, String> {
+) -> Result<Vec<EndpointPort>, Refusal> {
     let mut names = BTreeSet::new();
     let mut ports = Vec::new();
     for (index, p) in raw.iter().enumerate() {
@@ -659,15 +924,22 @@ fn slice_ports(
             format!("port {name:?}")
         };
         if !names.insert(name.clone()) {
-            return Err(format!("{label}: duplicate port name"));
+            return Err(Refusal::new(
+                RejectReason::DuplicatePort,
+                format!("{label}: duplicate port name"),
+            ));
         }
         let Some(number) = p.port else {
             // The API's "all ports" entry: nothing a Service port maps to.
             warnings.push(format!("{label}: no port number, skipped"));
             continue;
         };
-        let port = port_number(number)
-            .ok_or_else(|| format!("{label}: port {number} is out of range 1..=65535"))?;
+        let port = port_number(number).ok_or_else(|| {
+            Refusal::new(
+                RejectReason::InvalidPort,
+                format!("{label}: port {number} is out of range 1..=65535"),
+            )
+        })?;
         let protocol = protocol(p.protocol.as_deref()).map_err(|e| format!("{label}: {e}"))?;
         ports.push(EndpointPort {
             name,
@@ -678,13 +950,20 @@ fn slice_ports(
     Ok(ports)
 }
 
-fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, String> {
+fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, Refusal> {
     let addresses = raw
         .addresses
         .iter()
         .map(|a| {
-            a.parse::<Ipv4Addr>()
-                .map_err(|_| format!("endpoints[{index}]: {a:?} is not an IPv4 address"))
+            a.parse::<Ipv4Addr>().map_err(|_| {
+                Refusal::new(
+                    RejectReason::InvalidAddress,
+                    format!(
+                        "endpoints[{index}]: {:?} is not an IPv4 address",
+                        shortened(a)
+                    ),
+                )
+            })
         })
         .collect::<Result<_, _>>()?;
     let conditions = raw.conditions.clone().unwrap_or_default();

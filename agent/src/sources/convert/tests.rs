@@ -34,6 +34,7 @@ kind: Service
 metadata:
   name: shop
   namespace: prod
+  creationTimestamp: "2024-05-01T10:00:00Z"
   annotations:
     tern.io/lb-algorithm: maglev
 spec:
@@ -86,6 +87,7 @@ status:
     assert_eq!(svc.internal_traffic_policy, TrafficPolicy::Cluster);
     assert!(svc.publish_not_ready_addresses);
     assert_eq!(svc.lb_algorithm, Some(LbAlgorithm::Maglev));
+    assert_eq!(svc.created, Some(1_714_557_600));
     assert_eq!(
         svc.ports,
         [
@@ -115,7 +117,7 @@ fn api_defaults_apply() {
     assert_eq!(svc.key.to_string(), "default/web");
     assert_eq!(svc.service_type, ServiceType::ClusterIp);
     assert_eq!(svc.session_affinity_timeout, Some(10800));
-    assert_eq!(svc.lb_algorithm, None);
+    assert_eq!((svc.lb_algorithm, svc.created), (None, None));
     let port = &svc.ports[0];
     assert_eq!((port.name.as_str(), port.protocol), ("", Protocol::Tcp));
     assert_eq!(port.target_port, TargetPort::Number(8080));
@@ -124,49 +126,68 @@ fn api_defaults_apply() {
 #[test]
 fn every_bad_service_is_rejected_with_its_reason() {
     let port80 = "  ports:\n  - port: 80\n";
-    let cases: Vec<(String, &str)> = vec![
-            ("apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.1\n".into(), "metadata.name is missing"),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 0\n"), "port 0 is out of range 1..=65535"),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 65536\n"), "port 65536 is out of range"),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: http\n    port: 80\n  - name: http\n    port: 81\n"), "port \"http\": duplicate port name"),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: http\n    port: 80\n  - port: 81\n"), "several ports must name each"),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: a\n    port: 80\n  - name: b\n    port: 80\n"), "port 80/TCP is listed twice"),
-            (web_with("  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    nodePort: 0\n"), "nodePort 0 is out of range 1..=65535"),
-            (web_with("  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    nodePort: 70000\n"), "nodePort 70000 is out of range"),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    protocol: HTTP\n"), "unknown protocol \"HTTP\""),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    targetPort: 70000\n"), "targetPort 70000 is out of range"),
-            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    targetPort: Http_Port\n"), "targetPort \"Http_Port\" is neither"),
-            (web_with(&format!("  clusterIP: 10.96.0.300\n{port80}")), "spec.clusterIPs: \"10.96.0.300\" is not an IP address"),
-            (web_with(&format!("  clusterIPs: [fd00::10]\n{port80}")), "only IPv6 cluster IPs (fd00::10)"),
-            (web_with(&format!("  clusterIP: 10.96.0.1\n  externalIPs: [example.com]\n{port80}")), "spec.externalIPs: \"example.com\" is not an IP address"),
-            (web_with(&format!("  type: LoadBalancer\n  clusterIP: 10.96.0.1\n{port80}status:\n  loadBalancer:\n    ingress:\n    - ip: 1.2.3\n")), "status.loadBalancer.ingress.ip: \"1.2.3\""),
-            (web_with(&format!("  type: Ingress\n  clusterIP: 10.96.0.1\n{port80}")), "unknown spec.type \"Ingress\""),
-            (web_with(port80), "spec.clusterIP is missing"),
-            (web_with(&format!("  clusterIP: 10.96.0.1\n  sessionAffinity: Cookie\n{port80}")), "unknown spec.sessionAffinity \"Cookie\""),
-            (web_with(&format!("  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 0\n{port80}")), "timeoutSeconds 0 is out of range 1..=86400"),
-            (web_with(&format!("  clusterIP: 10.96.0.1\n  externalTrafficPolicy: Global\n{port80}")), "unknown spec.externalTrafficPolicy \"Global\""),
-            (web_with(&format!("  clusterIP: 10.96.0.1\n  internalTrafficPolicy: Node\n{port80}")), "unknown spec.internalTrafficPolicy \"Node\""),
+    use RejectReason::*;
+    let cases: Vec<(String, &str, RejectReason)> = vec![
+            ("apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.1\n".into(), "metadata.name is missing", MissingName),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 0\n"), "port 0 is out of range 1..=65535", InvalidPort),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 65536\n"), "port 65536 is out of range", InvalidPort),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: http\n    port: 80\n  - name: http\n    port: 81\n"), "port \"http\": duplicate port name", DuplicatePort),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: http\n    port: 80\n  - port: 81\n"), "several ports must name each", InvalidPort),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - name: a\n    port: 80\n  - name: b\n    port: 80\n"), "port 80/TCP is listed twice", DuplicatePort),
+            (web_with("  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    nodePort: 0\n"), "nodePort 0 is out of range 1..=65535", InvalidPort),
+            (web_with("  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    nodePort: 70000\n"), "nodePort 70000 is out of range", InvalidPort),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    protocol: HTTP\n"), "unknown protocol \"HTTP\"", InvalidField),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    targetPort: 70000\n"), "targetPort 70000 is out of range", InvalidPort),
+            (web_with("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    targetPort: Http_Port\n"), "targetPort \"Http_Port\" is neither", InvalidPort),
+            (web_with(&format!("  clusterIP: 10.96.0.300\n{port80}")), "spec.clusterIPs: \"10.96.0.300\" is not an IP address", InvalidAddress),
+            (web_with(&format!("  clusterIPs: [fd00::10]\n{port80}")), "only IPv6 cluster IPs (fd00::10)", InvalidAddress),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  externalIPs: [example.com]\n{port80}")), "spec.externalIPs: \"example.com\" is not an IP address", InvalidAddress),
+            (web_with(&format!("  type: LoadBalancer\n  clusterIP: 10.96.0.1\n{port80}status:\n  loadBalancer:\n    ingress:\n    - ip: 1.2.3\n")), "status.loadBalancer.ingress.ip: \"1.2.3\"", InvalidAddress),
+            (web_with(&format!("  type: Ingress\n  clusterIP: 10.96.0.1\n{port80}")), "unknown spec.type \"Ingress\"", InvalidField),
+            (web_with(port80), "spec.clusterIP is missing", MissingClusterIp),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  sessionAffinity: Cookie\n{port80}")), "unknown spec.sessionAffinity \"Cookie\"", InvalidField),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 0\n{port80}")), "timeoutSeconds 0 is out of range 1..=86400", InvalidField),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  externalTrafficPolicy: Global\n{port80}")), "unknown spec.externalTrafficPolicy \"Global\"", InvalidField),
+            (web_with(&format!("  clusterIP: 10.96.0.1\n  internalTrafficPolicy: Node\n{port80}")), "unknown spec.internalTrafficPolicy \"Node\"", InvalidField),
             (
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-algorithm: round-robin\nspec:\n  clusterIP: 10.96.0.1\n".into(),
                 "\"round-robin\" is not one of random, maglev, rr, wrr, lc, wlc, sh, dh, sed, nq",
+                InvalidAnnotation,
             ),
             (
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-weights: web-0\nspec:\n  clusterIP: 10.96.0.1\n".into(),
                 "tern.io/lb-weights: \"web-0\": expected NAME=WEIGHT",
+                InvalidAnnotation,
             ),
             (
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-weights: web-0=70000\nspec:\n  clusterIP: 10.96.0.1\n".into(),
                 "\"web-0=70000\": the weight must be 0..=65535",
+                InvalidAnnotation,
             ),
             (
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    tern.io/lb-weights: =3\nspec:\n  clusterIP: 10.96.0.1\n".into(),
                 "\"=3\": the name is empty",
+                InvalidAnnotation,
             ),
         ];
-    for (yaml, reason) in cases {
+    let long = "a".repeat(MAX_NAME_LEN + 1);
+    let cases = cases.into_iter().chain([
+        (web_with(&format!("  clusterIP: 127.0.0.1\n{port80}")), "spec.clusterIPs: 127.0.0.1 is not an address a Service can take", InvalidAddress),
+        (web_with(&format!("  clusterIP: 0.0.0.0\n{port80}")), "0.0.0.0 is not an address", InvalidAddress),
+        (web_with(&format!("  clusterIP: 10.96.0.1\n  externalIPs: [169.254.169.254]\n{port80}")), "spec.externalIPs: 169.254.169.254 is not an address", InvalidAddress),
+        (web_with(&format!("  clusterIP: 10.96.0.1\n  externalIPs: [255.255.255.255]\n{port80}")), "255.255.255.255 is not an address", InvalidAddress),
+        (web_with(&format!("  type: LoadBalancer\n  clusterIP: 10.96.0.1\n{port80}status:\n  loadBalancer:\n    ingress:\n    - ip: 224.0.0.5\n")), "ingress.ip: 224.0.0.5 is not an address", InvalidAddress),
+        (format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {long}\nspec:\n  clusterIP: 10.96.0.1\n"), "metadata.name is 254 bytes long, more than 253", NameTooLong),
+        (format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: {long}\nspec:\n  clusterIP: 10.96.0.1\n"), "metadata.namespace is 254 bytes long", NameTooLong),
+        (web_with(&format!("  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n    targetPort: {long}\n")), "...(254 bytes)\" is neither a number nor a port name", InvalidPort),
+    ]);
+    for (yaml, message, reason) in cases {
         match service_from(&yaml) {
-            Conversion::Rejected(e) => assert!(e.contains(reason), "{e:?} lacks {reason:?}"),
-            other => panic!("{reason}: got {other:?}"),
+            Conversion::Rejected(e) => {
+                assert!(e.message.contains(message), "{e:?} lacks {message:?}");
+                assert_eq!(e.reason, reason, "{e:?}");
+            }
+            other => panic!("{message}: got {other:?}"),
         }
     }
 }
@@ -302,36 +323,59 @@ fn every_bad_slice_is_rejected_with_its_reason() {
         (
             SLICE.replace("  name: web-abc12\n", ""),
             "metadata.name is missing",
+            RejectReason::MissingName,
         ),
         (
             SLICE.replace("    kubernetes.io/service-name: web\n", "    app: web\n"),
             "label kubernetes.io/service-name is missing",
+            RejectReason::MissingServiceName,
         ),
         (
             SLICE.replace("10.244.1.5", "10.244.1.500"),
             "endpoints[0]: \"10.244.1.500\" is not an IPv4 address",
+            RejectReason::InvalidAddress,
         ),
         (
             SLICE.replace("10.244.1.5", "fd00::5"),
             "\"fd00::5\" is not an IPv4 address",
+            RejectReason::InvalidAddress,
         ),
         (
             SLICE.replace("port: 8080", "port: 0"),
             "port \"http\": port 0 is out of range",
+            RejectReason::InvalidPort,
         ),
         (
             SLICE.replace("protocol: TCP", "protocol: QUIC"),
             "unknown protocol \"QUIC\"",
+            RejectReason::InvalidField,
         ),
         (
             SLICE.replace("- name: http\n", "- name: http\n  port: 1\n- name: http\n"),
             "duplicate port name",
+            RejectReason::DuplicatePort,
         ),
     ];
-    for (yaml, reason) in cases {
+    let long = "a".repeat(MAX_NAME_LEN + 1);
+    let cases = cases.into_iter().chain([
+        (
+            SLICE.replace("service-name: web", &format!("service-name: {long}")),
+            "label kubernetes.io/service-name is 254 bytes long",
+            RejectReason::NameTooLong,
+        ),
+        (
+            SLICE.replace("\"10.244.1.5\"", "\"\""),
+            "endpoints[0]: \"\" is not an IPv4 address",
+            RejectReason::InvalidAddress,
+        ),
+    ]);
+    for (yaml, message, reason) in cases {
         match slice_from(&yaml) {
-            Conversion::Rejected(e) => assert!(e.contains(reason), "{e:?} lacks {reason:?}"),
-            other => panic!("{reason}: got {other:?}"),
+            Conversion::Rejected(e) => {
+                assert!(e.message.contains(message), "{e:?} lacks {message:?}");
+                assert_eq!(e.reason, reason, "{e:?}");
+            }
+            other => panic!("{message}: got {other:?}"),
         }
     }
 }
@@ -527,4 +571,68 @@ ports:
         .map(|e| e.pod_name.as_deref())
         .collect();
     assert_eq!(pods, [Some("web-0"), None, None]);
+}
+
+#[test]
+fn huge_label_sets_annotations_and_longest_names_are_taken() {
+    // The API server caps names at 253 (63 for Services) and annotations at
+    // 256 KiB in all; manifests have no cap. Labels and unread annotations
+    // are carried (Pods', Namespaces' labels feed policy) or ignored, in
+    // time linear in their size; a bad Tern annotation is named shortened.
+    let name = "a".repeat(MAX_NAME_LEN);
+    let labels: BTreeMap<String, String> = (0..20_000)
+        .map(|i| (format!("label-{i}"), "v".repeat(63)))
+        .collect();
+    let mut annotations: BTreeMap<String, String> =
+        BTreeMap::from([("huge".to_owned(), "x".repeat(1 << 20))]);
+    let weights: Vec<String> = (0..50_000).map(|i| format!("pod-{i}=2")).collect();
+    annotations.insert(LB_WEIGHTS_ANNOTATION.into(), weights.join(","));
+    let mut object: core::Service = serde_yaml_ng::from_str(&web_with(
+        "  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n",
+    ))
+    .unwrap();
+    object.metadata.name = Some(name.clone());
+    object.metadata.labels = Some(labels.clone());
+    object.metadata.annotations = Some(annotations.clone());
+    let started = std::time::Instant::now();
+    let (svc, warnings) = accepted(service(&object));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(warnings.is_empty());
+    assert_eq!(svc.key.name, name);
+    assert_eq!(svc.lb_weights.by_pod.len(), 50_000);
+
+    // A megabyte of a bad lb-algorithm: refused, and the message is short.
+    annotations.insert(LB_ALGORITHM_ANNOTATION.into(), "z".repeat(1 << 20));
+    object.metadata.annotations = Some(annotations);
+    match service(&object) {
+        Conversion::Rejected(refusal) => {
+            assert_eq!(refusal.reason, RejectReason::InvalidAnnotation);
+            assert!(refusal.message.len() < 300, "{}", refusal.message.len());
+            assert!(refusal.message.contains("(1048576 bytes)"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let mut pod: core::Pod = serde_yaml_ng::from_str(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec: {containers: []}\n",
+    )
+    .unwrap();
+    pod.metadata.labels = Some(labels.clone());
+    let (pod, _) = accepted(super::pod(&pod));
+    assert_eq!(pod.labels.len(), 20_000);
+    let mut ns: core::Namespace =
+        serde_yaml_ng::from_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
+            .unwrap();
+    ns.metadata.labels = Some(labels);
+    let (ns, _) = accepted(namespace(&ns));
+    assert_eq!(ns.labels.len(), 20_001); // with its name label
+}
+
+#[test]
+fn shortened_keeps_short_text_and_cuts_long_text_on_a_char_boundary() {
+    assert_eq!(shortened("web"), "web");
+    let long = "é".repeat(200);
+    let cut = shortened(&long);
+    assert!(cut.starts_with(&"é".repeat(100)));
+    assert!(cut.ends_with("...(400 bytes)"), "{cut}");
 }

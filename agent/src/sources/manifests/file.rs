@@ -14,7 +14,7 @@ use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAcc
 use serde_json::Value;
 
 use crate::model::{EndpointSlice, Namespace, NetworkPolicy, Node, Pod, Service};
-use crate::sources::{self, Conversion};
+use crate::sources::{self, Conversion, RejectReason, Rejection, shortened};
 
 /// What one file holds, converted: kept per file so a change re-reads only
 /// the files that changed.
@@ -26,7 +26,7 @@ pub struct FileObjects {
     pub namespaces: Vec<(String, Arc<Namespace>)>,
     pub pods: Vec<(String, Arc<Pod>)>,
     pub network_policies: Vec<(String, Arc<NetworkPolicy>)>,
-    pub errors: Vec<String>,
+    pub errors: Vec<Rejection>,
     pub warnings: Vec<String>,
     pub ignored: usize,
 }
@@ -39,8 +39,11 @@ pub(super) fn parse_file(path: &Path) -> FileObjects {
     let json = path.extension().is_some_and(|e| e == "json");
     let mut objects = FileObjects::default();
     let parsed = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read: {e}"))
-        .and_then(|text| read_documents(&text, json, &file, &mut objects));
+        .map_err(|e| (RejectReason::Unreadable, format!("cannot read: {e}")))
+        .and_then(|text| {
+            read_documents(&text, json, &file, &mut objects)
+                .map_err(|e| (RejectReason::Malformed, e))
+        });
     match parsed {
         Ok(()) => {
             // Sorted once here, so that merging the files is one pass. The
@@ -56,8 +59,8 @@ pub(super) fn parse_file(path: &Path) -> FileObjects {
         }
         // A file that does not parse is rejected whole: half a file could
         // drop a slice and silently shrink a Service.
-        Err(e) => FileObjects {
-            errors: vec![format!("{file}: {e}")],
+        Err((reason, e)) => FileObjects {
+            errors: vec![Rejection::new("File", reason, format!("{file}: {e}"))],
             ..FileObjects::default()
         },
     }
@@ -190,9 +193,11 @@ impl<'de> Visitor<'de> for Document<'_> {
 
 impl Document<'_> {
     fn not_an_object(self) {
-        self.1
-            .errors
-            .push(format!("{}: not a Kubernetes object", self.0));
+        self.1.errors.push(Rejection::new(
+            "File",
+            RejectReason::Malformed,
+            format!("{}: not a Kubernetes object", self.0),
+        ));
     }
 }
 
@@ -314,9 +319,11 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
         .and_then(Value::as_str)
         .unwrap_or_default();
     let Some(kind) = object.get("kind").and_then(Value::as_str) else {
-        return file
-            .errors
-            .push(format!("{place}: not a Kubernetes object (no kind)"));
+        return file.errors.push(Rejection::new(
+            "File",
+            RejectReason::Malformed,
+            format!("{place}: not a Kubernetes object (no kind)"),
+        ));
     };
     let namespace = object
         .pointer("/metadata/namespace")
@@ -326,6 +333,7 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("(unnamed)");
+    let (namespace, name) = (shortened(namespace), shortened(name));
     let what = if kind == "Node" || kind == "Namespace" {
         format!("{place}: {kind} {name}") // cluster-scoped
     } else {
@@ -335,39 +343,39 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
     match (api_version, kind) {
         ("v1", "Service") => {
             let converted = typed::<core::Service>(object).map(|s| sources::service(&s));
-            if let Some(service) = accept(converted, &what, file) {
+            if let Some(service) = accept(converted, "Service", &what, file) {
                 file.services.push((what, Arc::new(service)));
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let converted =
                 typed::<discovery::EndpointSlice>(object).map(|s| sources::endpoint_slice(&s));
-            if let Some(slice) = accept(converted, &what, file) {
+            if let Some(slice) = accept(converted, "EndpointSlice", &what, file) {
                 file.slices.push((what, Arc::new(slice)));
             }
         }
         ("v1", "Node") => {
             let converted = typed::<core::Node>(object).map(|n| sources::node(&n));
-            if let Some(node) = accept(converted, &what, file) {
+            if let Some(node) = accept(converted, "Node", &what, file) {
                 file.nodes.push((what, Arc::new(node)));
             }
         }
         ("v1", "Namespace") => {
             let converted = typed::<core::Namespace>(object).map(|n| sources::namespace(&n));
-            if let Some(namespace) = accept(converted, &what, file) {
+            if let Some(namespace) = accept(converted, "Namespace", &what, file) {
                 file.namespaces.push((what, Arc::new(namespace)));
             }
         }
         ("v1", "Pod") => {
             let converted = typed::<core::Pod>(object).map(|p| sources::pod(&p));
-            if let Some(pod) = accept(converted, &what, file) {
+            if let Some(pod) = accept(converted, "Pod", &what, file) {
                 file.pods.push((what, Arc::new(pod)));
             }
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             let converted =
                 typed::<networking::NetworkPolicy>(object).map(|p| sources::network_policy(&p));
-            if let Some(policy) = accept(converted, &what, file) {
+            if let Some(policy) = accept(converted, "NetworkPolicy", &what, file) {
                 file.network_policies.push((what, Arc::new(policy)));
             }
         }
@@ -378,6 +386,7 @@ fn add_object(object: Value, place: &str, file: &mut FileObjects) {
 /// Files a conversion's errors, warnings or ignoring; the object if used.
 fn accept<T>(
     converted: Result<Conversion<T>, String>,
+    kind: &'static str,
     what: &str,
     file: &mut FileObjects,
 ) -> Option<T> {
@@ -391,8 +400,18 @@ fn accept<T>(
             file.ignored += 1;
             None
         }
-        Ok(Conversion::Rejected(e)) | Err(e) => {
-            file.errors.push(format!("{what}: {e}"));
+        Ok(Conversion::Rejected(refusal)) => {
+            file.errors.push(Rejection::new(
+                kind,
+                refusal.reason,
+                format!("{what}: {refusal}"),
+            ));
+            None
+        }
+        Err(e) => {
+            let message = format!("{what}: {e}");
+            file.errors
+                .push(Rejection::new(kind, RejectReason::Malformed, message));
             None
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use file::{FileObjects, parse_file};
 pub use watch::watch;
 
-use super::LoadReport;
+use super::{LoadReport, RejectReason, Rejection};
 use crate::model::{Cluster, Map};
 
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -50,7 +50,7 @@ pub struct ManifestSource {
     files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
     /// Why the directory could not be listed last time; `None` before the
     /// first reload too, which always reports.
-    list_error: Option<String>,
+    list_error: Option<Rejection>,
     loaded: bool,
     /// The last report's objects: each report updates these in place, so
     /// an unchanged object costs a comparison, not a new map entry.
@@ -82,7 +82,11 @@ impl ManifestSource {
         let listed = match manifest_files(&self.dir) {
             Ok(files) => files,
             Err(e) => {
-                let error = format!("{}: cannot list: {e}", self.dir.display());
+                let error = Rejection::new(
+                    "File",
+                    RejectReason::Unreadable,
+                    format!("{}: cannot list: {e}", self.dir.display()),
+                );
                 let changed = first || self.list_error.as_ref() != Some(&error);
                 self.list_error = Some(error);
                 self.files.clear();
@@ -118,36 +122,42 @@ impl ManifestSource {
         merge_sorted(
             self.files.values().map(|(_, f)| &f.services[..]),
             |s| &s.key,
+            "Service",
             &mut report.errors,
             &mut self.last.services,
         );
         merge_sorted(
             self.files.values().map(|(_, f)| &f.slices[..]),
             |s| &s.key,
+            "EndpointSlice",
             &mut report.errors,
             &mut self.last.slices,
         );
         merge_sorted(
             self.files.values().map(|(_, f)| &f.nodes[..]),
             |n| &n.name,
+            "Node",
             &mut report.errors,
             &mut self.last.nodes,
         );
         merge_sorted(
             self.files.values().map(|(_, f)| &f.namespaces[..]),
             |n| &n.name,
+            "Namespace",
             &mut report.errors,
             &mut self.last.namespaces,
         );
         merge_sorted(
             self.files.values().map(|(_, f)| &f.pods[..]),
             |p| &p.key,
+            "Pod",
             &mut report.errors,
             &mut self.last.pods,
         );
         merge_sorted(
             self.files.values().map(|(_, f)| &f.network_policies[..]),
             |p| &p.key,
+            "NetworkPolicy",
             &mut report.errors,
             &mut self.last.network_policies,
         );
@@ -184,7 +194,8 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 fn merge_sorted<'a, K: Ord + Clone, T>(
     files: impl Iterator<Item = &'a [(String, Arc<T>)]>,
     key: impl Fn(&T) -> &K,
-    errors: &mut Vec<String>,
+    kind: &'static str,
+    errors: &mut Vec<Rejection>,
     map: &mut Map<K, Arc<T>>,
 ) where
     T: 'a,
@@ -195,8 +206,10 @@ fn merge_sorted<'a, K: Ord + Clone, T>(
     let mut merged: Vec<(K, Arc<T>)> = Vec::with_capacity(all.len());
     for (what, object) in all {
         match merged.last() {
-            Some((last, _)) if last == key(object) => errors.push(format!(
-                "{what}: defined more than once; the first one is used"
+            Some((last, _)) if last == key(object) => errors.push(Rejection::new(
+                kind,
+                RejectReason::Duplicate,
+                format!("{what}: defined more than once; the first one is used"),
             )),
             _ => merged.push((key(object).clone(), object.clone())),
         }
@@ -335,12 +348,14 @@ status: {addresses: [{type: InternalIP, address: ten.zero}]}
         assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
         assert!(
             report.errors[0]
+                .message
                 .contains("Node bad-cidr: spec.podCIDRs: 10.244.3.1/24 has host bits set"),
             "{:?}",
             report.errors
         );
         assert!(
             report.errors[1]
+                .message
                 .contains("Node bad-address: status.addresses: InternalIP \"ten.zero\""),
             "{:?}",
             report.errors
@@ -364,6 +379,7 @@ status: {addresses: [{type: InternalIP, address: ten.zero}]}
             node_ips: vec!["192.168.1.10".parse().unwrap()],
             maglev_table_size: 251,
             default_algorithm: LbAlgorithm::Random,
+            service_cidr: None,
         };
         let state = lb::compile(&report.cluster, &ctx);
         let frontends: Vec<String> = state
@@ -512,19 +528,37 @@ metadata: {name: knative}
         write(dir.path(), "b-objects.yaml", objects);
         let report = load_dir(dir.path());
         assert_eq!(report.errors.len(), 5, "{:#?}", report.errors);
+        use RejectReason::*;
         let expect = [
-            "a-broken.yaml: not valid YAML: ",
-            "b-objects.yaml: document 1: Service shop/bad-port: ports[0]: port 0 is out of range",
-            "b-objects.yaml: document 2: Service shop/typo: malformed spec.ports[0].port: invalid type: string \"eighty\"",
-            "b-objects.yaml: document 5: not a Kubernetes object (no kind)",
+            ("File", Malformed, "a-broken.yaml: not valid YAML: "),
+            (
+                "Service",
+                InvalidPort,
+                "b-objects.yaml: document 1: Service shop/bad-port: ports[0]: port 0 is out of range",
+            ),
+            (
+                "Service",
+                Malformed,
+                "b-objects.yaml: document 2: Service shop/typo: malformed spec.ports[0].port: invalid type: string \"eighty\"",
+            ),
+            (
+                "File",
+                Malformed,
+                "b-objects.yaml: document 5: not a Kubernetes object (no kind)",
+            ),
             // Duplicates are found when the files are put together.
-            "b-objects.yaml: document 4: Service shop/fine: defined more than once",
+            (
+                "Service",
+                Duplicate,
+                "b-objects.yaml: document 4: Service shop/fine: defined more than once",
+            ),
         ];
-        for (error, expected) in report.errors.iter().zip(expect) {
+        for (error, (kind, reason, expected)) in report.errors.iter().zip(expect) {
             assert!(
-                error.starts_with(expected),
+                error.message.starts_with(expected),
                 "{error:?} should start with {expected:?}"
             );
+            assert_eq!((error.kind, error.reason), (kind, reason), "{error:?}");
         }
         assert_eq!(report.cluster.services.len(), 1);
         assert_eq!(
@@ -535,7 +569,7 @@ metadata: {name: knative}
 
         let missing = load_dir(&dir.path().join("nope"));
         assert!(
-            missing.errors[0].contains("cannot list"),
+            missing.errors[0].message.contains("cannot list"),
             "{:?}",
             missing.errors
         );
