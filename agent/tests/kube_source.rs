@@ -308,3 +308,136 @@ async fn watch_follows_the_api_through_relists_bookmarks_and_errors() {
     ));
     settle(&mut rx, &expected(&server)).await;
 }
+
+/// Hostile and broken objects from the API, lists cut off mid-body and
+/// objects arriving in every order: each bad object is left out on its own
+/// with its kind and reason, a frontend claimed twice goes to the oldest
+/// Service, and every other object works, the same as read directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_objects_and_broken_lists_cost_only_themselves() {
+    use tern_agent::compiler::lb::{Frontend, Scope};
+    use tern_agent::model::Protocol;
+    use tern_agent::sources::RejectReason;
+
+    let server = ApiServer::start().await.unwrap();
+    // Every list of the first round breaks off halfway: the watchers retry.
+    server.break_lists(6);
+    // A slice before its Service, and an FQDN slice and one with IPv6 in
+    // an IPv4 slice, a Service with a port twice and one with port 0.
+    server.apply(slice("late", "a", 8080, &["10.244.1.20"]));
+    let mut fqdn = slice("web", "fqdn", 8080, &["db.example.com"]);
+    fqdn["addressType"] = json!("FQDN");
+    server.apply(fqdn);
+    server.apply(slice("web", "v6", 8080, &["fd00::5"]));
+    server.apply(slice("web", "bad", 8080, &["10.244.1.300"]));
+    server.apply(node(NODE, "10.244.1.0/24", "10.0.0.1"));
+    server.apply(namespace("default", None));
+    let mut twice = service("twice", "10.96.0.20", 80, 8080);
+    twice["spec"]["ports"] = json!([{"name": "a", "protocol": "TCP", "port": 80},
+                                     {"name": "b", "protocol": "TCP", "port": 80}]);
+    server.apply(twice);
+    let mut zero = service("zero", "10.96.0.21", 80, 8080);
+    zero["spec"]["ports"][0]["port"] = json!(0);
+    server.apply(zero);
+    // Two NodePort Services on 30080: the older (created first) keeps it,
+    // though its name sorts last; web itself is fine.
+    let node_port = |name: &str, ip: &str, created: &str| {
+        let mut s = service(name, ip, 80, 8080);
+        s["spec"]["type"] = json!("NodePort");
+        s["spec"]["ports"][0]["nodePort"] = json!(30080);
+        s["metadata"]["creationTimestamp"] = json!(created);
+        s
+    };
+    server.apply(node_port("zz-old", "10.96.0.30", "2024-01-01T00:00:00Z"));
+    server.apply(node_port("aa-new", "10.96.0.31", "2025-01-01T00:00:00Z"));
+    server.apply(service("web", "10.96.0.10", 80, 8080));
+    server.apply(slice("web", "a", 8080, &["10.244.1.5"]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+    let client = kube::client(Some(&kubeconfig), None).await.unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(kube::watch(client, NODE.into(), tx, || {}));
+    let mut rx = Snapshots {
+        rx,
+        latest: LoadReport::default(),
+    };
+    let first = settle(&mut rx, &expected(&server)).await;
+    assert!(
+        server.requests().iter().any(|r| r.status == 599),
+        "no list was cut"
+    );
+    let mut rejected: Vec<(&str, RejectReason)> =
+        first.errors.iter().map(|e| (e.kind, e.reason)).collect();
+    rejected.sort();
+    assert_eq!(
+        rejected,
+        [
+            ("EndpointSlice", RejectReason::InvalidAddress),
+            ("EndpointSlice", RejectReason::InvalidAddress),
+            ("Service", RejectReason::InvalidPort),
+            ("Service", RejectReason::DuplicatePort),
+        ],
+        "{:#?}",
+        first.errors
+    );
+    assert!(
+        first
+            .errors
+            .iter()
+            .any(|e| e.message.contains("Service default/zero"))
+    );
+    let names: Vec<&str> = first
+        .cluster
+        .services
+        .keys()
+        .map(|k| k.name.as_str())
+        .collect();
+    assert_eq!(names, ["aa-new", "web", "zz-old"]);
+    let state = lb::compile(&first.cluster, &context());
+    let frontend = |ip: [u8; 4], port| Frontend {
+        ip: Ipv4Addr::from(ip),
+        port,
+        protocol: Protocol::Tcp,
+        scope: Scope::External,
+    };
+    let web = &state.frontends[&frontend([10, 96, 0, 10], 80)];
+    assert_eq!(web.backends.len(), 1, "the bad slices cost web nothing");
+    let owner = &state.frontends[&frontend([10, 0, 0, 1], 30080)];
+    assert_eq!(owner.service.name, "zz-old");
+    assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
+    assert_eq!(state.conflicts[0].service.name, "aa-new");
+    assert!(state.frontends.contains_key(&frontend([10, 96, 0, 31], 80)));
+
+    // The Service of the early slice arrives: it has its backend at once.
+    server.apply(service("late", "10.96.0.40", 80, 8080));
+    let now = settle(&mut rx, &expected(&server)).await;
+    let state = lb::compile(&now.cluster, &context());
+    assert_eq!(
+        state.frontends[&frontend([10, 96, 0, 40], 80)]
+            .backends
+            .len(),
+        1
+    );
+    // The older NodePort Service goes: the other takes its port over;
+    // web's Service is deleted before its slices, with nothing left behind.
+    server.delete(&node_port("zz-old", "10.96.0.30", "2024-01-01T00:00:00Z"));
+    server.delete(&service("web", "10.96.0.10", 80, 8080));
+    let now = settle(&mut rx, &expected(&server)).await;
+    let state = lb::compile(&now.cluster, &context());
+    assert_eq!(
+        state.frontends[&frontend([10, 0, 0, 1], 30080)]
+            .service
+            .name,
+        "aa-new"
+    );
+    assert!(state.conflicts.is_empty());
+    assert!(!state.frontends.contains_key(&frontend([10, 96, 0, 10], 80)));
+    // A broken slice fixed: the rejection goes, the backend comes.
+    server.apply(slice("web", "bad", 8080, &["10.244.1.30"]));
+    server.break_lists(1);
+    server.close_watches();
+    let now = settle(&mut rx, &expected(&server)).await;
+    assert_eq!(now.errors.len(), 3, "{:#?}", now.errors);
+}

@@ -435,6 +435,25 @@ mod tests {
     }
 
     #[test]
+    fn a_list_cut_off_midway_is_dropped_whole_and_listed_again() {
+        let mut objects = namespaces();
+        objects.apply(Event::Init);
+        objects.apply(Event::InitApply(ns("a", false)));
+        assert!(objects.apply(Event::InitDone));
+        // A re-list breaks after one item; the watcher starts it again
+        // (a new Init): what the broken one brought is never used, and the
+        // objects in force stay until the new list is whole.
+        objects.apply(Event::Init);
+        objects.apply(Event::InitApply(ns("half", false)));
+        objects.apply(Event::Init);
+        objects.apply(Event::InitApply(ns("b", false)));
+        assert_eq!(objects.used.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(objects.apply(Event::InitDone));
+        assert_eq!(objects.live.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(objects.used.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
     fn an_update_that_converts_the_same_is_no_change() {
         let mut objects = namespaces();
         objects.apply(Event::InitDone);

@@ -74,6 +74,8 @@ struct State {
     compacted_to: u64,
     watches: Vec<Watch>,
     failing_until: Option<Instant>,
+    /// Lists still to be cut off halfway (the connection lost mid-list).
+    broken_lists: usize,
     log: Vec<Logged>,
 }
 
@@ -247,6 +249,12 @@ impl ApiServer {
         state.watches.clear();
     }
 
+    /// The next `lists` list responses break off halfway through their
+    /// body, as when the connection drops in the middle of a list.
+    pub fn break_lists(&self, lists: usize) {
+        self.lock().broken_lists = lists;
+    }
+
     pub fn requests(&self) -> Vec<Logged> {
         self.lock().log.clone()
     }
@@ -347,7 +355,15 @@ fn respond(
                 let list = json!({"kind": format!("{kind}List"), "apiVersion": api_version,
                     "metadata": {"resourceVersion": state.resource_version.to_string()},
                     "items": items});
-                json_response(200, &list)
+                if state.broken_lists > 0 {
+                    state.broken_lists -= 1;
+                    logged.status = 599; // not an HTTP status: marks the cut
+                    let text = list.to_string();
+                    let half = Bytes::copy_from_slice(&text.as_bytes()[..text.len() / 2]);
+                    Response::new(BodyExt::boxed(Full::new(half)))
+                } else {
+                    json_response(200, &list)
+                }
             }
         }
     };
