@@ -108,7 +108,15 @@ impl Ipam {
 
     /// Addresses pods can get: all but network, router (first) and broadcast.
     pub fn capacity(&self) -> usize {
-        (self.cidr.size() as usize).saturating_sub(3)
+        usize::try_from(self.size())
+            .unwrap_or(usize::MAX)
+            .saturating_sub(3)
+    }
+
+    /// Addresses in the PodCIDR: 2^32 for a /0, which
+    /// `Ipv4Network::size` (a u32) reports as 2^32 - 1.
+    fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.cidr.prefix()))
     }
 
     pub fn allocated(&self) -> usize {
@@ -185,11 +193,17 @@ impl Ipam {
     fn next_free(&self) -> Option<Ipv4Addr> {
         let in_use: std::collections::HashSet<Ipv4Addr> =
             self.by_attachment.values().copied().collect();
-        let base = u32::from(self.cidr.network());
-        let size = self.cidr.size();
-        let start = self.last.map(|ip| u32::from(ip) - base + 1).unwrap_or(0);
+        // In u64: the search starts after `last`, which is 2^32 for the
+        // last address of a /0 (it overflowed u32 there).
+        let base = u64::from(u32::from(self.cidr.network()));
+        let size = self.size();
+        let start = self
+            .last
+            .map(|ip| u64::from(u32::from(ip)) - base + 1)
+            .unwrap_or(0);
         (0..size)
-            .map(|i| Ipv4Addr::from(base + (start + i) % size))
+            .filter_map(|i| u32::try_from(base + (start + i) % size).ok())
+            .map(Ipv4Addr::from)
             .find(|ip| !self.is_reserved(*ip) && !in_use.contains(ip))
     }
 
@@ -332,6 +346,28 @@ mod tests {
         let first = ipam.allocate(&att("c1")).unwrap();
         ipam.release(&att("c1")).unwrap();
         assert_ne!(ipam.allocate(&att("c2")).unwrap(), first);
+    }
+
+    /// Found with the state_files fuzz target (fuzz/): a /0 PodCIDR whose
+    /// state file's `last` is 255.255.255.255 overflowed u32 in the search
+    /// for a free address (a panic with overflow checks), and its capacity
+    /// was one short. The crashing input's state file, as it was.
+    #[test]
+    fn a_slash_0_pod_cidr_continues_after_its_last_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = br#"{"podCIDR":"0.0.0.0/0","last":"255.255.255.255","allocations":[]}"#;
+        let path = dir.path().join("ipam.json");
+        let mut ipam = Ipam::load("0.0.0.0/0".parse().unwrap(), &path, Some(state)).unwrap();
+        assert_eq!(ipam.capacity() as u64, (1u64 << 32) - 3);
+        // After the last address comes the first; network and router are reserved.
+        assert_eq!(
+            ipam.allocate(&att("c1")).unwrap(),
+            Ipv4Addr::new(0, 0, 0, 2)
+        );
+        assert_eq!(
+            ipam.allocate(&att("c2")).unwrap(),
+            Ipv4Addr::new(0, 0, 0, 3)
+        );
     }
 
     #[test]
