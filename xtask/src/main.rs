@@ -8,6 +8,7 @@
 
 mod bench;
 mod build;
+mod fuzz;
 mod lab;
 mod setup;
 mod test;
@@ -27,14 +28,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install what builds and tests need (idempotent; fast when done):
-    /// apt packages, bpffs mount, nightly + rust-src, bpf-linker.
+    /// apt packages, bpffs mount, nightly + rust-src, bpf-linker, cargo-fuzz.
     Setup,
     /// Setup, then build the release binaries of the workspace
     /// (the agent's build.rs builds the eBPF object).
     Build,
-    /// Setup, then fmt check, clippy, unit tests, release build and the root
+    /// Setup, then fmt check, clippy, unit tests, a short run of each fuzz
+    /// target, release build and the root
     /// integration tests (tern-lab, tern-tests, serially). The README/CI test command.
     Test,
+    /// Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of what Tern parses:
+    /// each target of fuzz/ in turn, for --runs N or --seconds S (default 60 s).
+    Fuzz(fuzz::FuzzArgs),
     /// Benchmarks: Tern against the physical limit and kube-proxy, side by side.
     Bench(bench::BenchArgs),
     /// The lab: a node made of network namespaces running the real binaries.
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         Command::Test => test::run(),
         Command::Lab { command } => lab::run(command),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

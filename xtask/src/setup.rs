@@ -40,14 +40,49 @@ const GOCODE: &str = "/usr/share/gocode";
 
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo xtask fuzz`'s driver (libFuzzer); run by the nightly.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn run() -> Result<()> {
     apt_packages()?;
     bpffs()?;
     nightly()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     libcni_runner()?;
     Ok(())
+}
+
+/// What `cargo xtask fuzz` needs (no root): the nightly, bpf-linker (the
+/// agent's build.rs) and cargo-fuzz.
+pub fn fuzz_tools() -> Result<()> {
+    nightly()?;
+    bpf_linker()?;
+    cargo_fuzz()
+}
+
+/// cargo-fuzz at [`CARGO_FUZZ_VERSION`], from crates.io with its own lock file.
+fn cargo_fuzz() -> Result<()> {
+    let installed = probe(rustup_proxy("cargo").args(["fuzz", "--version"]));
+    if installed
+        .as_deref()
+        .is_some_and(|v| is_cargo_fuzz_version(v, CARGO_FUZZ_VERSION))
+    {
+        println!("ok   cargo-fuzz {CARGO_FUZZ_VERSION}");
+        return Ok(());
+    }
+    exec(
+        rustup_proxy("cargo")
+            .args(["install", "cargo-fuzz", "--locked", "--force"])
+            .args(["--version", CARGO_FUZZ_VERSION]),
+    )?;
+    println!("did  install cargo-fuzz {CARGO_FUZZ_VERSION}");
+    Ok(())
+}
+
+/// `cargo fuzz --version` prints "cargo-fuzz 0.13.2".
+fn is_cargo_fuzz_version(out: &str, want: &str) -> bool {
+    out.split_whitespace().nth(1) == Some(want)
 }
 
 /// Builds tests/libcni (offline: GOPATH mode against Debian's sources)
@@ -297,6 +332,13 @@ mod tests {
         assert!(!lists_nightly(
             "nightly-2026-05-19-x86_64-unknown-linux-gnu\n"
         ));
+    }
+
+    #[test]
+    fn reads_cargo_fuzz_version() {
+        assert!(is_cargo_fuzz_version("cargo-fuzz 0.13.2\n", "0.13.2"));
+        assert!(!is_cargo_fuzz_version("cargo-fuzz 0.12.0\n", "0.13.2"));
+        assert!(!is_cargo_fuzz_version("", "0.13.2"));
     }
 
     #[test]

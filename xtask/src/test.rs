@@ -47,6 +47,9 @@ pub fn run() -> Result<()> {
             .args(["--exclude", "tern-tests", "--exclude", "tern-lab"])
             .args(ws.ebpf_exclude()),
     )?;
+    // The fuzz targets, briefly each (fuzz/, `cargo xtask fuzz`): what they
+    // find is a crash of what parses the plugin's and the agent's input.
+    crate::fuzz::smoke()?;
 
     if !is_root() {
         report_skips(&skipped);
