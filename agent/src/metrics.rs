@@ -507,6 +507,17 @@ impl Metrics {
             "Backend open-connection counts (least-connection schedulers) the periodic recount found drifted and set right",
             self.connection_corrections.clone(),
         );
+        let refused: Family<Vec<(&'static str, String)>, Gauge> = Family::default();
+        for (map, n) in &status.last_sync.refused {
+            refused
+                .get_or_create(&vec![("map", map.clone())])
+                .set(*n as i64);
+        }
+        registry.register(
+            "service_sync_refused_entries",
+            "Backends and frontends the last Service sync left out because the map named refused them (full)",
+            refused,
+        );
         let age: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64> =
             Default::default();
         age.set(status.last_sync_age_s.map_or(-1.0, |a| a as f64));

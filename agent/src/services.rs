@@ -4,15 +4,16 @@
 //! Service maps — and lives in the sync task; readers get
 //! `ServicesStatus` snapshots.
 
+use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tern_api::SyncCounts;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::compiler::lb::{LbCompiler, LbState, NodeContext};
+use crate::compiler::lb::{Frontend, LbCompiler, LbState, NodeContext};
 use crate::datapath::services::{LbSync, ServedFrontend, ServiceMaps, SyncStats};
 use crate::metrics::Metrics;
 use crate::model::{Cluster, HostPort};
@@ -20,6 +21,12 @@ use crate::sources::LoadReport;
 
 /// Map writes and deletes of a sync from which on the heap is trimmed.
 const TRIM_AFTER_MAP_CHANGES: usize = 1000;
+
+/// A sync that left entries out (a map full) is retried without a new
+/// snapshot, after 1 s doubling to 30 s: room may have been made since
+/// (another Service deleted), and nothing else would try again.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LAST_RETRY: Duration = Duration::from_secs(30);
 
 /// What readers see of the Service pipeline, replaced after every sync.
 #[derive(Debug, Clone, Default)]
@@ -30,6 +37,9 @@ pub struct ServicesStatus {
     pub backends: usize,
     pub last_sync: SyncCounts,
     pub last_sync_at: Option<Instant>,
+    /// Frontends of `state` the last sync could not write (a map full),
+    /// with the reason.
+    pub left_out: Arc<BTreeMap<Frontend, String>>,
     /// What the pinned maps served when the agent started, until the first
     /// sync confirms (or corrects) it.
     pub adopted: Arc<Vec<ServedFrontend>>,
@@ -52,6 +62,9 @@ pub struct ServicePipeline {
     /// The conflicts and out-of-CIDR addresses of the last compilation, as
     /// logged: each is logged (and counted) once, when it first appears.
     reported: HashSet<String>,
+    /// When to apply the last inputs again: `None` while the maps hold
+    /// everything.
+    retry_after: Option<Duration>,
 }
 
 impl ServicePipeline {
@@ -74,6 +87,7 @@ impl ServicePipeline {
             status,
             metrics: None,
             reported: HashSet::new(),
+            retry_after: None,
         })
     }
 
@@ -107,6 +121,16 @@ impl ServicePipeline {
         self.apply_input(Input::HostPorts(host_ports)).await
     }
 
+    /// How long to wait before `retry`, if the last sync left entries out.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Applies the last inputs again, for what the last sync left out.
+    pub async fn retry(self) -> Option<Self> {
+        self.apply_input(Input::Retry).await
+    }
+
     async fn apply_input(mut self, input: Input) -> Option<Self> {
         let started = Instant::now();
         let applied = tokio::task::spawn_blocking(move || {
@@ -119,6 +143,7 @@ impl ServicePipeline {
                     self.host_ports = host_ports;
                     None
                 }
+                Input::Retry => None,
             };
             let outcome = self.apply_now(report);
             (self, outcome)
@@ -161,7 +186,11 @@ impl ServicePipeline {
         took.compile_us = stage.elapsed().as_micros() as u64;
         let stage = Instant::now();
         let stats = self.sync.apply(&mut self.maps, state);
-        self.publish_status(stats);
+        self.retry_after = (stats.errors > 0).then(|| {
+            self.retry_after
+                .map_or(FIRST_RETRY, |last| (last * 2).min(LAST_RETRY))
+        });
+        self.publish_status(&stats);
         took.apply_us = stage.elapsed().as_micros() as u64;
         let stage = Instant::now();
         let rejected = report.as_ref().map_or(0, |r| r.errors.len());
@@ -211,18 +240,24 @@ impl ServicePipeline {
         self.reported = now;
     }
 
-    fn publish_status(&self, stats: SyncStats) {
+    fn publish_status(&self, stats: &SyncStats) {
         self.status.send_modify(|status| {
             status.state = self.sync.state().clone();
             status.frontends = self.sync.frontends();
             status.backends = self.sync.backends();
             status.last_sync_at = Some(Instant::now());
             status.adopted = Arc::default();
+            status.left_out = Arc::new(stats.left_out.clone());
             status.last_sync = SyncCounts {
                 syncs: status.last_sync.syncs + 1,
                 writes: stats.writes as u64,
                 deletes: stats.deletes as u64,
                 errors: stats.errors as u64,
+                refused: stats
+                    .refused
+                    .iter()
+                    .map(|(map, n)| ((*map).to_owned(), *n as u64))
+                    .collect(),
             };
         });
     }
@@ -232,6 +267,7 @@ impl ServicePipeline {
 enum Input {
     Snapshot(LoadReport),
     HostPorts(Arc<Vec<HostPort>>),
+    Retry,
 }
 
 /// Where a sync's time went, for the log.

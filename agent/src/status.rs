@@ -98,7 +98,7 @@ impl StatusView {
             requests_failed,
             frontends: services.frontends,
             backends: services.backends,
-            last_sync: services.last_sync,
+            last_sync: services.last_sync.clone(),
             source: facts.source.clone(),
             last_sync_age_s: services.last_sync_at.map(|at| at.elapsed().as_secs()),
             synced: !facts.source_syncs || services.last_sync_at.is_some(),
@@ -209,12 +209,13 @@ impl StatusView {
     /// the first sync after a start, what the pinned maps serve, marked
     /// unconfirmed (no Service names: the maps do not keep them).
     pub fn services(&self) -> Response {
-        let (state, adopted, synced) = {
+        let (state, adopted, synced, left_out) = {
             let services = self.services.borrow();
             (
                 services.state.clone(),
                 services.adopted.clone(),
                 services.last_sync_at.is_some(),
+                services.left_out.clone(),
             )
         };
         if !synced && state.frontends.is_empty() {
@@ -238,6 +239,9 @@ impl StatusView {
                 }
                 if entry.no_local_backend {
                     flags.push("drop:no-local-backend".into());
+                }
+                if let Some(reason) = left_out.get(frontend) {
+                    flags.push(format!("NOT SERVED: {reason}"));
                 }
                 FrontendStatus {
                     frontend: format!("{}:{}/{}", frontend.ip, frontend.port, frontend.protocol),

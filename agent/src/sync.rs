@@ -101,11 +101,21 @@ pub async fn run(
     // Problems are logged when they first appear, not with every snapshot.
     let mut reported = HashSet::new();
     loop {
+        let retry_after = services.retry_after();
         let report = tokio::select! {
             report = next(&mut snapshots) => match report {
                 Some(report) => report,
                 None => return,
             },
+            // The last sync left entries out (a map full): try again
+            // with the same inputs, as no new snapshot may come.
+            () = tokio::time::sleep(retry_after.unwrap_or_default()), if synced && retry_after.is_some() => {
+                services = match services.retry().await {
+                    Some(services) => services,
+                    None => return gone(),
+                };
+                continue;
+            }
             changed = pods.changed() => {
                 if changed.is_err() {
                     return;

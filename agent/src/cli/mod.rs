@@ -226,6 +226,14 @@ fn status(cli: &Cli) -> anyhow::Result<String> {
                     None => "not yet".into(),
                 },
             ]);
+            for (map, n) in &s.last_sync.refused {
+                rows.push(vec![
+                    format!("map {map} FULL"),
+                    format!(
+                        "{n} service entries left out by the last sync (raise --map-size {map}=...)"
+                    ),
+                ]);
+            }
             rows.push(vec![
                 "CNI requests (failed)".into(),
                 format!("{} ({})", s.requests, s.requests_failed),

@@ -150,7 +150,8 @@ impl Endpoints {
     pub fn upsert(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> anyhow::Result<()> {
         self.0
             .insert(ip_to_key(ip), info, 0)
-            .with_context(|| format!("cannot write endpoint {ip} to the ENDPOINTS map (full?)"))
+            .map_err(|e| MapWriteError::new(maps::ENDPOINTS, e))
+            .with_context(|| format!("cannot write endpoint {ip}"))
     }
 
     /// Removes `ip`; an absent entry is not an error.
@@ -197,6 +198,27 @@ pub fn remove_if_present<K: aya::Pod, V: aya::Pod>(
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// A map write the kernel refused, naming the map: the agent reports map
+/// fullness by name (log, `tern status`, metric) because a full map is the
+/// usual reason and the fix is that map's `--map-size`.
+#[derive(Debug, thiserror::Error)]
+#[error("the {map} map {}: {source}", if *.full { "is full" } else { "refused a write" })]
+pub struct MapWriteError {
+    pub map: &'static str,
+    /// E2BIG (hash maps) or ENOSPC (LPM tries): no room for a new key.
+    pub full: bool,
+    #[source]
+    pub source: MapError,
+}
+
+impl MapWriteError {
+    pub fn new(map: &'static str, source: MapError) -> Self {
+        let full = matches!(&source, MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)));
+        MapWriteError { map, full, source }
     }
 }
 

@@ -21,7 +21,7 @@ use tern_common::{
 };
 use tracing::warn;
 
-use super::maps::{ip_from_key, ip_to_key, remove_if_present, take};
+use super::maps::{MapWriteError, ip_from_key, ip_to_key, remove_if_present, take};
 use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState};
 
 pub struct ServiceMaps {
@@ -84,11 +84,34 @@ struct Applied {
     ranges: BTreeSet<(u32, u8)>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncStats {
     pub writes: usize,
     pub deletes: usize,
     pub errors: usize,
+    /// Backends and frontends left out because a map refused a write, by
+    /// map (`tern status`, `tern_map_write_failures_total`).
+    pub refused: BTreeMap<&'static str, usize>,
+    /// Frontends not in the maps after this apply, with the reason.
+    pub left_out: BTreeMap<Frontend, String>,
+}
+
+/// Failures of one apply logged one by one; the rest are summed up (a full
+/// map can refuse thousands, and failed applies are retried).
+const LOGGED_FAILURES: usize = 10;
+
+impl SyncStats {
+    /// Counts (by map, when a map refused it) and logs a failed backend or
+    /// frontend.
+    fn failed(&mut self, e: &anyhow::Error, what: impl FnOnce() -> String) {
+        self.errors += 1;
+        if let Some(refused) = e.downcast_ref::<MapWriteError>() {
+            *self.refused.entry(refused.map).or_default() += 1;
+        }
+        if self.errors <= LOGGED_FAILURES {
+            warn!("{}: {e:#}", what());
+        }
+    }
 }
 
 #[derive(Default)]
@@ -320,8 +343,7 @@ impl LbSync {
         for (_, entry) in &changed {
             for backend in &entry.backends {
                 if let Err(e) = self.ensure_backend(maps, backend, &mut stats) {
-                    stats.errors += 1;
-                    warn!("backend {backend}: {e:#}");
+                    stats.failed(&e, || format!("backend {backend}"));
                 }
             }
         }
@@ -333,8 +355,8 @@ impl LbSync {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    stats.errors += 1;
-                    warn!("frontend {frontend} of {}: {e:#}", entry.service);
+                    stats.failed(&e, || format!("frontend {frontend} of {}", entry.service));
+                    stats.left_out.insert(**frontend, format!("{e:#}"));
                 }
             }
         }
@@ -352,6 +374,13 @@ impl LbSync {
             invalidate_affinity(maps, &stale_affinity, &mut stats);
         }
         self.remove_unused_backends(maps, &mut stats);
+        if stats.errors > LOGGED_FAILURES {
+            warn!(
+                "{} more backends or frontends failed ({:?} refused by full maps)",
+                stats.errors - LOGGED_FAILURES,
+                stats.refused
+            );
+        }
         self.in_sync = stats.errors == 0;
         self.state = Arc::new(desired);
         stats
@@ -433,12 +462,12 @@ impl LbSync {
         // that have one.
         if let Err(e) = maps.connections.insert(id, 0, 0) {
             self.ids.give_back(id);
-            bail!("CONNECTIONS map write failed (full?): {e}");
+            return Err(MapWriteError::new(maps::CONNECTIONS, e).into());
         }
         if let Err(e) = maps.backends.insert(id, value, 0) {
             let _ = maps.connections.remove(&id);
             self.ids.give_back(id);
-            bail!("BACKENDS map write failed (full?): {e}");
+            return Err(MapWriteError::new(maps::BACKENDS, e).into());
         }
         stats.writes += 2;
         self.backend_ids.insert(key, id);
@@ -449,6 +478,13 @@ impl LbSync {
     }
 
     /// Returns the rev_nat id and the backends the frontend no longer has.
+    ///
+    /// The writes that add keys (and so can find a map full) come first:
+    /// the rev_nat entry of a new frontend, slots beyond the old count, a
+    /// first lookup table, new source ranges. If one is refused they are
+    /// taken back and the frontend stays exactly as it was (a new one stays
+    /// absent). Only then are existing keys overwritten and the master
+    /// written, which a full map does not refuse.
     fn apply_frontend(
         &mut self,
         maps: &mut ServiceMaps,
@@ -463,7 +499,7 @@ impl LbSync {
                 self.backend_ids
                     .get(&BackendKey::from(b))
                     .copied()
-                    .context("backend not written")
+                    .with_context(|| format!("its backend {b} could not be written"))
             })
             .collect::<anyhow::Result<Vec<u32>>>()?;
         if ids.len() > usize::from(u16::MAX) {
@@ -472,82 +508,60 @@ impl LbSync {
                 ids.len()
             );
         }
-        let old = self.applied.get(&key).cloned();
-        let rev_nat_id = match &old {
-            Some(old) => old.value.rev_nat_id,
-            None => {
-                let id = self.rev_nat_ids.take();
-                let revnat = RevNat {
-                    addr: key.addr,
-                    port: key.port,
-                    pad: 0,
-                };
-                if let Err(e) = maps.revnat.insert(id, revnat, 0) {
-                    self.rev_nat_ids.give_back(id);
-                    bail!("REVNAT map write failed (full?): {e}");
-                }
-                stats.writes += 1;
-                id
-            }
-        };
-        let old = old.unwrap_or_default();
         let table = entry
             .table
             .as_ref()
             .map(|t| t.iter().map(|&i| ids[i as usize]).collect::<Vec<u32>>());
         if let Some(table) = &table
-            && old.table.as_ref() != Some(table)
+            && table.len() > LB_TABLE_MAX
         {
-            if table.len() > LB_TABLE_MAX {
-                bail!(
-                    "lookup table of {} exceeds the maximum {LB_TABLE_MAX}",
-                    table.len()
-                );
-            }
-            let mut value = Box::new(LbTable {
-                backend_ids: [0; LB_TABLE_MAX],
-            });
-            value.backend_ids[..table.len()].copy_from_slice(table);
-            maps.tables
-                .insert(rev_nat_id, *value, 0)
-                .context("LB_TABLES map write failed (full?)")?;
-            stats.writes += 1;
+            bail!(
+                "lookup table of {} exceeds the maximum {LB_TABLE_MAX}",
+                table.len()
+            );
         }
-        for (i, (id, weight)) in ids.iter().zip(&entry.weights).enumerate() {
-            if old.slots.get(i) != Some(id) || old.weights.get(i) != Some(weight) {
-                let slot = ServiceKey {
-                    slot: i as u16 + 1,
-                    ..key
-                };
-                maps.services
-                    .insert(
-                        slot,
-                        ServiceValue {
-                            backend_id: *id,
-                            weight: *weight,
-                            ..Default::default()
-                        },
-                        0,
-                    )
-                    .context("SERVICES map write failed (full?)")?;
-                stats.writes += 1;
-            }
-        }
-        // Allowed clients before the master that turns their check on;
-        // ranges no longer allowed after it (a narrowing never lets the
-        // old ranges serve with the new flags, and a check on finds its
-        // entries there).
         let ranges: BTreeSet<(u32, u8)> = entry
             .source_ranges
             .iter()
             .flatten()
             .map(|r| (ip_to_key(r.network()), r.prefix()))
             .collect();
-        for (addr, prefix) in ranges.difference(&old.ranges) {
-            maps.source_ranges
-                .insert(&range_key(rev_nat_id, *addr, *prefix), 1, 0)
-                .context("SOURCE_RANGES map write failed (full?)")?;
+        let old = self.applied.get(&key).cloned();
+        let rev_nat_id = match &old {
+            Some(old) => old.value.rev_nat_id,
+            None => self.rev_nat_ids.take(),
+        };
+        let old = old.unwrap_or_default();
+        let added = Added {
+            rev_nat_id,
+            revnat: !self.applied.contains_key(&key),
+            slots: old.slots.len()..ids.len(),
+            table: old.value.table_size == 0 && table.is_some(),
+            ranges: ranges.difference(&old.ranges).copied().collect(),
+        };
+        if let Err(e) = add_keys(maps, key, &added, &ids, &entry.weights, &table, stats) {
+            added.take_back(maps, key);
+            if added.revnat {
+                self.rev_nat_ids.give_back(rev_nat_id);
+            }
+            return Err(e.into());
+        }
+        if let Some(table) = &table
+            && !added.table
+            && old.table.as_ref() != Some(table)
+        {
+            maps.tables
+                .insert(rev_nat_id, lb_table(table), 0)
+                .map_err(|e| MapWriteError::new(maps::LB_TABLES, e))?;
             stats.writes += 1;
+        }
+        for (i, (id, weight)) in ids.iter().zip(&entry.weights).enumerate() {
+            if i < old.slots.len()
+                && (old.slots.get(i) != Some(id) || old.weights.get(i) != Some(weight))
+            {
+                write_slot(maps, key, i, *id, *weight)?;
+                stats.writes += 1;
+            }
         }
         let value = ServiceValue {
             backend_id: 0,
@@ -561,17 +575,14 @@ impl LbSync {
             weight: 0,
             position: 0,
         };
-        if old.value != value || !self.applied.contains_key(&key) {
+        if old.value != value || added.revnat {
             maps.services
                 .insert(key, value, 0)
-                .context("SERVICES map write failed (full?)")?;
+                .map_err(|e| MapWriteError::new(maps::SERVICES, e))?;
             stats.writes += 1;
         }
         for i in ids.len()..old.slots.len() {
-            let _ = maps.services.remove(&ServiceKey {
-                slot: i as u16 + 1,
-                ..key
-            });
+            let _ = maps.services.remove(&slot_key(key, i));
             stats.deletes += 1;
         }
         if table.is_none() && old.value.table_size != 0 {
@@ -680,6 +691,113 @@ impl LbSync {
             }
         }
     }
+}
+
+/// The keys an apply adds for one frontend, none of which the datapath
+/// reads before the master entry points at them.
+struct Added {
+    rev_nat_id: u32,
+    /// A new frontend: its rev_nat entry.
+    revnat: bool,
+    /// Slot indexes (0-based) beyond the old count.
+    slots: std::ops::Range<usize>,
+    /// A lookup table where there was none.
+    table: bool,
+    ranges: Vec<(u32, u8)>,
+}
+
+impl Added {
+    /// Removes what `add_keys` may have written (absent keys are fine).
+    fn take_back(&self, maps: &mut ServiceMaps, key: ServiceKey) {
+        for i in self.slots.clone() {
+            let _ = maps.services.remove(&slot_key(key, i));
+        }
+        if self.table {
+            let _ = maps.tables.remove(&self.rev_nat_id);
+        }
+        for (addr, prefix) in &self.ranges {
+            let _ = maps
+                .source_ranges
+                .remove(&range_key(self.rev_nat_id, *addr, *prefix));
+        }
+        if self.revnat {
+            let _ = maps.revnat.remove(&self.rev_nat_id);
+        }
+    }
+}
+
+/// Writes the keys of `added`: the ones a full map refuses.
+fn add_keys(
+    maps: &mut ServiceMaps,
+    key: ServiceKey,
+    added: &Added,
+    ids: &[u32],
+    weights: &[u32],
+    table: &Option<Vec<u32>>,
+    stats: &mut SyncStats,
+) -> Result<(), MapWriteError> {
+    if added.revnat {
+        let revnat = RevNat {
+            addr: key.addr,
+            port: key.port,
+            pad: 0,
+        };
+        maps.revnat
+            .insert(added.rev_nat_id, revnat, 0)
+            .map_err(|e| MapWriteError::new(maps::REVNAT, e))?;
+        stats.writes += 1;
+    }
+    for i in added.slots.clone() {
+        write_slot(maps, key, i, ids[i], weights.get(i).copied().unwrap_or(1))?;
+        stats.writes += 1;
+    }
+    if let Some(table) = table.as_ref().filter(|_| added.table) {
+        maps.tables
+            .insert(added.rev_nat_id, lb_table(table), 0)
+            .map_err(|e| MapWriteError::new(maps::LB_TABLES, e))?;
+        stats.writes += 1;
+    }
+    for (addr, prefix) in &added.ranges {
+        maps.source_ranges
+            .insert(&range_key(added.rev_nat_id, *addr, *prefix), 1, 0)
+            .map_err(|e| MapWriteError::new(maps::SOURCE_RANGES, e))?;
+        stats.writes += 1;
+    }
+    Ok(())
+}
+
+/// The key of a frontend's slot `i` (0-based; slot 0 is the master).
+fn slot_key(master: ServiceKey, i: usize) -> ServiceKey {
+    ServiceKey {
+        slot: i as u16 + 1,
+        ..master
+    }
+}
+
+fn write_slot(
+    maps: &mut ServiceMaps,
+    master: ServiceKey,
+    i: usize,
+    backend_id: u32,
+    weight: u32,
+) -> Result<(), MapWriteError> {
+    let value = ServiceValue {
+        backend_id,
+        weight,
+        ..Default::default()
+    };
+    maps.services
+        .insert(slot_key(master, i), value, 0)
+        .map_err(|e| MapWriteError::new(maps::SERVICES, e))
+}
+
+/// Boxed: 64 KiB, too large to build on the stack.
+fn lb_table(table: &[u32]) -> Box<LbTable> {
+    let mut value = Box::new(LbTable {
+        backend_ids: [0; LB_TABLE_MAX],
+    });
+    value.backend_ids[..table.len()].copy_from_slice(table);
+    value
 }
 
 /// Affinity entries pointing at a backend the service no longer has would

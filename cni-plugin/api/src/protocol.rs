@@ -332,12 +332,16 @@ pub struct EndpointPolicyListing {
     pub entries: usize,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncCounts {
     pub syncs: u64,
     pub writes: u64,
     pub deletes: u64,
     pub errors: u64,
+    /// Backends and frontends left out because a map refused to take them
+    /// (full), by map name, e.g. {"SERVICES": 12}.
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// One Service frontend as `tern service list` shows it.
