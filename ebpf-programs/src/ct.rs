@@ -266,17 +266,14 @@ pub fn entries(
 }
 
 /// Whether a translated source port is already used by another flow to
-/// the same backend (SNAT collision).
+/// the same backend (SNAT collision), or was by one closed so recently
+/// that the backend may still hold TIME_WAIT for it.
 pub fn reply_taken<T: FlowTable>(table: &T, proto: u8, to: &Tuple) -> bool {
-    // SAFETY: the value is read at once.
-    table
-        .entry(&reply_key(proto, to))
-        .is_some_and(|entry| live(unsafe { &*entry }))
-}
-
-/// Not expired yet.
-pub fn live(entry: &CtValue) -> bool {
-    live_at(entry, now())
+    table.entry(&reply_key(proto, to)).is_some_and(|entry| {
+        // SAFETY: the value is read at once.
+        let entry = unsafe { &*entry };
+        now().wrapping_sub(entry.last_seen) <= entry.held_for()
+    })
 }
 
 fn live_at(entry: &CtValue, now: u32) -> bool {

@@ -22,8 +22,10 @@ pub fn now() -> u32 {
         .unwrap_or(0)
 }
 
+/// Past its lifetime, and for a closed TCP flow past TIME_WAIT too: the
+/// datapath keeps such a tuple from new translated flows until then.
 fn expired(value: &CtValue, now: u32) -> bool {
-    now.wrapping_sub(value.last_seen) > value.lifetime
+    now.wrapping_sub(value.last_seen) > value.held_for()
 }
 
 /// Removes the expired entries: (entries removed, entries left).
@@ -88,14 +90,17 @@ pub fn list(ct: &CtMap) -> anyhow::Result<Vec<CtEntry>> {
                 endpoint(v.saddr, v.sport),
                 endpoint(v.daddr, v.dport)
             ),
-            state: if v.flags & ct_flags::CLOSING != 0 {
+            // Closed, no longer translated, its tuple kept from new flows.
+            state: if now.wrapping_sub(v.last_seen) > v.lifetime {
+                "time_wait"
+            } else if v.flags & ct_flags::CLOSING != 0 {
                 "closing"
             } else if v.flags & ct_flags::ESTABLISHED != 0 {
                 "established"
             } else {
                 "new"
             },
-            expires_in: v.lifetime.saturating_sub(now.wrapping_sub(v.last_seen)),
+            expires_in: v.held_for().saturating_sub(now.wrapping_sub(v.last_seen)),
         });
     }
     entries.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));

@@ -279,6 +279,14 @@ pub mod ct_lifetime {
     pub const TCP_ESTABLISHED: u32 = 21_600;
     pub const TCP_CLOSING: u32 = 10;
     pub const OTHER: u32 = 60;
+    /// How long a closed TCP flow's tuple stays taken for new translated
+    /// flows (SNAT port choice), though its packets are no longer
+    /// translated after TCP_CLOSING: the side that closed first holds
+    /// TIME_WAIT for 60 s (Linux's TCP_TIMEWAIT_LEN), and a new connection
+    /// given the same tuple from another client carries other timestamps,
+    /// which that side refuses (PAWS): the client waits 1 s or more for its
+    /// SYN to be retried. Netfilter keeps such entries 120 s for this.
+    pub const TCP_TIME_WAIT: u32 = 60;
 }
 
 /// CT key: the tuple of a packet as it arrives (network byte order).
@@ -324,6 +332,18 @@ layout!(
     CtValue { saddr, daddr, sport, dport, ifindex, rev_nat_id, last_seen, lifetime, flags, backend_id },
     size 36, align 4
 );
+
+impl CtValue {
+    /// Seconds after `last_seen` the entry's tuple stays taken, and the
+    /// entry with it: its lifetime, or TIME_WAIT's for a closed TCP flow.
+    pub fn held_for(&self) -> u32 {
+        if self.flags & ct_flags::CLOSING != 0 && self.lifetime < ct_lifetime::TCP_TIME_WAIT {
+            ct_lifetime::TCP_TIME_WAIT
+        } else {
+            self.lifetime
+        }
+    }
+}
 
 pub mod ct_flags {
     /// Entry of the reply direction.
