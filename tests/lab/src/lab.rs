@@ -356,6 +356,26 @@ impl LabNode {
         Ok(())
     }
 
+    /// Stops the agent with SIGTERM, as a DaemonSet rollout does, and
+    /// waits up to 10 s for it to exit (then kills it and fails).
+    pub fn terminate_agent(&mut self) -> Result<()> {
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(agent.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.0.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                agent.0.kill()?;
+                agent.0.wait()?;
+                bail!("tern-agent did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(|a| a.0.id())
     }
