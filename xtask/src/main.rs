@@ -11,6 +11,7 @@ mod build;
 mod fuzz;
 mod lab;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -40,6 +41,9 @@ enum Command {
     /// Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of what Tern parses:
     /// each target of fuzz/ in turn, for --runs N or --seconds S (default 60 s).
     Fuzz(fuzz::FuzzArgs),
+    /// The churn soak: pods, Services and agent restarts churning for
+    /// --minutes (default 30), then the leak checks and the agent's memory.
+    Soak(soak::SoakArgs),
     /// Benchmarks: Tern against the physical limit and kube-proxy, side by side.
     Bench(bench::BenchArgs),
     /// The lab: a node made of network namespaces running the real binaries.
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Lab { command } => lab::run(command),
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::Soak(args) => soak::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
