@@ -48,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
     match NetConf::parse(stdin) {
         Ok(conf) => {
             assert!(is_supported(&conf.cni_version));
-            assert_eq!(conf.cni_version, version, "the echoed version is the one parsed");
+            assert_eq!(
+                conf.cni_version, version,
+                "the echoed version is the one parsed"
+            );
             assert!(!conf.name.is_empty() && !conf.plugin_type.is_empty());
             assert!(conf.mtu.is_none_or(|m| (68..=65535).contains(&m)));
             for m in &conf.port_mappings {

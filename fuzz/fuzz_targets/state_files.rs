@@ -123,7 +123,10 @@ fn ipam(data: &[u8]) {
         Err(e) => panic!("the written state does not load: {e}"),
     };
     let before: Vec<_> = ipam.allocations().map(|(a, ip)| (a.clone(), ip)).collect();
-    let after: Vec<_> = reloaded.allocations().map(|(a, ip)| (a.clone(), ip)).collect();
+    let after: Vec<_> = reloaded
+        .allocations()
+        .map(|(a, ip)| (a.clone(), ip))
+        .collect();
     assert_eq!(before, after);
 
     // Giving it back leaves what was loaded.
