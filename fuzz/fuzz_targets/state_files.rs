@@ -22,11 +22,15 @@ use tern_agent::endpoints::EndpointStore;
 use tern_agent::ipam::{Ipam, IpamError};
 use tern_api::Attachment;
 
-/// A directory of this process on tmpfs: every change is written (and
-/// fsynced) before it counts.
+/// Where the state files are written (and fsynced) before they count:
+/// `TERN_FUZZ_STATE_DIR` (`cargo xtask fuzz` gives one and removes it
+/// after the run), else a directory of this process on tmpfs.
 fn state_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("TERN_FUZZ_STATE_DIR") {
+            return PathBuf::from(dir);
+        }
         let base = if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {

@@ -41,6 +41,15 @@ pub struct FuzzArgs {
     pub seconds: Option<u64>,
 }
 
+/// How the targets are built: optimized for long runs, or unoptimized
+/// for the smoke, which then builds in a fraction of the time (a cold
+/// optimized build of the agent in one codegen unit took 14-16 min here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Build {
+    Release,
+    Dev,
+}
+
 /// How long each target runs.
 #[derive(Debug, Clone, Copy)]
 pub enum Budget {
@@ -72,21 +81,21 @@ pub fn run(args: FuzzArgs) -> Result<()> {
         (None, None) => Budget::Seconds(60),
     };
     crate::setup::fuzz_tools()?;
-    fuzz(&targets, budget)
+    fuzz(&targets, budget, Build::Release)
 }
 
 /// `cargo xtask test`'s smoke: every target briefly. Setup is done.
 pub fn smoke() -> Result<()> {
-    fuzz(TARGETS, Budget::Runs(SMOKE_RUNS))
+    fuzz(TARGETS, Budget::Runs(SMOKE_RUNS), Build::Dev)
 }
 
-fn fuzz(targets: &[&'static str], budget: Budget) -> Result<()> {
+fn fuzz(targets: &[&'static str], budget: Budget, build: Build) -> Result<()> {
     let started = Instant::now();
-    build()?;
+    exec(&mut cargo_fuzz("build", build))?;
     let built = started.elapsed();
     let mut outcomes = Vec::new();
     for target in targets {
-        outcomes.push(run_target(target, budget)?);
+        outcomes.push(run_target(target, budget, build)?);
     }
     eprintln!("fuzzing done (build {:.0} s):", built.as_secs_f64());
     for o in &outcomes {
@@ -103,24 +112,24 @@ fn fuzz_dir() -> PathBuf {
     workspace_root().join("fuzz")
 }
 
-/// `cargo +nightly fuzz` with the options every call shares: optimized,
-/// with overflow checks and debug assertions; no sanitizer (the targets
-/// run safe Rust, and without one they run several times faster).
-fn cargo_fuzz(subcommand: &str) -> std::process::Command {
+/// `cargo +nightly fuzz` with the options every call shares: overflow
+/// checks and debug assertions on; no sanitizer (the targets run safe
+/// Rust, and without one they run several times faster). `build` builds
+/// every target at once (one build of the crates they share).
+fn cargo_fuzz(subcommand: &str, build: Build) -> std::process::Command {
     let mut cmd = rustup_proxy("cargo");
     cmd.current_dir(workspace_root())
         .args(["+nightly", "fuzz", subcommand])
-        .args(["--fuzz-dir", "fuzz", "--release", "--debug-assertions"])
+        .args(["--fuzz-dir", "fuzz", "--debug-assertions"])
+        .arg(match build {
+            Build::Release => "--release",
+            Build::Dev => "--dev",
+        })
         .args(["--sanitizer", "none"]);
     cmd
 }
 
-/// Builds every target at once (one build of the crates they share).
-fn build() -> Result<()> {
-    exec(&mut cargo_fuzz("build"))
-}
-
-fn run_target(target: &'static str, budget: Budget) -> Result<Outcome> {
+fn run_target(target: &'static str, budget: Budget, build: Build) -> Result<Outcome> {
     let corpus = fuzz_dir().join("corpus").join(target);
     let seeds = fuzz_dir().join("seeds").join(target);
     std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
@@ -128,7 +137,10 @@ fn run_target(target: &'static str, budget: Budget) -> Result<Outcome> {
         Budget::Runs(n) => format!("-runs={n}"),
         Budget::Seconds(s) => format!("-max_total_time={s}"),
     };
-    let mut cmd = cargo_fuzz("run");
+    // Where state_files writes its state files, removed after the run.
+    let state_dir = std::env::temp_dir().join(format!("tern-fuzz-state-{}", std::process::id()));
+    let mut cmd = cargo_fuzz("run", build);
+    cmd.env("TERN_FUZZ_STATE_DIR", &state_dir);
     // New inputs go to the first directory; the seeds are only read.
     cmd.arg(target).arg(&corpus);
     if seeds.is_dir() {
@@ -163,6 +175,7 @@ fn run_target(target: &'static str, budget: Budget) -> Result<Outcome> {
     }
     let status = child.wait().context("waiting for cargo fuzz")?;
     let wall = started.elapsed();
+    let _ = std::fs::remove_dir_all(&state_dir);
     if !status.success() {
         bail!(
             "fuzz target {target} failed ({status}): the crashing input is in {}",
