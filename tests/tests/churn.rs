@@ -369,6 +369,17 @@ fn churn_leaks_nothing() -> Result<()> {
         rss.last().map_or(0.0, |s| s.0),
         rss.len()
     );
+    // The curve, a sample a minute (or ten for short runs).
+    let every = (rss.len() / 10).clamp(1, 60);
+    let curve: Vec<String> = rss
+        .iter()
+        .step_by(every)
+        .map(|(t, kib)| format!("{t:.0}s:{kib}"))
+        .collect();
+    println!(
+        "agent RSS (KiB) by seconds since its start: {}",
+        curve.join(" ")
+    );
     ensure!(
         last < first + 16 * 1024,
         "agent RSS grew from {first} to {last} KiB"
