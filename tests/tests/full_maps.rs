@@ -300,3 +300,51 @@ fn a_full_endpoints_map_fails_the_add_cleanly() -> Result<()> {
     assert_eq!(add.code, Some(0), "{add:?}");
     Ok(())
 }
+
+/// A PodCIDR of 8 addresses (/29: 5 for pods, after the network, gateway
+/// and broadcast addresses): the ADD that finds none left fails with an
+/// error naming the PodCIDR, keeps no veth, and a DEL makes room again.
+#[test]
+fn an_exhausted_pod_cidr_fails_the_add_naming_it() -> Result<()> {
+    if !require_root("exhausted_pod_cidr") {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let node = node(&lab, "10.244.64.0/29", &[])?;
+    let veths_before = host_veths(&node)?;
+    let mut pods = Vec::new();
+    let refused = loop {
+        let ns = Netns::new(&format!("x{}", pods.len()))?;
+        let id = unique_name("x");
+        let out = node.cni("ADD", &id, ns.path(), "1.1.0")?;
+        if out.code != Some(0) {
+            break out;
+        }
+        pods.push((ns, id));
+        ensure!(pods.len() <= 5, "more pods than a /29 holds");
+    };
+    ensure!(
+        pods.len() == 5,
+        "{} pods fit in a /29: {refused:?}",
+        pods.len()
+    );
+    let error: Value = serde_json::from_str(&refused.stdout)?;
+    let text = format!("{} {}", error["msg"], error["details"]);
+    ensure!(
+        text.contains("no free address left in PodCIDR 10.244.64.0/29"),
+        "{error}"
+    );
+    assert_eq!(status(&node)?["allocated"].as_u64(), Some(5));
+    assert_eq!(
+        host_veths(&node)?,
+        veths_before + 5,
+        "the refused ADD left a veth"
+    );
+    let (ns, id) = pods.pop().unwrap();
+    let del = node.cni("DEL", &id, ns.path(), "1.1.0")?;
+    assert_eq!(del.code, Some(0), "{del:?}");
+    let again = Netns::new("x-again")?;
+    let add = node.cni("ADD", &unique_name("x"), again.path(), "1.1.0")?;
+    assert_eq!(add.code, Some(0), "{add:?}");
+    Ok(())
+}
