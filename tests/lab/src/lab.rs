@@ -230,6 +230,10 @@ pub struct LabNode {
     pub extra_args: Vec<String>,
     /// The node's pods cgroup (v2): socket-LB applies to processes in it.
     pub cgroup: PathBuf,
+    /// The cgroup the lab process was in when the node was made: agents
+    /// run there, never in a pods cgroup the test process entered (which
+    /// would also keep that cgroup from being removed).
+    home_cgroup: PathBuf,
     /// Service translation at the socket (true) or per packet (false).
     pub socket_lb: bool,
     /// "overlay" (the agent's default) or "native".
@@ -267,6 +271,7 @@ impl LabNode {
             kubeconfig: None,
             extra_args: Vec::new(),
             cgroup,
+            home_cgroup: own_cgroup()?,
             socket_lb: true,
             routing_mode: "overlay".into(),
             cluster_cidr: None,
@@ -323,7 +328,13 @@ impl LabNode {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.agent = Some(self.ns.spawn_guarded(cmd)?);
+        let agent = self.ns.spawn_guarded(cmd)?;
+        std::fs::write(
+            self.home_cgroup.join("cgroup.procs"),
+            agent.0.id().to_string(),
+        )
+        .with_context(|| format!("moving the agent to {}", self.home_cgroup.display()))?;
+        self.agent = Some(agent);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if self.agent_request(&json!({"op": "status"})).is_ok() {
@@ -645,15 +656,7 @@ pub struct CgroupGuard {
 
 impl CgroupGuard {
     pub fn enter(cgroup: &Path) -> Result<CgroupGuard> {
-        let root = cgroup2_root()?;
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let relative = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap_or("/")
-            .trim_start_matches('/')
-            .to_owned();
-        let previous = root.join(relative);
+        let previous = own_cgroup()?;
         std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
             .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
         Ok(CgroupGuard { previous })
@@ -669,6 +672,18 @@ impl Drop for CgroupGuard {
             eprintln!("warning: leaving the lab cgroup: {e}");
         }
     }
+}
+
+/// The cgroup (v2) this process is in.
+fn own_cgroup() -> Result<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let relative = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/")
+        .trim_start_matches('/')
+        .to_owned();
+    Ok(cgroup2_root()?.join(relative))
 }
 
 /// Where the cgroup v2 hierarchy is mounted; mounted (lab-owned) at
