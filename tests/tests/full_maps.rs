@@ -246,6 +246,28 @@ fn host_veths(node: &LabNode) -> Result<usize> {
         .count())
 }
 
+/// A pod made by CNI ADD: its netns, container id and address.
+type AddedPod = (Netns, String, Ipv4Addr);
+
+/// CNI ADDs of new pods until one is refused (more than `most` fitting
+/// fails): the pods that got in (netns, container id, address) and the
+/// refused ADD's error message and details.
+fn add_until_refused(node: &LabNode, prefix: &str, most: usize) -> Result<(Vec<AddedPod>, String)> {
+    let mut pods = Vec::new();
+    loop {
+        let ns = Netns::new(&format!("{prefix}{}", pods.len()))?;
+        let id = unique_name(prefix);
+        let out = node.cni("ADD", &id, ns.path(), "1.1.0")?;
+        if out.code != Some(0) {
+            let error: Value = serde_json::from_str(&out.stdout)?;
+            return Ok((pods, format!("{} {}", error["msg"], error["details"])));
+        }
+        let ip = pod_ip(&out.success_json()?)?;
+        pods.push((ns, id, ip));
+        ensure!(pods.len() <= most, "more than {most} pods fit");
+    }
+}
+
 /// ENDPOINTS holds 3 entries: the ADD that finds it full fails with an
 /// error naming the map, gives its address back and leaves no veth; the
 /// pods already there keep talking; after a DEL the next ADD works.
@@ -257,23 +279,9 @@ fn a_full_endpoints_map_fails_the_add_cleanly() -> Result<()> {
     let lab = Lab::new()?;
     let node = node(&lab, "10.244.63.0/24", &["ENDPOINTS=3"])?;
     let veths_before = host_veths(&node)?;
-    // (netns, container id, address) of the pods that got in.
-    let mut pods: Vec<(Netns, String, Ipv4Addr)> = Vec::new();
-    let refused = loop {
-        let ns = Netns::new(&format!("ep{}", pods.len()))?;
-        let id = unique_name("ep");
-        let out = node.cni("ADD", &id, ns.path(), "1.1.0")?;
-        if out.code != Some(0) {
-            break out;
-        }
-        let ip = pod_ip(&out.success_json()?)?;
-        pods.push((ns, id, ip));
-        ensure!(pods.len() <= 3, "more pods than ENDPOINTS holds");
-    };
-    ensure!(pods.len() >= 2, "fewer than two pods fit: {refused:?}");
-    let error: Value = serde_json::from_str(&refused.stdout)?;
-    let text = format!("{} {}", error["msg"], error["details"]);
-    ensure!(text.contains("the ENDPOINTS map is full"), "{error}");
+    let (mut pods, refused) = add_until_refused(&node, "ep", 3)?;
+    ensure!(pods.len() >= 2, "fewer than two pods fit: {refused}");
+    ensure!(refused.contains("the ENDPOINTS map is full"), "{refused}");
     assert_eq!(
         status(&node)?["allocated"].as_u64(),
         Some(pods.len() as u64),
@@ -312,27 +320,15 @@ fn an_exhausted_pod_cidr_fails_the_add_naming_it() -> Result<()> {
     let lab = Lab::new()?;
     let node = node(&lab, "10.244.64.0/29", &[])?;
     let veths_before = host_veths(&node)?;
-    let mut pods = Vec::new();
-    let refused = loop {
-        let ns = Netns::new(&format!("x{}", pods.len()))?;
-        let id = unique_name("x");
-        let out = node.cni("ADD", &id, ns.path(), "1.1.0")?;
-        if out.code != Some(0) {
-            break out;
-        }
-        pods.push((ns, id));
-        ensure!(pods.len() <= 5, "more pods than a /29 holds");
-    };
+    let (mut pods, refused) = add_until_refused(&node, "x", 5)?;
     ensure!(
         pods.len() == 5,
-        "{} pods fit in a /29: {refused:?}",
+        "{} pods fit in a /29: {refused}",
         pods.len()
     );
-    let error: Value = serde_json::from_str(&refused.stdout)?;
-    let text = format!("{} {}", error["msg"], error["details"]);
     ensure!(
-        text.contains("no free address left in PodCIDR 10.244.64.0/29"),
-        "{error}"
+        refused.contains("no free address left in PodCIDR 10.244.64.0/29"),
+        "{refused}"
     );
     assert_eq!(status(&node)?["allocated"].as_u64(), Some(5));
     assert_eq!(
@@ -340,7 +336,7 @@ fn an_exhausted_pod_cidr_fails_the_add_naming_it() -> Result<()> {
         veths_before + 5,
         "the refused ADD left a veth"
     );
-    let (ns, id) = pods.pop().unwrap();
+    let (ns, id, _) = pods.pop().unwrap();
     let del = node.cni("DEL", &id, ns.path(), "1.1.0")?;
     assert_eq!(del.code, Some(0), "{del:?}");
     let again = Netns::new("x-again")?;

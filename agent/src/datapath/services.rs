@@ -628,13 +628,7 @@ impl LbSync {
         // Master first: from here on nothing selects the slots below.
         remove_if_present(&mut maps.services, &key)?;
         for i in 0..old.slots.len() {
-            remove_if_present(
-                &mut maps.services,
-                &ServiceKey {
-                    slot: i as u16 + 1,
-                    ..key
-                },
-            )?;
+            remove_if_present(&mut maps.services, &slot_key(key, i))?;
         }
         if old.value.table_size != 0 {
             let _ = maps.tables.remove(&old.value.rev_nat_id);
