@@ -20,10 +20,16 @@ fn main() -> anyhow::Result<()> {
         "cargo:rerun-if-changed={}",
         Path::new(root).join("common").display()
     );
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_EBPF_UPGRADE_PROBE").is_some() {
+        &["upgrade-probe"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "tern-ebpf",
             root_dir: root,
+            features,
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

@@ -28,30 +28,35 @@ use aya_ebpf::{
 /// tc ingress on the host side of each pod veth: every packet a pod sends.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
+    maps::upgrade_probe();
     pod::from_pod(&ctx)
 }
 
 /// In from_pod's place on a pod veth with an ingress qdisc of its own.
 #[classifier]
 pub fn from_pod_via_qdisc(ctx: TcContext) -> i32 {
+    maps::upgrade_probe();
     pod::from_pod_via_qdisc(&ctx)
 }
 
 /// tc ingress on the node's underlay devices: traffic from outside.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
+    maps::upgrade_probe();
     pod::from_netdev(&ctx)
 }
 
 /// tc egress on the node's underlay devices: masquerade.
 #[classifier]
 pub fn to_netdev(ctx: TcContext) -> i32 {
+    maps::upgrade_probe();
     masq::to_netdev(&ctx)
 }
 
 /// tc ingress on the node's VXLAN device: traffic from other nodes' pods.
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
+    maps::upgrade_probe();
     overlay::from_overlay(&ctx)
 }
 
@@ -59,37 +64,44 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
 /// on other nodes.
 #[classifier]
 pub fn to_overlay(ctx: TcContext) -> i32 {
+    maps::upgrade_probe();
     overlay::to_overlay(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    maps::upgrade_probe();
     sock::translate_to_backend(&ctx, tern_common::events::point::SOCK_CONNECT)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    maps::upgrade_probe();
     sock::translate_to_backend(&ctx, tern_common::events::point::SOCK_SENDMSG)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    maps::upgrade_probe();
     sock::translate_to_service(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    maps::upgrade_probe();
     sock::translate_to_service(&ctx)
 }
 
 #[cgroup_sock(post_bind4)]
 pub fn sock_post_bind4(ctx: SockContext) -> i32 {
+    maps::upgrade_probe();
     sock::refuse_node_port_bind(&ctx)
 }
 
 /// A pod's socket is released: its counted socket-LB connection ends.
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
+    maps::upgrade_probe();
     sock::release(&ctx)
 }
 

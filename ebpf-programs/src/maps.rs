@@ -137,6 +137,21 @@ pub fn config() -> DatapathConfig {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
+/// Upgrade tests only (feature `upgrade-probe`): every program run counts
+/// here, so a test that upgrades the agent to this build sees that the new
+/// programs, not the old ones, sit in the links. The map is new to such a
+/// build, as maps added by a real upgrade are.
+#[cfg(feature = "upgrade-probe")]
+#[map]
+pub static UPGRADE_PROBE: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Counts one program run in [`UPGRADE_PROBE`]; nothing without the feature.
+#[inline(always)]
+pub fn upgrade_probe() {
+    #[cfg(feature = "upgrade-probe")]
+    bump(&UPGRADE_PROBE, 0);
+}
+
 pub fn count(reason: Reason) {
     bump(&METRICS, reason as u32);
 }

@@ -171,6 +171,22 @@ pub mod programs {
     pub const SOCK_POST_BIND4: &str = "sock_post_bind4";
     /// A socket's release: its counted socket-LB connection ends.
     pub const SOCK_RELEASE: &str = "sock_release";
+
+    /// Every program of the object.
+    pub const ALL: [&str; 12] = [
+        FROM_POD,
+        FROM_POD_VIA_QDISC,
+        FROM_NETDEV,
+        FROM_OVERLAY,
+        TO_OVERLAY,
+        TO_NETDEV,
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+        SOCK_POST_BIND4,
+        SOCK_RELEASE,
+    ];
 }
 
 /// Every map key and value below is read by the eBPF programs and written by
