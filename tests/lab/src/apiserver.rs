@@ -74,6 +74,8 @@ struct State {
     compacted_to: u64,
     watches: Vec<Watch>,
     failing_until: Option<Instant>,
+    /// Set by [`ApiServer::down_for`] until the accept loop takes it.
+    down_until: Option<Instant>,
     /// Lists still to be cut off halfway (the connection lost mid-list).
     broken_lists: usize,
     log: Vec<Logged>,
@@ -83,6 +85,50 @@ struct State {
 pub struct ApiServer {
     pub address: SocketAddr,
     state: Arc<Mutex<State>>,
+    /// Wakes the accept loop to go down for a while ([`ApiServer::down_for`]).
+    down: Arc<tokio::sync::Notify>,
+}
+
+/// Accepts and serves connections until the runtime stops; goes down (port
+/// closed, every connection cut) when told, and comes back on the same
+/// address with the same objects, as a restarted server over its etcd.
+async fn serve(mut listener: tokio::net::TcpListener, server: ApiServer) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { return };
+                while connections.try_join_next().is_some() {}
+                // As Go's net/http (the real server): events go out at once,
+                // not held back by Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                let state = server.state.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(respond(&state, request)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            () = server.down.notified() => {
+                connections.abort_all();
+                drop(listener);
+                let until = server.lock().down_until.take();
+                if let Some(until) = until {
+                    tokio::time::sleep_until(until.into()).await;
+                }
+                listener = loop {
+                    match tokio::net::TcpListener::bind(server.address).await {
+                        Ok(listener) => break listener,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                };
+            }
+        }
+    }
 }
 
 impl ApiServer {
@@ -93,25 +139,9 @@ impl ApiServer {
         let server = ApiServer {
             address: listener.local_addr()?,
             state: Arc::default(),
+            down: Arc::default(),
         };
-        let state = server.state.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                // As Go's net/http (the real server): events go out at once,
-                // not held back by Nagle's algorithm.
-                let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(respond(&state, request)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        tokio::spawn(serve(listener, server.clone()));
         Ok(server)
     }
 
@@ -247,6 +277,17 @@ impl ApiServer {
         let mut state = self.lock();
         state.failing_until = Some(Instant::now() + period);
         state.watches.clear();
+    }
+
+    /// Gone for `period`: the port refuses connections and every open
+    /// connection is cut, as when the server's process is down; then it
+    /// serves again on the same address with the same objects.
+    pub fn down_for(&self, period: Duration) {
+        let mut state = self.lock();
+        state.down_until = Some(Instant::now() + period);
+        state.watches.clear();
+        drop(state);
+        self.down.notify_one();
     }
 
     /// The next `lists` list responses break off halfway through their
