@@ -21,8 +21,12 @@ use tracing::{error, info};
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
+            // kube's own crates log every failed request (an API server
+            // restart: ~400 lines); each failure also reaches the agent's
+            // watcher, which logs it once per kind (sources::api_errors).
+            // TERN_LOG=info,kube_client=debug brings them back.
             tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,kube_client=off,kube_runtime=off".into()),
         )
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not in log files.

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
 use futures::stream::{BoxStream, StreamExt};
@@ -19,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::api_errors::ErrorLog;
 use super::{Conversion, LoadReport, Refusal, Rejection, shortened};
 use crate::model::{
     Cluster, EndpointSlice, Map, Namespace, NetworkPolicy, Node, Pod, Service, ServiceKey,
@@ -113,14 +115,30 @@ pub async fn watch(
     let mut store = ApiStore::default();
     let mut changed = false;
     let mut announced = false;
+    let mut errors = ErrorLog::default();
     loop {
         tokio::select! {
             update = updates.next() => match update {
                 Some(Update::Error(error)) => {
                     on_error();
-                    warn!("API watch: {error} (retrying with back-off)");
+                    let message = error.to_string();
+                    if errors.error(&message, Instant::now()) {
+                        warn!("API watch: {message} (retrying with back-off; the same error again within {}s is only counted)", super::api_errors::REPEAT.as_secs());
+                    }
                 }
-                Some(update) => changed |= store.apply(update),
+                Some(update) => {
+                    if update.is_answer()
+                        && let Some(spell) = errors.answered(Instant::now())
+                    {
+                        info!(
+                            errors = spell.errors,
+                            not_logged = spell.not_logged,
+                            "API: events again after {:.1?} of failed requests",
+                            spell.lasted
+                        );
+                    }
+                    changed |= store.apply(update);
+                }
                 None => return,
             },
             permit = tx.reserve(), if changed && store.synced() => {
@@ -177,6 +195,23 @@ enum Update {
     Pods(Event<Keyed<Pod>>),
     NetworkPolicies(Event<Keyed<NetworkPolicy>>),
     Error(watcher::Error),
+}
+
+impl Update {
+    /// An event the API server sent: not an error, nor the `Init` a
+    /// watcher reports before it even tries to list.
+    fn is_answer(&self) -> bool {
+        !matches!(
+            self,
+            Update::Error(_)
+                | Update::Services(Event::Init)
+                | Update::Slices(Event::Init)
+                | Update::Nodes(Event::Init)
+                | Update::Namespaces(Event::Init)
+                | Update::Pods(Event::Init)
+                | Update::NetworkPolicies(Event::Init)
+        )
+    }
 }
 
 /// The watcher of one kind, its objects converted as they arrive (the API

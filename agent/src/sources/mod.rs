@@ -3,6 +3,7 @@
 //! them, `convert` turns each into the model's plain Rust, shared by every
 //! source. Both hand over whole snapshots: a `LoadReport`.
 
+mod api_errors;
 mod backoff;
 mod convert;
 pub mod kube;
