@@ -18,10 +18,10 @@ pub mod services;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail, ensure};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::{LinkOrder, Program, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 pub use maps::{Counters, Endpoints, ip_from_key, ip_to_key};
 use tern_common::{TunnelEndpoint, maps as names, programs};
@@ -109,23 +109,7 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        // Each program kind has its own `load` (no common trait).
-        macro_rules! load_all {
-            ($names:expr, $kind:ty) => {
-                for name in $names {
-                    let program: &mut $kind = ebpf
-                        .program_mut(name)
-                        .with_context(|| format!("program {name} missing from the object"))?
-                        .try_into()?;
-                    program
-                        .load()
-                        .with_context(|| format!("the verifier refused {name}"))?;
-                }
-            };
-        }
-        load_all!(TC_PROGRAMS, SchedClassifier);
-        load_all!(SOCK_ADDR_PROGRAMS, CgroupSockAddr);
-        load_all!(SOCK_PROGRAMS, CgroupSock);
+        load_programs(&mut ebpf)?;
         let maps = MapOwners {
             endpoints: Endpoints::new(take(&mut ebpf, names::ENDPOINTS)?),
             services: ServiceMaps::take(&mut ebpf)?,
@@ -302,6 +286,62 @@ impl Datapath {
     pub fn attached_pods(&self) -> anyhow::Result<Vec<String>> {
         attached_pods(&self.bpffs_dir)
     }
+}
+
+/// Loads every program of the object: the kernel verifies each, which is
+/// most of an agent's start (from_pod, from_pod_via_qdisc and from_netdev
+/// take ~1-2 s each on a 2-vCPU VM), so they are loaded on as many threads
+/// as there are CPUs, the costliest first.
+fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let order: Vec<&str> = TC_PROGRAMS
+        .into_iter()
+        .chain(SOCK_ADDR_PROGRAMS)
+        .chain(SOCK_PROGRAMS)
+        .collect();
+    let mut programs: Vec<(&str, &mut Program)> = ebpf.programs_mut().collect();
+    for name in &order {
+        ensure!(
+            programs.iter().any(|(n, _)| n == name),
+            "program {name} missing from the object"
+        );
+    }
+    programs.retain(|(name, _)| order.contains(name));
+    // Popped from the end: the costliest (first in `order`) go last in the Vec.
+    programs.sort_by_key(|(name, _)| std::cmp::Reverse(order.iter().position(|n| n == name)));
+    let queue = std::sync::Mutex::new(programs);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let next = queue
+                            .lock()
+                            .map_err(|_| anyhow!("a loader thread panicked"))?
+                            .pop();
+                        let Some((name, program)) = next else {
+                            return Ok(());
+                        };
+                        let loaded = match program {
+                            Program::SchedClassifier(p) => p.load(),
+                            Program::CgroupSockAddr(p) => p.load(),
+                            Program::CgroupSock(p) => p.load(),
+                            other => bail!(
+                                "program {name} has an unexpected type {:?}",
+                                other.prog_type()
+                            ),
+                        };
+                        loaded.with_context(|| format!("the verifier refused {name}"))?;
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|worker| {
+            worker
+                .join()
+                .map_err(|_| anyhow!("a program loader thread panicked"))?
+        })
+    })
 }
 
 fn link_pin(bpffs_dir: &Path, program: &str, ifname: &str) -> PathBuf {
