@@ -46,11 +46,13 @@ pub async fn run(
         // A copy (O(1)): the sender is not held up while this computes.
         let snapshot = cluster.borrow_and_update().clone();
         let (now, problems) = health_checks(&snapshot, &node_name);
-        for problem in problems {
-            if reported.insert(problem.clone()) {
-                warn!("{problem}");
-            }
+        // Each problem logged when it appears; only the current ones are
+        // kept, so Services that come and go do not pile up here.
+        let problems: BTreeSet<String> = problems.into_iter().collect();
+        for problem in problems.difference(&reported) {
+            warn!("{problem}");
         }
+        reported = problems;
         servers.retain(|port, tasks| {
             let keep = now.contains_key(port);
             if !keep {
