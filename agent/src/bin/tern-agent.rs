@@ -18,7 +18,23 @@ use tern_agent::{cni_api, health, host, service_health, sync};
 use tokio::sync::watch;
 use tracing::{error, info};
 
+/// glibc gives each thread that allocates its own arena (up to 8 per CPU):
+/// the agent's short-lived threads (blocking syncs, a netlink thread per
+/// CNI request) left free memory spread over many arenas, and RSS grew
+/// ~107 KiB/min under pod churn with nothing leaked. One arena keeps it
+/// flat (churn soak: 20.7 MiB from 46 s to 230 s of a lifetime). The agent
+/// allocates little in parallel, so one lock costs nothing measurable.
+/// `MALLOC_ARENA_MAX` in the environment still wins.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: only tunes malloc; called before any other thread exists.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    one_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(
             // kube's own crates log every failed request (an API server
