@@ -166,6 +166,9 @@ fn churn_services(
 }
 
 /// The agent's resident memory, KiB.
+/// Seconds of an agent's lifetime before its RSS is expected flat.
+const WARM_UP_S: f64 = 30.0;
+
 fn rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -384,6 +387,18 @@ fn churn_leaks_nothing() -> Result<()> {
         last < first + 16 * 1024,
         "agent RSS grew from {first} to {last} KiB"
     );
+    // After its warm-up the agent's RSS stays flat (it grew ~107 KiB/min
+    // with glibc's per-thread arenas); judged when the lifetime is long
+    // enough to tell (the soak command, not the suite's 60 s).
+    let warm: Vec<(f64, u64)> = rss.iter().copied().filter(|s| s.0 >= WARM_UP_S).collect();
+    if rss.last().is_some_and(|s| s.0 >= 4.0 * WARM_UP_S) {
+        let slope = slope_kib_per_min(&warm);
+        println!("agent RSS after {WARM_UP_S:.0} s of warm-up: slope {slope:+.1} KiB/min");
+        ensure!(
+            slope < 32.0,
+            "agent RSS keeps growing after its warm-up: {slope:+.1} KiB/min"
+        );
+    }
     for pod in &left {
         let out = node.del_pod(pod)?;
         ensure!(out.code == Some(0), "{out:?}");
