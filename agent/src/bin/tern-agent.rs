@@ -23,7 +23,10 @@ use tracing::{error, info};
 /// CNI request) left free memory spread over many arenas, and RSS grew
 /// ~107 KiB/min under pod churn with nothing leaked. One arena keeps it
 /// flat (churn soak: 20.7 MiB from 46 s to 230 s of a lifetime). The agent
-/// allocates little in parallel, so one lock costs nothing measurable.
+/// allocates little in parallel; two arenas still grew (~125 KiB/min).
+/// The control-plane bench hints at a cost: an endpoint change among
+/// 10 000 Services through the API watch took ~15 ms p50 with one arena,
+/// ~9 ms with 2 or 16 (two noisy runs each; see issue 20's note).
 /// `MALLOC_ARENA_MAX` in the environment still wins.
 fn one_malloc_arena() {
     #[cfg(target_env = "gnu")]
