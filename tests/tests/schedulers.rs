@@ -26,6 +26,7 @@ tern_lab::both_service_paths!(
     round_robin_and_weighted_round_robin_take_ipvs_turns,
     least_connection_family_follows_open_connections,
     connection_counts_survive_and_heal_across_agent_restarts,
+    only_backends_of_counting_schedulers_get_connection_counters,
     source_and_destination_hashing_pin_to_ipvs_buckets,
 );
 
@@ -329,6 +330,77 @@ fn connection_counts_survive_and_heal_across_agent_restarts(socket_lb: bool) -> 
     held.clear();
     c.wait_for_counts(lc, &[0, 0, 0], Duration::from_secs(2))?;
     Ok(())
+}
+
+/// CONNECTIONS has a counter for exactly the backends a least-connection
+/// frontend uses: none for random ones (100 000 Services x 10 backends
+/// would cost a million counter writes), created before such a frontend
+/// serves, removed with the backend.
+fn only_backends_of_counting_schedulers_get_connection_counters(socket_lb: bool) -> Result<()> {
+    let mut c = cluster("10.244.55.0/24", 3, socket_lb)?;
+    let pods = c.node.enter_pods_cgroup()?;
+    let vip = Ipv4Addr::new(10, 96, 0, 81);
+
+    c.service("s", vip, "random", "")?;
+    ensure!(
+        backend_ids(&c.node)?.len() == 3,
+        "backends {:?}",
+        backend_ids(&c.node)?
+    );
+    ensure!(
+        counter_ids(&c.node)?.is_empty(),
+        "random: counters {:?}",
+        counter_ids(&c.node)?
+    );
+
+    // The same Service turned lc: each backend gets its counter, and the
+    // first held connections are counted.
+    c.service("s", vip, "lc", "")?;
+    assert_eq!(counter_ids(&c.node)?, backend_ids(&c.node)?);
+    let mut held = Vec::new();
+    hold(&c, vip, 3, &mut held)?;
+    c.wait_for_counts(vip, &[1, 1, 1], Duration::from_secs(2))?;
+    drop(held);
+    c.wait_for_counts(vip, &[0, 0, 0], Duration::from_secs(2))?;
+    drop(pods);
+
+    // A restart keeps them; the Service gone takes them with its backends.
+    c.node.kill_agent()?;
+    c.node.start_agent()?;
+    c.wait_for_counts(vip, &[0, 0, 0], Duration::from_secs(10))?;
+    assert_eq!(counter_ids(&c.node)?, backend_ids(&c.node)?);
+    c.node.remove_manifest("s.yaml")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !backend_ids(&c.node)?.is_empty() || !counter_ids(&c.node)?.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "left behind: backends {:?}, counters {:?}",
+            backend_ids(&c.node)?,
+            counter_ids(&c.node)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The node's backend ids (pinned BACKENDS), sorted.
+fn backend_ids(node: &LabNode) -> Result<Vec<u32>> {
+    pinned_keys::<tern_common::Backend>(node, tern_common::maps::BACKENDS)
+}
+
+/// The backend ids with a connection counter (pinned CONNECTIONS), sorted.
+fn counter_ids(node: &LabNode) -> Result<Vec<u32>> {
+    pinned_keys::<u32>(node, tern_common::maps::CONNECTIONS)
+}
+
+/// The keys of a pinned `u32`-keyed hash map of the node, sorted.
+fn pinned_keys<V: aya::Pod>(node: &LabNode, name: &str) -> Result<Vec<u32>> {
+    let data = aya::maps::MapData::from_pin(node.bpffs_dir.join(name))?;
+    let map: aya::maps::HashMap<_, u32, V> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    let mut keys = map.keys().collect::<Result<Vec<u32>, _>>()?;
+    keys.sort_unstable();
+    Ok(keys)
 }
 
 fn source_and_destination_hashing_pin_to_ipvs_buckets(socket_lb: bool) -> Result<()> {

@@ -17,7 +17,8 @@ use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{HashMap, LpmTrie, MapData};
 use tern_common::{
     AffinityKey, AffinityValue, Backend, LB_TABLE_MAX, LbTable, RevNat, SOURCE_RANGE_PREFIX_BASE,
-    ServiceKey, ServiceValue, SourceRangeKey, maps, service_flags,
+    ServiceKey, ServiceValue, SourceRangeKey, lb_algorithm::counts_connections, maps,
+    service_flags,
 };
 use tracing::warn;
 
@@ -124,6 +125,10 @@ pub struct LbSync {
     backend_refs: BTreeMap<u32, u32>,
     /// Backend ids that may have lost their last slot since the last sweep.
     maybe_unused: BTreeSet<u32>,
+    /// Backend ids with a CONNECTIONS counter: the backends of frontends
+    /// whose scheduler counts connections. Other backends have none, so a
+    /// large random or Maglev set costs no counter writes or kernel memory.
+    counted: BTreeSet<u32>,
     ids: IdAllocator,
     rev_nat_ids: IdAllocator,
     /// The state of the last apply, shared with readers' snapshots.
@@ -274,11 +279,18 @@ impl LbSync {
             };
             sync.backend_ids.insert(key, id);
             sync.backend_keys.insert(id, key);
-            // A CONNECTIONS map created anew (another shape) has no
-            // counters yet: they start at 0 and the recount fills them in.
-            let _ = maps
-                .connections
-                .insert(id, 0, u64::from(aya_obj::generated::BPF_NOEXIST));
+        }
+        // Counters of no backend: leftovers of an interrupted removal. A
+        // counting frontend's missing counters (a CONNECTIONS map created
+        // anew) are written by the first apply, which rewrites every
+        // frontend; the recount fills in their values.
+        let counters: Vec<u32> = maps.connections.keys().filter_map(Result::ok).collect();
+        for id in counters {
+            if sync.backend_keys.contains_key(&id) {
+                sync.counted.insert(id);
+            } else {
+                let _ = maps.connections.remove(&id);
+            }
         }
         for id in sync.applied.values().flat_map(|a| a.slots.iter()) {
             *sync.backend_refs.entry(*id).or_default() += 1;
@@ -458,18 +470,11 @@ impl LbSync {
             proto: key.proto,
             flags: 0,
         };
-        // Its connection counter first: the datapath counts only backends
-        // that have one.
-        if let Err(e) = maps.connections.insert(id, 0, 0) {
-            self.ids.give_back(id);
-            return Err(MapWriteError::new(maps::CONNECTIONS, e).into());
-        }
         if let Err(e) = maps.backends.insert(id, value, 0) {
-            let _ = maps.connections.remove(&id);
             self.ids.give_back(id);
             return Err(MapWriteError::new(maps::BACKENDS, e).into());
         }
-        stats.writes += 2;
+        stats.writes += 1;
         self.backend_ids.insert(key, id);
         self.backend_keys.insert(id, key);
         // Unused until a frontend slot points at it.
@@ -507,6 +512,9 @@ impl LbSync {
                 "{} backends exceed the 65535 a frontend can hold",
                 ids.len()
             );
+        }
+        if counts_connections(entry.algorithm.code()) {
+            self.ensure_counters(maps, &ids, stats)?;
         }
         let table = entry
             .table
@@ -645,6 +653,28 @@ impl LbSync {
         Ok(())
     }
 
+    /// Gives each of `ids` a connection counter (at 0) if it has none yet,
+    /// before a master entry points the datapath at it: the datapath counts
+    /// only backends that have one. A counter stays until its backend goes.
+    fn ensure_counters(
+        &mut self,
+        maps: &mut ServiceMaps,
+        ids: &[u32],
+        stats: &mut SyncStats,
+    ) -> Result<(), MapWriteError> {
+        for &id in ids {
+            if self.counted.contains(&id) {
+                continue;
+            }
+            maps.connections
+                .insert(id, 0, 0)
+                .map_err(|e| MapWriteError::new(maps::CONNECTIONS, e))?;
+            self.counted.insert(id);
+            stats.writes += 1;
+        }
+        Ok(())
+    }
+
     /// Moves the slot counts of a frontend from `old` to `new` backend ids.
     fn count_refs(&mut self, new: &[u32], old: &[u32]) {
         for id in new {
@@ -668,7 +698,8 @@ impl LbSync {
             }
             match remove_if_present(&mut maps.backends, &id) {
                 Ok(()) => {
-                    if maps.connections.remove(&id).is_ok() {
+                    if self.counted.remove(&id) {
+                        let _ = maps.connections.remove(&id);
                         stats.deletes += 1;
                     }
                     if let Some(key) = self.backend_keys.remove(&id) {
