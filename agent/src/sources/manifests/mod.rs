@@ -491,6 +491,49 @@ spec:
     }
 
     #[test]
+    fn json_items_typed_from_text_equal_the_tree_reading() {
+        // JSON is YAML too: read as YAML, every item goes through a Value
+        // tree; read as JSON, items of a kind are typed from their text.
+        // Both must give the same objects, errors and warnings.
+        let text = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": "shop"},
+             "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 443, "targetPort": 8443}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "typo"},
+             "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": "eighty"}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "zero"},
+             "spec": {"clusterIP": "10.96.0.32", "ports": [{"port": 0}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": 7},
+             "spec": {"clusterIP": "10.96.0.33", "ports": [{"port": 80}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "api-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "api"}},
+             "addressType": "IPv4", "ports": [{"port": 8443}],
+             "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}},
+                           {"addresses": ["not-an-ip"]}]},
+            {"apiVersion": "v1", "kind": "ServiceList", "items": [
+                {"metadata": {"name": "nested"}, "spec": {"clusterIP": "10.96.0.34", "ports": [{"port": 81}]}}]},
+            {"metadata": {"name": "kindless"}, "spec": {"clusterIP": "10.96.0.35", "ports": [{"port": 82}]}},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}},
+            "a string",
+            {"kind": "Service", "metadata": null}]}"#;
+        let read = |json| {
+            let mut objects = file::FileObjects::default();
+            file::read_documents(text, json, "f", &mut objects).unwrap();
+            format!("{objects:?}")
+        };
+        let typed = read(true);
+        assert_eq!(typed, read(false));
+        for expected in [
+            "shop/api",
+            "eighty",
+            "nested",
+            "items[6]: not a",
+            "not-an-ip",
+        ] {
+            assert!(typed.contains(expected), "{expected} missing: {typed}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_file_and_object_and_spare_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         write(
