@@ -15,6 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{HashMap, LpmTrie, MapData};
+use imbl::ordmap::DiffItem;
 use tern_common::{
     AffinityKey, AffinityValue, Backend, LB_TABLE_MAX, LbTable, RevNat, SOURCE_RANGE_PREFIX_BASE,
     ServiceKey, ServiceValue, SourceRangeKey, lb_algorithm::counts_connections, maps,
@@ -349,7 +350,7 @@ impl LbSync {
     /// logged and counted; the rest is still applied.
     pub fn apply(&mut self, maps: &mut ServiceMaps, desired: LbState) -> SyncStats {
         let mut stats = SyncStats::default();
-        let mut stale_affinity: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        let mut stale_affinity: BTreeMap<u32, StaleAffinity> = BTreeMap::new();
         let (changed, removed) = self.changes(&desired);
 
         for (_, entry) in &changed {
@@ -362,8 +363,8 @@ impl LbSync {
         for (frontend, entry) in &changed {
             let key = master_key(frontend);
             match self.apply_frontend(maps, key, entry, &mut stats) {
-                Ok(Some((rev_nat_id, gone))) if !gone.is_empty() => {
-                    stale_affinity.insert(rev_nat_id, gone);
+                Ok(Some((rev_nat_id, stale))) => {
+                    stale_affinity.insert(rev_nat_id, stale);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -399,8 +400,8 @@ impl LbSync {
     }
 
     /// The frontends to write and the master keys to remove so that the
-    /// maps hold `desired`: by pointer against the last state while the
-    /// maps hold it, else every frontend against what is in the maps.
+    /// maps hold `desired`: a diff against the last state while the maps
+    /// hold it, else every frontend against what is in the maps.
     fn changes<'a>(
         &self,
         desired: &'a LbState,
@@ -417,37 +418,14 @@ impl LbSync {
             return (all, removed);
         }
         let (mut changed, mut removed) = (Vec::new(), Vec::new());
-        let mut old = self.state.frontends.iter().peekable();
-        let mut new = desired.frontends.iter().peekable();
-        // Both maps are sorted by frontend: walk them side by side.
-        loop {
-            match (old.peek(), new.peek()) {
-                (None, None) => break,
-                (Some((f, _)), None) => {
-                    removed.push(master_key(f));
-                    old.next();
+        // Both are persistent maps: the diff skips the subtrees they share,
+        // and an entry that is the very same `Arc` is no change.
+        for item in self.state.frontends.diff(&desired.frontends) {
+            match item {
+                DiffItem::Add(f, e) | DiffItem::Update { new: (f, e), .. } => {
+                    changed.push((f, &**e));
                 }
-                (None, Some((f, e))) => {
-                    changed.push((*f, &***e));
-                    new.next();
-                }
-                (Some((fo, eo)), Some((fn_, en))) => match fo.cmp(fn_) {
-                    std::cmp::Ordering::Less => {
-                        removed.push(master_key(fo));
-                        old.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        changed.push((*fn_, &***en));
-                        new.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !Arc::ptr_eq(eo, en) {
-                            changed.push((*fn_, &***en));
-                        }
-                        old.next();
-                        new.next();
-                    }
-                },
+                DiffItem::Remove(f, _) => removed.push(master_key(f)),
             }
         }
         (changed, removed)
@@ -482,7 +460,7 @@ impl LbSync {
         Ok(())
     }
 
-    /// Returns the rev_nat id and the backends the frontend no longer has.
+    /// Returns the rev_nat id and the AFFINITY entries to drop, if any.
     ///
     /// The writes that add keys (and so can find a map full) come first:
     /// the rev_nat entry of a new frontend, slots beyond the old count, a
@@ -496,7 +474,7 @@ impl LbSync {
         key: ServiceKey,
         entry: &FrontendEntry,
         stats: &mut SyncStats,
-    ) -> anyhow::Result<Option<(u32, BTreeSet<u32>)>> {
+    ) -> anyhow::Result<Option<(u32, StaleAffinity)>> {
         let ids = entry
             .backends
             .iter()
@@ -603,13 +581,25 @@ impl LbSync {
                 .remove(&range_key(rev_nat_id, *addr, *prefix));
             stats.deletes += 1;
         }
-        let new_ids: BTreeSet<u32> = ids.iter().copied().collect();
-        let gone: BTreeSet<u32> = old
-            .slots
-            .iter()
-            .filter(|id| !new_ids.contains(id))
-            .copied()
-            .collect();
+        // Only a frontend with session affinity reads AFFINITY: the others
+        // spare the walk of that map (a kernel scan of all its buckets).
+        let affinity = |flags: u16| flags & service_flags::AFFINITY != 0;
+        let stale = match (affinity(old.value.flags), affinity(value.flags)) {
+            (_, false) => None,
+            // Entries of an earlier time with affinity (or of a frontend
+            // that had this rev_nat id) may point anywhere by now.
+            (false, true) => Some(StaleAffinity::All),
+            (true, true) => {
+                let new_ids: BTreeSet<u32> = ids.iter().copied().collect();
+                let gone: BTreeSet<u32> = old
+                    .slots
+                    .iter()
+                    .filter(|id| !new_ids.contains(id))
+                    .copied()
+                    .collect();
+                (!gone.is_empty()).then_some(StaleAffinity::Backends(gone))
+            }
+        };
         self.count_refs(&ids, &old.slots);
         self.applied.insert(
             key,
@@ -621,7 +611,7 @@ impl LbSync {
                 ranges,
             },
         );
-        Ok(Some((rev_nat_id, gone)))
+        Ok(stale.map(|stale| (rev_nat_id, stale)))
     }
 
     fn remove_frontend(
@@ -825,21 +815,29 @@ fn lb_table(table: &[u32]) -> Box<LbTable> {
     value
 }
 
+/// A frontend's AFFINITY entries that must go.
+enum StaleAffinity {
+    /// Those pointing at backends the frontend no longer has.
+    Backends(BTreeSet<u32>),
+    /// All of them: affinity has just been turned on.
+    All,
+}
+
 /// Affinity entries pointing at a backend the service no longer has would
 /// keep clients on it: drop them (the datapath then picks anew).
 fn invalidate_affinity(
     maps: &mut ServiceMaps,
-    stale: &BTreeMap<u32, BTreeSet<u32>>,
+    stale: &BTreeMap<u32, StaleAffinity>,
     stats: &mut SyncStats,
 ) {
     let doomed: Vec<AffinityKey> = maps
         .affinity
         .iter()
         .filter_map(Result::ok)
-        .filter(|(k, v)| {
-            stale
-                .get(&k.rev_nat_id)
-                .is_some_and(|gone| gone.contains(&v.backend_id))
+        .filter(|(k, v)| match stale.get(&k.rev_nat_id) {
+            Some(StaleAffinity::All) => true,
+            Some(StaleAffinity::Backends(gone)) => gone.contains(&v.backend_id),
+            None => false,
         })
         .map(|(k, _)| k)
         .collect();

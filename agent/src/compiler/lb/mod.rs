@@ -4,16 +4,19 @@
 //! same state, on every node that has the same node context.
 
 use std::cell::LazyCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use super::{maglev, schedulers};
 use crate::model::{
-    Cluster, Endpoint, EndpointSlice, HostPort, LbAlgorithm, Protocol, Service, ServiceKey,
+    Cluster, Endpoint, EndpointSlice, HostPort, LbAlgorithm, Map, Protocol, Service, ServiceKey,
     ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
+
+mod incremental;
+pub use incremental::LbCompiler;
 
 /// What the compiler needs to know about the node it compiles for.
 #[derive(Debug, Clone)]
@@ -35,7 +38,9 @@ pub struct NodeContext {
 pub struct LbState {
     /// Shared (`Arc`) between compilations while the Service behind them
     /// does not change, so the datapath sync can skip them by pointer.
-    pub frontends: BTreeMap<Frontend, Arc<FrontendEntry>>,
+    /// Persistent: the sync diffs it against the last state, skipping the
+    /// subtrees they share.
+    pub frontends: Map<Frontend, Arc<FrontendEntry>>,
     /// Frontends claimed by more than one Service (or a Service and a
     /// hostPort): the oldest Service keeps it (`creationTimestamp`, then
     /// namespace/name; one without a timestamp after those with one; a
@@ -170,162 +175,6 @@ pub struct FrontendEntry {
 /// Compiles `cluster` from scratch (no hostPorts).
 pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
     LbCompiler::new(ctx.clone()).compile(cluster, &[])
-}
-
-/// Compiles cluster after cluster, reusing a Service's frontends while the
-/// Service and its slices are the very objects (`Arc`) of the last time:
-/// one endpoint change recompiles one Service, not all of them.
-pub struct LbCompiler {
-    ctx: NodeContext,
-    /// Sorted by Service key.
-    memo: Vec<(ServiceKey, Memo)>,
-}
-
-struct Memo {
-    service: Arc<Service>,
-    /// The namespace's default algorithm it was compiled with.
-    namespace_algorithm: Option<LbAlgorithm>,
-    /// This node's zone it was compiled with (topology hints).
-    zone: Option<String>,
-    slices: Vec<Arc<EndpointSlice>>,
-    frontends: Vec<(Frontend, Arc<FrontendEntry>)>,
-}
-
-impl LbCompiler {
-    pub fn new(ctx: NodeContext) -> Self {
-        LbCompiler {
-            ctx,
-            memo: Vec::new(),
-        }
-    }
-
-    /// The frontends of every Service of `cluster`, and of this node's
-    /// pods' `host_ports`.
-    pub fn compile(&mut self, cluster: &Cluster, host_ports: &[HostPort]) -> LbState {
-        // Services, slices (by their Service) and the memo are all walked in
-        // Service key order, side by side: no hashing, no key copies.
-        let mut slices: Vec<&Arc<EndpointSlice>> = cluster.slices.values().collect();
-        // Nearly sorted already (slices are named after their Service).
-        slices.sort_by(|a, b| a.service.cmp(&b.service));
-        let mut slices = slices.into_iter().peekable();
-        let mut old = std::mem::take(&mut self.memo).into_iter().peekable();
-        // (frontend, entry, the claim's rank: lowest keeps the frontend).
-        let mut compiled: Vec<(Frontend, Arc<FrontendEntry>, Rank)> =
-            Vec::with_capacity(cluster.services.len());
-        let mut own_slices = Vec::new();
-        let zone = cluster
-            .nodes
-            .get(&self.ctx.node_name)
-            .and_then(|node| node.zone.clone());
-        for service in cluster.services.values() {
-            while old.next_if(|(key, _)| *key < service.key).is_some() {}
-            while slices.next_if(|s| s.service < service.key).is_some() {}
-            own_slices.clear();
-            own_slices.extend(std::iter::from_fn(|| {
-                slices.next_if(|s| s.service == service.key)
-            }));
-            let namespace_algorithm = cluster
-                .namespaces
-                .get(&service.key.namespace)
-                .and_then(|ns| ns.lb_algorithm);
-            let (key, entry) = match old.next_if(|(key, _)| *key == service.key) {
-                Some((key, m))
-                    if Arc::ptr_eq(&m.service, service)
-                        && m.namespace_algorithm == namespace_algorithm
-                        && m.zone == zone
-                        && m.slices.len() == own_slices.len()
-                        && m.slices
-                            .iter()
-                            .zip(&own_slices)
-                            .all(|(a, b)| Arc::ptr_eq(a, b)) =>
-                {
-                    (key, m)
-                }
-                _ => {
-                    let plain: Vec<&EndpointSlice> = own_slices.iter().map(|s| &***s).collect();
-                    let algorithm = service
-                        .lb_algorithm
-                        .or(namespace_algorithm)
-                        .unwrap_or(self.ctx.default_algorithm);
-                    let topology = Topology {
-                        node: &self.ctx.node_name,
-                        zone: zone.as_deref(),
-                    };
-                    let frontends =
-                        service_frontends(service, &plain, algorithm, topology, &self.ctx);
-                    let entry = Memo {
-                        service: service.clone(),
-                        namespace_algorithm,
-                        zone: zone.clone(),
-                        slices: own_slices.iter().map(|s| (*s).clone()).collect(),
-                        frontends: frontends
-                            .into_iter()
-                            .map(|(f, e)| (f, Arc::new(e)))
-                            .collect(),
-                    };
-                    (service.key.clone(), entry)
-                }
-            };
-            let rank = Rank {
-                host_port: false,
-                undated: service.created.is_none(),
-                created: service.created.unwrap_or_default(),
-            };
-            compiled.extend(entry.frontends.iter().map(|(f, e)| (*f, e.clone(), rank)));
-            self.memo.push((key, entry));
-        }
-        // After every Service: a Service keeps a frontend a hostPort claims too.
-        let host_port = Rank {
-            host_port: true,
-            undated: true,
-            created: 0,
-        };
-        compiled.extend(
-            host_ports
-                .iter()
-                .flat_map(|p| host_port_frontends(p, &self.ctx))
-                .map(|(f, e)| (f, e, host_port)),
-        );
-        // A stable sort keeps the Services' key order among equal ranks:
-        // the oldest Service, then the first by namespace/name, keeps a
-        // frontend claimed twice, whatever order the objects came in.
-        compiled.sort_by_key(|(frontend, _, rank)| (*frontend, *rank));
-        let mut state = LbState::default();
-        let mut unique: Vec<(Frontend, Arc<FrontendEntry>)> = Vec::with_capacity(compiled.len());
-        for (frontend, entry, _) in compiled {
-            match unique.last() {
-                Some((last, owner)) if *last == frontend => state.conflicts.push(Conflict {
-                    frontend,
-                    kind: entry.kind,
-                    service: entry.service.clone(),
-                    port_name: entry.port_name.clone(),
-                    owner: owner.service.clone(),
-                    owner_port_name: owner.port_name.clone(),
-                }),
-                _ => unique.push((frontend, entry)),
-            }
-        }
-        state.frontends = unique.into_iter().collect();
-        if let Some(cidr) = self.ctx.service_cidr {
-            state.outside_service_cidr = cluster
-                .services
-                .values()
-                .flat_map(|s| s.cluster_ips.iter().map(move |ip| (s, *ip)))
-                .filter(|(_, ip)| !cidr.contains(*ip))
-                .map(|(s, ip)| (s.key.clone(), ip))
-                .collect();
-        }
-        state
-    }
-}
-
-/// Who keeps a frontend claimed twice: the lowest. Services before
-/// hostPorts; dated Services before undated ones, the oldest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Rank {
-    host_port: bool,
-    undated: bool,
-    created: i64,
 }
 
 /// A hostPort on its address, or on every node address: the pod is its

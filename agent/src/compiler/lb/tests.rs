@@ -553,7 +553,7 @@ fn maglev_table_only_for_maglev_services_with_backends() {
             ..ctx()
         };
         let state = compile(&cluster(vec![svc], slices.clone()), &ctx);
-        let entry = state.frontends.into_values().next().unwrap();
+        let entry = state.frontends.values().next().cloned().unwrap();
         (entry.algorithm, entry.table.clone())
     };
     let (algorithm, table) = maglev_of(Some(LbAlgorithm::Maglev), LbAlgorithm::Random);
@@ -656,7 +656,7 @@ fn a_kept_compiler_recompiles_only_the_changed_service() {
     c.services.remove(&ServiceKey::new("default", "api"));
     let third = compiler.compile(&c, &[]);
     assert_eq!(third.frontends.len(), 1);
-    assert!(compiler.memo.len() == 1);
+    assert!(compiler.compiled_services() == 1);
 }
 
 /// An endpoint with topology hints.
@@ -863,7 +863,7 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
             .insert("10.0.1.2".parse().unwrap(), 2);
         svc.lb_weights.by_pod.insert("web-2".into(), 0);
         let state = compile(&cluster(vec![svc], slices.clone()), &ctx());
-        Arc::unwrap_or_clone(state.frontends.into_values().next().unwrap())
+        Arc::unwrap_or_clone(state.frontends.values().next().cloned().unwrap())
     };
     let ips = |entry: &FrontendEntry| -> Vec<String> {
         entry.backends.iter().map(|b| b.ip.to_string()).collect()
@@ -895,7 +895,7 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
     svc.lb_algorithm = Some(LbAlgorithm::Wlc);
     svc.lb_weights.default = 0;
     let state = compile(&cluster(vec![svc], slices.clone()), &ctx());
-    let entry = state.frontends.into_values().next().unwrap();
+    let entry = state.frontends.values().next().cloned().unwrap();
     assert!(entry.backends.is_empty() && !entry.no_local_backend);
 }
 
@@ -1107,4 +1107,98 @@ fn slices_and_services_arriving_in_any_order_give_the_same_state() {
     stray.service = ServiceKey::new("default", "not-yet");
     let state = compiler.compile(&cluster(vec![svc()], vec![stray]), &[]);
     assert!(cluster_ip_backends(&state).is_empty());
+}
+
+/// A kept compiler fed a long run of random changes — Services added,
+/// changed (address, age, algorithm) and removed, slices moved between
+/// Services, namespace defaults, this node's zone, hostPorts — gives at
+/// every step exactly what a fresh compiler gives for that cluster:
+/// frontends, conflicts (several Services share addresses on purpose) and
+/// ClusterIPs outside the service CIDR.
+#[test]
+fn a_kept_compiler_equals_a_fresh_one_through_random_changes() {
+    let mut ctx = ctx();
+    ctx.service_cidr = Some("10.96.0.0/28".parse().unwrap());
+    // xorshift: reproducible without a dependency.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut c = Cluster::default();
+    let mut host_ports: Vec<HostPort> = Vec::new();
+    let mut kept = LbCompiler::new(ctx.clone());
+    for step in 0..2000 {
+        match next(7) {
+            0 | 1 => {
+                let mut svc = claimant(&format!("s{}", next(12)), 1 + next(20) as u8, None);
+                svc.created = (next(3) > 0).then(|| next(4) as i64);
+                svc.lb_algorithm = (next(4) == 0).then_some(LbAlgorithm::Maglev);
+                if next(3) == 0 {
+                    svc.service_type = ServiceType::NodePort;
+                    svc.ports[0].node_port = Some(30_000 + next(3) as u16);
+                }
+                c.services.insert(svc.key.clone(), Arc::new(svc));
+            }
+            2 => {
+                let key = ServiceKey::new("default", format!("s{}", next(12)));
+                c.services.remove(&key);
+            }
+            3 => {
+                let name = format!("sl{}", next(10));
+                let endpoints = (0..next(4))
+                    .map(|i| {
+                        let hints = [["zone-a"], ["zone-b"]][next(2) as usize];
+                        hinted(&format!("10.0.{}.{}", next(3), i + 1), NODE, &hints, &[])
+                    })
+                    .collect();
+                let mut s = slice(&name, 8080, endpoints);
+                s.service = ServiceKey::new("default", format!("s{}", next(12)));
+                c.slices.insert(s.key.clone(), Arc::new(s));
+            }
+            4 => {
+                let key = ("default".to_owned(), format!("sl{}", next(10)));
+                c.slices.remove(&key);
+            }
+            5 => {
+                let algorithm =
+                    [None, Some(LbAlgorithm::Maglev), Some(LbAlgorithm::Random)][next(3) as usize];
+                let ns = crate::model::Namespace {
+                    name: "default".into(),
+                    lb_algorithm: algorithm,
+                    labels: Default::default(),
+                };
+                c.namespaces.insert("default".into(), Arc::new(ns));
+            }
+            _ => {
+                if next(2) == 0 {
+                    let node = crate::model::Node {
+                        name: NODE.into(),
+                        internal_ip: None,
+                        pod_cidrs: vec![],
+                        zone: ["zone-a", "zone-b"]
+                            .get(next(3) as usize)
+                            .map(|z| z.to_string()),
+                        to_be_deleted: false,
+                    };
+                    c.nodes.insert(NODE.into(), Arc::new(node));
+                } else {
+                    host_ports = (0..next(3))
+                        .map(|i| HostPort {
+                            pod: format!("pod{i}"),
+                            pod_ip: Ipv4Addr::new(10, 0, 9, i as u8 + 1),
+                            host_ip: (next(2) == 0).then_some(NODE_IPS[0]),
+                            host_port: 30_000 + next(3) as u16,
+                            container_port: 80,
+                            protocol: Protocol::Tcp,
+                        })
+                        .collect();
+                }
+            }
+        }
+        let fresh = LbCompiler::new(ctx.clone()).compile(&c, &host_ports);
+        assert_eq!(kept.compile(&c, &host_ports), fresh, "step {step}");
+    }
 }

@@ -1,0 +1,329 @@
+//! The kept compiler: compilation after compilation, it compiles again only
+//! the Services whose own inputs changed — the Service, its slices, its
+//! namespace — found by diffing the cluster's persistent maps against the
+//! last ones (the diff skips the subtrees they share, so one endpoint change
+//! among 100 000 Services costs a few map lookups, not a walk of them all),
+//! and resolves again only the frontends those Services claim.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use imbl::ordmap::DiffItem;
+
+use super::{
+    Conflict, Frontend, FrontendEntry, LbState, NodeContext, Topology, host_port_frontends,
+    service_frontends,
+};
+use crate::model::{
+    Cluster, EndpointSlice, HostPort, LbAlgorithm, Map, Namespace, Service, ServiceKey,
+};
+
+/// Compiles cluster after cluster; see the module's comment.
+pub struct LbCompiler {
+    ctx: NodeContext,
+    /// The inputs of the last compilation (`None` before the first).
+    last: Option<Inputs>,
+    /// Each Service's frontends as last compiled.
+    compiled: BTreeMap<ServiceKey, Vec<(Frontend, Arc<FrontendEntry>)>>,
+    /// The slices of each Service, by slice key (their order is the order
+    /// a Service's slices are compiled in).
+    slices_of: BTreeMap<ServiceKey, BTreeSet<(String, String)>>,
+    /// Who claims each frontend: more than one is a conflict.
+    claims: BTreeMap<Frontend, Vec<Claim>>,
+    /// The frontends the last host ports claimed.
+    host_port_frontends: Vec<Frontend>,
+    /// The frontends in force: the first claim of each.
+    frontends: Map<Frontend, Arc<FrontendEntry>>,
+    /// The claims left out, by frontend.
+    conflicts: BTreeMap<Frontend, Vec<Conflict>>,
+    /// ClusterIPs outside the service CIDR, by Service.
+    outside: BTreeMap<ServiceKey, Vec<Ipv4Addr>>,
+}
+
+struct Inputs {
+    services: Map<ServiceKey, Arc<Service>>,
+    slices: Map<(String, String), Arc<EndpointSlice>>,
+    namespaces: Map<String, Arc<Namespace>>,
+    zone: Option<String>,
+    host_ports: Vec<HostPort>,
+}
+
+/// One claim on a frontend.
+struct Claim {
+    rank: Rank,
+    by: ClaimBy,
+    entry: Arc<FrontendEntry>,
+}
+
+/// Who claims: among equal ranks, Services by key, then host ports in the
+/// order given.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum ClaimBy {
+    Service(ServiceKey),
+    HostPort(usize),
+}
+
+/// Who keeps a frontend claimed twice: the lowest. Services before
+/// hostPorts; dated Services before undated ones, the oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    host_port: bool,
+    undated: bool,
+    created: i64,
+}
+
+const HOST_PORT: Rank = Rank {
+    host_port: true,
+    undated: true,
+    created: 0,
+};
+
+impl LbCompiler {
+    pub fn new(ctx: NodeContext) -> Self {
+        LbCompiler {
+            ctx,
+            last: None,
+            compiled: BTreeMap::new(),
+            slices_of: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            host_port_frontends: Vec::new(),
+            frontends: Map::new(),
+            conflicts: BTreeMap::new(),
+            outside: BTreeMap::new(),
+        }
+    }
+
+    /// The frontends of every Service of `cluster`, and of this node's
+    /// pods' `host_ports`.
+    pub fn compile(&mut self, cluster: &Cluster, host_ports: &[HostPort]) -> LbState {
+        let zone = cluster
+            .nodes
+            .get(&self.ctx.node_name)
+            .and_then(|node| node.zone.clone());
+        let last = self.last.take().unwrap_or_else(|| Inputs {
+            services: Map::new(),
+            slices: Map::new(),
+            namespaces: Map::new(),
+            zone: None,
+            host_ports: Vec::new(),
+        });
+        let mut dirty = self.dirty_services(&last, cluster);
+        if last.zone != zone {
+            // Topology hints are read against this node's zone.
+            dirty.extend(self.compiled.keys().cloned());
+            dirty.extend(cluster.services.keys().cloned());
+        }
+        let mut touched = BTreeSet::new();
+        for key in dirty {
+            self.compile_service(key, cluster, zone.as_deref(), &mut touched);
+        }
+        if last.host_ports != host_ports {
+            self.claim_host_ports(host_ports, &mut touched);
+        }
+        for frontend in touched {
+            self.resolve(frontend);
+        }
+        self.last = Some(Inputs {
+            services: cluster.services.clone(),
+            slices: cluster.slices.clone(),
+            namespaces: cluster.namespaces.clone(),
+            zone,
+            host_ports: host_ports.to_vec(),
+        });
+        LbState {
+            frontends: self.frontends.clone(),
+            conflicts: self.conflicts.values().flatten().cloned().collect(),
+            outside_service_cidr: self
+                .outside
+                .iter()
+                .flat_map(|(key, ips)| ips.iter().map(|ip| (key.clone(), *ip)))
+                .collect(),
+        }
+    }
+
+    /// How many Services it holds compiled (tests: removed ones go).
+    #[cfg(test)]
+    pub fn compiled_services(&self) -> usize {
+        self.compiled.len()
+    }
+
+    /// The Services whose Service object, slices or namespace differ from
+    /// `last`'s; keeps `slices_of` up to date on the way.
+    fn dirty_services(&mut self, last: &Inputs, cluster: &Cluster) -> BTreeSet<ServiceKey> {
+        let mut dirty = BTreeSet::new();
+        for item in last.services.diff(&cluster.services) {
+            match item {
+                DiffItem::Add(key, _) | DiffItem::Remove(key, _) => dirty.insert(key.clone()),
+                DiffItem::Update { new: (key, _), .. } => dirty.insert(key.clone()),
+            };
+        }
+        for item in last.slices.diff(&cluster.slices) {
+            let (old, new) = match item {
+                DiffItem::Add(_, new) => (None, Some(new)),
+                DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+                DiffItem::Remove(_, old) => (Some(old), None),
+            };
+            if let Some(old) = old {
+                dirty.insert(old.service.clone());
+                if let Some(keys) = self.slices_of.get_mut(&old.service) {
+                    keys.remove(&old.key);
+                    if keys.is_empty() {
+                        self.slices_of.remove(&old.service);
+                    }
+                }
+            }
+            if let Some(new) = new {
+                dirty.insert(new.service.clone());
+                self.slices_of
+                    .entry(new.service.clone())
+                    .or_default()
+                    .insert(new.key.clone());
+            }
+        }
+        // A namespace's default algorithm applies to all its Services
+        // (rare: a namespace annotation changed).
+        for item in last.namespaces.diff(&cluster.namespaces) {
+            let name = match item {
+                DiffItem::Add(name, _) | DiffItem::Remove(name, _) => name,
+                DiffItem::Update { new: (name, _), .. } => name,
+            };
+            dirty.extend(
+                cluster
+                    .services
+                    .keys()
+                    .filter(|key| key.namespace == *name)
+                    .cloned(),
+            );
+        }
+        dirty
+    }
+
+    /// Withdraws the Service's old claims and makes its new ones.
+    fn compile_service(
+        &mut self,
+        key: ServiceKey,
+        cluster: &Cluster,
+        zone: Option<&str>,
+        touched: &mut BTreeSet<Frontend>,
+    ) {
+        let by = ClaimBy::Service(key.clone());
+        for (frontend, _) in self.compiled.remove(&key).unwrap_or_default() {
+            self.withdraw(frontend, &by);
+            touched.insert(frontend);
+        }
+        self.outside.remove(&key);
+        let Some(service) = cluster.services.get(&key) else {
+            return;
+        };
+        let slices: Vec<&EndpointSlice> = self
+            .slices_of
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice| cluster.slices.get(slice))
+            .map(|slice| &**slice)
+            .collect();
+        let namespace_algorithm: Option<LbAlgorithm> = cluster
+            .namespaces
+            .get(&key.namespace)
+            .and_then(|ns| ns.lb_algorithm);
+        let algorithm = service
+            .lb_algorithm
+            .or(namespace_algorithm)
+            .unwrap_or(self.ctx.default_algorithm);
+        let topology = Topology {
+            node: &self.ctx.node_name,
+            zone,
+        };
+        let frontends: Vec<(Frontend, Arc<FrontendEntry>)> =
+            service_frontends(service, &slices, algorithm, topology, &self.ctx)
+                .into_iter()
+                .map(|(f, e)| (f, Arc::new(e)))
+                .collect();
+        let rank = Rank {
+            host_port: false,
+            undated: service.created.is_none(),
+            created: service.created.unwrap_or_default(),
+        };
+        for (frontend, entry) in &frontends {
+            self.claim(*frontend, rank, by.clone(), entry.clone());
+            touched.insert(*frontend);
+        }
+        if let Some(cidr) = self.ctx.service_cidr {
+            let outside: Vec<Ipv4Addr> = service
+                .cluster_ips
+                .iter()
+                .filter(|ip| !cidr.contains(**ip))
+                .copied()
+                .collect();
+            if !outside.is_empty() {
+                self.outside.insert(key.clone(), outside);
+            }
+        }
+        self.compiled.insert(key, frontends);
+    }
+
+    fn claim_host_ports(&mut self, host_ports: &[HostPort], touched: &mut BTreeSet<Frontend>) {
+        for frontend in std::mem::take(&mut self.host_port_frontends) {
+            if let Some(claims) = self.claims.get_mut(&frontend) {
+                claims.retain(|c| !matches!(c.by, ClaimBy::HostPort(_)));
+            }
+            touched.insert(frontend);
+        }
+        for (i, port) in host_ports.iter().enumerate() {
+            for (frontend, entry) in host_port_frontends(port, &self.ctx) {
+                self.claim(frontend, HOST_PORT, ClaimBy::HostPort(i), entry);
+                self.host_port_frontends.push(frontend);
+                touched.insert(frontend);
+            }
+        }
+    }
+
+    fn claim(&mut self, frontend: Frontend, rank: Rank, by: ClaimBy, entry: Arc<FrontendEntry>) {
+        let claims = self.claims.entry(frontend).or_default();
+        // After the claims that sort before or equal to it: a Service that
+        // claims one frontend twice keeps its first port's.
+        let at = claims.partition_point(|c| (c.rank, &c.by) <= (rank, &by));
+        claims.insert(at, Claim { rank, by, entry });
+    }
+
+    fn withdraw(&mut self, frontend: Frontend, by: &ClaimBy) {
+        if let Some(claims) = self.claims.get_mut(&frontend) {
+            claims.retain(|c| c.by != *by);
+        }
+    }
+
+    /// The first claim keeps the frontend; the others are conflicts.
+    fn resolve(&mut self, frontend: Frontend) {
+        let claims = self.claims.get(&frontend).map_or(&[][..], Vec::as_slice);
+        match claims.split_first() {
+            None => {
+                self.claims.remove(&frontend);
+                self.frontends.remove(&frontend);
+                self.conflicts.remove(&frontend);
+            }
+            Some((owner, others)) => {
+                if self.frontends.get(&frontend) != Some(&owner.entry) {
+                    self.frontends.insert(frontend, owner.entry.clone());
+                }
+                if others.is_empty() {
+                    self.conflicts.remove(&frontend);
+                    return;
+                }
+                let conflicts = others
+                    .iter()
+                    .map(|c| Conflict {
+                        frontend,
+                        kind: c.entry.kind,
+                        service: c.entry.service.clone(),
+                        port_name: c.entry.port_name.clone(),
+                        owner: owner.entry.service.clone(),
+                        owner_port_name: owner.entry.port_name.clone(),
+                    })
+                    .collect();
+                self.conflicts.insert(frontend, conflicts);
+            }
+        }
+    }
+}
