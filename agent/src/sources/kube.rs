@@ -5,7 +5,7 @@
 //! listed in full, so the datapath never sees a Service whose slices have
 //! not arrived yet; a re-list replaces a kind's objects in one step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
@@ -174,6 +174,13 @@ impl<T> Clone for Entry<T> {
     }
 }
 
+impl<T> Entry<T> {
+    /// Something a snapshot reports: warnings, a rejection, not ours.
+    fn is_notable(&self) -> bool {
+        !matches!(self, Entry::Used(_, warnings) if warnings.is_empty())
+    }
+}
+
 impl<T> From<Conversion<T>> for Entry<T> {
     fn from(conversion: Conversion<T>) -> Self {
         match conversion {
@@ -255,6 +262,9 @@ where
 /// progress.
 struct Objects<K, T> {
     live: BTreeMap<String, Entry<T>>,
+    /// The keys of `live` with something to report (warnings, a
+    /// rejection, ignored): a snapshot walks these, not every object.
+    notable: BTreeSet<String>,
     used: Map<K, Arc<T>>,
     model_key: fn(&T) -> K,
     /// Filled between `Init` and `InitDone`, then swapped in whole.
@@ -266,6 +276,7 @@ impl<K: Ord + Clone, T: PartialEq> Objects<K, T> {
     fn new(model_key: fn(&T) -> K) -> Self {
         Objects {
             live: BTreeMap::new(),
+            notable: BTreeSet::new(),
             used: Map::new(),
             model_key,
             listing: None,
@@ -297,6 +308,12 @@ impl<K: Ord + Clone, T: PartialEq> Objects<K, T> {
                 }
                 let changed = !self.synced || listed != self.live;
                 self.live = listed;
+                self.notable = self
+                    .live
+                    .iter()
+                    .filter(|(_, entry)| entry.is_notable())
+                    .map(|(key, _)| key.clone())
+                    .collect();
                 self.used = self
                     .live
                     .values()
@@ -318,24 +335,36 @@ impl<K: Ord + Clone, T: PartialEq> Objects<K, T> {
                 if let Entry::Used(object, _) = &entry {
                     self.used.insert((self.model_key)(object), object.clone());
                 }
+                if entry.is_notable() {
+                    self.notable.insert(key.clone());
+                } else {
+                    self.notable.remove(&key);
+                }
                 self.live.insert(key, entry);
                 true
             }
-            Event::Delete((key, _)) => match self.live.remove(&key) {
-                Some(Entry::Used(old, _)) => {
-                    self.used.remove(&(self.model_key)(&old));
-                    true
+            Event::Delete((key, _)) => {
+                self.notable.remove(&key);
+                match self.live.remove(&key) {
+                    Some(Entry::Used(old, _)) => {
+                        self.used.remove(&(self.model_key)(&old));
+                        true
+                    }
+                    Some(_) => true,
+                    None => false,
                 }
-                Some(_) => true,
-                None => false,
-            },
+            }
         }
     }
 
     /// The used objects (a structure-sharing copy); rejections and warnings
     /// named by `kind` and key go into `report`.
     fn collect(&self, kind: &'static str, report: &mut LoadReport) -> Map<K, Arc<T>> {
-        for (key, entry) in &self.live {
+        let notable = self
+            .notable
+            .iter()
+            .filter_map(|key| Some((key, self.live.get(key)?)));
+        for (key, entry) in notable {
             match entry {
                 Entry::Used(_, warnings) if !warnings.is_empty() => {
                     let key = shortened(key);
@@ -507,6 +536,45 @@ mod tests {
         assert!(objects.apply(Event::Delete(ns("a", true))));
         assert!(!objects.apply(Event::Delete(ns("a", true))));
         assert!(objects.used.is_empty() && objects.live.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_reports_what_is_notable_now() {
+        let mut objects = namespaces();
+        let report = |objects: &Objects<String, Namespace>| {
+            let mut report = LoadReport::default();
+            objects.collect("Namespace", &mut report);
+            (report.errors.len(), report.warnings, report.ignored)
+        };
+        let warned = |name: &str| {
+            let (key, entry) = ns(name, false);
+            match entry {
+                Entry::Used(object, _) => (key, Entry::Used(object, vec!["odd".into()])),
+                other => (key, other),
+            }
+        };
+        objects.apply(Event::Init);
+        objects.apply(Event::InitApply(ns("plain", false)));
+        objects.apply(Event::InitApply(warned("warned")));
+        objects.apply(Event::InitApply((
+            "bad".into(),
+            Entry::Rejected(Refusal::from("no")),
+        )));
+        objects.apply(Event::InitApply(("other".into(), Entry::Ignored)));
+        objects.apply(Event::InitDone);
+        assert_eq!(
+            report(&objects),
+            (1, vec!["Namespace warned: odd".to_owned()], 1)
+        );
+        // Fixed, replaced, deleted: the report follows each event.
+        objects.apply(Event::Apply(ns("bad", false)));
+        objects.apply(Event::Apply(warned("plain")));
+        objects.apply(Event::Delete(ns("warned", false)));
+        objects.apply(Event::Delete(("other".into(), Entry::Ignored)));
+        assert_eq!(
+            report(&objects),
+            (0, vec!["Namespace plain: odd".to_owned()], 0)
+        );
     }
 
     #[test]
