@@ -188,7 +188,8 @@ struct Memo {
     /// This node's zone it was compiled with (topology hints).
     zone: Option<String>,
     slices: Vec<Arc<EndpointSlice>>,
-    frontends: Vec<(Frontend, Arc<FrontendEntry>)>,
+    /// Boxed: no spare capacity kept per Service (a first push reserves 4).
+    frontends: Box<[(Frontend, Arc<FrontendEntry>)]>,
 }
 
 impl LbCompiler {
@@ -208,7 +209,9 @@ impl LbCompiler {
         // Nearly sorted already (slices are named after their Service).
         slices.sort_by(|a, b| a.service.cmp(&b.service));
         let mut slices = slices.into_iter().peekable();
-        let mut old = std::mem::take(&mut self.memo).into_iter().peekable();
+        let mut old = std::mem::replace(&mut self.memo, Vec::with_capacity(cluster.services.len()))
+            .into_iter()
+            .peekable();
         // (frontend, entry, the claim's rank: lowest keeps the frontend).
         let mut compiled: Vec<(Frontend, Arc<FrontendEntry>, Rank)> =
             Vec::with_capacity(cluster.services.len());
@@ -258,10 +261,7 @@ impl LbCompiler {
                         namespace_algorithm,
                         zone: zone.clone(),
                         slices: own_slices.iter().map(|s| (*s).clone()).collect(),
-                        frontends: frontends
-                            .into_iter()
-                            .map(|(f, e)| (f, Arc::new(e)))
-                            .collect(),
+                        frontends: frontends.into_boxed_slice(),
                     };
                     (service.key.clone(), entry)
                 }
@@ -375,7 +375,7 @@ fn service_frontends(
     algorithm: LbAlgorithm,
     topology: Topology,
     ctx: &NodeContext,
-) -> Vec<(Frontend, FrontendEntry)> {
+) -> Vec<(Frontend, Arc<FrontendEntry>)> {
     let mut out = Vec::new();
     if service.service_type == ServiceType::ExternalName || service.is_headless() {
         return out;
@@ -449,7 +449,7 @@ impl Pool {
 }
 
 fn compile_port(
-    compiled: &mut Vec<(Frontend, FrontendEntry)>,
+    compiled: &mut Vec<(Frontend, Arc<FrontendEntry>)>,
     service: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
@@ -520,7 +520,7 @@ fn compile_port(
                 .then(|| source_ranges.clone())
                 .flatten(),
         };
-        compiled.push((frontend, entry));
+        compiled.push((frontend, Arc::new(entry)));
     }
 }
 
