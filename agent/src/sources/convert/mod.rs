@@ -678,7 +678,8 @@ fn ipv4s(
     raw: &[String],
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Ipv4Addr>, Refusal> {
-    let mut out = Vec::new();
+    // Exact capacity: kept for the Service's lifetime.
+    let mut out = Vec::with_capacity(raw.len());
     for text in raw {
         match text.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => out.push(ip),
@@ -730,7 +731,9 @@ fn service_ports(
     let raw = spec.ports.as_deref().unwrap_or_default();
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
-    let mut ports = Vec::new();
+    // Exact capacity: kept for the Service's lifetime, and a first push
+    // would reserve 4.
+    let mut ports = Vec::with_capacity(raw.len());
     for (index, p) in raw.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
         let label = if name.is_empty() {
