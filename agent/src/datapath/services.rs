@@ -22,7 +22,7 @@ use tern_common::{
 use tracing::warn;
 
 use super::maps::{MapWriteError, ip_from_key, ip_to_key, remove_if_present, take};
-use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState};
+use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState, Weights};
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -77,7 +77,7 @@ struct Applied {
     /// Backend ids by slot.
     slots: Vec<u32>,
     /// Backend weights by slot.
-    weights: Vec<u32>,
+    weights: Weights,
     /// `None` also when unknown (adopted at start): rewritten on next apply.
     table: Option<Vec<u32>>,
     /// SOURCE_RANGES entries: (address in network order, prefix length).
@@ -214,7 +214,7 @@ impl LbSync {
                     Applied {
                         value,
                         slots: Vec::new(),
-                        weights: Vec::new(),
+                        weights: Weights::default(),
                         table: None,
                         ranges: BTreeSet::new(),
                     },
@@ -229,7 +229,9 @@ impl LbSync {
         for (master, by_slot) in slots {
             match sync.applied.get_mut(&master) {
                 Some(applied) => {
-                    (applied.slots, applied.weights) = by_slot.into_values().unzip();
+                    let weights;
+                    (applied.slots, weights) = by_slot.into_values().unzip();
+                    applied.weights = Weights::new(weights);
                 }
                 // Slots without a master are leftovers of an interrupted
                 // removal: clean them up.
@@ -555,11 +557,11 @@ impl LbSync {
                 .map_err(|e| MapWriteError::new(maps::LB_TABLES, e))?;
             stats.writes += 1;
         }
-        for (i, (id, weight)) in ids.iter().zip(&entry.weights).enumerate() {
-            if i < old.slots.len()
-                && (old.slots.get(i) != Some(id) || old.weights.get(i) != Some(weight))
+        for (i, id) in ids.iter().enumerate() {
+            let weight = entry.weights.of(i);
+            if i < old.slots.len() && (old.slots.get(i) != Some(id) || old.weights.of(i) != weight)
             {
-                write_slot(maps, key, i, *id, *weight)?;
+                write_slot(maps, key, i, *id, weight)?;
                 stats.writes += 1;
             }
         }
@@ -726,7 +728,7 @@ fn add_keys(
     key: ServiceKey,
     added: &Added,
     ids: &[u32],
-    weights: &[u32],
+    weights: &Weights,
     table: &Option<Vec<u32>>,
     stats: &mut SyncStats,
 ) -> Result<(), MapWriteError> {
@@ -742,7 +744,7 @@ fn add_keys(
         stats.writes += 1;
     }
     for i in added.slots.clone() {
-        write_slot(maps, key, i, ids[i], weights.get(i).copied().unwrap_or(1))?;
+        write_slot(maps, key, i, ids[i], weights.of(i))?;
         stats.writes += 1;
     }
     if let Some(table) = table.as_ref().filter(|_| added.table) {

@@ -151,7 +151,7 @@ pub struct FrontendEntry {
     /// Each backend's weight (`tern.io/lb-weights`; 1 for random and
     /// Maglev). Backends weighing 0 are not listed: they take no new
     /// connections.
-    pub weights: Vec<u32>,
+    pub weights: Weights,
     /// The scheduler's lookup table, each entry an index into `backends`:
     /// Maglev's (`maglev_table_size` entries), wrr's sequence, sh's or dh's
     /// buckets; `None` for the others or when there are no backends.
@@ -165,6 +165,32 @@ pub struct FrontendEntry {
     /// A LoadBalancer frontend's allowed clients
     /// (`loadBalancerSourceRanges`); `None`: every client.
     pub source_ranges: Option<Vec<ipnetwork::Ipv4Network>>,
+}
+
+/// Backend weights by index. Stored only when one is not 1: most
+/// frontends weigh every backend 1, and a Vec per frontend (here and in the
+/// datapath sync's record) added up to MiBs with 100 000 Services.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Weights(Box<[u32]>);
+
+impl Weights {
+    pub fn new(weights: Vec<u32>) -> Self {
+        if weights.iter().all(|&w| w == 1) {
+            Weights::default()
+        } else {
+            Weights(weights.into())
+        }
+    }
+
+    /// The weight of backend `i`.
+    pub fn of(&self, i: usize) -> u32 {
+        self.0.get(i).copied().unwrap_or(1)
+    }
+
+    /// The weights of backends `0..count`.
+    pub fn to_vec(&self, count: usize) -> Vec<u32> {
+        (0..count).map(|i| self.of(i)).collect()
+    }
 }
 
 /// Compiles `cluster` from scratch (no hostPorts).
@@ -343,7 +369,7 @@ fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc
         }],
         affinity_timeout: None,
         algorithm: LbAlgorithm::Random,
-        weights: vec![1],
+        weights: Weights::default(),
         table: None,
         external_traffic_local: true,
         no_local_backend: false,
@@ -398,7 +424,7 @@ struct Candidate<'a> {
 /// shared by every frontend of the port that uses it.
 struct Pool {
     backends: Vec<BackendAddr>,
-    weights: Vec<u32>,
+    weights: Weights,
     table: Option<Vec<u32>>,
 }
 
@@ -425,8 +451,7 @@ impl Pool {
                 .filter(|(_, weight)| *weight > 0)
                 .unzip()
         } else {
-            let weights = vec![1; backends.len()];
-            (backends, weights)
+            (backends, Vec::new())
         };
         let table = (!backends.is_empty())
             .then(|| match algorithm {
@@ -442,7 +467,7 @@ impl Pool {
             .flatten();
         Pool {
             backends,
-            weights,
+            weights: Weights::new(weights),
             table,
         }
     }

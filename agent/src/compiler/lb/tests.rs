@@ -873,10 +873,10 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
         if algorithm.uses_weights() {
             // Weight 0 takes no new connections: not a backend at all.
             assert_eq!(ips(&entry), ["10.0.1.1", "10.0.1.2"], "{algorithm}");
-            assert_eq!(entry.weights, [4, 2], "{algorithm}");
+            assert_eq!(entry.weights.to_vec(2), [4, 2], "{algorithm}");
         } else {
             assert_eq!(entry.backends.len(), 3, "{algorithm}");
-            assert_eq!(entry.weights, [1, 1, 1], "{algorithm}");
+            assert_eq!(entry.weights.to_vec(3), [1, 1, 1], "{algorithm}");
         }
         let table = entry.table.clone();
         match algorithm {
