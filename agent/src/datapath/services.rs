@@ -119,9 +119,9 @@ pub struct LbSync {
     applied: BTreeMap<ServiceKey, Applied>,
     backend_ids: BTreeMap<BackendKey, u32>,
     /// The way back from a backend id to its key.
-    backend_keys: BTreeMap<u32, BackendKey>,
+    backend_keys: ById<BackendKey>,
     /// How many frontend slots in `applied` point at each backend id.
-    backend_refs: BTreeMap<u32, u32>,
+    backend_refs: ById<u32>,
     /// Backend ids that may have lost their last slot since the last sweep.
     maybe_unused: BTreeSet<u32>,
     ids: IdAllocator,
@@ -131,6 +131,55 @@ pub struct LbSync {
     /// The maps hold `state` exactly (the last apply had no error): the next
     /// apply may compare by pointer against it.
     in_sync: bool,
+}
+
+/// Values by backend id. The ids are dense (`IdAllocator` reuses them), so
+/// a Vec indexed by id: with a million backends BTreeMaps keyed by id took
+/// about twice the memory.
+struct ById<V>(Vec<Option<V>>);
+
+impl<V> Default for ById<V> {
+    fn default() -> Self {
+        ById(Vec::new())
+    }
+}
+
+impl<V> ById<V> {
+    fn get(&self, id: &u32) -> Option<&V> {
+        self.0.get(*id as usize)?.as_ref()
+    }
+    fn get_mut(&mut self, id: &u32) -> Option<&mut V> {
+        self.0.get_mut(*id as usize)?.as_mut()
+    }
+    fn contains_key(&self, id: &u32) -> bool {
+        self.get(id).is_some()
+    }
+    fn insert(&mut self, id: u32, value: V) {
+        *self.slot(id) = Some(value);
+    }
+    /// The value of `id`, `V::default()` first if it has none.
+    fn or_default(&mut self, id: u32) -> &mut V
+    where
+        V: Default,
+    {
+        self.slot(id).get_or_insert_with(V::default)
+    }
+    fn slot(&mut self, id: u32) -> &mut Option<V> {
+        let i = id as usize;
+        if i >= self.0.len() {
+            self.0.resize_with(i + 1, || None);
+        }
+        &mut self.0[i]
+    }
+    fn remove(&mut self, id: &u32) -> Option<V> {
+        self.0.get_mut(*id as usize)?.take()
+    }
+    fn keys(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..)
+            .zip(&self.0)
+            .filter(|(_, v)| v.is_some())
+            .map(|(id, _)| id)
+    }
 }
 
 /// Small integer ids, reused after release; 0 is never handed out.
@@ -283,13 +332,12 @@ impl LbSync {
                 .insert(id, 0, u64::from(aya_obj::generated::BPF_NOEXIST));
         }
         for id in sync.applied.values().flat_map(|a| a.slots.iter()) {
-            *sync.backend_refs.entry(*id).or_default() += 1;
+            *sync.backend_refs.or_default(*id) += 1;
         }
         sync.maybe_unused = sync
             .backend_keys
             .keys()
             .filter(|id| !sync.backend_refs.contains_key(id))
-            .copied()
             .collect();
         let used: BTreeSet<u32> = sync.applied.values().map(|a| a.value.rev_nat_id).collect();
         sync.rev_nat_ids.free = (1..=sync.rev_nat_ids.next)
@@ -650,7 +698,7 @@ impl LbSync {
     /// Moves the slot counts of a frontend from `old` to `new` backend ids.
     fn count_refs(&mut self, new: &[u32], old: &[u32]) {
         for id in new {
-            *self.backend_refs.entry(*id).or_default() += 1;
+            *self.backend_refs.or_default(*id) += 1;
         }
         for id in old {
             if let Some(refs) = self.backend_refs.get_mut(id) {
