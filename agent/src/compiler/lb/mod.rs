@@ -712,11 +712,11 @@ fn topology_filter<'t>(candidates: &[Candidate], topology: Topology<'t>) -> Opti
         ready.iter().any(|e| hints(e).iter().any(|h| h == wanted))
     };
     let node = topology.node;
-    if all_have(|e| &e.node_hints) && one_for(|e| &e.node_hints, node) {
+    if all_have(Endpoint::node_hints) && one_for(Endpoint::node_hints, node) {
         return Some(Close::Node(node));
     }
     let zone = topology.zone?;
-    if all_have(|e| &e.zone_hints) && one_for(|e| &e.zone_hints, zone) {
+    if all_have(Endpoint::zone_hints) && one_for(Endpoint::zone_hints, zone) {
         return Some(Close::Zone(zone));
     }
     None
@@ -732,8 +732,8 @@ enum Close<'a> {
 impl Close<'_> {
     fn keeps(&self, endpoint: &Endpoint) -> bool {
         match self {
-            Close::Node(node) => endpoint.node_hints.iter().any(|h| h == node),
-            Close::Zone(zone) => endpoint.zone_hints.iter().any(|h| h == zone),
+            Close::Node(node) => endpoint.node_hints().iter().any(|h| h == node),
+            Close::Zone(zone) => endpoint.zone_hints().iter().any(|h| h == zone),
         }
     }
 }

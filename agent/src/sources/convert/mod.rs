@@ -15,7 +15,7 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort,
     Namespace, Node, Pod, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort,
-    TrafficPolicy,
+    TopologyHints, TrafficPolicy,
 };
 
 /// Per-Service (or per-namespace default) backend selection: `random`,
@@ -974,29 +974,33 @@ fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, Refusal
     // The API's nil meanings: unknown readiness counts as ready, serving
     // follows ready, and nothing is terminating unless it says so.
     let ready = conditions.ready.unwrap_or(true);
-    Ok(Endpoint {
-        addresses,
-        ready,
-        serving: conditions.serving.unwrap_or(ready),
-        terminating: conditions.terminating.unwrap_or(false),
-        node_name: raw.node_name.clone(),
-        zone_hints: raw
+    let hints = TopologyHints {
+        zones: raw
             .hints
             .iter()
             .flat_map(|h| h.for_zones.iter().flatten())
             .map(|z| z.name.clone())
             .collect(),
-        node_hints: raw
+        nodes: raw
             .hints
             .iter()
             .flat_map(|h| h.for_nodes.iter().flatten())
             .map(|n| n.name.clone())
             .collect(),
+    };
+    Ok(Endpoint {
+        addresses,
+        ready,
+        serving: conditions.serving.unwrap_or(ready),
+        terminating: conditions.terminating.unwrap_or(false),
+        node_name: raw.node_name.as_deref().map(Box::from),
+        hints: (hints != TopologyHints::default()).then(|| Box::new(hints)),
         pod_name: raw
             .target_ref
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .and_then(|r| r.name.clone()),
+            .and_then(|r| r.name.as_deref())
+            .map(Box::from),
     })
 }
 
