@@ -203,8 +203,8 @@ pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
 /// one endpoint change recompiles one Service, not all of them.
 pub struct LbCompiler {
     ctx: NodeContext,
-    /// Sorted by Service key.
-    memo: Vec<(ServiceKey, Memo)>,
+    /// Sorted by Service key (`Memo::service`'s: no key copy kept).
+    memo: Vec<Memo>,
 }
 
 struct Memo {
@@ -247,7 +247,7 @@ impl LbCompiler {
             .get(&self.ctx.node_name)
             .and_then(|node| node.zone.clone());
         for service in cluster.services.values() {
-            while old.next_if(|(key, _)| *key < service.key).is_some() {}
+            while old.next_if(|m| m.service.key < service.key).is_some() {}
             while slices.next_if(|s| s.service < service.key).is_some() {}
             own_slices.clear();
             own_slices.extend(std::iter::from_fn(|| {
@@ -257,8 +257,8 @@ impl LbCompiler {
                 .namespaces
                 .get(&service.key.namespace)
                 .and_then(|ns| ns.lb_algorithm);
-            let (key, entry) = match old.next_if(|(key, _)| *key == service.key) {
-                Some((key, m))
+            let entry = match old.next_if(|m| m.service.key == service.key) {
+                Some(m)
                     if Arc::ptr_eq(&m.service, service)
                         && m.namespace_algorithm == namespace_algorithm
                         && m.zone == zone
@@ -268,7 +268,7 @@ impl LbCompiler {
                             .zip(&own_slices)
                             .all(|(a, b)| Arc::ptr_eq(a, b)) =>
                 {
-                    (key, m)
+                    m
                 }
                 _ => {
                     let plain: Vec<&EndpointSlice> = own_slices.iter().map(|s| &***s).collect();
@@ -282,14 +282,13 @@ impl LbCompiler {
                     };
                     let frontends =
                         service_frontends(service, &plain, algorithm, topology, &self.ctx);
-                    let entry = Memo {
+                    Memo {
                         service: service.clone(),
                         namespace_algorithm,
                         zone: zone.clone(),
                         slices: own_slices.iter().map(|s| (*s).clone()).collect(),
                         frontends: frontends.into_boxed_slice(),
-                    };
-                    (service.key.clone(), entry)
+                    }
                 }
             };
             let rank = Rank {
@@ -298,7 +297,7 @@ impl LbCompiler {
                 created: service.created.unwrap_or_default(),
             };
             compiled.extend(entry.frontends.iter().map(|(f, e)| (*f, e.clone(), rank)));
-            self.memo.push((key, entry));
+            self.memo.push(entry);
         }
         // After every Service: a Service keeps a frontend a hostPort claims too.
         let host_port = Rank {
