@@ -90,7 +90,7 @@ mod tests {
 
     fn endpoint(ip: &str, node: &str, ready: bool) -> Endpoint {
         Endpoint {
-            addresses: Box::new([ip.parse().unwrap()]),
+            addresses: smallvec::smallvec![ip.parse().unwrap()],
             ready,
             serving: ready,
             terminating: false,

@@ -77,7 +77,7 @@ fn ep(ip: &str, node: &str, state: State) -> Endpoint {
         State::Gone => (false, false, true),
     };
     Endpoint {
-        addresses: Box::new([ip.parse().unwrap()]),
+        addresses: smallvec::smallvec![ip.parse().unwrap()],
         ready,
         serving,
         terminating,
