@@ -919,7 +919,9 @@ fn slice_ports(
     warnings: &mut Vec<String>,
 ) -> Result<Vec<EndpointPort>, Refusal> {
     let mut names = BTreeSet::new();
-    let mut ports = Vec::new();
+    // Exact capacity: kept for the slice's lifetime, and a first push
+    // would reserve 4.
+    let mut ports = Vec::with_capacity(raw.len());
     for (index, p) in raw.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
         let label = if name.is_empty() {
