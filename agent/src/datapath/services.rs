@@ -542,16 +542,13 @@ impl LbSync {
         entry: &FrontendEntry,
         stats: &mut SyncStats,
     ) -> anyhow::Result<Option<(u32, BTreeSet<u32>)>> {
-        let ids = entry
-            .backends
-            .iter()
-            .map(|b| {
-                self.backend_ids
-                    .get(&BackendKey::from(b))
-                    .copied()
-                    .with_context(|| format!("its backend {b} could not be written"))
-            })
-            .collect::<anyhow::Result<Vec<u32>>>()?;
+        // Exact capacity (kept as the frontend's slots): collecting into a
+        // Result grows the Vec 4, 8, 16.
+        let mut ids = Vec::with_capacity(entry.backends.len());
+        for b in &entry.backends {
+            let id = self.backend_ids.get(&BackendKey::from(b)).copied();
+            ids.push(id.with_context(|| format!("its backend {b} could not be written"))?);
+        }
         if ids.len() > usize::from(u16::MAX) {
             bail!(
                 "{} backends exceed the 65535 a frontend can hold",
