@@ -267,7 +267,7 @@ impl StatusView {
                         .map(|b| format!("{}:{}", b.ip, b.port))
                         .collect(),
                     algorithm: entry.algorithm.name().into(),
-                    weights: entry.weights.clone(),
+                    weights: entry.weights.to_vec(entry.backends.len()),
                     connections: Vec::new(),
                 }
             })

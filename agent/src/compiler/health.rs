@@ -90,13 +90,12 @@ mod tests {
 
     fn endpoint(ip: &str, node: &str, ready: bool) -> Endpoint {
         Endpoint {
-            addresses: vec![ip.parse().unwrap()],
+            addresses: smallvec::smallvec![ip.parse().unwrap()],
             ready,
             serving: ready,
             terminating: false,
             node_name: Some(node.into()),
-            zone_hints: vec![],
-            node_hints: vec![],
+            hints: None,
             pod_name: None,
         }
     }

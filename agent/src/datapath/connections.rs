@@ -86,7 +86,9 @@ impl Recount {
         stats
     }
 
-    fn counters(&self) -> BTreeMap<u32, u32> {
+    /// A Vec, not a map: one block instead of a B-tree built every 10 s
+    /// (18 MiB with a million backends, kept by malloc once freed).
+    fn counters(&self) -> Vec<(u32, u32)> {
         self.connections.iter().filter_map(Result::ok).collect()
     }
 }

@@ -24,7 +24,7 @@ use tern_common::{
 use tracing::warn;
 
 use super::maps::{MapWriteError, ip_from_key, ip_to_key, remove_if_present, take};
-use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState};
+use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState, Weights};
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -79,7 +79,7 @@ struct Applied {
     /// Backend ids by slot.
     slots: Vec<u32>,
     /// Backend weights by slot.
-    weights: Vec<u32>,
+    weights: Weights,
     /// `None` also when unknown (adopted at start): rewritten on next apply.
     table: Option<Vec<u32>>,
     /// SOURCE_RANGES entries: (address in network order, prefix length).
@@ -121,9 +121,9 @@ pub struct LbSync {
     applied: BTreeMap<ServiceKey, Applied>,
     backend_ids: BTreeMap<BackendKey, u32>,
     /// The way back from a backend id to its key.
-    backend_keys: BTreeMap<u32, BackendKey>,
+    backend_keys: ById<BackendKey>,
     /// How many frontend slots in `applied` point at each backend id.
-    backend_refs: BTreeMap<u32, u32>,
+    backend_refs: ById<u32>,
     /// Backend ids that may have lost their last slot since the last sweep.
     maybe_unused: BTreeSet<u32>,
     /// Backend ids with a CONNECTIONS counter: the backends of frontends
@@ -137,6 +137,55 @@ pub struct LbSync {
     /// The maps hold `state` exactly (the last apply had no error): the next
     /// apply may compare by pointer against it.
     in_sync: bool,
+}
+
+/// Values by backend id. The ids are dense (`IdAllocator` reuses them), so
+/// a Vec indexed by id: with a million backends BTreeMaps keyed by id took
+/// about twice the memory.
+struct ById<V>(Vec<Option<V>>);
+
+impl<V> Default for ById<V> {
+    fn default() -> Self {
+        ById(Vec::new())
+    }
+}
+
+impl<V> ById<V> {
+    fn get(&self, id: &u32) -> Option<&V> {
+        self.0.get(*id as usize)?.as_ref()
+    }
+    fn get_mut(&mut self, id: &u32) -> Option<&mut V> {
+        self.0.get_mut(*id as usize)?.as_mut()
+    }
+    fn contains_key(&self, id: &u32) -> bool {
+        self.get(id).is_some()
+    }
+    fn insert(&mut self, id: u32, value: V) {
+        *self.slot(id) = Some(value);
+    }
+    /// The value of `id`, `V::default()` first if it has none.
+    fn or_default(&mut self, id: u32) -> &mut V
+    where
+        V: Default,
+    {
+        self.slot(id).get_or_insert_with(V::default)
+    }
+    fn slot(&mut self, id: u32) -> &mut Option<V> {
+        let i = id as usize;
+        if i >= self.0.len() {
+            self.0.resize_with(i + 1, || None);
+        }
+        &mut self.0[i]
+    }
+    fn remove(&mut self, id: &u32) -> Option<V> {
+        self.0.get_mut(*id as usize)?.take()
+    }
+    fn keys(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..)
+            .zip(&self.0)
+            .filter(|(_, v)| v.is_some())
+            .map(|(id, _)| id)
+    }
 }
 
 /// Small integer ids, reused after release; 0 is never handed out.
@@ -220,7 +269,7 @@ impl LbSync {
                     Applied {
                         value,
                         slots: Vec::new(),
-                        weights: Vec::new(),
+                        weights: Weights::default(),
                         table: None,
                         ranges: BTreeSet::new(),
                     },
@@ -235,7 +284,9 @@ impl LbSync {
         for (master, by_slot) in slots {
             match sync.applied.get_mut(&master) {
                 Some(applied) => {
-                    (applied.slots, applied.weights) = by_slot.into_values().unzip();
+                    let weights;
+                    (applied.slots, weights) = by_slot.into_values().unzip();
+                    applied.weights = Weights::new(weights);
                 }
                 // Slots without a master are leftovers of an interrupted
                 // removal: clean them up.
@@ -294,13 +345,12 @@ impl LbSync {
             }
         }
         for id in sync.applied.values().flat_map(|a| a.slots.iter()) {
-            *sync.backend_refs.entry(*id).or_default() += 1;
+            *sync.backend_refs.or_default(*id) += 1;
         }
         sync.maybe_unused = sync
             .backend_keys
             .keys()
             .filter(|id| !sync.backend_refs.contains_key(id))
-            .copied()
             .collect();
         let used: BTreeSet<u32> = sync.applied.values().map(|a| a.value.rev_nat_id).collect();
         sync.rev_nat_ids.free = (1..=sync.rev_nat_ids.next)
@@ -475,16 +525,13 @@ impl LbSync {
         entry: &FrontendEntry,
         stats: &mut SyncStats,
     ) -> anyhow::Result<Option<(u32, StaleAffinity)>> {
-        let ids = entry
-            .backends
-            .iter()
-            .map(|b| {
-                self.backend_ids
-                    .get(&BackendKey::from(b))
-                    .copied()
-                    .with_context(|| format!("its backend {b} could not be written"))
-            })
-            .collect::<anyhow::Result<Vec<u32>>>()?;
+        // Exact capacity (kept as the frontend's slots): collecting into a
+        // Result grows the Vec 4, 8, 16.
+        let mut ids = Vec::with_capacity(entry.backends.len());
+        for b in &entry.backends {
+            let id = self.backend_ids.get(&BackendKey::from(b)).copied();
+            ids.push(id.with_context(|| format!("its backend {b} could not be written"))?);
+        }
         if ids.len() > usize::from(u16::MAX) {
             bail!(
                 "{} backends exceed the 65535 a frontend can hold",
@@ -541,11 +588,11 @@ impl LbSync {
                 .map_err(|e| MapWriteError::new(maps::LB_TABLES, e))?;
             stats.writes += 1;
         }
-        for (i, (id, weight)) in ids.iter().zip(&entry.weights).enumerate() {
-            if i < old.slots.len()
-                && (old.slots.get(i) != Some(id) || old.weights.get(i) != Some(weight))
+        for (i, id) in ids.iter().enumerate() {
+            let weight = entry.weights.of(i);
+            if i < old.slots.len() && (old.slots.get(i) != Some(id) || old.weights.of(i) != weight)
             {
-                write_slot(maps, key, i, *id, *weight)?;
+                write_slot(maps, key, i, *id, weight)?;
                 stats.writes += 1;
             }
         }
@@ -668,7 +715,7 @@ impl LbSync {
     /// Moves the slot counts of a frontend from `old` to `new` backend ids.
     fn count_refs(&mut self, new: &[u32], old: &[u32]) {
         for id in new {
-            *self.backend_refs.entry(*id).or_default() += 1;
+            *self.backend_refs.or_default(*id) += 1;
         }
         for id in old {
             if let Some(refs) = self.backend_refs.get_mut(id) {
@@ -747,7 +794,7 @@ fn add_keys(
     key: ServiceKey,
     added: &Added,
     ids: &[u32],
-    weights: &[u32],
+    weights: &Weights,
     table: &Option<Vec<u32>>,
     stats: &mut SyncStats,
 ) -> Result<(), MapWriteError> {
@@ -763,7 +810,7 @@ fn add_keys(
         stats.writes += 1;
     }
     for i in added.slots.clone() {
-        write_slot(maps, key, i, ids[i], weights.get(i).copied().unwrap_or(1))?;
+        write_slot(maps, key, i, ids[i], weights.of(i))?;
         stats.writes += 1;
     }
     if let Some(table) = table.as_ref().filter(|_| added.table) {

@@ -3,6 +3,8 @@
 
 use std::net::Ipv4Addr;
 
+use smallvec::SmallVec;
+
 use super::{Protocol, ServiceKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,20 +30,51 @@ pub struct EndpointPort {
 /// One pod (or other target). Conditions are already defaulted the way the
 /// EndpointSlice API defines nil: ready => true, serving => ready,
 /// terminating => false.
+///
+/// Kept small: a node may hold a million of them. The addresses are inline
+/// (a heap block for one address took 32 B more), boxed strs carry no spare
+/// capacity, and the rarely set hints are one pointer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: SmallVec<[Ipv4Addr; 2]>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    pub node_name: Option<Box<str>>,
+    /// `None`: no hints.
+    pub hints: Option<Box<TopologyHints>>,
+    /// `targetRef.name` when the target is a Pod (`tern.io/lb-weights`
+    /// names endpoints by it).
+    pub pod_name: Option<Box<str>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopologyHints {
     /// `hints.forZones`: the zones whose nodes should use this endpoint
     /// (set by the EndpointSlice controller for `trafficDistribution:
     /// PreferClose` / `PreferSameZone` and topology-aware routing).
-    pub zone_hints: Vec<String>,
+    pub zones: Vec<String>,
     /// `hints.forNodes` (`trafficDistribution: PreferSameNode`).
-    pub node_hints: Vec<String>,
-    /// `targetRef.name` when the target is a Pod (`tern.io/lb-weights`
-    /// names endpoints by it).
-    pub pod_name: Option<String>,
+    pub nodes: Vec<String>,
+}
+
+impl Endpoint {
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.zones)
+    }
+
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.nodes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_stays_small() {
+        // A node may hold a million: every 8 B is 8 MB.
+        assert_eq!(std::mem::size_of::<Endpoint>(), 72);
+    }
 }

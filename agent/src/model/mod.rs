@@ -11,7 +11,7 @@ mod service;
 
 use std::sync::Arc;
 
-pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice};
+pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice, TopologyHints};
 pub use host_port::HostPort;
 pub use namespace::Namespace;
 pub use network_policy::{

@@ -19,13 +19,16 @@ use crate::model::{
     Cluster, EndpointSlice, HostPort, LbAlgorithm, Map, Namespace, Service, ServiceKey,
 };
 
+/// A Service's frontends, boxed: no spare capacity kept per Service.
+type Frontends = Box<[(Frontend, Arc<FrontendEntry>)]>;
+
 /// Compiles cluster after cluster; see the module's comment.
 pub struct LbCompiler {
     ctx: NodeContext,
     /// The inputs of the last compilation (`None` before the first).
     last: Option<Inputs>,
     /// Each Service's frontends as last compiled.
-    compiled: BTreeMap<ServiceKey, Vec<(Frontend, Arc<FrontendEntry>)>>,
+    compiled: BTreeMap<ServiceKey, Frontends>,
     /// The slices of each Service, by slice key (their order is the order
     /// a Service's slices are compiled in).
     slices_of: BTreeMap<ServiceKey, BTreeSet<(String, String)>>,
@@ -208,7 +211,7 @@ impl LbCompiler {
         touched: &mut BTreeSet<Frontend>,
     ) {
         let by = ClaimBy::Service(key.clone());
-        for (frontend, _) in self.compiled.remove(&key).unwrap_or_default() {
+        for &(frontend, _) in self.compiled.remove(&key).unwrap_or_default().iter() {
             self.withdraw(frontend, &by);
             touched.insert(frontend);
         }
@@ -236,11 +239,8 @@ impl LbCompiler {
             node: &self.ctx.node_name,
             zone,
         };
-        let frontends: Vec<(Frontend, Arc<FrontendEntry>)> =
-            service_frontends(service, &slices, algorithm, topology, &self.ctx)
-                .into_iter()
-                .map(|(f, e)| (f, Arc::new(e)))
-                .collect();
+        let frontends: Frontends =
+            service_frontends(service, &slices, algorithm, topology, &self.ctx).into_boxed_slice();
         let rank = Rank {
             host_port: false,
             undated: service.created.is_none(),

@@ -156,7 +156,7 @@ pub struct FrontendEntry {
     /// Each backend's weight (`tern.io/lb-weights`; 1 for random and
     /// Maglev). Backends weighing 0 are not listed: they take no new
     /// connections.
-    pub weights: Vec<u32>,
+    pub weights: Weights,
     /// The scheduler's lookup table, each entry an index into `backends`:
     /// Maglev's (`maglev_table_size` entries), wrr's sequence, sh's or dh's
     /// buckets; `None` for the others or when there are no backends.
@@ -170,6 +170,32 @@ pub struct FrontendEntry {
     /// A LoadBalancer frontend's allowed clients
     /// (`loadBalancerSourceRanges`); `None`: every client.
     pub source_ranges: Option<Vec<ipnetwork::Ipv4Network>>,
+}
+
+/// Backend weights by index. Stored only when one is not 1: most
+/// frontends weigh every backend 1, and a Vec per frontend (here and in the
+/// datapath sync's record) added up to MiBs with 100 000 Services.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Weights(Box<[u32]>);
+
+impl Weights {
+    pub fn new(weights: Vec<u32>) -> Self {
+        if weights.iter().all(|&w| w == 1) {
+            Weights::default()
+        } else {
+            Weights(weights.into())
+        }
+    }
+
+    /// The weight of backend `i`.
+    pub fn of(&self, i: usize) -> u32 {
+        self.0.get(i).copied().unwrap_or(1)
+    }
+
+    /// The weights of backends `0..count`.
+    pub fn to_vec(&self, count: usize) -> Vec<u32> {
+        (0..count).map(|i| self.of(i)).collect()
+    }
 }
 
 /// Compiles `cluster` from scratch (no hostPorts).
@@ -192,7 +218,7 @@ fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc
         }],
         affinity_timeout: None,
         algorithm: LbAlgorithm::Random,
-        weights: vec![1],
+        weights: Weights::default(),
         table: None,
         external_traffic_local: true,
         no_local_backend: false,
@@ -224,7 +250,7 @@ fn service_frontends(
     algorithm: LbAlgorithm,
     topology: Topology,
     ctx: &NodeContext,
-) -> Vec<(Frontend, FrontendEntry)> {
+) -> Vec<(Frontend, Arc<FrontendEntry>)> {
     let mut out = Vec::new();
     if service.service_type == ServiceType::ExternalName || service.is_headless() {
         return out;
@@ -247,7 +273,7 @@ struct Candidate<'a> {
 /// shared by every frontend of the port that uses it.
 struct Pool {
     backends: Vec<BackendAddr>,
-    weights: Vec<u32>,
+    weights: Weights,
     table: Option<Vec<u32>>,
 }
 
@@ -274,8 +300,7 @@ impl Pool {
                 .filter(|(_, weight)| *weight > 0)
                 .unzip()
         } else {
-            let weights = vec![1; backends.len()];
-            (backends, weights)
+            (backends, Vec::new())
         };
         let table = (!backends.is_empty())
             .then(|| match algorithm {
@@ -291,14 +316,14 @@ impl Pool {
             .flatten();
         Pool {
             backends,
-            weights,
+            weights: Weights::new(weights),
             table,
         }
     }
 }
 
 fn compile_port(
-    compiled: &mut Vec<(Frontend, FrontendEntry)>,
+    compiled: &mut Vec<(Frontend, Arc<FrontendEntry>)>,
     service: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
@@ -369,7 +394,7 @@ fn compile_port(
                 .then(|| source_ranges.clone())
                 .flatten(),
         };
-        compiled.push((frontend, entry));
+        compiled.push((frontend, Arc::new(entry)));
     }
 }
 
@@ -536,11 +561,11 @@ fn topology_filter<'t>(candidates: &[Candidate], topology: Topology<'t>) -> Opti
         ready.iter().any(|e| hints(e).iter().any(|h| h == wanted))
     };
     let node = topology.node;
-    if all_have(|e| &e.node_hints) && one_for(|e| &e.node_hints, node) {
+    if all_have(Endpoint::node_hints) && one_for(Endpoint::node_hints, node) {
         return Some(Close::Node(node));
     }
     let zone = topology.zone?;
-    if all_have(|e| &e.zone_hints) && one_for(|e| &e.zone_hints, zone) {
+    if all_have(Endpoint::zone_hints) && one_for(Endpoint::zone_hints, zone) {
         return Some(Close::Zone(zone));
     }
     None
@@ -556,8 +581,8 @@ enum Close<'a> {
 impl Close<'_> {
     fn keeps(&self, endpoint: &Endpoint) -> bool {
         match self {
-            Close::Node(node) => endpoint.node_hints.iter().any(|h| h == node),
-            Close::Zone(zone) => endpoint.zone_hints.iter().any(|h| h == zone),
+            Close::Node(node) => endpoint.node_hints().iter().any(|h| h == node),
+            Close::Zone(zone) => endpoint.zone_hints().iter().any(|h| h == zone),
         }
     }
 }

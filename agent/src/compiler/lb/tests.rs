@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::model::EndpointPort;
+use crate::model::{EndpointPort, TopologyHints};
 use std::sync::Arc;
 
 const NODE: &str = "node-a";
@@ -77,13 +77,12 @@ fn ep(ip: &str, node: &str, state: State) -> Endpoint {
         State::Gone => (false, false, true),
     };
     Endpoint {
-        addresses: vec![ip.parse().unwrap()],
+        addresses: smallvec::smallvec![ip.parse().unwrap()],
         ready,
         serving,
         terminating,
         node_name: Some(node.into()),
-        zone_hints: vec![],
-        node_hints: vec![],
+        hints: None,
         pod_name: None,
     }
 }
@@ -662,8 +661,10 @@ fn a_kept_compiler_recompiles_only_the_changed_service() {
 /// An endpoint with topology hints.
 fn hinted(ip: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
     Endpoint {
-        zone_hints: zones.iter().map(|z| z.to_string()).collect(),
-        node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+        hints: Some(Box::new(TopologyHints {
+            zones: zones.iter().map(|z| z.to_string()).collect(),
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        })),
         ..ep(ip, node, State::Ready)
     }
 }
@@ -710,7 +711,7 @@ fn zone_hints_keep_cluster_traffic_in_the_node_zone() {
         every
     );
     let mut partly = hinted_endpoints();
-    partly[2].zone_hints.clear();
+    partly[2].hints.as_mut().unwrap().zones.clear();
     assert_eq!(cluster_ip_backends(&in_zone(Some("zone-a"), partly)), every);
     // A not-ready endpoint without hints does not count.
     let mut with_unready = hinted_endpoints();
@@ -873,10 +874,10 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
         if algorithm.uses_weights() {
             // Weight 0 takes no new connections: not a backend at all.
             assert_eq!(ips(&entry), ["10.0.1.1", "10.0.1.2"], "{algorithm}");
-            assert_eq!(entry.weights, [4, 2], "{algorithm}");
+            assert_eq!(entry.weights.to_vec(2), [4, 2], "{algorithm}");
         } else {
             assert_eq!(entry.backends.len(), 3, "{algorithm}");
-            assert_eq!(entry.weights, [1, 1, 1], "{algorithm}");
+            assert_eq!(entry.weights.to_vec(3), [1, 1, 1], "{algorithm}");
         }
         let table = entry.table.clone();
         match algorithm {

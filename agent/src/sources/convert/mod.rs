@@ -15,7 +15,7 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort,
     Namespace, Node, Pod, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort,
-    TrafficPolicy,
+    TopologyHints, TrafficPolicy,
 };
 
 /// Per-Service (or per-namespace default) backend selection: `random`,
@@ -678,7 +678,8 @@ fn ipv4s(
     raw: &[String],
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Ipv4Addr>, Refusal> {
-    let mut out = Vec::new();
+    // Exact capacity: kept for the Service's lifetime.
+    let mut out = Vec::with_capacity(raw.len());
     for text in raw {
         match text.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => out.push(ip),
@@ -730,7 +731,9 @@ fn service_ports(
     let raw = spec.ports.as_deref().unwrap_or_default();
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
-    let mut ports = Vec::new();
+    // Exact capacity: kept for the Service's lifetime, and a first push
+    // would reserve 4.
+    let mut ports = Vec::with_capacity(raw.len());
     for (index, p) in raw.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
         let label = if name.is_empty() {
@@ -916,7 +919,9 @@ fn slice_ports(
     warnings: &mut Vec<String>,
 ) -> Result<Vec<EndpointPort>, Refusal> {
     let mut names = BTreeSet::new();
-    let mut ports = Vec::new();
+    // Exact capacity: kept for the slice's lifetime, and a first push
+    // would reserve 4.
+    let mut ports = Vec::with_capacity(raw.len());
     for (index, p) in raw.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
         let label = if name.is_empty() {
@@ -971,29 +976,33 @@ fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, Refusal
     // The API's nil meanings: unknown readiness counts as ready, serving
     // follows ready, and nothing is terminating unless it says so.
     let ready = conditions.ready.unwrap_or(true);
-    Ok(Endpoint {
-        addresses,
-        ready,
-        serving: conditions.serving.unwrap_or(ready),
-        terminating: conditions.terminating.unwrap_or(false),
-        node_name: raw.node_name.clone(),
-        zone_hints: raw
+    let hints = TopologyHints {
+        zones: raw
             .hints
             .iter()
             .flat_map(|h| h.for_zones.iter().flatten())
             .map(|z| z.name.clone())
             .collect(),
-        node_hints: raw
+        nodes: raw
             .hints
             .iter()
             .flat_map(|h| h.for_nodes.iter().flatten())
             .map(|n| n.name.clone())
             .collect(),
+    };
+    Ok(Endpoint {
+        addresses,
+        ready,
+        serving: conditions.serving.unwrap_or(ready),
+        terminating: conditions.terminating.unwrap_or(false),
+        node_name: raw.node_name.as_deref().map(Box::from),
+        hints: (hints != TopologyHints::default()).then(|| Box::new(hints)),
         pod_name: raw
             .target_ref
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .and_then(|r| r.name.clone()),
+            .and_then(|r| r.name.as_deref())
+            .map(Box::from),
     })
 }
 

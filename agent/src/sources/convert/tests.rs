@@ -287,9 +287,9 @@ fn slice_conditions_take_the_apis_nil_meanings() {
         ]
     );
     assert_eq!(slice.endpoints[0].node_name.as_deref(), Some("node-a"));
-    assert!(slice.endpoints[0].zone_hints.is_empty());
-    assert_eq!(slice.endpoints[3].zone_hints, ["zone-a", "zone-b"]);
-    assert_eq!(slice.endpoints[3].node_hints, ["node-c"]);
+    assert!(slice.endpoints[0].zone_hints().is_empty());
+    assert_eq!(slice.endpoints[3].zone_hints(), ["zone-a", "zone-b"]);
+    assert_eq!(slice.endpoints[3].node_hints(), ["node-c"]);
 
     let bare = SLICE.replace(
         "ports:\n- name: http\n  protocol: TCP\n  port: 8080\n",
