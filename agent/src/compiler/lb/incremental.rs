@@ -27,11 +27,9 @@ pub struct LbCompiler {
     ctx: NodeContext,
     /// The inputs of the last compilation (`None` before the first).
     last: Option<Inputs>,
-    /// Each Service's frontends as last compiled.
-    compiled: BTreeMap<ServiceKey, Frontends>,
-    /// The slices of each Service, by slice key (their order is the order
-    /// a Service's slices are compiled in).
-    slices_of: BTreeMap<ServiceKey, BTreeSet<(String, String)>>,
+    /// Each Service's slices and frontends as last compiled (also for a
+    /// Service not there yet that slices name).
+    kept: BTreeMap<ServiceKey, Kept>,
     /// Who claims each frontend: more than one is a conflict.
     claims: BTreeMap<Frontend, Vec<Claim>>,
     /// The frontends the last host ports claimed.
@@ -42,6 +40,13 @@ pub struct LbCompiler {
     conflicts: BTreeMap<Frontend, Vec<Conflict>>,
     /// ClusterIPs outside the service CIDR, by Service.
     outside: BTreeMap<ServiceKey, Vec<Ipv4Addr>>,
+}
+
+#[derive(Default)]
+struct Kept {
+    /// Sorted by slice key: the order a Service's slices are compiled in.
+    slices: Vec<Arc<EndpointSlice>>,
+    frontends: Frontends,
 }
 
 struct Inputs {
@@ -61,10 +66,41 @@ struct Claim {
 
 /// Who claims: among equal ranks, Services by key, then host ports in the
 /// order given.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone)]
 enum ClaimBy {
-    Service(ServiceKey),
+    /// The object, not a copy of its key: one claim per frontend.
+    Service(Arc<Service>),
     HostPort(usize),
+}
+
+impl ClaimBy {
+    /// Services (false) before host ports, then by key or index.
+    fn order(&self) -> (bool, Option<&ServiceKey>, usize) {
+        match self {
+            ClaimBy::Service(service) => (false, Some(&service.key), 0),
+            ClaimBy::HostPort(i) => (true, None, *i),
+        }
+    }
+}
+
+impl PartialEq for ClaimBy {
+    fn eq(&self, other: &Self) -> bool {
+        self.order() == other.order()
+    }
+}
+
+impl Eq for ClaimBy {}
+
+impl PartialOrd for ClaimBy {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ClaimBy {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order().cmp(&other.order())
+    }
 }
 
 /// Who keeps a frontend claimed twice: the lowest. Services before
@@ -87,8 +123,7 @@ impl LbCompiler {
         LbCompiler {
             ctx,
             last: None,
-            compiled: BTreeMap::new(),
-            slices_of: BTreeMap::new(),
+            kept: BTreeMap::new(),
             claims: BTreeMap::new(),
             host_port_frontends: Vec::new(),
             frontends: Map::new(),
@@ -114,7 +149,7 @@ impl LbCompiler {
         let mut dirty = self.dirty_services(&last, cluster);
         if last.zone != zone {
             // Topology hints are read against this node's zone.
-            dirty.extend(self.compiled.keys().cloned());
+            dirty.extend(self.kept.keys().cloned());
             dirty.extend(cluster.services.keys().cloned());
         }
         let mut touched = BTreeSet::new();
@@ -148,11 +183,14 @@ impl LbCompiler {
     /// How many Services it holds compiled (tests: removed ones go).
     #[cfg(test)]
     pub fn compiled_services(&self) -> usize {
-        self.compiled.len()
+        self.kept
+            .values()
+            .filter(|k| !k.frontends.is_empty())
+            .count()
     }
 
     /// The Services whose Service object, slices or namespace differ from
-    /// `last`'s; keeps `slices_of` up to date on the way.
+    /// `last`'s; keeps each Service's slices up to date on the way.
     fn dirty_services(&mut self, last: &Inputs, cluster: &Cluster) -> BTreeSet<ServiceKey> {
         let mut dirty = BTreeSet::new();
         for item in last.services.diff(&cluster.services) {
@@ -169,19 +207,15 @@ impl LbCompiler {
             };
             if let Some(old) = old {
                 dirty.insert(old.service.clone());
-                if let Some(keys) = self.slices_of.get_mut(&old.service) {
-                    keys.remove(&old.key);
-                    if keys.is_empty() {
-                        self.slices_of.remove(&old.service);
-                    }
+                if let Some(kept) = self.kept.get_mut(&old.service) {
+                    kept.slices.retain(|s| s.key != old.key);
                 }
             }
             if let Some(new) = new {
                 dirty.insert(new.service.clone());
-                self.slices_of
-                    .entry(new.service.clone())
-                    .or_default()
-                    .insert(new.key.clone());
+                let slices = &mut self.kept.entry(new.service.clone()).or_default().slices;
+                let at = slices.partition_point(|s| s.key < new.key);
+                slices.insert(at, new.clone());
             }
         }
         // A namespace's default algorithm applies to all its Services
@@ -210,23 +244,25 @@ impl LbCompiler {
         zone: Option<&str>,
         touched: &mut BTreeSet<Frontend>,
     ) {
-        let by = ClaimBy::Service(key.clone());
-        for &(frontend, _) in self.compiled.remove(&key).unwrap_or_default().iter() {
-            self.withdraw(frontend, &by);
+        let kept = self.kept.remove(&key).unwrap_or_default();
+        for &(frontend, _) in kept.frontends.iter() {
+            self.withdraw(frontend, &key);
             touched.insert(frontend);
         }
         self.outside.remove(&key);
         let Some(service) = cluster.services.get(&key) else {
+            if !kept.slices.is_empty() {
+                self.kept.insert(
+                    key,
+                    Kept {
+                        slices: kept.slices,
+                        frontends: Frontends::default(),
+                    },
+                );
+            }
             return;
         };
-        let slices: Vec<&EndpointSlice> = self
-            .slices_of
-            .get(&key)
-            .into_iter()
-            .flatten()
-            .filter_map(|slice| cluster.slices.get(slice))
-            .map(|slice| &**slice)
-            .collect();
+        let slices: Vec<&EndpointSlice> = kept.slices.iter().map(|s| &**s).collect();
         let namespace_algorithm: Option<LbAlgorithm> = cluster
             .namespaces
             .get(&key.namespace)
@@ -247,7 +283,12 @@ impl LbCompiler {
             created: service.created.unwrap_or_default(),
         };
         for (frontend, entry) in &frontends {
-            self.claim(*frontend, rank, by.clone(), entry.clone());
+            self.claim(
+                *frontend,
+                rank,
+                ClaimBy::Service(service.clone()),
+                entry.clone(),
+            );
             touched.insert(*frontend);
         }
         if let Some(cidr) = self.ctx.service_cidr {
@@ -261,7 +302,13 @@ impl LbCompiler {
                 self.outside.insert(key.clone(), outside);
             }
         }
-        self.compiled.insert(key, frontends);
+        self.kept.insert(
+            key,
+            Kept {
+                slices: kept.slices,
+                frontends,
+            },
+        );
     }
 
     fn claim_host_ports(&mut self, host_ports: &[HostPort], touched: &mut BTreeSet<Frontend>) {
@@ -288,9 +335,10 @@ impl LbCompiler {
         claims.insert(at, Claim { rank, by, entry });
     }
 
-    fn withdraw(&mut self, frontend: Frontend, by: &ClaimBy) {
+    /// Takes back the claims of Service `key` on `frontend`.
+    fn withdraw(&mut self, frontend: Frontend, key: &ServiceKey) {
         if let Some(claims) = self.claims.get_mut(&frontend) {
-            claims.retain(|c| c.by != *by);
+            claims.retain(|c| c.by.order().1 != Some(key));
         }
     }
 
