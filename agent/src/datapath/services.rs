@@ -332,16 +332,29 @@ impl LbSync {
             sync.backend_ids.insert(key, id);
             sync.backend_keys.insert(id, key);
         }
-        // Counters of no backend: leftovers of an interrupted removal. A
-        // counting frontend's missing counters (a CONNECTIONS map created
-        // anew) are written by the first apply, which rewrites every
-        // frontend; the recount fills in their values.
+        // Counters of no backend: leftovers of an interrupted removal.
         let counters: Vec<u32> = maps.connections.keys().filter_map(Result::ok).collect();
         for id in counters {
             if sync.backend_keys.contains_key(&id) {
                 sync.counted.insert(id);
             } else {
                 let _ = maps.connections.remove(&id);
+            }
+        }
+        // A CONNECTIONS map created anew (another shape) has none: the
+        // least-connection frontends the maps serve get theirs now, before
+        // the first apply (the recount fills in their values).
+        let counting = sync
+            .applied
+            .values()
+            .filter(|a| counts_connections(a.value.algorithm))
+            .flat_map(|a| a.slots.iter().copied())
+            .filter(|id| !sync.counted.contains(id))
+            .collect::<BTreeSet<u32>>();
+        let noexist = u64::from(aya_obj::generated::BPF_NOEXIST);
+        for id in counting {
+            if maps.connections.insert(id, 0, noexist).is_ok() {
+                sync.counted.insert(id);
             }
         }
         for id in sync.applied.values().flat_map(|a| a.slots.iter()) {
@@ -424,6 +437,11 @@ impl LbSync {
             }
         }
         for key in removed {
+            // Removals come last: no frontend of this apply takes its
+            // rev_nat id again before the walk below clears its entries.
+            if let Some(old) = self.applied.get(&key).filter(|a| has_affinity(&a.value)) {
+                stale_affinity.insert(old.value.rev_nat_id, StaleAffinity::All);
+            }
             if let Err(e) = self.remove_frontend(maps, key, &mut stats) {
                 stats.errors += 1;
                 warn!(
@@ -628,14 +646,13 @@ impl LbSync {
                 .remove(&range_key(rev_nat_id, *addr, *prefix));
             stats.deletes += 1;
         }
-        // Only a frontend with session affinity reads AFFINITY: the others
-        // spare the walk of that map (a kernel scan of all its buckets).
-        let affinity = |flags: u16| flags & service_flags::AFFINITY != 0;
-        let stale = match (affinity(old.value.flags), affinity(value.flags)) {
-            (_, false) => None,
-            // Entries of an earlier time with affinity (or of a frontend
-            // that had this rev_nat id) may point anywhere by now.
-            (false, true) => Some(StaleAffinity::All),
+        // A frontend without session affinity has no AFFINITY entries (the
+        // datapath adds them only under the flag, and they go when it goes
+        // or the frontend does): only one with it needs the walk of that
+        // map (a kernel scan of all its buckets).
+        let stale = match (has_affinity(&old.value), has_affinity(&value)) {
+            (false, _) => None,
+            (true, false) => Some(StaleAffinity::All),
             (true, true) => {
                 let new_ids: BTreeSet<u32> = ids.iter().copied().collect();
                 let gone: BTreeSet<u32> = old
@@ -862,11 +879,15 @@ fn lb_table(table: &[u32]) -> Box<LbTable> {
     value
 }
 
+fn has_affinity(master: &ServiceValue) -> bool {
+    master.flags & service_flags::AFFINITY != 0
+}
+
 /// A frontend's AFFINITY entries that must go.
 enum StaleAffinity {
     /// Those pointing at backends the frontend no longer has.
     Backends(BTreeSet<u32>),
-    /// All of them: affinity has just been turned on.
+    /// All of them: affinity turned off, or the frontend removed.
     All,
 }
 

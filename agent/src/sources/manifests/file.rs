@@ -238,8 +238,12 @@ impl<'de> Visitor<'de> for Items<'_> {
             while let Some(item) = seq.next_element::<&RawValue>()? {
                 let place = format!("{}: items[{index}]", self.place);
                 index += 1;
-                match serde_json::from_str::<Head>(item.get()) {
-                    Ok(head) if head.kind.as_ref().is_some_and(|k| !k.ends_with("List")) => {
+                // Only an object: serde would read a struct from an array too.
+                let object = item.get().starts_with('{');
+                match serde_json::from_str::<TextHead>(item.get()).map(Head::from) {
+                    Ok(head)
+                        if object && head.kind.as_ref().is_some_and(|k| !k.ends_with("List")) =>
+                    {
                         add_typed(head, Object::Json(item.get()), &place, self.listed);
                     }
                     // Kindless, a List or oddly shaped: as a tree.
@@ -279,20 +283,43 @@ impl Items<'_> {
     }
 }
 
-/// What an object is, read from its text before it is typed.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// What an object is, known before it is typed.
 struct Head {
     api_version: Option<String>,
     kind: Option<String>,
-    #[serde(default)]
     metadata: HeadMetadata,
 }
 
-#[derive(serde::Deserialize, Default)]
 struct HeadMetadata {
     namespace: Option<String>,
     name: Option<String>,
+}
+
+/// The head as read from an object's text; its metadata as a (small) tree,
+/// read as the tree path reads it: a name that is not a string is none.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TextHead {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<Value>,
+}
+
+impl From<TextHead> for Head {
+    fn from(head: TextHead) -> Self {
+        let text = |field: &str| {
+            let value = head.metadata.as_ref()?.get(field)?;
+            value.as_str().map(str::to_owned)
+        };
+        Head {
+            metadata: HeadMetadata {
+                namespace: text("namespace"),
+                name: text("name"),
+            },
+            api_version: head.api_version,
+            kind: head.kind,
+        }
+    }
 }
 
 /// An object as a tree or as JSON text, typed on demand.

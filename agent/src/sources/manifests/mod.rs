@@ -514,6 +514,11 @@ spec:
             {"metadata": {"name": "kindless"}, "spec": {"clusterIP": "10.96.0.35", "ports": [{"port": 82}]}},
             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}},
             "a string",
+            ["v1", "Service"],
+            {"apiVersion": "v1", "kind": "Service", "metadata": ["ns", "n"],
+             "spec": {"clusterIP": "10.96.0.36", "ports": [{"port": 83}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": 5},
+             "spec": {"clusterIP": "10.96.0.37", "ports": [{"port": 84}]}},
             {"kind": "Service", "metadata": null}]}"#;
         let read = |json| {
             let mut objects = file::FileObjects::default();
