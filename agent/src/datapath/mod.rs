@@ -9,6 +9,7 @@
 pub mod connections;
 pub mod conntrack;
 pub mod fill;
+mod ids;
 pub mod maps;
 mod pins;
 pub mod policy;

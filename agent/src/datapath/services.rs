@@ -23,6 +23,7 @@ use tern_common::{
 };
 use tracing::warn;
 
+use super::ids::{ById, IdAllocator};
 use super::maps::{MapWriteError, ip_from_key, ip_to_key, remove_if_present, take};
 use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState, Weights};
 
@@ -137,77 +138,6 @@ pub struct LbSync {
     /// The maps hold `state` exactly (the last apply had no error): the next
     /// apply may compare by pointer against it.
     in_sync: bool,
-}
-
-/// Values by backend id. The ids are dense (`IdAllocator` reuses them), so
-/// a Vec indexed by id: with a million backends BTreeMaps keyed by id took
-/// about twice the memory.
-struct ById<V>(Vec<Option<V>>);
-
-impl<V> Default for ById<V> {
-    fn default() -> Self {
-        ById(Vec::new())
-    }
-}
-
-impl<V> ById<V> {
-    fn get(&self, id: &u32) -> Option<&V> {
-        self.0.get(*id as usize)?.as_ref()
-    }
-    fn get_mut(&mut self, id: &u32) -> Option<&mut V> {
-        self.0.get_mut(*id as usize)?.as_mut()
-    }
-    fn contains_key(&self, id: &u32) -> bool {
-        self.get(id).is_some()
-    }
-    fn insert(&mut self, id: u32, value: V) {
-        *self.slot(id) = Some(value);
-    }
-    /// The value of `id`, `V::default()` first if it has none.
-    fn or_default(&mut self, id: u32) -> &mut V
-    where
-        V: Default,
-    {
-        self.slot(id).get_or_insert_with(V::default)
-    }
-    fn slot(&mut self, id: u32) -> &mut Option<V> {
-        let i = id as usize;
-        if i >= self.0.len() {
-            self.0.resize_with(i + 1, || None);
-        }
-        &mut self.0[i]
-    }
-    fn remove(&mut self, id: &u32) -> Option<V> {
-        self.0.get_mut(*id as usize)?.take()
-    }
-    fn keys(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..)
-            .zip(&self.0)
-            .filter(|(_, v)| v.is_some())
-            .map(|(id, _)| id)
-    }
-}
-
-/// Small integer ids, reused after release; 0 is never handed out.
-#[derive(Default)]
-struct IdAllocator {
-    next: u32,
-    free: Vec<u32>,
-}
-
-impl IdAllocator {
-    fn take(&mut self) -> u32 {
-        self.free.pop().unwrap_or_else(|| {
-            self.next += 1;
-            self.next
-        })
-    }
-    fn give_back(&mut self, id: u32) {
-        self.free.push(id);
-    }
-    fn seen(&mut self, id: u32) {
-        self.next = self.next.max(id);
-    }
 }
 
 pub fn master_key(frontend: &Frontend) -> ServiceKey {
