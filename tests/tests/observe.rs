@@ -308,17 +308,29 @@ spec:
         node.write_manifest("policy.yaml", deny)?;
     }
     let to_server = SocketAddr::from((c.server.ip, SERVER_PORT));
-    let deadline = Instant::now() + SETTLE;
-    while !connect_fails(&c.client, to_server) {
-        ensure!(Instant::now() < deadline, "the policy never denied");
-    }
-    // A new connection's SYN: the FIN of one the loop above made before
-    // the policy was in force may be dropped too, and is not the case here.
-    let flow = wait_for_flow(n1, &["--type", "policy"], WITHIN, "policy denial", |f| {
+    // The case is a new connection's SYN dropped at the server. While the
+    // policy comes into force a connection may fail otherwise (its SYN
+    // admitted just before, its SYN|ACK or FIN dropped after, as replies
+    // of a denied connection), so connect anew until such a SYN drop shows.
+    let denied_syn = |f: &Value| {
         f["verdict"] == "dropped"
             && f["destination"]["pod"] == "default/server"
             && f["tcp_flags"].as_str().is_some_and(|t| t.contains("SYN"))
-    })?;
+    };
+    let deadline = Instant::now() + SETTLE;
+    let flow = loop {
+        if connect_fails(&c.client, to_server) {
+            let flows = observe(n1, &["--type", "policy"])?;
+            if let Some(flow) = flows.into_iter().find(denied_syn) {
+                break flow;
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no new connection's SYN denied by the policy within {SETTLE:?}; tern observe showed:\n{}",
+            n1.tern(&["observe", "--last", "30"])?
+        );
+    };
     assert_eq!(flow["reason"], "policy_denied", "{flow}");
     assert_eq!(flow["source"]["pod"], "default/client", "{flow}");
     assert_eq!(flow["destination"]["port"], SERVER_PORT, "{flow}");
