@@ -22,13 +22,15 @@ use super::kube_proxy::{self, IptablesBackend, KpService, Proto};
 use super::report::{Metric, ScenarioResult};
 use super::tools;
 use super::topology::{
-    KernelNodes, KernelRouting, PLAIN_CLUSTER_CIDR, PLAIN_SERVER, Plain, Tern, TernNodes, Topology,
-    at,
+    HostNs, KernelNodes, KernelRouting, PLAIN_CLUSTER_CIDR, PLAIN_SERVER, Plain, Tern, TernNodes,
+    Topology, at,
 };
 
 pub const IPERF_PORT: u16 = 5201;
 pub const SOCKPERF_PORT: u16 = 11111;
 pub const HTTP_PORT: u16 = 8080;
+/// The same-node group's row for two host-network processes (loopback).
+pub const HOST_NETNS_ROW: &str = "host network namespace (loopback)";
 /// The Service every ClusterIP scenario measures.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// (server CPU, client CPU) for throughput and connection rates: one each.
@@ -586,6 +588,13 @@ pub fn pod_to_pod(profile: &Profile) -> Result<Vec<ScenarioResult>> {
         Arm::direct(
             row(group, baseline, None, &[], vec![]),
             Topology::Plain(Plain::new()?),
+            ALL,
+        ),
+        // What no pod device can beat: kept beside the veth baseline (the
+        // targets' ratios stay against veth), it shows how far that is.
+        Arm::direct(
+            row(group, HOST_NETNS_ROW, Some(baseline), &[], vec![]),
+            Topology::HostNs(HostNs::new()?),
             ALL,
         ),
         Arm::direct(

@@ -3,6 +3,9 @@
 //! - `Plain`: the physical limit — client and server namespaces joined by
 //!   veths through a router namespace with static routes and no BPF at all
 //!   (also where kube-proxy's rules are installed).
+//! - `HostNs`: client and server in one namespace, as two host-network
+//!   pods of a node are: their traffic goes over loopback, no device pair
+//!   at all — the limit a pod device can only approach (netkit's claim).
 //! - `Tern`: a lab node running the real agent with a client and a server
 //!   pod wired by the real tern-cni (and more server pods on demand, the
 //!   backends of a Service whose scheduler is measured).
@@ -63,6 +66,21 @@ impl Plain {
             router,
             server,
         })
+    }
+}
+
+/// One namespace for both ends, loopback between them. Loopback gets the
+/// pods' MTU (1500 like the veths), so the row differs from the others in
+/// the path, not in the packet size.
+pub struct HostNs {
+    pub ns: Netns,
+}
+
+impl HostNs {
+    pub fn new() -> Result<HostNs> {
+        let ns = Netns::new("bh")?;
+        ns.sh("ip link set lo mtu 1500")?;
+        Ok(HostNs { ns })
     }
 }
 
@@ -229,6 +247,7 @@ impl TernNodes {
 /// Any of the above, as one row of a group measures it.
 pub enum Topology {
     Plain(Plain),
+    HostNs(HostNs),
     // Boxed: a lab node is large, and a group holds a few of these.
     Tern(Box<Tern>),
     KernelNodes(KernelNodes),
@@ -240,6 +259,7 @@ impl Topology {
     pub fn server(&self) -> &Netns {
         match self {
             Topology::Plain(t) => &t.server,
+            Topology::HostNs(t) => &t.ns,
             Topology::Tern(t) => &t.server.ns,
             Topology::KernelNodes(t) => &t.server,
             Topology::TernNodes(t) => &t.server.ns,
@@ -259,6 +279,7 @@ impl Topology {
     pub fn client(&self) -> &Netns {
         match self {
             Topology::Plain(t) => &t.client,
+            Topology::HostNs(t) => &t.ns,
             Topology::Tern(t) => &t.client.ns,
             Topology::KernelNodes(t) => &t.client,
             Topology::TernNodes(t) => &t.client.ns,
@@ -269,6 +290,7 @@ impl Topology {
     pub fn server_ip(&self) -> Ipv4Addr {
         match self {
             Topology::Plain(_) => PLAIN_SERVER,
+            Topology::HostNs(_) => Ipv4Addr::LOCALHOST,
             Topology::Tern(t) => t.server.ip,
             Topology::KernelNodes(t) => t.server_ip,
             Topology::TernNodes(t) => t.server.ip,
