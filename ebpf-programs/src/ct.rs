@@ -145,9 +145,8 @@ pub fn lookup<T: FlowTable>(table: &T, p: &Packet) -> Option<CtValue> {
         Some(partner) if pairs_with(unsafe { &*partner }, &key, entry.flags) => {
             // SAFETY: as above.
             let partner = unsafe { &mut *partner };
-            partner.flags = state | (partner.flags & ct_flags::REPLY);
-            partner.last_seen = now;
-            partner.lifetime = lifetime;
+            let flags = state | (partner.flags & ct_flags::REPLY);
+            refresh(partner, flags, now, lifetime);
         }
         Some(_) if reply => {
             // The original now translates to another backend: this reply
@@ -174,10 +173,26 @@ pub fn lookup<T: FlowTable>(table: &T, p: &Packet) -> Option<CtValue> {
             let _ = table.put(&other, &partner);
         }
     }
-    entry.flags = state | (entry.flags & ct_flags::REPLY);
-    entry.last_seen = now;
-    entry.lifetime = lifetime;
+    refresh(
+        entry,
+        state | (entry.flags & ct_flags::REPLY),
+        now,
+        lifetime,
+    );
     Some(*entry)
+}
+
+/// Sets an entry's state, timestamp and lifetime, writing only what
+/// changes (the clock is in seconds): both directions of a flow, often on
+/// two CPUs, refresh the same entries, and a write per packet would bounce
+/// their cache lines between the CPUs.
+#[inline(always)]
+fn refresh(entry: &mut CtValue, flags: u32, now: u32, lifetime: u32) {
+    if entry.flags != flags || entry.last_seen != now || entry.lifetime != lifetime {
+        entry.flags = flags;
+        entry.last_seen = now;
+        entry.lifetime = lifetime;
+    }
 }
 
 /// A connection that is not translated starts from `p`: any reply entry

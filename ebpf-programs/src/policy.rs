@@ -210,8 +210,16 @@ fn follow(
         }
         entry.revision = ep.revision;
     }
-    entry.last_seen = now;
-    entry.flags |= closing(p);
+    // Written only when something changes (the clock is in seconds): both
+    // ends' CPUs look this entry up for every packet, and a write per
+    // packet would bounce its cache line between them.
+    if entry.last_seen != now {
+        entry.last_seen = now;
+    }
+    let flags = entry.flags | closing(p);
+    if flags != entry.flags {
+        entry.flags = flags;
+    }
     Some(Tracked::Allowed)
 }
 
