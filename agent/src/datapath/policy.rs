@@ -157,10 +157,13 @@ impl PolicySync {
             let old = self.endpoints.get(key).copied().unwrap_or_default();
             let union = old.flags | w.flags;
             if union != old.flags {
+                // The policies that isolate it now are the ones a denial in
+                // the meantime is counted against and named by.
                 let tightened = PolicyEndpoint {
                     revision: self.next_revision(),
                     flags: union,
-                    ..old
+                    ingress_policy: first_of(w.ingress_policy, old.ingress_policy),
+                    egress_policy: first_of(w.egress_policy, old.egress_policy),
                 };
                 self.write_endpoint(maps, *key, tightened, &mut stats);
             }
@@ -436,4 +439,10 @@ pub fn allow_entry(endpoint: u32, direction: u8, allow: &AllowKey) -> AllowEntry
         port: port.to_be_bytes(),
     };
     (key, prefix)
+}
+
+/// The policy a direction's denials are counted against while a sync
+/// tightens isolation: the new state's, or the old one if it has none.
+fn first_of(wanted: u32, old: u32) -> u32 {
+    if wanted != 0 { wanted } else { old }
 }
