@@ -144,9 +144,7 @@ pub fn lookup<T: FlowTable>(table: &T, p: &Packet) -> Option<CtValue> {
         // SAFETY: as above.
         Some(partner) if pairs_with(unsafe { &*partner }, &key, entry.flags) => {
             // SAFETY: as above.
-            let partner = unsafe { &mut *partner };
-            let flags = state | (partner.flags & ct_flags::REPLY);
-            refresh(partner, flags, now, lifetime);
+            refresh(unsafe { &mut *partner }, state, now, lifetime);
         }
         Some(_) if reply => {
             // The original now translates to another backend: this reply
@@ -173,21 +171,18 @@ pub fn lookup<T: FlowTable>(table: &T, p: &Packet) -> Option<CtValue> {
             let _ = table.put(&other, &partner);
         }
     }
-    refresh(
-        entry,
-        state | (entry.flags & ct_flags::REPLY),
-        now,
-        lifetime,
-    );
+    refresh(entry, state, now, lifetime);
     Some(*entry)
 }
 
-/// Sets an entry's state, timestamp and lifetime, writing only what
-/// changes (the clock is in seconds): both directions of a flow, often on
-/// two CPUs, refresh the same entries, and a write per packet would bounce
-/// their cache lines between the CPUs.
+/// Sets an entry's state (keeping its own direction bit), timestamp and
+/// lifetime, writing only when one of them changes (the clock is in
+/// seconds): both directions of a flow, often on two CPUs, refresh the same
+/// entries, and a write per packet would bounce their cache lines between
+/// the CPUs.
 #[inline(always)]
-fn refresh(entry: &mut CtValue, flags: u32, now: u32, lifetime: u32) {
+fn refresh(entry: &mut CtValue, state: u32, now: u32, lifetime: u32) {
+    let flags = state | (entry.flags & ct_flags::REPLY);
     if entry.flags != flags || entry.last_seen != now || entry.lifetime != lifetime {
         entry.flags = flags;
         entry.last_seen = now;

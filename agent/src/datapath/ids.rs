@@ -32,7 +32,7 @@ impl<V> ById<V> {
     {
         self.slot(id).get_or_insert_with(V::default)
     }
-    pub(super) fn slot(&mut self, id: u32) -> &mut Option<V> {
+    fn slot(&mut self, id: u32) -> &mut Option<V> {
         let i = id as usize;
         if i >= self.0.len() {
             self.0.resize_with(i + 1, || None);
