@@ -1,9 +1,12 @@
 //! Facts about the node the agent runs on, read over netlink.
 
+use std::net::Ipv4Addr;
+
 use futures::TryStreamExt;
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::RouteAttribute;
+use tern_common::OVERLAY_VNI;
 
 /// MTU pods get when none is configured.
 pub const FALLBACK_MTU: u32 = 1500;
@@ -107,6 +110,14 @@ async fn ipv4_addresses() -> anyhow::Result<Vec<(std::net::Ipv4Addr, u32)>> {
 
 /// Name of the overlay's VXLAN device on every node.
 pub const OVERLAY_DEVICE: &str = "tern_vxlan";
+/// The overlay device's own MAC: the source of the frames the node's own
+/// stack sends into it. It must not look like a VTEP MAC, and must differ
+/// from every other node's (a receiving VXLAN device drops frames from
+/// its own MAC as loops): locally administered, with the node's address.
+fn overlay_device_mac(node_ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = node_ip.octets();
+    [0x0e, 0x75, a, b, c, d]
+}
 /// What VXLAN over IPv4 adds to each packet: outer IPv4 20, UDP 8, VXLAN 8
 /// and the inner Ethernet header 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -137,28 +148,44 @@ async fn find_link(
     }
 }
 
-/// The overlay's VXLAN device in external (collect_md) mode: the eBPF
-/// programs give each packet its far end, so one device serves every
-/// node. An existing device with the same port is kept (agent restart:
-/// traffic keeps flowing); one with another port is replaced. Returns its
-/// ifindex.
-pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> anyhow::Result<u32> {
+/// The overlay's VXLAN device: VNI `OVERLAY_VNI`, no learning, no ARP;
+/// the routing pipeline gives it an FDB entry per remote node (see
+/// `tern_common::vtep_mac`), through which the driver caches each node's
+/// outer route. (An external-mode device would look the route up for
+/// every packet: the tunnel key eBPF sets is uncacheable.) An existing
+/// device of the same shape is kept (agent restart: traffic keeps
+/// flowing); any other (another port or address, or the external mode of
+/// earlier versions) is replaced. Returns its ifindex.
+pub async fn ensure_vxlan(
+    name: &str,
+    port: u16,
+    mtu: u32,
+    node_ip: Ipv4Addr,
+) -> anyhow::Result<u32> {
     use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkInfo};
     use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVxlan};
     let (connection, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(connection);
     let result = async {
         if let Some(link) = find_link(&handle, name).await? {
-            let same = link.attributes.iter().any(|a| match a {
-                LinkAttribute::LinkInfo(infos) => infos.iter().any(|info| match info {
-                    LinkInfo::Data(InfoData::Vxlan(vxlan)) => {
-                        vxlan.contains(&InfoVxlan::Port(port))
-                            && vxlan.contains(&InfoVxlan::CollectMetadata(true))
-                    }
-                    _ => false,
-                }),
+            let mac = overlay_device_mac(node_ip);
+            let same_mac = link.attributes.iter().any(|a| match a {
+                LinkAttribute::Address(address) => address[..] == mac[..],
                 _ => false,
             });
+            let same = same_mac
+                && link.attributes.iter().any(|a| match a {
+                    LinkAttribute::LinkInfo(infos) => infos.iter().any(|info| match info {
+                        LinkInfo::Data(InfoData::Vxlan(vxlan)) => {
+                            vxlan.contains(&InfoVxlan::Port(port))
+                                && vxlan.contains(&InfoVxlan::Id(OVERLAY_VNI))
+                                && vxlan.contains(&InfoVxlan::UDPCsum(false))
+                                && !vxlan.contains(&InfoVxlan::CollectMetadata(true))
+                        }
+                        _ => false,
+                    }),
+                    _ => false,
+                });
             if same {
                 let index = link.header.index;
                 without_ipv6(name)?;
@@ -174,12 +201,19 @@ pub async fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> anyhow::Result<u32
             handle.link().del(link.header.index).execute().await?;
         }
         let device = LinkMessageBuilder::<LinkVxlan>::new(name)
-            .collect_metadata(true)
+            .id(OVERLAY_VNI)
             .port(port)
             .learning(false)
             .mtu(mtu)
-            // No ARP across the overlay: to_overlay names each packet's far
-            // end and from_overlay rewrites the MACs on arrival.
+            // Never a VTEP MAC: to_overlay tells by the prefix which frames
+            // are addressed already.
+            .address(overlay_device_mac(node_ip).to_vec())
+            // No outer UDP checksum (as Cilium and Flannel): the inner
+            // packet carries its own.
+            .udp_csum(false)
+            // No ARP across the overlay: the eBPF programs address each
+            // frame to its node's VTEP MAC and from_overlay rewrites the
+            // MACs on arrival.
             .arp(false)
             .build();
         handle.link().add(device).execute().await?;

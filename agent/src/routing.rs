@@ -1,11 +1,13 @@
 //! The node-routing pipeline: Nodes (model) -> routing compiler -> the
 //! TUNNEL map (remote PodCIDR -> node: what the eBPF programs encapsulate
 //! to in overlay mode, and recognise as another node's pods in native
-//! mode) and kernel routes for the node's own traffic (via the nodes in
-//! native mode, into the VXLAN device in overlay mode). The same snapshot gives NON_MASQUERADE: the destinations
-//! pod traffic keeps its own address for (pod ranges, nodes, and the
-//! operator's nonMasqueradeCIDRs). Re-run on every snapshot the source
-//! hands over, applied only when the compiled result changed.
+//! mode), kernel routes for the node's own traffic (via the nodes in
+//! native mode, into the VXLAN device in overlay mode) and, in overlay
+//! mode, the VXLAN device's FDB entry per remote node. The same snapshot
+//! gives NON_MASQUERADE: the destinations pod traffic keeps its own
+//! address for (pod ranges, nodes, and the operator's
+//! nonMasqueradeCIDRs). Re-run on every snapshot the source hands over,
+//! applied only when the compiled result changed.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -17,9 +19,9 @@ use tracing::{info, warn};
 
 use crate::compiler::routing::{self, RoutingState};
 use crate::config::AgentConfig;
-use crate::datapath::ip_to_key;
 use crate::datapath::prefixes::PrefixMap;
 use crate::datapath::routes::{self, NextHop, RouteStats};
+use crate::datapath::{fdb, ip_to_key};
 use crate::model::Node;
 
 pub struct Routing {
@@ -115,6 +117,10 @@ impl Routing {
             self.non_masquerade.sync(&non_masquerade),
         );
         stats.add("routes", routes::sync(&wanted_routes).await);
+        if let Some(ifindex) = self.overlay_ifindex {
+            let entries = fdb::wanted(remote.values().copied());
+            stats.add("overlay FDB", fdb::sync(ifindex, &entries).await);
+        }
         info!(
             remote_pod_cidrs = remote.len(),
             added = stats.added,

@@ -1,18 +1,21 @@
-//! The VXLAN overlay. The node's `tern_vxlan` device is in external
-//! (collect_md) mode: whoever sends a packet through it names the far end.
-//! Pod traffic gets that from `encapsulate` (called by the forwarding of
-//! from_pod / from_netdev); traffic the node's own stack routes into the
-//! device gets it from `to_overlay`. What arrives decapsulated goes
-//! straight to the local pod (`from_overlay`).
+//! The VXLAN overlay. The node's `tern_vxlan` device holds one FDB entry
+//! per remote node (its VTEP MAC, `vtep_mac`, -> its underlay address),
+//! as Flannel's does: a frame sent through the device is encapsulated to
+//! the node its destination MAC names, with the outer route the driver
+//! caches per FDB entry. Pod traffic is addressed to that MAC by
+//! `encapsulate` (called by the forwarding of from_pod / from_netdev);
+//! traffic the node's own stack routes into the device by `to_overlay`.
+//! What arrives decapsulated goes straight to the local pod
+//! (`from_overlay`).
 
 use aya_ebpf::{
-    bindings::{BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
-    helpers::generated::{bpf_redirect, bpf_skb_change_type, bpf_skb_set_tunnel_key},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{bpf_redirect, bpf_skb_change_type},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use tern_common::events::point;
-use tern_common::{DropReason, OVERLAY_VNI, Reason, TunnelEndpoint};
+use tern_common::{DropReason, Reason, TunnelEndpoint, VTEP_MAC_PREFIX, vtep_mac};
 
 use crate::events;
 use crate::maps::{ENDPOINTS, TUNNEL, count};
@@ -25,11 +28,9 @@ use crate::service_nat::{self, Outcome};
 
 /// `skb->pkt_type` of a frame addressed to this host.
 const PACKET_HOST: u32 = 0;
-/// TTL of the outer (underlay) header.
-const TUNNEL_TTL: u8 = 64;
 
-/// A pod's packet for `node`'s PodCIDR: given that node as the tunnel's
-/// far end and sent out of the VXLAN device, which encapsulates it.
+/// A pod's packet for `node`'s PodCIDR: addressed to that node's VTEP MAC
+/// and sent out of the VXLAN device, which encapsulates it.
 pub fn encapsulate(
     ctx: &TcContext,
     p: &Packet,
@@ -39,7 +40,7 @@ pub fn encapsulate(
     if !hop(ctx, p) {
         return (Reason::PassToStack, TC_ACT_OK);
     }
-    if set_tunnel_key(ctx, node).is_err() {
+    if address_to(ctx, node).is_err() {
         return (Reason::RedirectFailed, TC_ACT_OK);
     }
     // SAFETY: plain helper call; it only records the target for tc.
@@ -48,24 +49,26 @@ pub fn encapsulate(
     (Reason::EncapOverlay, verdict as i32)
 }
 
-/// tc egress on the VXLAN device: the node's own traffic to a remote pod
-/// (routed here by the kernel) is given its far end. Pods' packets have
-/// theirs already.
+/// tc egress on the VXLAN device: traffic the kernel routed here (the
+/// node's own to a remote pod, or a pod's that went through the node's
+/// stack), which it addressed to the device's own MAC (the device does no
+/// ARP), is addressed to its node's VTEP MAC. What `encapsulate`
+/// redirected here has its own already.
 pub fn to_overlay(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
         // The overlay carries IPv4 only; nothing else has a far end.
         events::drop_unparsed(DropReason::NotIpv4, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
     };
-    // SAFETY: only presence is read.
-    if unsafe { ENDPOINTS.get(p.saddr) }.is_some() {
+    // Redirected by a pod's program: addressed already.
+    if ctx.load::<[u8; 2]>(0) == Ok(VTEP_MAC_PREFIX) {
         return TC_ACT_OK;
     }
     let Some(node) = TUNNEL.get(Key::new(32, p.daddr)).copied() else {
         events::drop(&p, DropReason::Unroutable, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
     };
-    if set_tunnel_key(ctx, &node).is_err() {
+    if address_to(ctx, &node).is_err() {
         events::drop(&p, DropReason::EncapFailed, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
     }
@@ -105,22 +108,8 @@ pub fn from_overlay(ctx: &TcContext) -> i32 {
     verdict
 }
 
-fn set_tunnel_key(ctx: &TcContext, node: &TunnelEndpoint) -> Result<(), i64> {
-    // SAFETY: a plain C struct; all-zero is its "nothing set" value.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = OVERLAY_VNI;
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node.node_addr);
-    key.tunnel_ttl = TUNNEL_TTL;
-    // No outer UDP checksum (as Cilium and the kernel's VXLAN default):
-    // the inner packet carries its own.
-    // SAFETY: the key lives on the stack for the call; size is its own.
-    let set = unsafe {
-        bpf_skb_set_tunnel_key(
-            ctx.skb.skb,
-            &mut key,
-            core::mem::size_of::<bpf_tunnel_key>() as u32,
-            BPF_F_ZERO_CSUM_TX as u64,
-        )
-    };
-    if set == 0 { Ok(()) } else { Err(set) }
+/// Addresses the inner frame to `node`'s VTEP MAC: the device's FDB
+/// entry for it names the outer destination.
+fn address_to(ctx: &TcContext, node: &TunnelEndpoint) -> Result<(), i64> {
+    ctx.store(0, &vtep_mac(node.node_addr), 0)
 }

@@ -100,6 +100,15 @@ fn pods_on_two_nodes_talk_with_their_own_addresses(mode: &str) -> Result<()> {
                 tunnel.contains("\"10.244.2.0/24\"") && tunnel.contains("\"10.0.0.2\""),
                 "{tunnel}"
             );
+            // The far node by its FDB entry, which keeps the outer route
+            // cached (no per-packet tunnel key: not an external device).
+            let fdb = n1.ns.sh("bridge fdb show dev tern_vxlan")?;
+            assert!(fdb.contains("0e:74:0a:00:00:02 dst 10.0.0.2 "), "{fdb}");
+            let device = n1.ns.sh("ip -d link show tern_vxlan")?;
+            assert!(
+                device.contains("vxlan id 1 ") && !device.contains("external"),
+                "{device}"
+            );
             // Pods fit in the overlay: 1500 on the underlay - 50 of VXLAN.
             // (Not /sys: sysfs shows the namespace that mounted it.)
             let link = p1.ns.sh("ip -o link show eth0")?;
@@ -280,7 +289,13 @@ fn a_removed_node_stops_being_reachable(mode: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
         let gone = match mode {
-            "overlay" => !n1.tern(&["tunnel", "list"])?.contains("10.244.2.0/24"),
+            "overlay" => {
+                !n1.tern(&["tunnel", "list"])?.contains("10.244.2.0/24")
+                    && !n1
+                        .ns
+                        .sh("bridge fdb show dev tern_vxlan")?
+                        .contains("dst 10.0.0.2")
+            }
             _ => !n1
                 .ns
                 .sh("ip route show proto 0x74")?

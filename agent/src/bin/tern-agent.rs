@@ -89,10 +89,14 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     let overlay = match config.routing_mode {
         RoutingMode::Overlay => {
             let mtu = underlay_mtu - host::VXLAN_OVERHEAD;
+            let node_ip = *node_ips.first().ok_or_else(|| {
+                anyhow::anyhow!("overlay mode needs an IPv4 address of the node's own")
+            })?;
             let ifindex = runtime.block_on(host::ensure_vxlan(
                 host::OVERLAY_DEVICE,
                 config.tunnel_port,
                 mtu,
+                node_ip,
             ))?;
             Some(OverlayDevice {
                 name: host::OVERLAY_DEVICE.into(),

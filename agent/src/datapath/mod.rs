@@ -8,6 +8,7 @@
 
 pub mod connections;
 pub mod conntrack;
+pub mod fdb;
 pub mod fill;
 mod ids;
 pub mod maps;

@@ -535,8 +535,9 @@ fn pod_traffic_leaving_the_cluster_is_masqueraded() {
 }
 
 /// Overlay mode: a pod's packet for another node's PodCIDR is redirected
-/// into the VXLAN device (TTL spent); the node's own packets there get
-/// their far end, and ones for no known node are dropped.
+/// into the VXLAN device (TTL spent), addressed to that node's VTEP MAC;
+/// the node's own packets there are addressed on the device's egress, and
+/// ones for no known node are dropped.
 #[test]
 fn traffic_to_other_nodes_pods_goes_into_the_overlay() {
     let Some(mut dp) = Datapath::load() else {
@@ -555,19 +556,34 @@ fn traffic_to_other_nodes_pods_goes_into_the_overlay() {
     let client = SocketAddrV4::new(CLIENT.ip, 40000);
     let remote_pod = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 9), 80);
 
+    // Addressed to the far node's VTEP MAC: the device's FDB entry for it
+    // names the outer destination.
+    let far_mac = tern_common::vtep_mac(other_node.node_addr);
+    assert_eq!(far_mac, [0x0e, 0x74, 192, 168, 1, 11]);
     let (verdict, out) = dp.run(programs::FROM_POD, &packet::tcp(client, remote_pod, SYN, 1));
     assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out[..6], far_mac);
+    let pod_frame = out.clone();
     let out = Packet::parse(&out);
     assert_eq!(
         (out.source(), out.destination(), out.ttl),
         (client, remote_pod, 63)
     );
+    // On through the device's egress as it is.
+    assert_eq!(
+        dp.run(programs::TO_OVERLAY, &pod_frame),
+        (TC_ACT_OK, pod_frame)
+    );
 
+    // The node's own packet, addressed by its stack to the device's own
+    // MAC: only the destination MAC changes.
     let node = SocketAddrV4::new(NODE, 40000);
     let from_node = packet::tcp(node, remote_pod, SYN, 1);
+    let mut addressed = from_node.clone();
+    addressed[..6].copy_from_slice(&far_mac);
     assert_eq!(
         dp.run(programs::TO_OVERLAY, &from_node),
-        (TC_ACT_OK, from_node)
+        (TC_ACT_OK, addressed)
     );
     let nowhere = packet::tcp(
         node,

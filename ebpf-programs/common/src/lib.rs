@@ -271,9 +271,25 @@ pub const NON_MASQUERADE_MAX: u32 = 4096;
 pub const MASQUERADE_PORT_MIN: u16 = 61000;
 pub const MASQUERADE_PORT_MAX: u16 = 65535;
 
-/// VXLAN network identifier of the overlay (Flannel's too). Every node's
-/// device is in external mode, so it only has to be the same everywhere.
+/// VXLAN network identifier of the overlay (Flannel's too): the same on
+/// every node.
 pub const OVERLAY_VNI: u32 = 1;
+
+/// The overlay address (VTEP MAC) that stands for a node on the overlay
+/// device: locally administered, the node's underlay address (network
+/// order, as in `TunnelEndpoint`) in its last four bytes. Every node
+/// derives it alike, so nothing has to be published: the agent gives
+/// each remote node's an FDB entry (MAC -> node address) and the eBPF
+/// programs address the inner frame to it, which lets the VXLAN driver
+/// keep a cached route per remote node.
+pub const fn vtep_mac(node_addr: u32) -> [u8; 6] {
+    let [a, b, c, d] = node_addr.to_ne_bytes();
+    let [p, q] = VTEP_MAC_PREFIX;
+    [p, q, a, b, c, d]
+}
+
+/// The first two bytes of every VTEP MAC (`vtep_mac`).
+pub const VTEP_MAC_PREFIX: [u8; 2] = [0x0e, 0x74];
 
 /// TUNNEL value (an LPM trie keyed by remote PodCIDR, address in network
 /// order): the node whose pods these are, the tunnel's far end in overlay
