@@ -208,8 +208,9 @@ pub async fn ensure_vxlan(
             // Never a VTEP MAC: to_overlay tells by the prefix which frames
             // are addressed already.
             .address(overlay_device_mac(node_ip).to_vec())
-            // No outer UDP checksum (as Cilium and Flannel): the inner
-            // packet carries its own.
+            // No outer UDP checksum, as before with the tunnel key and as
+            // Cilium does (Linux computes one unless told not to): the
+            // inner packet carries its own.
             .udp_csum(false)
             // No ARP across the overlay: the eBPF programs address each
             // frame to its node's VTEP MAC and from_overlay rewrites the
