@@ -105,15 +105,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ("flow-events", flow_events::flow_events),
         ("cni", scenarios::cni),
     ];
-    for (key, scenario) in all {
-        if args.only.as_deref().is_some_and(|only| !key.contains(only)) {
-            continue;
-        }
-        interrupt::check()?;
-        results
-            .scenarios
-            .extend(scenario(&profile).with_context(|| format!("scenario {key}"))?);
-    }
     let out = args.out.unwrap_or_else(|| {
         let root = workspace_root();
         match (&args.only, args.quick) {
@@ -130,6 +121,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     });
     std::fs::create_dir_all(&out)?;
+    // Each group's figures as soon as it is done: a run stopped later (a
+    // signal, a failing group) still leaves what it measured.
+    let partial = out.join(PARTIAL_RESULTS);
+    for (key, scenario) in all {
+        if args.only.as_deref().is_some_and(|only| !key.contains(only)) {
+            continue;
+        }
+        interrupt::check()?;
+        results
+            .scenarios
+            .extend(scenario(&profile).with_context(|| format!("scenario {key}"))?);
+        report::save_json(&results, &partial)?;
+    }
     report::flag_spreads(&mut results);
     report::save_json(&results, &out.join("results.json"))?;
     let mut markdown = report::markdown(&results);
@@ -163,10 +167,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ));
     }
     std::fs::write(out.join("results.md"), &markdown)?;
+    match std::fs::remove_file(&partial) {
+        // No group ran (an `--only` that names none).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        other => other.with_context(|| format!("removing {}", partial.display()))?,
+    }
     println!("{markdown}");
     println!("results, charts and raw JSON in {}", out.display());
     Ok(())
 }
+
+/// The groups finished so far, in the format of results.json (for
+/// `--compare` too); removed when the run completes.
+const PARTIAL_RESULTS: &str = "results.partial.json";
 
 /// The workspace root: this crate is xtask/bench.
 fn workspace_root() -> &'static Path {
