@@ -162,31 +162,12 @@ pub async fn ensure_vxlan(
     mtu: u32,
     node_ip: Ipv4Addr,
 ) -> anyhow::Result<u32> {
-    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkInfo};
     use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVxlan};
     let (connection, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(connection);
     let result = async {
         if let Some(link) = find_link(&handle, name).await? {
-            let mac = overlay_device_mac(node_ip);
-            let same_mac = link.attributes.iter().any(|a| match a {
-                LinkAttribute::Address(address) => address[..] == mac[..],
-                _ => false,
-            });
-            let same = same_mac
-                && link.attributes.iter().any(|a| match a {
-                    LinkAttribute::LinkInfo(infos) => infos.iter().any(|info| match info {
-                        LinkInfo::Data(InfoData::Vxlan(vxlan)) => {
-                            vxlan.contains(&InfoVxlan::Port(port))
-                                && vxlan.contains(&InfoVxlan::Id(OVERLAY_VNI))
-                                && vxlan.contains(&InfoVxlan::UDPCsum(false))
-                                && !vxlan.contains(&InfoVxlan::CollectMetadata(true))
-                        }
-                        _ => false,
-                    }),
-                    _ => false,
-                });
-            if same {
+            if is_overlay_device(&link, port, node_ip) {
                 let index = link.header.index;
                 without_ipv6(name)?;
                 let update = LinkMessageBuilder::<LinkUnspec>::new()
@@ -234,6 +215,34 @@ pub async fn ensure_vxlan(
     .await;
     task.abort();
     result
+}
+
+/// Whether `link` is the overlay device as `ensure_vxlan` makes it.
+fn is_overlay_device(
+    link: &rtnetlink::packet_route::link::LinkMessage,
+    port: u16,
+    node_ip: Ipv4Addr,
+) -> bool {
+    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkInfo};
+    let mac = overlay_device_mac(node_ip);
+    let vxlan = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
+            LinkInfo::Data(InfoData::Vxlan(vxlan)) => Some(vxlan),
+            _ => None,
+        }),
+        _ => None,
+    });
+    let same_mac = link
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Address(address) if address[..] == mac[..]));
+    same_mac
+        && vxlan.is_some_and(|vxlan| {
+            vxlan.contains(&InfoVxlan::Port(port))
+                && vxlan.contains(&InfoVxlan::Id(OVERLAY_VNI))
+                && vxlan.contains(&InfoVxlan::UDPCsum(false))
+                && !vxlan.contains(&InfoVxlan::CollectMetadata(true))
+        })
 }
 
 /// The overlay carries IPv4 only (Tern is IPv4-only): without this, the

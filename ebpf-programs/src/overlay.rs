@@ -55,15 +55,16 @@ pub fn encapsulate(
 /// ARP), is addressed to its node's VTEP MAC. What `encapsulate`
 /// redirected here has its own already.
 pub fn to_overlay(ctx: &TcContext) -> i32 {
+    // Redirected by a pod's program (IPv4, addressed already): the fast
+    // path, decided before any parsing.
+    if ctx.load::<[u8; 2]>(0) == Ok(VTEP_MAC_PREFIX) {
+        return TC_ACT_OK;
+    }
     let Some(p) = parse(ctx) else {
         // The overlay carries IPv4 only; nothing else has a far end.
         events::drop_unparsed(DropReason::NotIpv4, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
     };
-    // Redirected by a pod's program: addressed already.
-    if ctx.load::<[u8; 2]>(0) == Ok(VTEP_MAC_PREFIX) {
-        return TC_ACT_OK;
-    }
     let Some(node) = TUNNEL.get(Key::new(32, p.daddr)).copied() else {
         events::drop(&p, DropReason::Unroutable, point::TO_OVERLAY, ifindex(ctx));
         return TC_ACT_SHOT;
