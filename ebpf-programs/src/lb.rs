@@ -64,10 +64,13 @@ pub fn select_backend(
         rev_nat_id: service.rev_nat_id,
         pad: 0,
     };
-    let now = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
+    // Milliseconds: whole seconds would keep an entry up to a second past
+    // its timeout (the agent bounds the timeout to 86 400 s, so the product
+    // fits in u32; wrapping_sub spans the counter's 49-day wrap).
+    let now = (unsafe { bpf_ktime_get_ns() } / 1_000_000) as u32;
     if affinity
         && let Some(seen) = unsafe { AFFINITY.get(affinity_key) }
-        && now.wrapping_sub(seen.last_used) <= service.affinity_timeout
+        && now.wrapping_sub(seen.last_used_ms) <= service.affinity_timeout.saturating_mul(1000)
         && let Some(backend) = unsafe { BACKENDS.get(seen.backend_id) }
     {
         let chosen = Selected {
@@ -85,12 +88,12 @@ pub fn select_backend(
     Some(Selected { id, backend })
 }
 
-fn remember(key: &AffinityKey, backend_id: u32, now: u32) {
+fn remember(key: &AffinityKey, backend_id: u32, now_ms: u32) {
     let _ = AFFINITY.insert(
         key,
         AffinityValue {
             backend_id,
-            last_used: now,
+            last_used_ms: now_ms,
         },
         0,
     );

@@ -184,10 +184,11 @@ layout!(AffinityKey { client, rev_nat_id, pad }, size 16, align 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    /// Seconds of CLOCK_MONOTONIC (bpf_ktime_get_ns / 1e9) at last use.
-    pub last_used: u32,
+    /// Milliseconds of CLOCK_MONOTONIC (bpf_ktime_get_ns / 1e6, wrapping) at
+    /// last use.
+    pub last_used_ms: u32,
 }
-layout!(AffinityValue { backend_id, last_used }, size 8, align 4);
+layout!(AffinityValue { backend_id, last_used_ms }, size 8, align 4);
 
 /// SOCK_REVNAT key: a socket and the backend it was sent to; the value (a
 /// RevNat) is the Service address recvmsg/getpeername must show instead.
