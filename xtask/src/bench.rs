@@ -5,6 +5,8 @@ use anyhow::Result;
 pub use tern_bench::BenchArgs;
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    crate::build::run()?;
+    if args.measures() {
+        crate::build::run()?;
+    }
     tern_bench::run(args)
 }

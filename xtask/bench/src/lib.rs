@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Only the scenario groups whose name contains this text.
     #[arg(long)]
     only: Option<String>,
+    /// Measure nothing: write results.md and the charts again from the
+    /// results.json in this directory (after a change of the report).
+    #[arg(long, conflicts_with_all = ["quick", "only", "out"])]
+    render: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -54,7 +58,13 @@ impl BenchArgs {
             out: None,
             compare: None,
             only: None,
+            render: None,
         }
+    }
+
+    /// Whether this run measures (and so needs the release binaries).
+    pub fn measures(&self) -> bool {
+        self.render.is_none()
     }
 }
 
@@ -62,6 +72,10 @@ impl BenchArgs {
 /// results.md and the charts. Needs root and the release binaries of the
 /// workspace (`cargo xtask bench` builds them first).
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(dir) = &args.render {
+        let mut results = report::load_json(&dir.join("results.json"))?;
+        return write_report(&mut results, dir, args.compare.as_deref());
+    }
     // The tools, kube-proxy's rule front ends, and a font for the charts.
     apt(tools::PACKAGES)?;
     apt(&["iptables", "nftables", "fonts-dejavu-core"])?;
@@ -89,6 +103,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ),
         machine: report::machine_facts(),
         profile: profile.name.into(),
+        seconds: None,
         scenarios: Vec::new(),
     };
     // From here on the run creates namespaces, agents and pins: a signal
@@ -134,9 +149,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .extend(scenario(&profile).with_context(|| format!("scenario {key}"))?);
         report::save_json(&results, &partial)?;
     }
-    report::flag_spreads(&mut results);
-    report::save_json(&results, &out.join("results.json"))?;
-    let mut markdown = report::markdown(&results);
+    results.seconds = Some(started.elapsed().as_secs_f64());
+    write_report(&mut results, &out, args.compare.as_deref())?;
+    match std::fs::remove_file(&partial) {
+        // No group ran (an `--only` that names none).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        other => other.with_context(|| format!("removing {}", partial.display()))?,
+    }
+    Ok(())
+}
+
+/// results.json (with its flags), results.md and the charts of a run, in
+/// `out`; `compare`: an earlier run's results.json.
+fn write_report(results: &mut Results, out: &Path, compare: Option<&Path>) -> Result<()> {
+    let profile = if results.profile == Profile::quick().name {
+        Profile::quick()
+    } else {
+        Profile::full()
+    };
+    report::flag_spreads(results);
+    report::save_json(results, &out.join("results.json"))?;
+    let mut markdown = report::markdown(results);
     if profile
         .service_counts
         .iter()
@@ -147,31 +180,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
             profile.nftables_max_services
         ));
     }
-    if !report::group_rows(&results, policy::GROUP).is_empty() {
+    if !report::group_rows(results, policy::GROUP).is_empty() {
         markdown.push_str(&policy::notes());
     }
-    if !report::group_rows(&results, flow_events::GROUP).is_empty() {
+    if !report::group_rows(results, flow_events::GROUP).is_empty() {
         markdown.push_str(&flow_events::notes());
     }
-    markdown.push_str(&format!(
-        "\nProfile `{}` took {:.0} s.\n",
-        profile.name,
-        started.elapsed().as_secs_f64()
-    ));
-    write_charts(&results, &out)?;
-    if let Some(old) = &args.compare {
-        markdown.push_str("\n## Compared with an earlier run\n\n");
-        markdown.push_str(&report::compare_markdown(
-            &report::load_json(old)?,
-            &results,
+    if let Some(seconds) = results.seconds {
+        markdown.push_str(&format!(
+            "\nProfile `{}` took {seconds:.0} s.\n",
+            results.profile
         ));
     }
-    std::fs::write(out.join("results.md"), &markdown)?;
-    match std::fs::remove_file(&partial) {
-        // No group ran (an `--only` that names none).
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        other => other.with_context(|| format!("removing {}", partial.display()))?,
+    write_charts(results, out)?;
+    if let Some(old) = compare {
+        markdown.push_str("\n## Compared with an earlier run\n\n");
+        markdown.push_str(&report::compare_markdown(&report::load_json(old)?, results));
     }
+    std::fs::write(out.join("results.md"), &markdown)?;
     println!("{markdown}");
     println!("results, charts and raw JSON in {}", out.display());
     Ok(())
