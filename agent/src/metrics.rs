@@ -209,10 +209,10 @@ impl Metrics {
             .insert(map, (entries, capacity));
     }
 
-    pub fn record_flow(&self, kind: &'static str, verdict: &'static str) {
+    pub fn record_flows(&self, kind: &'static str, verdict: &'static str, n: u64) {
         self.flows
             .get_or_create(&vec![("type", kind), ("verdict", verdict)])
-            .inc();
+            .inc_by(n);
     }
 
     pub fn record_flow_undecoded(&self) {

@@ -45,7 +45,7 @@ pub struct PolicyPipeline {
 }
 
 /// Policy numbers as the datapath counts and reports them, with names.
-pub type PolicyNumbers = Arc<std::collections::BTreeMap<u32, String>>;
+pub type PolicyNumbers = Arc<std::collections::BTreeMap<u32, tern_api::flows::Name>>;
 
 impl PolicyPipeline {
     /// Adopts what the (pinned) maps hold: until the first sync the
@@ -119,10 +119,10 @@ impl PolicyPipeline {
         let started = Instant::now();
         let state = self.compiler.compile(&self.cluster, &self.local);
         let compiled_us = started.elapsed().as_micros() as u64;
-        let numbers: std::collections::BTreeMap<u32, String> = state
+        let numbers: std::collections::BTreeMap<u32, tern_api::flows::Name> = state
             .policies
             .iter()
-            .map(|(number, policy)| (*number, policy.name.clone()))
+            .map(|(number, policy)| (*number, policy.name.as_str().into()))
             .collect();
         self.numbers.send_if_modified(|published| {
             let changed = **published != numbers;

@@ -149,7 +149,7 @@ fn run(args: AgentArgs) -> anyhow::Result<()> {
     let counters = Arc::new(started.counters);
     let (flow_writer, flows) = FlowHub::new(config.events.flows_kept, counters.clone());
     let names = Names::new(
-        config.node_name.clone(),
+        &config.node_name,
         NameSources {
             cluster: cluster.subscribe(),
             endpoints: endpoints.subscribe(),

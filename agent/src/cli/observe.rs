@@ -196,7 +196,7 @@ pub fn line(flow: &Flow) -> String {
     };
     let mut details = vec![];
     if let Some(reason) = &flow.reason {
-        details.push(reason.clone());
+        details.push(reason.to_string());
     }
     if let Some(service) = flow
         .service
@@ -213,10 +213,10 @@ pub fn line(flow: &Flow) -> String {
     }
     details.push(format!("{} {}", flow.direction, flow.point));
     if let Some(interface) = &flow.interface {
-        details.push(interface.clone());
+        details.push(interface.to_string());
     }
     if let Some(flags) = &flow.tcp_flags {
-        details.push(flags.clone());
+        details.push(flags.to_string());
     }
     columns([
         &clock(flow.time_ns),

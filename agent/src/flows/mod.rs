@@ -61,8 +61,14 @@ impl FlowWriter {
     /// Makes what was pushed visible: the snapshot first, then the feed.
     pub fn publish(&mut self) {
         self.published.send_replace(self.log.clone());
+        // Nobody following: nothing to feed. One who subscribes after
+        // this count finds these flows in the snapshot just published.
+        if self.live.receiver_count() == 0 {
+            self.pending.clear();
+            return;
+        }
         for kept in self.pending.drain(..) {
-            // Nobody following is not an error.
+            // Followers gone meanwhile is not an error.
             let _ = self.live.send(kept);
         }
     }

@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use imbl::ordmap::DiffItem;
+use tern_api::flows::Name;
 use tokio::sync::watch;
 
 use crate::compiler::lb::{Frontend, LbState, Scope};
@@ -29,30 +30,32 @@ pub struct NameSources {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodName {
     /// "namespace/name".
-    pub name: String,
-    pub node: Option<String>,
+    pub name: Name,
+    pub node: Option<Name>,
 }
 
 pub struct Names {
-    node_name: String,
+    node_name: Name,
     sources: NameSources,
     /// The cluster the pod index was built from.
     cluster: Cluster,
     pods: HashMap<Ipv4Addr, PodName>,
-    nodes: HashMap<Ipv4Addr, String>,
+    nodes: HashMap<Ipv4Addr, Name>,
     /// This node's endpoints: their pods win over the cluster's list.
-    local: HashMap<Ipv4Addr, String>,
+    local: HashMap<Ipv4Addr, Name>,
     cookies: HashMap<u64, Ipv4Addr>,
     frontends: Arc<LbState>,
+    /// The Service of each frontend named so far (of `frontends`).
+    service_names: HashMap<Frontend, Option<Name>>,
     policies: PolicyNumbers,
     /// Device names by index; `None`: the device was gone when asked.
-    interfaces: HashMap<u32, Option<String>>,
+    interfaces: HashMap<u32, Option<Name>>,
 }
 
 impl Names {
-    pub fn new(node_name: String, sources: NameSources) -> Self {
+    pub fn new(node_name: &str, sources: NameSources) -> Self {
         let mut names = Names {
-            node_name,
+            node_name: node_name.into(),
             sources,
             cluster: Cluster::default(),
             pods: HashMap::new(),
@@ -60,6 +63,7 @@ impl Names {
             local: HashMap::new(),
             cookies: HashMap::new(),
             frontends: Arc::default(),
+            service_names: HashMap::new(),
             policies: Arc::default(),
             interfaces: HashMap::new(),
         };
@@ -76,7 +80,7 @@ impl Names {
                 self.nodes = cluster
                     .nodes
                     .values()
-                    .filter_map(|n| Some((n.internal_ip?, n.name.clone())))
+                    .filter_map(|n| Some((n.internal_ip?, n.name.as_str().into())))
                     .collect();
             }
             self.cluster = cluster;
@@ -87,13 +91,15 @@ impl Names {
                 .local_pods
                 .iter()
                 .filter_map(|e| {
-                    Some((e.ip, format!("{}/{}", e.pod.as_ref()?.0, e.pod.as_ref()?.1)))
+                    let (namespace, name) = e.pod.as_ref()?;
+                    Some((e.ip, format!("{namespace}/{name}").into()))
                 })
                 .collect();
             self.cookies = endpoints.netns_cookies.iter().copied().collect();
         }
         if all || self.sources.services.has_changed().unwrap_or(false) {
             self.frontends = self.sources.services.borrow_and_update().state.clone();
+            self.service_names.clear();
         }
         if all || self.sources.policies.has_changed().unwrap_or(false) {
             self.policies = self.sources.policies.borrow_and_update().clone();
@@ -128,8 +134,8 @@ impl Names {
         self.pods.get(&ip).cloned()
     }
 
-    pub fn node(&self, ip: Ipv4Addr) -> Option<&str> {
-        self.nodes.get(&ip).map(String::as_str)
+    pub fn node(&self, ip: Ipv4Addr) -> Option<Name> {
+        self.nodes.get(&ip).cloned()
     }
 
     /// The address of the pod whose network namespace has this cookie.
@@ -138,41 +144,51 @@ impl Names {
     }
 
     /// The Service ("namespace/name") of a frontend, either scope.
-    pub fn service(&self, ip: Ipv4Addr, port: u16, protocol: u8) -> Option<String> {
+    pub fn service(&mut self, ip: Ipv4Addr, port: u16, protocol: u8) -> Option<Name> {
         let protocol = match protocol {
             6 => Protocol::Tcp,
             17 => Protocol::Udp,
             132 => Protocol::Sctp,
             _ => return None,
         };
-        [Scope::Internal, Scope::External]
+        let asked = Frontend {
+            ip,
+            port,
+            protocol,
+            scope: Scope::Internal,
+        };
+        if let Some(name) = self.service_names.get(&asked) {
+            return name.clone();
+        }
+        let frontends = &self.frontends.frontends;
+        let name = [Scope::Internal, Scope::External]
             .into_iter()
             .find_map(|scope| {
-                let frontend = Frontend {
-                    ip,
-                    port,
-                    protocol,
-                    scope,
-                };
+                let frontend = Frontend { scope, ..asked };
                 // NodePorts are keyed by port alone (address 0.0.0.0).
                 let any = Frontend {
                     ip: Ipv4Addr::UNSPECIFIED,
                     ..frontend
                 };
-                self.frontends
-                    .frontends
+                frontends
                     .get(&frontend)
-                    .or_else(|| self.frontends.frontends.get(&any))
-                    .map(|entry| entry.service.to_string())
-            })
+                    .or_else(|| frontends.get(&any))
+                    .map(|entry| Name::from(entry.service.to_string()))
+            });
+        // Refused connections may ask for any address: bounded as below.
+        if self.service_names.len() > 65_536 {
+            self.service_names.clear();
+        }
+        self.service_names.insert(asked, name.clone());
+        name
     }
 
-    pub fn policy(&self, number: u32) -> Option<String> {
+    pub fn policy(&self, number: u32) -> Option<Name> {
         self.policies.get(&number).cloned()
     }
 
     /// The device's name (asked once per index).
-    pub fn interface(&mut self, ifindex: u32) -> Option<String> {
+    pub fn interface(&mut self, ifindex: u32) -> Option<Name> {
         if ifindex == 0 {
             return None;
         }
@@ -181,7 +197,7 @@ impl Names {
         }
         let name = nix::net::if_::if_indextoname(ifindex)
             .ok()
-            .map(|name| name.to_string_lossy().into_owned());
+            .map(|name| Name::from(name.to_string_lossy()));
         // Pods come and go: a bounded cache, cleared when it grows large.
         if self.interfaces.len() > 65_536 {
             self.interfaces.clear();
@@ -199,8 +215,8 @@ fn add_pod(index: &mut HashMap<Ipv4Addr, PodName>, pod: &Pod) {
         index.insert(
             *ip,
             PodName {
-                name: format!("{}/{}", pod.key.0, pod.key.1),
-                node: pod.node.clone(),
+                name: format!("{}/{}", pod.key.0, pod.key.1).into(),
+                node: pod.node.as_deref().map(Name::from),
             },
         );
     }
@@ -210,7 +226,7 @@ fn add_pod(index: &mut HashMap<Ipv4Addr, PodName>, pod: &Pod) {
 fn remove_pod(index: &mut HashMap<Ipv4Addr, PodName>, pod: &Pod) {
     let name = format!("{}/{}", pod.key.0, pod.key.1);
     for ip in &pod.ips {
-        if index.get(ip).is_some_and(|p| p.name == name) {
+        if index.get(ip).is_some_and(|p| *p.name == *name) {
             index.remove(ip);
         }
     }

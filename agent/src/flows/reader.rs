@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use aya::maps::{MapData, RingBuf};
+use tern_api::flows::{FlowType, FlowVerdict, Name};
 use tern_common::FlowEvent;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -38,6 +39,7 @@ pub async fn run(
             return;
         }
     };
+    let node: Name = node_name.into();
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -64,17 +66,54 @@ pub async fn run(
         }
         names.refresh(false);
         let offset = resolve::monotonic_to_wall();
+        let mut tally = Tally::default();
         for event in &events {
-            match resolve::flow(event, &mut names, &node_name, offset) {
+            match resolve::flow(event, &mut names, &node, offset) {
                 Some(flow) => {
-                    metrics.record_flow(flow.kind.name(), flow.verdict.name());
+                    tally.add(flow.kind, flow.verdict);
                     writer.push(flow);
                 }
                 None => metrics.record_flow_undecoded(),
             }
         }
+        tally.record(&metrics);
         writer.publish();
         tokio::task::yield_now().await;
+    }
+}
+
+/// Flows of a batch by type and verdict: counted into the metrics once
+/// per batch, not once per event.
+#[derive(Default)]
+struct Tally([[u64; 3]; 4]);
+
+const TYPES: [FlowType; 4] = [
+    FlowType::Drop,
+    FlowType::Policy,
+    FlowType::Service,
+    FlowType::Trace,
+];
+const VERDICTS: [FlowVerdict; 3] = [
+    FlowVerdict::Forwarded,
+    FlowVerdict::Dropped,
+    FlowVerdict::Translated,
+];
+
+impl Tally {
+    fn add(&mut self, kind: FlowType, verdict: FlowVerdict) {
+        let t = TYPES.iter().position(|k| *k == kind).unwrap_or(0);
+        let v = VERDICTS.iter().position(|k| *k == verdict).unwrap_or(0);
+        self.0[t][v] += 1;
+    }
+
+    fn record(&self, metrics: &Metrics) {
+        for (kind, counts) in TYPES.iter().zip(&self.0) {
+            for (verdict, n) in VERDICTS.iter().zip(counts) {
+                if *n > 0 {
+                    metrics.record_flows(kind.name(), verdict.name(), *n);
+                }
+            }
+        }
     }
 }
 

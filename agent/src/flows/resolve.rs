@@ -1,8 +1,10 @@
 //! A datapath event as a flow: times made wall-clock, numbers made names.
 
+use std::borrow::Cow;
 use std::net::Ipv4Addr;
+use std::sync::OnceLock;
 
-use tern_api::flows::{Endpoint, Flow, FlowType, FlowVerdict, ServiceRef};
+use tern_api::flows::{Endpoint, Flow, FlowType, FlowVerdict, Name, ServiceRef, Word};
 use tern_common::FlowEvent;
 use tern_common::events::{DropReason, kind, point, service_path, verdict};
 
@@ -20,8 +22,9 @@ pub fn monotonic_to_wall() -> i128 {
 }
 
 /// `None` for an event of a kind this agent does not know (a newer
-/// datapath's): counted by the caller, not guessed at.
-pub fn flow(event: &FlowEvent, names: &mut Names, node: &str, offset: i128) -> Option<Flow> {
+/// datapath's): counted by the caller, not guessed at. Every string is
+/// shared or static: an event costs no allocation but its flow's.
+pub fn flow(event: &FlowEvent, names: &mut Names, node: &Name, offset: i128) -> Option<Flow> {
     let flow_type = match event.kind {
         kind::DROP => FlowType::Drop,
         kind::POLICY => FlowType::Policy,
@@ -36,19 +39,16 @@ pub fn flow(event: &FlowEvent, names: &mut Names, node: &str, offset: i128) -> O
         _ => return None,
     };
     let reason = match flow_type {
-        FlowType::Service => Some(
-            match event.reason {
-                service_path::SOCKET => "socket",
-                service_path::PACKET => "packet",
-                service_path::EXTERNAL => "external",
-                _ => "unknown",
-            }
-            .to_owned(),
-        ),
+        FlowType::Service => Some(Cow::Borrowed(match event.reason {
+            service_path::SOCKET => "socket",
+            service_path::PACKET => "packet",
+            service_path::EXTERNAL => "external",
+            _ => "unknown",
+        })),
         _ if flow_verdict == FlowVerdict::Dropped => {
             Some(DropReason::from_u8(event.reason).map_or_else(
-                || format!("reason_{}", event.reason),
-                |r| r.name().to_owned(),
+                || Cow::Owned(format!("reason_{}", event.reason)),
+                |r| Cow::Borrowed(r.name()),
             ))
         }
         _ => None,
@@ -98,21 +98,20 @@ pub fn flow(event: &FlowEvent, names: &mut Names, node: &str, offset: i128) -> O
     let policy = (flow_type == FlowType::Policy && event.policy != 0).then(|| {
         names
             .policy(event.policy)
-            .unwrap_or_else(|| format!("#{}", event.policy))
+            .unwrap_or_else(|| format!("#{}", event.policy).into())
     });
     Some(Flow {
         time_ns: (event.time_ns as i128 + offset).max(0) as u64,
-        node: node.to_owned(),
+        node: node.clone(),
         kind: flow_type,
         verdict: flow_verdict,
         reason,
-        point: point::name(event.point).to_owned(),
-        direction: if event.direction == 0 {
+        point: Cow::Borrowed(point::name(event.point)),
+        direction: Cow::Borrowed(if event.direction == 0 {
             "ingress"
         } else {
             "egress"
-        }
-        .to_owned(),
+        }),
         protocol: protocol_name(event.proto),
         source,
         destination,
@@ -127,7 +126,7 @@ fn endpoint(names: &Names, ip: Option<Ipv4Addr>, port: Option<u16>) -> Endpoint 
     let pod = ip.and_then(|ip| names.pod(ip));
     let node = match &pod {
         Some(pod) => pod.node.clone(),
-        None => ip.and_then(|ip| names.node(ip).map(str::to_owned)),
+        None => ip.and_then(|ip| names.node(ip)),
     };
     Endpoint {
         ip,
@@ -137,18 +136,25 @@ fn endpoint(names: &Names, ip: Option<Ipv4Addr>, port: Option<u16>) -> Endpoint 
     }
 }
 
-pub fn protocol_name(proto: u8) -> String {
+pub fn protocol_name(proto: u8) -> Word {
     match proto {
         1 => "ICMP".into(),
         6 => "TCP".into(),
         17 => "UDP".into(),
         132 => "SCTP".into(),
         0 => "-".into(),
-        other => other.to_string(),
+        other => other.to_string().into(),
     }
 }
 
-fn tcp_flags(flags: u8) -> String {
+/// The six flags tcpdump names, e.g. "SYN|ACK" (spelt once per set).
+fn tcp_flags(flags: u8) -> Word {
+    static SPELT: OnceLock<Vec<String>> = OnceLock::new();
+    let spelt = SPELT.get_or_init(|| (0..=0x3f).map(spell_tcp_flags).collect());
+    Cow::Borrowed(spelt[usize::from(flags & 0x3f)].as_str())
+}
+
+fn spell_tcp_flags(flags: u8) -> String {
     const NAMES: [(u8, &str); 6] = [
         (0x02, "SYN"),
         (0x10, "ACK"),

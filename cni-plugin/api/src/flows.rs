@@ -1,9 +1,19 @@
 //! Flows as `tern observe` shows them: datapath events with the names the
 //! agent resolved (pods, Services, nodes), and the filters that select them.
 
+use std::borrow::Cow;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+/// A name the agent resolved (pod, node, Service, policy, device): shared
+/// with the agent's name index, so resolving an event allocates nothing.
+pub type Name = Arc<str>;
+
+/// A word of a fixed vocabulary (point, direction, protocol, reason):
+/// borrowed from the agent's constants, owned when deserialized.
+pub type Word = Cow<'static, str>;
 
 /// One flow event, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -11,7 +21,7 @@ pub struct Flow {
     /// Wall-clock time of the event, nanoseconds since the Unix epoch.
     pub time_ns: u64,
     /// The node whose datapath saw it.
-    pub node: String,
+    pub node: Name,
     /// drop, policy, service or trace.
     #[serde(rename = "type")]
     pub kind: FlowType,
@@ -19,13 +29,13 @@ pub struct Flow {
     /// Drops and denials: the drop reason's name (e.g. `no_backend`);
     /// Service translations: the path (`socket`, `packet`, `external`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Word>,
     /// Where the datapath saw it (e.g. `from_pod`, `sock_connect`).
-    pub point: String,
+    pub point: Word,
     /// ingress or egress, as the pod (or node) there sees it.
-    pub direction: String,
+    pub direction: Word,
     /// TCP, UDP, ICMP, or the protocol number.
-    pub protocol: String,
+    pub protocol: Word,
     pub source: Endpoint,
     /// Service translations: the chosen backend.
     pub destination: Endpoint,
@@ -35,13 +45,13 @@ pub struct Flow {
     /// Policy verdicts: the policy (namespace/name) that allowed, or the
     /// first isolating the pod for a denial.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
+    pub policy: Option<Name>,
     /// The device the packet was seen on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
+    pub interface: Option<Name>,
     /// TCP flags, e.g. `SYN` or `SYN|ACK`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp_flags: Option<String>,
+    pub tcp_flags: Option<Word>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -92,17 +102,17 @@ pub struct Endpoint {
     pub port: Option<u16>,
     /// The pod with this address, "namespace/name".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
+    pub pod: Option<Name>,
     /// The node it is on, or the node with this address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
+    pub node: Option<Name>,
 }
 
 /// A Service frontend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRef {
     /// "namespace/name"; `None` if no Service has this frontend now.
-    pub name: Option<String>,
+    pub name: Option<Name>,
     pub ip: Ipv4Addr,
     pub port: u16,
 }
@@ -174,7 +184,7 @@ impl Flow {
 impl FlowFilter {
     pub fn matches(&self, flow: &Flow) -> bool {
         let sides = [&flow.source, &flow.destination];
-        let pod_matches = |wanted: &str, pod: &Option<String>| {
+        let pod_matches = |wanted: &str, pod: &Option<Name>| {
             pod.as_deref().is_some_and(|pod| {
                 pod == wanted || (!wanted.contains('/') && pod.split('/').nth(1) == Some(wanted))
             })
