@@ -100,9 +100,20 @@ const VERDICTS: [FlowVerdict; 3] = [
 ];
 
 impl Tally {
+    /// Indices as listed in TYPES and VERDICTS; exhaustive, so a new type
+    /// or verdict cannot be counted as another.
     fn add(&mut self, kind: FlowType, verdict: FlowVerdict) {
-        let t = TYPES.iter().position(|k| *k == kind).unwrap_or(0);
-        let v = VERDICTS.iter().position(|k| *k == verdict).unwrap_or(0);
+        let t = match kind {
+            FlowType::Drop => 0,
+            FlowType::Policy => 1,
+            FlowType::Service => 2,
+            FlowType::Trace => 3,
+        };
+        let v = match verdict {
+            FlowVerdict::Forwarded => 0,
+            FlowVerdict::Dropped => 1,
+            FlowVerdict::Translated => 2,
+        };
         self.0[t][v] += 1;
     }
 
