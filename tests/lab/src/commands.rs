@@ -8,7 +8,6 @@
 //! and down. Every pod runs an echo server: the running binary started again
 //! with [`SERVE_COMMAND`], which must call [`serve`].
 
-use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -355,12 +354,13 @@ pub fn down() -> Result<()> {
 /// still belongs to one of our binaries (it may have exited and been reused):
 /// an agent, or an echo server (this binary, see [`SERVE_COMMAND`]).
 fn stop_own_process(pid: i32) {
-    let name_of = |exe: PathBuf| exe.file_name().map(ToOwned::to_owned);
     let name = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
-        .and_then(name_of);
-    let own = std::env::current_exe().ok().and_then(name_of);
-    let ours = name.is_some() && (name.as_deref() == Some(OsStr::new("tern-agent")) || name == own);
+        .and_then(|exe| binary_name(&exe));
+    let own = std::env::current_exe()
+        .ok()
+        .and_then(|exe| binary_name(&exe));
+    let ours = name.is_some() && (name.as_deref() == Some("tern-agent") || name == own);
     if !ours {
         return;
     }
@@ -371,6 +371,14 @@ fn stop_own_process(pid: i32) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// The file name of a process's binary as `/proc/<pid>/exe` shows it; one
+/// rebuilt since the process started reads `<path> (deleted)`, and is still
+/// that binary.
+fn binary_name(exe: &Path) -> Option<String> {
+    let name = exe.file_name()?.to_str()?;
+    Some(name.strip_suffix(" (deleted)").unwrap_or(name).to_owned())
 }
 
 /// Every check the demo makes, printed as it is proved.
@@ -823,4 +831,23 @@ pub fn map_memlock_kib(pid: u32) -> Result<u64> {
         }
     }
     Ok(total / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rebuilt_binary_keeps_its_name() {
+        let name = |path: &str| binary_name(Path::new(path));
+        assert_eq!(
+            name("/w/target/release/tern-agent").as_deref(),
+            Some("tern-agent")
+        );
+        assert_eq!(
+            name("/w/target/release/tern-agent (deleted)").as_deref(),
+            Some("tern-agent")
+        );
+        assert_eq!(name("/usr/bin/nginx").as_deref(), Some("nginx"));
+    }
 }
