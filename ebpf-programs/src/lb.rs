@@ -14,9 +14,12 @@ use tern_common::{
 
 use crate::maps::{AFFINITY, BACKENDS, CONNECTIONS, LB_TABLES, SERVICES};
 
-/// The master entry of the frontend `addr:port/proto` as pods see it: the
-/// Internal scope entry (only present with externalTrafficPolicy=Local)
-/// wins over the External one.
+/// The master entry of the frontend `addr:port/proto` as pods see it. An
+/// External scope entry flagged EXTERNAL_LOCAL (externalTrafficPolicy=Local)
+/// has an Internal scope entry beside it with every backend, and that one is
+/// the pods' (kube-proxy exempts in-cluster clients from the policy); no
+/// other frontend has one. So one lookup answers most packets, which are for
+/// no Service at all, and a second is made only for those frontends.
 pub fn lookup_service_for_pod(
     addr: u32,
     port: u16,
@@ -27,15 +30,21 @@ pub fn lookup_service_for_pod(
         port,
         slot: 0,
         proto,
-        scope: scope::INTERNAL,
+        scope: scope::EXTERNAL,
         pad: 0,
     };
     // SAFETY: values are copied out at once.
-    if let Some(v) = unsafe { SERVICES.get(key) } {
-        return Some((key, *v));
+    let external = unsafe { SERVICES.get(key) }.copied()?;
+    if external.flags & service_flags::EXTERNAL_LOCAL != 0 {
+        key.scope = scope::INTERNAL;
+        // SAFETY: as above.
+        if let Some(internal) = unsafe { SERVICES.get(key) } {
+            return Some((key, *internal));
+        }
+        // Not written yet (or just removed): the External entry serves.
+        key.scope = scope::EXTERNAL;
     }
-    key.scope = scope::EXTERNAL;
-    unsafe { SERVICES.get(key) }.map(|v| (key, *v))
+    Some((key, external))
 }
 
 /// A chosen backend and its id (the CONNECTIONS key).

@@ -149,7 +149,7 @@ fn admit(
 }
 
 /// The connection `p` belongs to at the local pod `local`: one opened in
-/// the packet's own direction, else one opened the other way (`p` is a
+/// the packet's own direction, or one opened the other way (`p` is a
 /// reply). An entry allowed under an older revision is judged again.
 #[inline(always)]
 fn tracked(p: &Packet, local: u32, direction: u8) -> Tracked {
@@ -172,11 +172,25 @@ fn tracked(p: &Packet, local: u32, direction: u8) -> Tracked {
     } else {
         point::FROM_POD
     };
-    if let Some(found) = follow(&own, &ep, local, now, p, at) {
+    // Both directions are tried; the order only spares a lookup. A packet
+    // from the lower port to the higher is most likely a server's reply to
+    // a client's ephemeral port, so its connection is looked for the other
+    // way first.
+    let reply_first = u16::from_be(p.sport) < u16::from_be(p.dport);
+    let first = if reply_first {
+        reply_key(p, opposite(direction))
+    } else {
+        own
+    };
+    if let Some(found) = follow(&first, &ep, local, now, p, at) {
         return found;
     }
-    let other = reply_key(p, opposite(direction));
-    follow(&other, &ep, local, now, p, at).unwrap_or(Tracked::New)
+    let second = if reply_first {
+        own
+    } else {
+        reply_key(p, opposite(direction))
+    };
+    follow(&second, &ep, local, now, p, at).unwrap_or(Tracked::New)
 }
 
 #[inline(always)]

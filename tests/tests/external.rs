@@ -190,6 +190,23 @@ fn external_traffic_policy_local_keeps_the_client_address_and_local_backends() -
     assert!(list.iter().any(|f| f["frontend"] == "10.0.0.11:30080/TCP"
         && f["scope"] == "internal"
         && f["backends"].as_array().unwrap().len() == 2));
+    // And the datapath finds it: a pod's connections to the NodePort (the
+    // per-packet path, from its veth) reach the backend listed on another
+    // node too.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let answer = tcp_roundtrip(&s.backends[0].ns, at(NODE_IP, 30080), "x")?;
+        seen.insert(
+            answer
+                .split_once(':')
+                .map_or(answer.clone(), |(who, _)| who.to_owned()),
+        );
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["b0", "b1"],
+        "a pod reaches every backend of an externalTrafficPolicy=Local frontend"
+    );
     let ct = s.node.tern(&["ct", "list"])?;
     assert!(ct.contains(&CLIENT_IP.to_string()), "{ct}");
     Ok(())
