@@ -176,21 +176,16 @@ fn tracked(p: &Packet, local: u32, direction: u8) -> Tracked {
     // from the lower port to the higher is most likely a server's reply to
     // a client's ephemeral port, so its connection is looked for the other
     // way first.
-    let reply_first = u16::from_be(p.sport) < u16::from_be(p.dport);
-    let first = if reply_first {
-        reply_key(p, opposite(direction))
+    let other = reply_key(p, opposite(direction));
+    let (first, second) = if u16::from_be(p.sport) < u16::from_be(p.dport) {
+        (&other, &own)
     } else {
-        own
+        (&own, &other)
     };
-    if let Some(found) = follow(&first, &ep, local, now, p, at) {
+    if let Some(found) = follow(first, &ep, local, now, p, at) {
         return found;
     }
-    let second = if reply_first {
-        own
-    } else {
-        reply_key(p, opposite(direction))
-    };
-    follow(&second, &ep, local, now, p, at).unwrap_or(Tracked::New)
+    follow(second, &ep, local, now, p, at).unwrap_or(Tracked::New)
 }
 
 #[inline(always)]
