@@ -388,12 +388,7 @@ async fn hostile_objects_and_broken_lists_cost_only_themselves() {
             .iter()
             .any(|e| e.message.contains("Service default/zero"))
     );
-    let names: Vec<&str> = first
-        .cluster
-        .services
-        .keys()
-        .map(|k| k.name.as_str())
-        .collect();
+    let names: Vec<&str> = first.cluster.services.keys().map(|k| &*k.name).collect();
     assert_eq!(names, ["aa-new", "web", "zz-old"]);
     let state = lb::compile(&first.cluster, &context());
     let frontend = |ip: [u8; 4], port| Frontend {
@@ -405,9 +400,9 @@ async fn hostile_objects_and_broken_lists_cost_only_themselves() {
     let web = &state.frontends[&frontend([10, 96, 0, 10], 80)];
     assert_eq!(web.backends.len(), 1, "the bad slices cost web nothing");
     let owner = &state.frontends[&frontend([10, 0, 0, 1], 30080)];
-    assert_eq!(owner.service.name, "zz-old");
+    assert_eq!(&*owner.service.name, "zz-old");
     assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
-    assert_eq!(state.conflicts[0].service.name, "aa-new");
+    assert_eq!(&*state.conflicts[0].service.name, "aa-new");
     assert!(state.frontends.contains_key(&frontend([10, 96, 0, 31], 80)));
 
     // The Service of the early slice arrives: it has its backend at once.
@@ -427,7 +422,7 @@ async fn hostile_objects_and_broken_lists_cost_only_themselves() {
     let now = settle(&mut rx, &expected(&server)).await;
     let state = lb::compile(&now.cluster, &context());
     assert_eq!(
-        state.frontends[&frontend([10, 0, 0, 1], 30080)]
+        &*state.frontends[&frontend([10, 0, 0, 1], 30080)]
             .service
             .name,
         "aa-new"

@@ -90,13 +90,8 @@ mod tests {
 
     fn endpoint(ip: &str, node: &str, ready: bool) -> Endpoint {
         Endpoint {
-            addresses: smallvec::smallvec![ip.parse().unwrap()],
-            ready,
-            serving: ready,
-            terminating: false,
             node_name: Some(node.into()),
-            hints: None,
-            pod_name: None,
+            ..Endpoint::new(ip.parse().unwrap(), ready, ready, false)
         }
     }
 
@@ -162,7 +157,7 @@ mod tests {
         );
         let (checks, problems) = health_checks(&c, "n1");
         assert_eq!(checks.keys().collect::<Vec<_>>(), [&32000]);
-        assert_eq!(checks[&32000].service.name, "a");
+        assert_eq!(&*checks[&32000].service.name, "a");
         assert_eq!(problems.len(), 1, "{problems:?}");
     }
 }

@@ -3,8 +3,6 @@
 
 use std::net::Ipv4Addr;
 
-use smallvec::SmallVec;
-
 use super::{Protocol, ServiceKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,21 +29,31 @@ pub struct EndpointPort {
 /// EndpointSlice API defines nil: ready => true, serving => ready,
 /// terminating => false.
 ///
-/// Kept small: a node may hold a million of them. The addresses are inline
-/// (a heap block for one address took 32 B more), boxed strs carry no spare
-/// capacity, and the rarely set hints are one pointer.
+/// Kept small: a node may hold a million of them. The first address is
+/// inline (the EndpointSlice controller writes exactly one), the rarely set
+/// further addresses and topology hints share one pointer, and boxed strs
+/// carry no spare capacity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    pub addresses: SmallVec<[Ipv4Addr; 2]>,
+    /// `addresses[0]`; an endpoint without one is not kept.
+    pub address: Ipv4Addr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<Box<str>>,
-    /// `None`: no hints.
-    pub hints: Option<Box<TopologyHints>>,
     /// `targetRef.name` when the target is a Pod (`tern.io/lb-weights`
     /// names endpoints by it).
     pub pod_name: Option<Box<str>>,
+    /// `None`: one address and no hints.
+    pub rare: Option<Box<RareEndpointFields>>,
+}
+
+/// What few endpoints have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RareEndpointFields {
+    /// `addresses[1..]` (the API calls them fungible with the first).
+    pub more_addresses: Vec<Ipv4Addr>,
+    pub hints: TopologyHints,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,12 +67,31 @@ pub struct TopologyHints {
 }
 
 impl Endpoint {
+    /// An endpoint with one address, no hints and no names.
+    pub fn new(address: Ipv4Addr, ready: bool, serving: bool, terminating: bool) -> Self {
+        Endpoint {
+            address,
+            ready,
+            serving,
+            terminating,
+            node_name: None,
+            pod_name: None,
+            rare: None,
+        }
+    }
+
+    /// Every address, the first one first.
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let more = self.rare.as_ref().map_or(&[][..], |r| &r.more_addresses);
+        std::iter::once(self.address).chain(more.iter().copied())
+    }
+
     pub fn zone_hints(&self) -> &[String] {
-        self.hints.as_ref().map_or(&[], |h| &h.zones)
+        self.rare.as_ref().map_or(&[], |r| &r.hints.zones)
     }
 
     pub fn node_hints(&self) -> &[String] {
-        self.hints.as_ref().map_or(&[], |h| &h.nodes)
+        self.rare.as_ref().map_or(&[], |r| &r.hints.nodes)
     }
 }
 
@@ -75,6 +102,6 @@ mod tests {
     #[test]
     fn an_endpoint_stays_small() {
         // A node may hold a million: every 8 B is 8 MB.
-        assert_eq!(std::mem::size_of::<Endpoint>(), 72);
+        assert_eq!(std::mem::size_of::<Endpoint>(), 48);
     }
 }

@@ -11,7 +11,9 @@ mod service;
 
 use std::sync::Arc;
 
-pub use endpoint_slice::{Endpoint, EndpointPort, EndpointSlice, TopologyHints};
+pub use endpoint_slice::{
+    Endpoint, EndpointPort, EndpointSlice, RareEndpointFields, TopologyHints,
+};
 pub use host_port::HostPort;
 pub use namespace::Namespace;
 pub use network_policy::{
@@ -54,10 +56,10 @@ impl Cluster {
         &'a self,
         service: &'a ServiceKey,
     ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
-        let namespace = (service.namespace.clone(), String::new());
+        let namespace = (service.namespace.to_string(), String::new());
         self.slices
             .range(namespace..)
-            .take_while(|((ns, _), _)| *ns == service.namespace)
+            .take_while(|((ns, _), _)| **ns == *service.namespace)
             .map(|(_, slice)| &**slice)
             .filter(move |slice| slice.service == *service)
     }

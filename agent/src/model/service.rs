@@ -4,16 +4,19 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
-/// A Service's identity, shown as `namespace/name`.
+/// A Service's identity, shown as `namespace/name`. Shared strings: the
+/// model, the compiler and every frontend entry hold a key per Service, and
+/// a clone is a count, not two allocations.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         ServiceKey {
             namespace: namespace.into(),
             name: name.into(),

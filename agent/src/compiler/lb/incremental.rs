@@ -214,6 +214,7 @@ impl LbCompiler {
             if let Some(new) = new {
                 dirty.insert(new.service.clone());
                 let slices = &mut self.kept.entry(new.service.clone()).or_default().slices;
+                slices.reserve_exact(1);
                 let at = slices.partition_point(|s| s.key < new.key);
                 slices.insert(at, new.clone());
             }
@@ -229,7 +230,7 @@ impl LbCompiler {
                 cluster
                     .services
                     .keys()
-                    .filter(|key| key.namespace == *name)
+                    .filter(|key| *key.namespace == **name)
                     .cloned(),
             );
         }
@@ -265,7 +266,7 @@ impl LbCompiler {
         let slices: Vec<&EndpointSlice> = kept.slices.iter().map(|s| &**s).collect();
         let namespace_algorithm: Option<LbAlgorithm> = cluster
             .namespaces
-            .get(&key.namespace)
+            .get(&*key.namespace)
             .and_then(|ns| ns.lb_algorithm);
         let algorithm = service
             .lb_algorithm
@@ -328,7 +329,12 @@ impl LbCompiler {
     }
 
     fn claim(&mut self, frontend: Frontend, rank: Rank, by: ClaimBy, entry: Arc<FrontendEntry>) {
-        let claims = self.claims.entry(frontend).or_default();
+        // Room for one: nearly every frontend has one claim, and a Vec's
+        // first push makes room for four (160 B a frontend).
+        let claims = self
+            .claims
+            .entry(frontend)
+            .or_insert_with(|| Vec::with_capacity(1));
         // After the claims that sort before or equal to it: a Service that
         // claims one frontend twice keeps its first port's.
         let at = claims.partition_point(|c| (c.rank, &c.by) <= (rank, &by));

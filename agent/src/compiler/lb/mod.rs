@@ -500,7 +500,7 @@ fn candidates<'a>(port: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<Candi
             continue;
         };
         for endpoint in &slice.endpoints {
-            for &ip in &endpoint.addresses {
+            for ip in endpoint.addresses() {
                 let addr = BackendAddr {
                     ip,
                     port: backend_port,

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::model::{EndpointPort, TopologyHints};
+use crate::model::{EndpointPort, RareEndpointFields, TopologyHints};
 use std::sync::Arc;
 
 const NODE: &str = "node-a";
@@ -77,13 +77,8 @@ fn ep(ip: &str, node: &str, state: State) -> Endpoint {
         State::Gone => (false, false, true),
     };
     Endpoint {
-        addresses: smallvec::smallvec![ip.parse().unwrap()],
-        ready,
-        serving,
-        terminating,
         node_name: Some(node.into()),
-        hints: None,
-        pod_name: None,
+        ..Endpoint::new(ip.parse().unwrap(), ready, serving, terminating)
     }
 }
 
@@ -605,7 +600,10 @@ fn a_frontend_claimed_twice_stays_with_the_first_service() {
     other.key = ServiceKey::new("default", "zz-other");
     let state = compile(&cluster(vec![web(), other], vec![]), &ctx());
     assert_eq!(state.frontends.len(), 1);
-    assert_eq!(state.frontends.values().next().unwrap().service.name, "web");
+    assert_eq!(
+        &*state.frontends.values().next().unwrap().service.name,
+        "web"
+    );
     assert_eq!(state.conflicts.len(), 1, "{:?}", state.conflicts);
     assert!(state.conflicts[0].to_string().contains("default/zz-other"));
 }
@@ -661,9 +659,12 @@ fn a_kept_compiler_recompiles_only_the_changed_service() {
 /// An endpoint with topology hints.
 fn hinted(ip: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
     Endpoint {
-        hints: Some(Box::new(TopologyHints {
-            zones: zones.iter().map(|z| z.to_string()).collect(),
-            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        rare: Some(Box::new(RareEndpointFields {
+            more_addresses: vec![],
+            hints: TopologyHints {
+                zones: zones.iter().map(|z| z.to_string()).collect(),
+                nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            },
         })),
         ..ep(ip, node, State::Ready)
     }
@@ -711,7 +712,7 @@ fn zone_hints_keep_cluster_traffic_in_the_node_zone() {
         every
     );
     let mut partly = hinted_endpoints();
-    partly[2].hints.as_mut().unwrap().zones.clear();
+    partly[2].rare.as_mut().unwrap().hints.zones.clear();
     assert_eq!(cluster_ip_backends(&in_zone(Some("zone-a"), partly)), every);
     // A not-ready endpoint without hints does not count.
     let mut with_unready = hinted_endpoints();
@@ -911,7 +912,7 @@ fn claimant(name: &str, n: u8, created: Option<i64>) -> Service {
 }
 
 fn owner_of(state: &LbState, frontend: Frontend) -> String {
-    state.frontends[&frontend].service.name.clone()
+    state.frontends[&frontend].service.name.to_string()
 }
 
 #[test]
@@ -982,7 +983,7 @@ fn a_frontend_claimed_twice_goes_to_the_oldest_service_in_any_order() {
             let fresh_both =
                 LbCompiler::new(ctx()).compile(&cluster(vec![second, first.clone()], vec![]), &[]);
             assert_eq!(owner_of(&one, frontend), a, "{what}");
-            assert_eq!(fresh.frontends[&frontend].service.name, b, "{what}");
+            assert_eq!(&*fresh.frontends[&frontend].service.name, b, "{what}");
             for state in [&both, &again, &fresh_both] {
                 assert_eq!(owner_of(state, frontend), winner, "{what}: {a} vs {b}");
                 assert_eq!(
@@ -993,7 +994,7 @@ fn a_frontend_claimed_twice_goes_to_the_oldest_service_in_any_order() {
                 );
                 let conflict = &state.conflicts[0];
                 assert_eq!(
-                    (conflict.service.name.as_str(), conflict.owner.name.as_str()),
+                    (&*conflict.service.name, &*conflict.owner.name),
                     (loser, winner)
                 );
                 assert_eq!(conflict.kind, kind);

@@ -14,8 +14,8 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort,
-    Namespace, Node, Pod, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort,
-    TopologyHints, TrafficPolicy,
+    Namespace, Node, Pod, Protocol, RareEndpointFields, Service, ServiceKey, ServicePort,
+    ServiceType, TargetPort, TopologyHints, TrafficPolicy,
 };
 
 /// Per-Service (or per-namespace default) backend selection: `random`,
@@ -402,7 +402,7 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
     let lb_algorithm = lb_algorithm(&object.metadata)?;
     let lb_weights = lb_weights(&object.metadata)?;
     Ok(Service {
-        key: ServiceKey { namespace, name },
+        key: ServiceKey::new(namespace, name),
         service_type,
         cluster_ips,
         external_ips: service_ips(
@@ -900,12 +900,16 @@ fn convert_slice(
         Some(raw) => Some(slice_ports(raw, warnings)?),
     };
     // Exact capacity: collecting a Result does not know the length and
-    // left 16 slots of 128 bytes for 10 endpoints (~0.8 KiB per slice
-    // kept for the model's lifetime).
+    // left 16 slots for 10 endpoints (kept for the model's lifetime).
     let mut endpoints = Vec::with_capacity(object.endpoints.len());
     for (index, e) in object.endpoints.iter().enumerate() {
-        endpoints.push(endpoint(index, e)?);
+        match endpoint(index, e)? {
+            Some(endpoint) => endpoints.push(endpoint),
+            // The API requires one (minItems 1); kube-proxy skips it too.
+            None => warnings.push(format!("endpoints[{index}]: no address, skipped")),
+        }
     }
+    endpoints.shrink_to_fit();
     Ok(EndpointSlice {
         service: ServiceKey::new(namespace.clone(), service.clone()),
         key: (namespace, name),
@@ -956,22 +960,23 @@ fn slice_ports(
     Ok(ports)
 }
 
-fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, Refusal> {
-    let addresses = raw
-        .addresses
-        .iter()
-        .map(|a| {
-            a.parse::<Ipv4Addr>().map_err(|_| {
-                Refusal::new(
-                    RejectReason::InvalidAddress,
-                    format!(
-                        "endpoints[{index}]: {:?} is not an IPv4 address",
-                        shortened(a)
-                    ),
-                )
-            })
+/// `None`: the endpoint has no address.
+fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Option<Endpoint>, Refusal> {
+    let mut addresses = raw.addresses.iter().map(|a| {
+        a.parse::<Ipv4Addr>().map_err(|_| {
+            Refusal::new(
+                RejectReason::InvalidAddress,
+                format!(
+                    "endpoints[{index}]: {:?} is not an IPv4 address",
+                    shortened(a)
+                ),
+            )
         })
-        .collect::<Result<_, _>>()?;
+    });
+    let Some(address) = addresses.next().transpose()? else {
+        return Ok(None);
+    };
+    let more_addresses = addresses.collect::<Result<Vec<_>, _>>()?;
     let conditions = raw.conditions.clone().unwrap_or_default();
     // The API's nil meanings: unknown readiness counts as ready, serving
     // follows ready, and nothing is terminating unless it says so.
@@ -990,20 +995,24 @@ fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Endpoint, Refusal
             .map(|n| n.name.clone())
             .collect(),
     };
-    Ok(Endpoint {
-        addresses,
+    let rare = RareEndpointFields {
+        more_addresses,
+        hints,
+    };
+    Ok(Some(Endpoint {
+        address,
         ready,
         serving: conditions.serving.unwrap_or(ready),
         terminating: conditions.terminating.unwrap_or(false),
         node_name: raw.node_name.as_deref().map(Box::from),
-        hints: (hints != TopologyHints::default()).then(|| Box::new(hints)),
         pod_name: raw
             .target_ref
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| r.name.as_deref())
             .map(Box::from),
-    })
+        rare: (rare != RareEndpointFields::default()).then(|| Box::new(rare)),
+    }))
 }
 
 #[cfg(test)]

@@ -299,6 +299,23 @@ fn slice_conditions_take_the_apis_nil_meanings() {
 }
 
 #[test]
+fn every_address_of_an_endpoint_is_kept_and_one_without_any_is_skipped() {
+    let text = SLICE.replace(
+        "- addresses: [\"10.244.1.5\"]\n",
+        "- addresses: [\"10.244.1.5\", \"10.244.1.6\"]\n- addresses: []\n",
+    );
+    let (slice, warnings) = accepted(slice_from(&text));
+    assert_eq!(warnings, ["endpoints[1]: no address, skipped"]);
+    assert_eq!(slice.endpoints.len(), 4);
+    let first: Vec<String> = slice.endpoints[0]
+        .addresses()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(first, ["10.244.1.5", "10.244.1.6"]);
+    assert_eq!(slice.endpoints[1].addresses().count(), 1);
+}
+
+#[test]
 fn slices_that_are_not_ours_are_ignored() {
     let ipv6 = SLICE.replace("addressType: IPv4", "addressType: IPv6");
     let headless = SLICE.replace(
@@ -598,7 +615,7 @@ fn huge_label_sets_annotations_and_longest_names_are_taken() {
     let (svc, warnings) = accepted(service(&object));
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     assert!(warnings.is_empty());
-    assert_eq!(svc.key.name, name);
+    assert_eq!(*svc.key.name, *name);
     assert_eq!(svc.lb_weights.by_pod.len(), 50_000);
 
     // A megabyte of a bad lb-algorithm: refused, and the message is short.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use file::{FileObjects, parse_file};
+use file::{FileContents, duplicate, parse_file};
 pub use watch::watch;
 
 use super::{LoadReport, RejectReason, Rejection};
@@ -47,7 +47,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 /// The manifest directory as last read, file by file.
 pub struct ManifestSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
+    files: BTreeMap<PathBuf, (Stamp, FileContents)>,
     /// Why the directory could not be listed last time; `None` before the
     /// first reload too, which always reports.
     list_error: Option<Rejection>,
@@ -119,47 +119,56 @@ impl ManifestSource {
             report.warnings.extend(file.warnings.iter().cloned());
             report.ignored += file.ignored;
         }
+        let files = || self.files.iter().map(|(path, (_, f))| (path.as_path(), f));
+        let last = &mut self.last;
+        let errors = &mut report.errors;
         merge_sorted(
-            self.files.values().map(|(_, f)| &f.services[..]),
+            files().map(|(p, f)| (p, &f.services[..])),
             |s| &s.key,
             "Service",
-            &mut report.errors,
-            &mut self.last.services,
+            |s| s.key.to_string(),
+            errors,
+            &mut last.services,
         );
         merge_sorted(
-            self.files.values().map(|(_, f)| &f.slices[..]),
+            files().map(|(p, f)| (p, &f.slices[..])),
             |s| &s.key,
             "EndpointSlice",
-            &mut report.errors,
-            &mut self.last.slices,
+            |s| format!("{}/{}", s.key.0, s.key.1),
+            errors,
+            &mut last.slices,
         );
         merge_sorted(
-            self.files.values().map(|(_, f)| &f.nodes[..]),
+            files().map(|(p, f)| (p, &f.nodes[..])),
             |n| &n.name,
             "Node",
-            &mut report.errors,
-            &mut self.last.nodes,
+            |n| n.name.clone(),
+            errors,
+            &mut last.nodes,
         );
         merge_sorted(
-            self.files.values().map(|(_, f)| &f.namespaces[..]),
+            files().map(|(p, f)| (p, &f.namespaces[..])),
             |n| &n.name,
             "Namespace",
-            &mut report.errors,
-            &mut self.last.namespaces,
+            |n| n.name.clone(),
+            errors,
+            &mut last.namespaces,
         );
         merge_sorted(
-            self.files.values().map(|(_, f)| &f.pods[..]),
+            files().map(|(p, f)| (p, &f.pods[..])),
             |p| &p.key,
             "Pod",
-            &mut report.errors,
-            &mut self.last.pods,
+            |p| format!("{}/{}", p.key.0, p.key.1),
+            errors,
+            &mut last.pods,
         );
         merge_sorted(
-            self.files.values().map(|(_, f)| &f.network_policies[..]),
+            files().map(|(p, f)| (p, &f.network_policies[..])),
             |p| &p.key,
             "NetworkPolicy",
-            &mut report.errors,
-            &mut self.last.network_policies,
+            |p| format!("{}/{}", p.key.0, p.key.1),
+            errors,
+            &mut last.network_policies,
         );
         report.cluster = self.last.clone();
         report
@@ -188,29 +197,32 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Merges the files' objects, each file's sorted by key, and brings `map`
-/// to them; of objects with the same key the one of the earlier file wins
-/// and the rest are reported.
+/// Merges the files' objects, each file's sorted by key with one object per
+/// key, and brings `map` to them; of objects with the same key the one of
+/// the earlier file wins and the rest are reported.
 fn merge_sorted<'a, K: Ord + Clone, T>(
-    files: impl Iterator<Item = &'a [(String, Arc<T>)]>,
+    files: impl Iterator<Item = (&'a Path, &'a [Arc<T>])>,
     key: impl Fn(&T) -> &K,
     kind: &'static str,
+    name: impl Fn(&T) -> String,
     errors: &mut Vec<Rejection>,
     map: &mut Map<K, Arc<T>>,
 ) where
     T: 'a,
 {
-    let mut all: Vec<&(String, Arc<T>)> = files.flatten().collect();
+    let mut all: Vec<(&Path, &Arc<T>)> = files
+        .flat_map(|(path, objects)| objects.iter().map(move |o| (path, o)))
+        .collect();
     // Stable, and cheap on runs that are sorted already.
-    all.sort_by(|a, b| key(&a.1).cmp(key(&b.1)));
+    all.sort_by(|a, b| key(a.1).cmp(key(b.1)));
     let mut merged: Vec<(K, Arc<T>)> = Vec::with_capacity(all.len());
-    for (what, object) in all {
+    for (path, object) in all {
         match merged.last() {
-            Some((last, _)) if last == key(object) => errors.push(Rejection::new(
-                kind,
-                RejectReason::Duplicate,
-                format!("{what}: defined more than once; the first one is used"),
-            )),
+            Some((last, _)) if last == key(object) => {
+                let file = path.file_name().unwrap_or_default().to_string_lossy();
+                let what = format!("{file}: {kind} {}", name(object));
+                errors.push(duplicate(kind, &what));
+            }
             _ => merged.push((key(object).clone(), object.clone())),
         }
     }
@@ -574,8 +586,14 @@ kind: Service
 metadata: {name: knative}
 "#;
         write(dir.path(), "b-objects.yaml", objects);
+        write(
+            dir.path(),
+            "c-again.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: fine, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.43, ports: [{port: 80}]}\n",
+        );
         let report = load_dir(dir.path());
-        assert_eq!(report.errors.len(), 5, "{:#?}", report.errors);
+        assert_eq!(report.errors.len(), 6, "{:#?}", report.errors);
         use RejectReason::*;
         let expect = [
             ("File", Malformed, "a-broken.yaml: not valid YAML: "),
@@ -594,11 +612,16 @@ metadata: {name: knative}
                 Malformed,
                 "b-objects.yaml: document 5: not a Kubernetes object (no kind)",
             ),
-            // Duplicates are found when the files are put together.
+            // Within a file, where it is; across files, which file.
             (
                 "Service",
                 Duplicate,
                 "b-objects.yaml: document 4: Service shop/fine: defined more than once",
+            ),
+            (
+                "Service",
+                Duplicate,
+                "c-again.yaml: Service shop/fine: defined more than once; the first one is used",
             ),
         ];
         for (error, (kind, reason, expected)) in report.errors.iter().zip(expect) {
