@@ -23,7 +23,7 @@ use tern_common::{
 };
 use tracing::warn;
 
-use super::ids::{ById, IdAllocator};
+use super::ids::{ById, IdAllocator, KeyIds};
 use super::maps::{MapWriteError, ip_from_key, ip_to_key, remove_if_present, take};
 use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState, Weights};
 
@@ -56,7 +56,7 @@ impl ServiceMaps {
 }
 
 /// A backend as the maps key it: address and port in network order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct BackendKey {
     addr: u32,
     port: u16,
@@ -73,18 +73,54 @@ impl From<&BackendAddr> for BackendKey {
     }
 }
 
-/// One frontend as it is in the maps now.
+/// One frontend as it is in the maps now. Kept small (one per frontend):
+/// what most frontends lack is behind one pointer.
 #[derive(Debug, Clone, Default)]
 struct Applied {
     value: ServiceValue,
     /// Backend ids by slot.
-    slots: Vec<u32>,
+    slots: Box<[u32]>,
+    /// `None`: every weight 1, no lookup table, no source ranges.
+    rare: Option<Box<RareApplied>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RareApplied {
     /// Backend weights by slot.
     weights: Weights,
     /// `None` also when unknown (adopted at start): rewritten on next apply.
     table: Option<Vec<u32>>,
     /// SOURCE_RANGES entries: (address in network order, prefix length).
     ranges: BTreeSet<(u32, u8)>,
+}
+
+static NO_RANGES: BTreeSet<(u32, u8)> = BTreeSet::new();
+
+impl Applied {
+    fn new(value: ServiceValue, slots: Vec<u32>, rare: RareApplied) -> Self {
+        Applied {
+            value,
+            slots: slots.into_boxed_slice(),
+            rare: (rare != RareApplied::default()).then(|| Box::new(rare)),
+        }
+    }
+
+    /// The weight of slot `i`.
+    fn weight(&self, i: usize) -> u32 {
+        self.rare.as_ref().map_or(1, |r| r.weights.of(i))
+    }
+
+    fn table(&self) -> Option<&Vec<u32>> {
+        self.rare.as_ref()?.table.as_ref()
+    }
+
+    fn ranges(&self) -> &BTreeSet<(u32, u8)> {
+        self.rare.as_ref().map_or(&NO_RANGES, |r| &r.ranges)
+    }
+
+    fn rare_mut(&mut self) -> &mut RareApplied {
+        self.rare.get_or_insert_default()
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -120,9 +156,8 @@ impl SyncStats {
 #[derive(Default)]
 pub struct LbSync {
     applied: BTreeMap<ServiceKey, Applied>,
-    backend_ids: BTreeMap<BackendKey, u32>,
-    /// The way back from a backend id to its key.
-    backend_keys: ById<BackendKey>,
+    /// Backend ids by address, and back.
+    backend_ids: KeyIds<BackendKey>,
     /// How many frontend slots in `applied` point at each backend id.
     backend_refs: ById<u32>,
     /// Backend ids that may have lost their last slot since the last sweep.
@@ -194,16 +229,8 @@ impl LbSync {
                 sync.rev_nat_ids.seen(value.rev_nat_id);
                 // The datapath's rr position is not part of what was written.
                 value.position = 0;
-                sync.applied.insert(
-                    key,
-                    Applied {
-                        value,
-                        slots: Vec::new(),
-                        weights: Weights::default(),
-                        table: None,
-                        ranges: BTreeSet::new(),
-                    },
-                );
+                sync.applied
+                    .insert(key, Applied::new(value, Vec::new(), RareApplied::default()));
             } else {
                 slots
                     .entry(ServiceKey { slot: 0, ..key })
@@ -214,9 +241,12 @@ impl LbSync {
         for (master, by_slot) in slots {
             match sync.applied.get_mut(&master) {
                 Some(applied) => {
-                    let weights;
-                    (applied.slots, weights) = by_slot.into_values().unzip();
-                    applied.weights = Weights::new(weights);
+                    let (slots, weights): (Vec<u32>, Vec<u32>) = by_slot.into_values().unzip();
+                    applied.slots = slots.into_boxed_slice();
+                    let weights = Weights::new(weights);
+                    if weights != Weights::default() {
+                        applied.rare_mut().weights = weights;
+                    }
                 }
                 // Slots without a master are leftovers of an interrupted
                 // removal: clean them up.
@@ -241,7 +271,9 @@ impl LbSync {
                 .insert((data.addr, prefix));
         }
         for applied in sync.applied.values_mut() {
-            applied.ranges = ranges.remove(&applied.value.rev_nat_id).unwrap_or_default();
+            if let Some(ranges) = ranges.remove(&applied.value.rev_nat_id) {
+                applied.rare_mut().ranges = ranges;
+            }
         }
         // Entries of no frontend: leftovers of an interrupted removal.
         for (rev_nat_id, stale) in ranges {
@@ -259,13 +291,12 @@ impl LbSync {
                 port: b.port,
                 proto: b.proto,
             };
-            sync.backend_ids.insert(key, id);
-            sync.backend_keys.insert(id, key);
+            sync.backend_ids.insert(id, key);
         }
         // Counters of no backend: leftovers of an interrupted removal.
         let counters: Vec<u32> = maps.connections.keys().filter_map(Result::ok).collect();
         for id in counters {
-            if sync.backend_keys.contains_key(&id) {
+            if sync.backend_ids.key(id).is_some() {
                 sync.counted.insert(id);
             } else {
                 let _ = maps.connections.remove(&id);
@@ -291,15 +322,15 @@ impl LbSync {
             *sync.backend_refs.or_default(*id) += 1;
         }
         sync.maybe_unused = sync
-            .backend_keys
-            .keys()
+            .backend_ids
+            .ids()
             .filter(|id| !sync.backend_refs.contains_key(id))
             .collect();
         let used: BTreeSet<u32> = sync.applied.values().map(|a| a.value.rev_nat_id).collect();
         sync.rev_nat_ids.free = (1..=sync.rev_nat_ids.next)
             .filter(|id| !used.contains(id))
             .collect();
-        let used: BTreeSet<u32> = sync.backend_ids.values().copied().collect();
+        let used: BTreeSet<u32> = sync.backend_ids.ids().collect();
         sync.ids.free = (1..=sync.ids.next)
             .filter(|id| !used.contains(id))
             .collect();
@@ -323,7 +354,7 @@ impl LbSync {
                 backends: applied
                     .slots
                     .iter()
-                    .filter_map(|id| self.backend_keys.get(id))
+                    .filter_map(|id| self.backend_ids.key(*id))
                     .map(|b| format!("{}:{}", ip_from_key(b.addr), u16::from_be(b.port)))
                     .collect(),
             })
@@ -436,7 +467,7 @@ impl LbSync {
         stats: &mut SyncStats,
     ) -> anyhow::Result<()> {
         let key = BackendKey::from(backend);
-        if self.backend_ids.contains_key(&key) {
+        if self.backend_ids.id(&key).is_some() {
             return Ok(());
         }
         let id = self.ids.take();
@@ -451,8 +482,7 @@ impl LbSync {
             return Err(MapWriteError::new(maps::BACKENDS, e).into());
         }
         stats.writes += 1;
-        self.backend_ids.insert(key, id);
-        self.backend_keys.insert(id, key);
+        self.backend_ids.insert(id, key);
         // Unused until a frontend slot points at it.
         self.maybe_unused.insert(id);
         Ok(())
@@ -477,7 +507,7 @@ impl LbSync {
         // Result grows the Vec 4, 8, 16.
         let mut ids = Vec::with_capacity(entry.backends.len());
         for b in &entry.backends {
-            let id = self.backend_ids.get(&BackendKey::from(b)).copied();
+            let id = self.backend_ids.id(&BackendKey::from(b));
             ids.push(id.with_context(|| format!("its backend {b} could not be written"))?);
         }
         if ids.len() > usize::from(u16::MAX) {
@@ -518,7 +548,7 @@ impl LbSync {
             revnat: !self.applied.contains_key(&key),
             slots: old.slots.len()..ids.len(),
             table: old.value.table_size == 0 && table.is_some(),
-            ranges: ranges.difference(&old.ranges).copied().collect(),
+            ranges: ranges.difference(old.ranges()).copied().collect(),
         };
         if let Err(e) = add_keys(maps, key, &added, &ids, &entry.weights, &table, stats) {
             added.take_back(maps, key);
@@ -529,7 +559,7 @@ impl LbSync {
         }
         if let Some(table) = &table
             && !added.table
-            && old.table.as_ref() != Some(table)
+            && old.table() != Some(table)
         {
             maps.tables
                 .insert(rev_nat_id, lb_table(table), 0)
@@ -538,8 +568,7 @@ impl LbSync {
         }
         for (i, id) in ids.iter().enumerate() {
             let weight = entry.weights.of(i);
-            if i < old.slots.len() && (old.slots.get(i) != Some(id) || old.weights.of(i) != weight)
-            {
+            if i < old.slots.len() && (old.slots.get(i) != Some(id) || old.weight(i) != weight) {
                 write_slot(maps, key, i, *id, weight)?;
                 stats.writes += 1;
             }
@@ -570,7 +599,7 @@ impl LbSync {
             let _ = maps.tables.remove(&rev_nat_id);
             stats.deletes += 1;
         }
-        for (addr, prefix) in old.ranges.difference(&ranges) {
+        for (addr, prefix) in old.ranges().difference(&ranges) {
             let _ = maps
                 .source_ranges
                 .remove(&range_key(rev_nat_id, *addr, *prefix));
@@ -595,16 +624,12 @@ impl LbSync {
             }
         };
         self.count_refs(&ids, &old.slots);
-        self.applied.insert(
-            key,
-            Applied {
-                value,
-                slots: ids,
-                weights: entry.weights.clone(),
-                table,
-                ranges,
-            },
-        );
+        let rare = RareApplied {
+            weights: entry.weights.clone(),
+            table,
+            ranges,
+        };
+        self.applied.insert(key, Applied::new(value, ids, rare));
         Ok(stale.map(|stale| (rev_nat_id, stale)))
     }
 
@@ -625,7 +650,7 @@ impl LbSync {
         if old.value.table_size != 0 {
             let _ = maps.tables.remove(&old.value.rev_nat_id);
         }
-        for (addr, prefix) in &old.ranges {
+        for (addr, prefix) in old.ranges() {
             let _ = maps
                 .source_ranges
                 .remove(&range_key(old.value.rev_nat_id, *addr, *prefix));
@@ -686,9 +711,7 @@ impl LbSync {
                         let _ = maps.connections.remove(&id);
                         stats.deletes += 1;
                     }
-                    if let Some(key) = self.backend_keys.remove(&id) {
-                        self.backend_ids.remove(&key);
-                    }
+                    self.backend_ids.remove(id);
                     self.ids.give_back(id);
                     stats.deletes += 1;
                 }
