@@ -259,7 +259,7 @@ impl StatusView {
                     }
                     .into(),
                     service: entry.service.to_string(),
-                    port_name: entry.port_name.clone(),
+                    port_name: entry.port_name.to_string(),
                     flags,
                     backends: entry
                         .backends

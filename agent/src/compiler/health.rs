@@ -99,7 +99,7 @@ mod tests {
         let mut cluster = Cluster::default();
         for service in services {
             let slice = EndpointSlice {
-                key: ("default".into(), format!("{}-1", service.key.name)),
+                key: ("default".into(), format!("{}-1", service.key.name).into()),
                 service: service.key.clone(),
                 ports: Some(
                     (0..ports)

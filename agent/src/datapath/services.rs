@@ -378,7 +378,7 @@ impl LbSync {
         let (changed, removed) = self.changes(&desired);
 
         for (_, entry) in &changed {
-            for backend in &entry.backends {
+            for backend in entry.backends.iter() {
                 if let Err(e) = self.ensure_backend(maps, backend, &mut stats) {
                     stats.failed(&e, || format!("backend {backend}"));
                 }
@@ -506,7 +506,7 @@ impl LbSync {
         // Exact capacity (kept as the frontend's slots): collecting into a
         // Result grows the Vec 4, 8, 16.
         let mut ids = Vec::with_capacity(entry.backends.len());
-        for b in &entry.backends {
+        for b in entry.backends.iter() {
             let id = self.backend_ids.id(&BackendKey::from(b));
             ids.push(id.with_context(|| format!("its backend {b} could not be written"))?);
         }
@@ -534,7 +534,7 @@ impl LbSync {
         let ranges: BTreeSet<(u32, u8)> = entry
             .source_ranges
             .iter()
-            .flatten()
+            .flat_map(|r| r.iter())
             .map(|r| (ip_to_key(r.network()), r.prefix()))
             .collect();
         let old = self.applied.get(&key).cloned();

@@ -2,13 +2,18 @@
 //! that decide whether it should.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use super::{Protocol, ServiceKey};
 
+/// A slice's (namespace, name).
+pub type SliceKey = (Arc<str>, Arc<str>);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSlice {
-    /// (namespace, name) of the slice itself.
-    pub key: (String, String),
+    /// (namespace, name) of the slice itself (shared strings: the model's
+    /// map and the compiler key slices by it).
+    pub key: SliceKey,
     /// From the `kubernetes.io/service-name` label.
     pub service: ServiceKey,
     /// `None`: the slice lists no ports, so every endpoint serves the

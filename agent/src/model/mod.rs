@@ -12,7 +12,7 @@ mod service;
 use std::sync::Arc;
 
 pub use endpoint_slice::{
-    Endpoint, EndpointPort, EndpointSlice, RareEndpointFields, TopologyHints,
+    Endpoint, EndpointPort, EndpointSlice, RareEndpointFields, SliceKey, TopologyHints,
 };
 pub use host_port::HostPort;
 pub use namespace::Namespace;
@@ -38,7 +38,7 @@ pub type Map<K, V> = imbl::OrdMap<K, V>;
 pub struct Cluster {
     pub services: Map<ServiceKey, Arc<Service>>,
     /// Keyed by the slice's (namespace, name).
-    pub slices: Map<(String, String), Arc<EndpointSlice>>,
+    pub slices: Map<SliceKey, Arc<EndpointSlice>>,
     /// Keyed by the node's name.
     pub nodes: Map<String, Arc<Node>>,
     /// Keyed by name.
@@ -56,7 +56,7 @@ impl Cluster {
         &'a self,
         service: &'a ServiceKey,
     ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
-        let namespace = (service.namespace.to_string(), String::new());
+        let namespace = (service.namespace.clone(), Arc::from(""));
         self.slices
             .range(namespace..)
             .take_while(|((ns, _), _)| **ns == *service.namespace)
@@ -99,7 +99,7 @@ mod tests {
             cluster.slices.insert(s.key.clone(), Arc::new(s));
         }
         let web = ServiceKey::new("a", "web");
-        let names: Vec<&str> = cluster.slices_of(&web).map(|s| s.key.1.as_str()).collect();
+        let names: Vec<&str> = cluster.slices_of(&web).map(|s| &*s.key.1).collect();
         assert_eq!(names, ["web-1", "web-2"]);
         assert_eq!(web.to_string(), "a/web");
         assert_eq!(Protocol::Sctp.number(), 132);

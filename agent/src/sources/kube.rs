@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use super::api_errors::ErrorLog;
 use super::{Conversion, LoadReport, Refusal, Rejection, shortened};
 use crate::model::{
-    Cluster, EndpointSlice, Map, Namespace, NetworkPolicy, Node, Pod, Service, ServiceKey,
+    Cluster, EndpointSlice, Map, Namespace, NetworkPolicy, Node, Pod, Service, ServiceKey, SliceKey,
 };
 
 /// Every resource the agent reads from the API, as (API group, resource),
@@ -387,7 +387,7 @@ impl<K: Ord + Clone, T: PartialEq> Objects<K, T> {
 
 struct ApiStore {
     services: Objects<ServiceKey, Service>,
-    slices: Objects<(String, String), EndpointSlice>,
+    slices: Objects<SliceKey, EndpointSlice>,
     nodes: Objects<String, Node>,
     namespaces: Objects<String, Namespace>,
     pods: Objects<(String, String), Pod>,

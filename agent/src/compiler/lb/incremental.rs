@@ -16,7 +16,7 @@ use super::{
     service_frontends,
 };
 use crate::model::{
-    Cluster, EndpointSlice, HostPort, LbAlgorithm, Map, Namespace, Service, ServiceKey,
+    Cluster, EndpointSlice, HostPort, LbAlgorithm, Map, Namespace, Service, ServiceKey, SliceKey,
 };
 
 /// A Service's frontends, boxed: no spare capacity kept per Service.
@@ -51,7 +51,7 @@ struct Kept {
 
 struct Inputs {
     services: Map<ServiceKey, Arc<Service>>,
-    slices: Map<(String, String), Arc<EndpointSlice>>,
+    slices: Map<SliceKey, Arc<EndpointSlice>>,
     namespaces: Map<String, Arc<Namespace>>,
     zone: Option<String>,
     host_ports: Vec<HostPort>,
@@ -371,9 +371,9 @@ impl LbCompiler {
                         frontend,
                         kind: c.entry.kind,
                         service: c.entry.service.clone(),
-                        port_name: c.entry.port_name.clone(),
+                        port_name: c.entry.port_name.to_string(),
                         owner: owner.entry.service.clone(),
-                        owner_port_name: owner.entry.port_name.clone(),
+                        owner_port_name: owner.entry.port_name.to_string(),
                     })
                     .collect();
                 self.conflicts.insert(frontend, conflicts);

@@ -144,13 +144,15 @@ impl fmt::Display for BackendAddr {
     }
 }
 
+/// The lists are shared (`Arc`) by the frontends of one Service port that
+/// serve the same backends (ClusterIP, NodePort on each node address, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrontendEntry {
     pub service: ServiceKey,
-    pub port_name: String,
+    pub port_name: Arc<str>,
     pub kind: FrontendKind,
     /// Sorted and deduplicated. Empty: the datapath refuses connections.
-    pub backends: Vec<BackendAddr>,
+    pub backends: Arc<[BackendAddr]>,
     pub affinity_timeout: Option<u32>,
     pub algorithm: LbAlgorithm,
     /// Each backend's weight (`tern.io/lb-weights`; 1 for random and
@@ -160,7 +162,7 @@ pub struct FrontendEntry {
     /// The scheduler's lookup table, each entry an index into `backends`:
     /// Maglev's (`maglev_table_size` entries), wrr's sequence, sh's or dh's
     /// buckets; `None` for the others or when there are no backends.
-    pub table: Option<Vec<u32>>,
+    pub table: Option<Arc<[u32]>>,
     /// ETP=Local on an externally reachable frontend: keep the client's
     /// source address (no SNAT); only node-local backends are listed.
     pub external_traffic_local: bool,
@@ -169,27 +171,23 @@ pub struct FrontendEntry {
     pub no_local_backend: bool,
     /// A LoadBalancer frontend's allowed clients
     /// (`loadBalancerSourceRanges`); `None`: every client.
-    pub source_ranges: Option<Vec<ipnetwork::Ipv4Network>>,
+    pub source_ranges: Option<Arc<[ipnetwork::Ipv4Network]>>,
 }
 
 /// Backend weights by index. Stored only when one is not 1: most
 /// frontends weigh every backend 1, and a Vec per frontend (here and in the
 /// datapath sync's record) added up to MiBs with 100 000 Services.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Weights(Box<[u32]>);
+pub struct Weights(Option<Arc<[u32]>>);
 
 impl Weights {
     pub fn new(weights: Vec<u32>) -> Self {
-        if weights.iter().all(|&w| w == 1) {
-            Weights::default()
-        } else {
-            Weights(weights.into())
-        }
+        Weights((!weights.iter().all(|&w| w == 1)).then(|| weights.into()))
     }
 
     /// The weight of backend `i`.
     pub fn of(&self, i: usize) -> u32 {
-        self.0.get(i).copied().unwrap_or(1)
+        self.0.as_ref().and_then(|w| w.get(i)).copied().unwrap_or(1)
     }
 
     /// The weights of backends `0..count`.
@@ -209,13 +207,13 @@ pub fn compile(cluster: &Cluster, ctx: &NodeContext) -> LbState {
 fn host_port_frontends(port: &HostPort, ctx: &NodeContext) -> Vec<(Frontend, Arc<FrontendEntry>)> {
     let entry = Arc::new(FrontendEntry {
         service: ServiceKey::new("hostPort", port.pod.clone()),
-        port_name: String::new(),
+        port_name: "".into(),
         kind: FrontendKind::HostPort,
-        backends: vec![BackendAddr {
+        backends: Arc::new([BackendAddr {
             ip: port.pod_ip,
             port: port.container_port,
             protocol: port.protocol,
-        }],
+        }]),
         affinity_timeout: None,
         algorithm: LbAlgorithm::Random,
         weights: Weights::default(),
@@ -272,9 +270,9 @@ struct Candidate<'a> {
 /// A backend set with its weights and lookup table, computed once and
 /// shared by every frontend of the port that uses it.
 struct Pool {
-    backends: Vec<BackendAddr>,
+    backends: Arc<[BackendAddr]>,
     weights: Weights,
-    table: Option<Vec<u32>>,
+    table: Option<Arc<[u32]>>,
 }
 
 impl Pool {
@@ -315,9 +313,9 @@ impl Pool {
             })
             .flatten();
         Pool {
-            backends,
+            backends: backends.into(),
             weights: Weights::new(weights),
-            table,
+            table: table.map(Arc::from),
         }
     }
 }
@@ -375,11 +373,12 @@ fn compile_port(
         }
     }
 
-    let source_ranges = load_balancer_source_ranges(service, ctx);
+    let source_ranges: Option<Arc<[_]>> = load_balancer_source_ranges(service, ctx).map(Arc::from);
+    let port_name: Arc<str> = port.name.as_str().into();
     for (frontend, kind, pool, external_traffic_local) in out {
         let entry = FrontendEntry {
             service: service.key.clone(),
-            port_name: port.name.clone(),
+            port_name: port_name.clone(),
             kind,
             backends: pool.backends.clone(),
             affinity_timeout: service.session_affinity_timeout,

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::model::{EndpointPort, RareEndpointFields, TopologyHints};
+use crate::model::{EndpointPort, RareEndpointFields, SliceKey, TopologyHints};
 use std::sync::Arc;
 
 const NODE: &str = "node-a";
@@ -182,7 +182,7 @@ fn cluster_ip_spreads_over_ready_backends_of_every_slice() {
     );
     let entry = state.frontends.values().next().unwrap();
     assert_eq!(
-        (entry.kind, entry.port_name.as_str()),
+        (entry.kind, &*entry.port_name),
         (FrontendKind::ClusterIp, "http")
     );
     assert!(
@@ -823,7 +823,8 @@ fn source_ranges_guard_load_balancer_addresses_only() {
     let ranges = |ip: Ipv4Addr, port: u16| {
         state.frontends[&at(ip, port, Scope::External)]
             .source_ranges
-            .clone()
+            .as_deref()
+            .map(<[_]>::to_vec)
     };
     assert_eq!(ranges(lb_ip, 80), Some(vec!["10.0.0.0/8".parse().unwrap()]));
     // NodePort and ClusterIP are not guarded (kube-proxy's choice).
@@ -834,11 +835,15 @@ fn source_ranges_guard_load_balancer_addresses_only() {
     let c = cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]);
     let state = compile(&c, &ctx());
     assert_eq!(
-        state.frontends[&at(lb_ip, 80, Scope::External)].source_ranges,
-        Some(vec![
-            "192.168.1.0/24".parse().unwrap(),
-            "203.0.113.7/32".parse().unwrap()
-        ])
+        state.frontends[&at(lb_ip, 80, Scope::External)]
+            .source_ranges
+            .as_deref(),
+        Some(
+            &[
+                "192.168.1.0/24".parse().unwrap(),
+                "203.0.113.7/32".parse().unwrap()
+            ][..]
+        )
     );
 }
 
@@ -880,7 +885,7 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
             assert_eq!(entry.backends.len(), 3, "{algorithm}");
             assert_eq!(entry.weights.to_vec(3), [1, 1, 1], "{algorithm}");
         }
-        let table = entry.table.clone();
+        let table = entry.table.as_deref().map(<[u32]>::to_vec);
         match algorithm {
             LbAlgorithm::Maglev => assert_eq!(table.map(|t| t.len()), Some(251)),
             LbAlgorithm::Wrr => assert_eq!(table, Some(vec![0, 0, 1])),
@@ -1161,7 +1166,7 @@ fn a_kept_compiler_equals_a_fresh_one_through_random_changes() {
                 c.slices.insert(s.key.clone(), Arc::new(s));
             }
             4 => {
-                let key = ("default".to_owned(), format!("sl{}", next(10)));
+                let key: SliceKey = ("default".into(), format!("sl{}", next(10)).into());
                 c.slices.remove(&key);
             }
             5 => {

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -910,9 +911,11 @@ fn convert_slice(
         }
     }
     endpoints.shrink_to_fit();
+    // One namespace string for the slice and the Service it names.
+    let namespace: Arc<str> = namespace.into();
     Ok(EndpointSlice {
-        service: ServiceKey::new(namespace.clone(), service.clone()),
-        key: (namespace, name),
+        service: ServiceKey::new(namespace.clone(), service.as_str()),
+        key: (namespace, name.into()),
         ports,
         endpoints,
     })
