@@ -96,13 +96,27 @@ struct RareApplied {
 
 static NO_RANGES: BTreeSet<(u32, u8)> = BTreeSet::new();
 
+impl RareApplied {
+    /// `None` when nothing is set: no allocation for most frontends.
+    fn boxed(self) -> Option<Box<RareApplied>> {
+        (self != RareApplied::default()).then(|| Box::new(self))
+    }
+}
+
 impl Applied {
     fn new(value: ServiceValue, slots: Vec<u32>, rare: RareApplied) -> Self {
         Applied {
             value,
             slots: slots.into_boxed_slice(),
-            rare: (rare != RareApplied::default()).then(|| Box::new(rare)),
+            rare: RareApplied::boxed(rare),
         }
+    }
+
+    /// Changes the rare parts.
+    fn edit_rare(&mut self, edit: impl FnOnce(&mut RareApplied)) {
+        let mut rare = self.rare.take().map_or_else(RareApplied::default, |r| *r);
+        edit(&mut rare);
+        self.rare = RareApplied::boxed(rare);
     }
 
     /// The weight of slot `i`.
@@ -116,10 +130,6 @@ impl Applied {
 
     fn ranges(&self) -> &BTreeSet<(u32, u8)> {
         self.rare.as_ref().map_or(&NO_RANGES, |r| &r.ranges)
-    }
-
-    fn rare_mut(&mut self) -> &mut RareApplied {
-        self.rare.get_or_insert_default()
     }
 }
 
@@ -243,10 +253,7 @@ impl LbSync {
                 Some(applied) => {
                     let (slots, weights): (Vec<u32>, Vec<u32>) = by_slot.into_values().unzip();
                     applied.slots = slots.into_boxed_slice();
-                    let weights = Weights::new(weights);
-                    if weights != Weights::default() {
-                        applied.rare_mut().weights = weights;
-                    }
+                    applied.edit_rare(|r| r.weights = Weights::new(weights));
                 }
                 // Slots without a master are leftovers of an interrupted
                 // removal: clean them up.
@@ -272,7 +279,7 @@ impl LbSync {
         }
         for applied in sync.applied.values_mut() {
             if let Some(ranges) = ranges.remove(&applied.value.rev_nat_id) {
-                applied.rare_mut().ranges = ranges;
+                applied.edit_rare(|r| r.ranges = ranges);
             }
         }
         // Entries of no frontend: leftovers of an interrupted removal.
