@@ -2,21 +2,18 @@
 //! Namespaces and Pods (NetworkPolicies: `network_policy`), each validated on its own, so one
 //! bad object never costs the others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
-use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort,
-    Namespace, Node, Pod, Protocol, RareEndpointFields, Service, ServiceKey, ServicePort,
-    ServiceType, TargetPort, TopologyHints, TrafficPolicy,
+    LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort, Namespace, Node, Pod, Protocol,
+    Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
 /// Per-Service (or per-namespace default) backend selection: `random`,
@@ -220,27 +217,6 @@ pub fn service(object: &core::Service) -> Conversion<Service> {
     }
     let mut warnings = Vec::new();
     let result = convert_service(object, &mut warnings);
-    Conversion::from_result(result, warnings)
-}
-
-pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Conversion<EndpointSlice> {
-    let labels = object.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
-        return Conversion::Ignored(format!(
-            "owned by another proxy ({SERVICE_PROXY_NAME_LABEL})"
-        ));
-    }
-    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
-        return Conversion::Ignored(format!("slice of a headless Service ({HEADLESS_LABEL})"));
-    }
-    if object.address_type != "IPv4" {
-        return Conversion::Ignored(format!(
-            "addressType {}: only IPv4 is served",
-            object.address_type
-        ));
-    }
-    let mut warnings = Vec::new();
-    let result = convert_slice(object, &mut warnings);
     Conversion::from_result(result, warnings)
 }
 
@@ -880,143 +856,8 @@ fn traffic_policy(field: &str, raw: Option<&str>) -> Result<TrafficPolicy, Refus
     }
 }
 
-fn convert_slice(
-    object: &discovery::EndpointSlice,
-    warnings: &mut Vec<String>,
-) -> Result<EndpointSlice, Refusal> {
-    let (namespace, name) = identity(&object.metadata)?;
-    let labels: Option<&BTreeMap<String, String>> = object.metadata.labels.as_ref();
-    let service = labels
-        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            Refusal::new(
-                RejectReason::MissingServiceName,
-                format!("label {SERVICE_NAME_LABEL} is missing"),
-            )
-        })?;
-    check_name(&format!("label {SERVICE_NAME_LABEL}"), service)?;
-    let ports = match object.ports.as_deref() {
-        None | Some([]) => None,
-        Some(raw) => Some(slice_ports(raw, warnings)?),
-    };
-    // Exact capacity: collecting a Result does not know the length and
-    // left 16 slots for 10 endpoints (kept for the model's lifetime).
-    let mut endpoints = Vec::with_capacity(object.endpoints.len());
-    for (index, e) in object.endpoints.iter().enumerate() {
-        match endpoint(index, e)? {
-            Some(endpoint) => endpoints.push(endpoint),
-            // The API requires one (minItems 1); kube-proxy skips it too.
-            None => warnings.push(format!("endpoints[{index}]: no address, skipped")),
-        }
-    }
-    endpoints.shrink_to_fit();
-    // One namespace string for the slice and the Service it names.
-    let namespace: Arc<str> = namespace.into();
-    Ok(EndpointSlice {
-        service: ServiceKey::new(namespace.clone(), service.as_str()),
-        key: (namespace, name.into()),
-        ports,
-        endpoints,
-    })
-}
-
-fn slice_ports(
-    raw: &[discovery::EndpointPort],
-    warnings: &mut Vec<String>,
-) -> Result<Vec<EndpointPort>, Refusal> {
-    let mut names = BTreeSet::new();
-    // Exact capacity: kept for the slice's lifetime, and a first push
-    // would reserve 4.
-    let mut ports = Vec::with_capacity(raw.len());
-    for (index, p) in raw.iter().enumerate() {
-        let name = p.name.clone().unwrap_or_default();
-        let label = if name.is_empty() {
-            format!("ports[{index}]")
-        } else {
-            format!("port {name:?}")
-        };
-        if !names.insert(name.clone()) {
-            return Err(Refusal::new(
-                RejectReason::DuplicatePort,
-                format!("{label}: duplicate port name"),
-            ));
-        }
-        let Some(number) = p.port else {
-            // The API's "all ports" entry: nothing a Service port maps to.
-            warnings.push(format!("{label}: no port number, skipped"));
-            continue;
-        };
-        let port = port_number(number).ok_or_else(|| {
-            Refusal::new(
-                RejectReason::InvalidPort,
-                format!("{label}: port {number} is out of range 1..=65535"),
-            )
-        })?;
-        let protocol = protocol(p.protocol.as_deref()).map_err(|e| format!("{label}: {e}"))?;
-        ports.push(EndpointPort {
-            name,
-            port,
-            protocol,
-        });
-    }
-    Ok(ports)
-}
-
-/// `None`: the endpoint has no address.
-fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Option<Endpoint>, Refusal> {
-    let mut addresses = raw.addresses.iter().map(|a| {
-        a.parse::<Ipv4Addr>().map_err(|_| {
-            Refusal::new(
-                RejectReason::InvalidAddress,
-                format!(
-                    "endpoints[{index}]: {:?} is not an IPv4 address",
-                    shortened(a)
-                ),
-            )
-        })
-    });
-    let Some(address) = addresses.next().transpose()? else {
-        return Ok(None);
-    };
-    let more_addresses = addresses.collect::<Result<Vec<_>, _>>()?;
-    let conditions = raw.conditions.clone().unwrap_or_default();
-    // The API's nil meanings: unknown readiness counts as ready, serving
-    // follows ready, and nothing is terminating unless it says so.
-    let ready = conditions.ready.unwrap_or(true);
-    let hints = TopologyHints {
-        zones: raw
-            .hints
-            .iter()
-            .flat_map(|h| h.for_zones.iter().flatten())
-            .map(|z| z.name.clone())
-            .collect(),
-        nodes: raw
-            .hints
-            .iter()
-            .flat_map(|h| h.for_nodes.iter().flatten())
-            .map(|n| n.name.clone())
-            .collect(),
-    };
-    let rare = RareEndpointFields {
-        more_addresses,
-        hints,
-    };
-    Ok(Some(Endpoint {
-        address,
-        ready,
-        serving: conditions.serving.unwrap_or(ready),
-        terminating: conditions.terminating.unwrap_or(false),
-        node_name: raw.node_name.as_deref().map(Box::from),
-        pod_name: raw
-            .target_ref
-            .as_ref()
-            .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .and_then(|r| r.name.as_deref())
-            .map(Box::from),
-        rare: (rare != RareEndpointFields::default()).then(|| Box::new(rare)),
-    }))
-}
+mod endpoint_slice;
+pub use endpoint_slice::endpoint_slice;
 
 #[cfg(test)]
 mod tests;

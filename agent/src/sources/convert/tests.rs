@@ -2,7 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
+
 use super::*;
+use crate::model::{EndpointPort, EndpointSlice};
 
 fn service_from(yaml: &str) -> Conversion<Service> {
     service(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
