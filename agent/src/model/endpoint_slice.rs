@@ -45,7 +45,8 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<Box<str>>,
+    /// Shared by the endpoints of one node (`sources::NodeNames`).
+    pub node_name: Option<Arc<str>>,
     /// `targetRef.name` when the target is a Pod (`tern.io/lb-weights`
     /// names endpoints by it).
     pub pod_name: Option<Box<str>>,

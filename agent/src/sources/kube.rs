@@ -84,7 +84,10 @@ pub async fn watch(
         kind(
             Api::all(client.clone()),
             all.clone(),
-            super::endpoint_slice,
+            {
+                let mut node_names = super::NodeNames::default();
+                move |slice| super::endpoint_slice(slice, &mut node_names)
+            },
             Update::Slices,
         ),
         kind(
@@ -226,14 +229,14 @@ impl Update {
 fn kind<K, T>(
     api: Api<K>,
     config: watcher::Config,
-    convert: fn(&K) -> Conversion<T>,
+    mut convert: impl FnMut(&K) -> Conversion<T> + Send + 'static,
     wrap: fn(Event<Keyed<T>>) -> Update,
 ) -> BoxStream<'static, Update>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     T: Send + 'static,
 {
-    let keyed = move |object: K| {
+    let mut keyed = move |object: K| {
         let meta = object.meta();
         let name = meta.name.clone().unwrap_or_default();
         let key = match &meta.namespace {

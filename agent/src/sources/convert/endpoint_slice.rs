@@ -9,14 +9,18 @@ use std::sync::Arc;
 use k8s_openapi::api::discovery::v1 as discovery;
 
 use super::{
-    Conversion, HEADLESS_LABEL, Refusal, RejectReason, SERVICE_NAME_LABEL,
+    Conversion, HEADLESS_LABEL, NodeNames, Refusal, RejectReason, SERVICE_NAME_LABEL,
     SERVICE_PROXY_NAME_LABEL, check_name, identity, port_number, protocol, shortened,
 };
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, RareEndpointFields, ServiceKey, TopologyHints,
 };
 
-pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Conversion<EndpointSlice> {
+/// `node_names` gives the endpoints of one node one shared name string.
+pub fn endpoint_slice(
+    object: &discovery::EndpointSlice,
+    node_names: &mut NodeNames,
+) -> Conversion<EndpointSlice> {
     let labels = object.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
         return Conversion::Ignored(format!(
@@ -33,12 +37,13 @@ pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Conversion<EndpointS
         ));
     }
     let mut warnings = Vec::new();
-    let result = convert_slice(object, &mut warnings);
+    let result = convert_slice(object, node_names, &mut warnings);
     Conversion::from_result(result, warnings)
 }
 
 fn convert_slice(
     object: &discovery::EndpointSlice,
+    node_names: &mut NodeNames,
     warnings: &mut Vec<String>,
 ) -> Result<EndpointSlice, Refusal> {
     let (namespace, name) = identity(&object.metadata)?;
@@ -61,7 +66,7 @@ fn convert_slice(
     // left 16 slots for 10 endpoints (kept for the model's lifetime).
     let mut endpoints = Vec::with_capacity(object.endpoints.len());
     for (index, e) in object.endpoints.iter().enumerate() {
-        match endpoint(index, e)? {
+        match endpoint(index, e, node_names)? {
             Some(endpoint) => endpoints.push(endpoint),
             // The API requires one (minItems 1); kube-proxy skips it too.
             None => warnings.push(format!("endpoints[{index}]: no address, skipped")),
@@ -121,7 +126,11 @@ fn slice_ports(
 }
 
 /// `None`: the endpoint has no address.
-fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Option<Endpoint>, Refusal> {
+fn endpoint(
+    index: usize,
+    raw: &discovery::Endpoint,
+    node_names: &mut NodeNames,
+) -> Result<Option<Endpoint>, Refusal> {
     let mut addresses = raw.addresses.iter().map(|a| {
         a.parse::<Ipv4Addr>().map_err(|_| {
             Refusal::new(
@@ -162,7 +171,7 @@ fn endpoint(index: usize, raw: &discovery::Endpoint) -> Result<Option<Endpoint>,
     let serving = conditions.serving.unwrap_or(ready);
     let terminating = conditions.terminating.unwrap_or(false);
     Ok(Some(Endpoint {
-        node_name: raw.node_name.as_deref().map(Box::from),
+        node_name: raw.node_name.as_deref().map(|n| node_names.get(n)),
         pod_name: raw
             .target_ref
             .as_ref()

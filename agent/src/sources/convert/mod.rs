@@ -857,7 +857,9 @@ fn traffic_policy(field: &str, raw: Option<&str>) -> Result<TrafficPolicy, Refus
 }
 
 mod endpoint_slice;
+mod node_names;
 pub use endpoint_slice::endpoint_slice;
+pub use node_names::NodeNames;
 
 #[cfg(test)]
 mod tests;

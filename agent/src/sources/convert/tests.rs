@@ -12,7 +12,10 @@ fn service_from(yaml: &str) -> Conversion<Service> {
 }
 
 fn slice_from(yaml: &str) -> Conversion<EndpointSlice> {
-    endpoint_slice(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
+    endpoint_slice(
+        &serde_yaml_ng::from_str(yaml).expect("test YAML parses"),
+        &mut NodeNames::default(),
+    )
 }
 
 /// A ClusterIP Service `web` with the given `spec` body (indented 2).

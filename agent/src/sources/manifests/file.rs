@@ -17,7 +17,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::model::{EndpointSlice, Namespace, NetworkPolicy, Node, Pod, Service};
-use crate::sources::{self, Conversion, RejectReason, Rejection, shortened};
+use crate::sources::{self, Conversion, NodeNames, RejectReason, Rejection, shortened};
 
 /// What a file's documents hold, converted, each object with where in the
 /// file it is.
@@ -32,6 +32,8 @@ pub struct FileObjects {
     pub errors: Vec<Rejection>,
     pub warnings: Vec<String>,
     pub ignored: usize,
+    /// The source's shared node names (`parse_file` lends them in).
+    pub node_names: NodeNames,
 }
 
 /// A file's objects as kept between reloads (so a change re-reads only the
@@ -81,19 +83,24 @@ fn first_of_each<T, K: Ord>(
     kept
 }
 
-pub(super) fn parse_file(path: &Path) -> FileContents {
+/// `node_names`: the source's, shared by every file it reads.
+pub(super) fn parse_file(path: &Path, node_names: &mut NodeNames) -> FileContents {
     let file = path.file_name().map_or_else(
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
     let json = path.extension().is_some_and(|e| e == "json");
-    let mut objects = FileObjects::default();
+    let mut objects = FileObjects {
+        node_names: std::mem::take(node_names),
+        ..FileObjects::default()
+    };
     let parsed = std::fs::read_to_string(path)
         .map_err(|e| (RejectReason::Unreadable, format!("cannot read: {e}")))
         .and_then(|text| {
             read_documents(&text, json, &file, &mut objects)
                 .map_err(|e| (RejectReason::Malformed, e))
         });
+    *node_names = std::mem::take(&mut objects.node_names);
     match parsed {
         Ok(()) => {
             // Sorted once here, so that merging the files is one pass. The
@@ -108,6 +115,7 @@ pub(super) fn parse_file(path: &Path) -> FileContents {
                 mut errors,
                 warnings,
                 ignored,
+                node_names: _,
             } = objects;
             FileContents {
                 services: first_of_each(services, |s| &s.key, "Service", &mut errors),
@@ -187,21 +195,31 @@ impl<'de> Visitor<'de> for Document<'_> {
         // the document's kind is known (kubectl writes it after the items)
         // is it clear they belong to a List. Items without a kind wait for
         // the List's (a typed list such as ServiceList leaves it out).
-        let mut listed = FileObjects::default();
+        let mut listed = FileObjects {
+            node_names: std::mem::take(&mut file.node_names),
+            ..FileObjects::default()
+        };
         let mut kindless = Vec::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "items" {
-                map.next_value_seed(Items {
-                    json,
-                    place: &place,
-                    listed: &mut listed,
-                    kindless: &mut kindless,
-                })?;
-            } else {
-                let value = map.next_value::<Value>()?;
-                fields.insert(key, value);
+        let mut read_fields = || {
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "items" {
+                    map.next_value_seed(Items {
+                        json,
+                        place: &place,
+                        listed: &mut listed,
+                        kindless: &mut kindless,
+                    })?;
+                } else {
+                    let value = map.next_value::<Value>()?;
+                    fields.insert(key, value);
+                }
             }
-        }
+            Ok(())
+        };
+        let read = read_fields();
+        // Given back whatever became of the document.
+        file.node_names = std::mem::take(&mut listed.node_names);
+        read?;
         let kind = fields.get("kind").and_then(Value::as_str).unwrap_or("");
         if let Some(item_kind) = kind.strip_suffix("List") {
             let api_version = fields.get("apiVersion").cloned().unwrap_or(Value::Null);
@@ -437,6 +455,7 @@ impl FileObjects {
             errors,
             warnings,
             ignored,
+            node_names: _, // given back by the document that lent them
         } = other;
         self.services.extend(services);
         self.slices.extend(slices);
@@ -535,7 +554,7 @@ fn add_typed(head: Head, object: Object, place: &str, file: &mut FileObjects) {
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let converted = object
                 .typed::<discovery::EndpointSlice>()
-                .map(|s| sources::endpoint_slice(&s));
+                .map(|s| sources::endpoint_slice(&s, &mut file.node_names));
             if let Some(slice) = accept(converted, "EndpointSlice", &what, file) {
                 file.slices.push((what, Arc::new(slice)));
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use file::{FileContents, duplicate, parse_file};
 pub use watch::watch;
 
-use super::{LoadReport, RejectReason, Rejection};
+use super::{LoadReport, NodeNames, RejectReason, Rejection};
 use crate::model::{Cluster, Map};
 
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -55,6 +55,7 @@ pub struct ManifestSource {
     /// The last report's objects: each report updates these in place, so
     /// an unchanged object costs a comparison, not a new map entry.
     last: Cluster,
+    node_names: NodeNames,
 }
 
 impl ManifestSource {
@@ -65,6 +66,7 @@ impl ManifestSource {
             list_error: None,
             loaded: false,
             last: Cluster::default(),
+            node_names: NodeNames::default(),
         }
     }
 
@@ -102,7 +104,7 @@ impl ManifestSource {
             if self.files.get(&path).is_some_and(|(seen, _)| *seen == now) {
                 continue;
             }
-            let objects = parse_file(&path);
+            let objects = parse_file(&path, &mut self.node_names);
             self.files.insert(path, (now, objects));
             changed = true;
         }
@@ -500,6 +502,38 @@ spec:
             .collect();
         assert_eq!(names, ["default/api", "default/db"]);
         assert_eq!(report.ignored, 1);
+    }
+
+    #[test]
+    fn endpoints_of_one_node_share_its_name_across_files_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let slice = |name: &str| {
+            format!(
+                r#"{{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {{"name": "{name}", "labels": {{"kubernetes.io/service-name": "web"}}}},
+                "addressType": "IPv4", "endpoints": [
+                {{"addresses": ["10.244.1.5"], "nodeName": "node-a"}},
+                {{"addresses": ["10.244.1.6"], "nodeName": "node-a"}}]}}"#
+            )
+        };
+        write(
+            dir.path(),
+            "a.json",
+            &format!(r#"{{"kind": "List", "items": [{}]}}"#, slice("a")),
+        );
+        write(dir.path(), "b.yaml", &slice("b"));
+        let mut source = ManifestSource::new(dir.path());
+        let first = source.reload().expect("first load reports");
+        write(dir.path(), "c.yaml", &slice("c"));
+        let second = source.reload().expect("a new file reports");
+        let mut names = Vec::new();
+        for cluster in [&first.cluster, &second.cluster] {
+            for slice in cluster.slices.values() {
+                names.extend(slice.endpoints.iter().map(|e| e.node_name.clone().unwrap()));
+            }
+        }
+        assert_eq!(names.len(), 4 + 6);
+        assert!(names.iter().all(|n| Arc::ptr_eq(n, &names[0])), "{names:?}");
     }
 
     #[test]
