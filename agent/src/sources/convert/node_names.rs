@@ -8,12 +8,20 @@ use std::sync::Arc;
 /// The node names a source has handed out. Owned by the source's
 /// converter of EndpointSlices; a name no endpoint holds any more is
 /// dropped at the next sweep.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct NodeNames {
     names: HashSet<Arc<str>>,
     /// How many names the last sweep kept; the next sweep comes when the
     /// set has doubled, so sweeps cost O(1) per name handed out.
     kept_at_sweep: usize,
+}
+
+/// The names are the objects' business, not the set's: a file's objects
+/// read the same whichever strings they share.
+impl std::fmt::Debug for NodeNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("NodeNames")
+    }
 }
 
 /// Below this many names a sweep is not worth its walk.
