@@ -777,8 +777,14 @@ pub fn scale(services: usize, backends: usize) -> Result<()> {
     Ok(())
 }
 
+/// Nodes the scale manifest's pods run on.
+const SCALE_NODES: usize = 100;
+
 /// One JSON List: Services in 10.96.0.0/12 (from 10.100.0.0), each with
-/// one EndpointSlice of distinct backends in 10.128.0.0/9.
+/// one EndpointSlice of distinct backends in 10.128.0.0/9. Endpoints are
+/// as the EndpointSlice controller writes them (conditions, node, zone, a
+/// reference to the Pod), so that the agent keeps and parses what it
+/// would in a cluster.
 pub fn scale_manifest(services: usize, backends: usize) -> Result<Vec<u8>> {
     let mut items = Vec::with_capacity(services * 2);
     for i in 0..services {
@@ -792,7 +798,13 @@ pub fn scale_manifest(services: usize, backends: usize) -> Result<Vec<u8>> {
                 let ip = Ipv4Addr::from(
                     u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * backends + j) as u32,
                 );
-                json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})
+                let pod = i * backends + j;
+                let node = pod % SCALE_NODES;
+                json!({"addresses": [ip.to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": format!("worker-{node:03}"), "zone": format!("zone-{}", node % 3),
+                    "targetRef": {"kind": "Pod", "namespace": "scale", "name": format!("{name}-7d9f8c6b5-{pod:05x}"),
+                        "uid": format!("6f1c2a4e-0000-4000-8000-{pod:012x}")}})
             })
             .collect();
         items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
