@@ -1,8 +1,10 @@
 //! EndpointSlices: where a Service's traffic can go, with the conditions
 //! that decide whether it should.
 
+use std::hash::{BuildHasher, RandomState};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::num::NonZeroU64;
+use std::sync::{Arc, LazyLock};
 
 use super::{Protocol, ServiceKey};
 
@@ -36,8 +38,8 @@ pub struct EndpointPort {
 ///
 /// Kept small: a node may hold a million of them. The first address is
 /// inline (the EndpointSlice controller writes exactly one), the rarely set
-/// further addresses and topology hints share one pointer, and boxed strs
-/// carry no spare capacity.
+/// further addresses and topology hints share one pointer, node names are
+/// shared and pod names hashed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// `addresses[0]`; an endpoint without one is not kept.
@@ -49,9 +51,24 @@ pub struct Endpoint {
     pub node_name: Option<Arc<str>>,
     /// `targetRef.name` when the target is a Pod (`tern.io/lb-weights`
     /// names endpoints by it).
-    pub pod_name: Option<Box<str>>,
+    pub pod_name: Option<PodName>,
     /// `None`: one address and no hints.
     pub rare: Option<Box<RareEndpointFields>>,
+}
+
+/// A Pod's name as the model keeps it: its hash under a key drawn when
+/// the agent starts. The name only serves to find an endpoint's
+/// `tern.io/lb-weights` entry, and as strings the names of 1 000 000
+/// endpoints took ~40 MiB. The key is secret, so names cannot be chosen to
+/// collide; two names collide by chance with probability 2^-64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodName(NonZeroU64);
+
+impl From<&str> for PodName {
+    fn from(name: &str) -> Self {
+        static KEY: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+        PodName(NonZeroU64::new(KEY.hash_one(name)).unwrap_or(NonZeroU64::MIN))
+    }
 }
 
 /// What few endpoints have.
@@ -108,6 +125,6 @@ mod tests {
     #[test]
     fn an_endpoint_stays_small() {
         // A node may hold a million: every 8 B is 8 MB.
-        assert_eq!(std::mem::size_of::<Endpoint>(), 48);
+        assert_eq!(std::mem::size_of::<Endpoint>(), 40);
     }
 }

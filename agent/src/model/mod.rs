@@ -12,7 +12,7 @@ mod service;
 use std::sync::Arc;
 
 pub use endpoint_slice::{
-    Endpoint, EndpointPort, EndpointSlice, RareEndpointFields, SliceKey, TopologyHints,
+    Endpoint, EndpointPort, EndpointSlice, PodName, RareEndpointFields, SliceKey, TopologyHints,
 };
 pub use host_port::HostPort;
 pub use namespace::Namespace;

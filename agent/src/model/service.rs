@@ -6,6 +6,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use super::PodName;
+
 /// A Service's identity, shown as `namespace/name`. Shared strings: the
 /// model, the compiler and every frontend entry hold a key per Service, and
 /// a clone is a count, not two allocations.
@@ -182,7 +184,7 @@ impl fmt::Display for LbAlgorithm {
 /// others weigh `default`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LbWeights {
-    pub by_pod: BTreeMap<String, u32>,
+    pub by_pod: BTreeMap<PodName, u32>,
     pub by_address: BTreeMap<Ipv4Addr, u32>,
     pub default: u32,
 }
@@ -200,10 +202,10 @@ impl Default for LbWeights {
 impl LbWeights {
     /// The weight of an endpoint address (of pod `pod`, if known): by
     /// address first, then by pod name.
-    pub fn of(&self, address: Ipv4Addr, pod: Option<&str>) -> u32 {
+    pub fn of(&self, address: Ipv4Addr, pod: Option<PodName>) -> u32 {
         self.by_address
             .get(&address)
-            .or_else(|| pod.and_then(|p| self.by_pod.get(p)))
+            .or_else(|| pod.and_then(|p| self.by_pod.get(&p)))
             .copied()
             .unwrap_or(self.default)
     }

@@ -292,7 +292,7 @@ impl Pool {
                     let pod = candidates
                         .iter()
                         .find(|c| c.addr == b)
-                        .and_then(|c| c.endpoint.pod_name.as_deref());
+                        .and_then(|c| c.endpoint.pod_name);
                     (b, service.lb_weights.of(b.ip, pod))
                 })
                 .filter(|(_, weight)| *weight > 0)

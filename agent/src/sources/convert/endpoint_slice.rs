@@ -13,7 +13,7 @@ use super::{
     SERVICE_PROXY_NAME_LABEL, check_name, identity, port_number, protocol, shortened,
 };
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, RareEndpointFields, ServiceKey, TopologyHints,
+    Endpoint, EndpointPort, EndpointSlice, PodName, RareEndpointFields, ServiceKey, TopologyHints,
 };
 
 /// `node_names` gives the endpoints of one node one shared name string.
@@ -177,7 +177,7 @@ fn endpoint(
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| r.name.as_deref())
-            .map(Box::from),
+            .map(PodName::from),
         rare: (rare != RareEndpointFields::default()).then(|| Box::new(rare)),
         ..Endpoint::new(address, ready, serving, terminating)
     }))

@@ -476,7 +476,7 @@ fn lb_weights(meta: &ObjectMeta) -> Result<LbWeights, Refusal> {
         } else if let Ok(address) = key.parse::<Ipv4Addr>() {
             weights.by_address.insert(address, weight);
         } else {
-            weights.by_pod.insert(key.to_owned(), weight);
+            weights.by_pod.insert(key.into(), weight);
         }
     }
     Ok(weights)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::model::{EndpointPort, EndpointSlice};
+use crate::model::{EndpointPort, EndpointSlice, PodName};
 
 fn service_from(yaml: &str) -> Conversion<Service> {
     service(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
@@ -554,15 +554,28 @@ fn every_ipvs_scheduler_and_endpoint_weights_convert() {
         assert_eq!(svc.lb_algorithm, Some(algorithm));
         let weights = &svc.lb_weights;
         assert_eq!(weights.default, 2);
-        assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 7), Some("web-0")), 0);
-        assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 8), Some("web-0")), 3);
-        assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 9), Some("web-1")), 1);
+        assert_eq!(
+            weights.of(Ipv4Addr::new(10, 244, 1, 7), Some("web-0".into())),
+            0
+        );
+        assert_eq!(
+            weights.of(Ipv4Addr::new(10, 244, 1, 8), Some("web-0".into())),
+            3
+        );
+        assert_eq!(
+            weights.of(Ipv4Addr::new(10, 244, 1, 9), Some("web-1".into())),
+            1
+        );
         assert_eq!(weights.of(Ipv4Addr::new(10, 244, 1, 9), None), 2);
     }
     // No annotation: every endpoint weighs 1.
     let (svc, _) = accepted(service_from(&web_with("  clusterIP: 10.96.0.1\n")));
     assert_eq!(svc.lb_weights, LbWeights::default());
-    assert_eq!(svc.lb_weights.of(Ipv4Addr::new(10, 0, 0, 1), Some("x")), 1);
+    assert_eq!(
+        svc.lb_weights
+            .of(Ipv4Addr::new(10, 0, 0, 1), Some("x".into())),
+        1
+    );
 }
 
 #[test]
@@ -588,12 +601,9 @@ ports:
   protocol: TCP
 "#;
     let (slice, _) = accepted(slice_from(yaml));
-    let pods: Vec<Option<&str>> = slice
-        .endpoints
-        .iter()
-        .map(|e| e.pod_name.as_deref())
-        .collect();
-    assert_eq!(pods, [Some("web-0"), None, None]);
+    let pods: Vec<Option<PodName>> = slice.endpoints.iter().map(|e| e.pod_name).collect();
+    assert_eq!(pods, [Some("web-0".into()), None, None]);
+    assert_ne!(PodName::from("web-0"), PodName::from("web-1"));
 }
 
 #[test]
