@@ -23,7 +23,7 @@ pub fn health_checks(
     let mut checks = BTreeMap::new();
     let mut problems = Vec::new();
     for service in cluster.services.values() {
-        let Some(port) = service.health_check_node_port else {
+        let Some(port) = service.health_check_node_port() else {
             continue;
         };
         // The API sets the field only for these; anything else is ignored.
@@ -58,7 +58,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::model::{Endpoint, EndpointPort, Protocol, Service, ServicePort, TargetPort};
+    use crate::model::{
+        Endpoint, EndpointPort, Protocol, RareServiceFields, Service, ServicePort, TargetPort,
+    };
 
     fn service(name: &str, etp: TrafficPolicy, port: Option<u16>, ports: usize) -> Service {
         Service {
@@ -66,8 +68,6 @@ mod tests {
             created: None,
             service_type: ServiceType::LoadBalancer,
             cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
             ports: (0..ports)
                 .map(|i| ServicePort {
                     name: format!("p{i}"),
@@ -81,10 +81,12 @@ mod tests {
             external_traffic_policy: etp,
             internal_traffic_policy: TrafficPolicy::Cluster,
             publish_not_ready_addresses: false,
-            health_check_node_port: port,
-            load_balancer_source_ranges: None,
             lb_algorithm: None,
-            lb_weights: Default::default(),
+            rare: RareServiceFields {
+                health_check_node_port: port,
+                ..Default::default()
+            }
+            .boxed(),
         }
     }
 

@@ -23,8 +23,8 @@ pub use network_policy::{
 pub use node::Node;
 pub use pod::{NamedPort, Pod};
 pub use service::{
-    LbAlgorithm, LbWeights, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort,
-    TrafficPolicy,
+    LbAlgorithm, LbWeights, Protocol, RareServiceFields, Service, ServiceKey, ServicePort,
+    ServiceType, TargetPort, TrafficPolicy,
 };
 
 /// An ordered map whose clones share structure: a snapshot of the source's

@@ -293,7 +293,7 @@ impl Pool {
                         .iter()
                         .find(|c| c.addr == b)
                         .and_then(|c| c.endpoint.pod_name);
-                    (b, service.lb_weights.of(b.ip, pod))
+                    (b, service.lb_weights().of(b.ip, pod))
                 })
                 .filter(|(_, weight)| *weight > 0)
                 .unzip()
@@ -404,7 +404,7 @@ fn load_balancer_source_ranges(
     service: &Service,
     ctx: &NodeContext,
 ) -> Option<Vec<ipnetwork::Ipv4Network>> {
-    let mut ranges = service.load_balancer_source_ranges.clone()?;
+    let mut ranges = service.load_balancer_source_ranges()?.to_vec();
     let holds_node = ranges.iter().any(|range| {
         ctx.node_ips
             .iter()
@@ -413,7 +413,7 @@ fn load_balancer_source_ranges(
     if holds_node {
         ranges.extend(
             service
-                .load_balancer_ips
+                .load_balancer_ips()
                 .iter()
                 .filter_map(|ip| ipnetwork::Ipv4Network::new(*ip, 32).ok()),
         );
@@ -439,10 +439,10 @@ fn external_addresses(
         );
     }
     if service.service_type == ServiceType::LoadBalancer {
-        let ingress = service.load_balancer_ips.iter();
+        let ingress = service.load_balancer_ips().iter();
         out.extend(ingress.map(|&ip| (ip, port.port, FrontendKind::LoadBalancer)));
     }
-    let external_ips = service.external_ips.iter();
+    let external_ips = service.external_ips().iter();
     out.extend(external_ips.map(|&ip| (ip, port.port, FrontendKind::ExternalIp)));
     out
 }

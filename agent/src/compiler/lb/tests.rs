@@ -39,8 +39,6 @@ fn web() -> Service {
         key: ServiceKey::new("default", "web"),
         service_type: ServiceType::ClusterIp,
         cluster_ips: vec![CLUSTER_IP],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
         ports: vec![port(
             "http",
             Protocol::Tcp,
@@ -51,11 +49,9 @@ fn web() -> Service {
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,
         publish_not_ready_addresses: false,
-        health_check_node_port: None,
-        load_balancer_source_ranges: None,
         lb_algorithm: None,
-        lb_weights: Default::default(),
         created: None,
+        rare: None,
     }
 }
 
@@ -391,8 +387,8 @@ fn load_balancer_ingress_and_external_ips() {
     let mut svc = web();
     svc.service_type = ServiceType::LoadBalancer;
     svc.ports[0].node_port = Some(31000);
-    svc.load_balancer_ips = vec![lb_ip];
-    svc.external_ips = vec![external_ip];
+    svc.rare_mut().load_balancer_ips = vec![lb_ip];
+    svc.rare_mut().external_ips = vec![external_ip];
     let state = compile(
         &cluster(
             vec![svc],
@@ -427,7 +423,7 @@ fn external_traffic_policy_local_splits_outside_and_inside_clients() {
     let mut svc = web();
     svc.service_type = ServiceType::NodePort;
     svc.ports[0].node_port = Some(30080);
-    svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
+    svc.rare_mut().external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
     svc.external_traffic_policy = TrafficPolicy::Local;
     let endpoints = vec![
         ep("10.0.1.1", NODE, State::Ready),
@@ -503,7 +499,7 @@ fn headless_and_external_name_services_have_no_frontends() {
     let mut alias = web();
     alias.key = ServiceKey::new("default", "alias");
     alias.service_type = ServiceType::ExternalName;
-    alias.external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
+    alias.rare_mut().external_ips = vec![Ipv4Addr::new(198, 51, 100, 9)];
     let state = compile(
         &cluster(
             vec![headless, alias],
@@ -812,8 +808,8 @@ fn source_ranges_guard_load_balancer_addresses_only() {
     let mut svc = web();
     svc.service_type = ServiceType::LoadBalancer;
     svc.ports[0].node_port = Some(30080);
-    svc.load_balancer_ips = vec![lb_ip];
-    svc.load_balancer_source_ranges = Some(vec!["10.0.0.0/8".parse().unwrap()]);
+    svc.rare_mut().load_balancer_ips = vec![lb_ip];
+    svc.rare_mut().load_balancer_source_ranges = Some(vec!["10.0.0.0/8".parse().unwrap()]);
     let endpoints = vec![ep("10.0.1.1", NODE, State::Ready)];
     let c = cluster(
         vec![svc.clone()],
@@ -831,7 +827,7 @@ fn source_ranges_guard_load_balancer_addresses_only() {
     assert_eq!(ranges(NODE_IPS[0], 30080), None);
     assert_eq!(ranges(CLUSTER_IP, 80), None);
     // A range holding the node lets the VIP itself in (hairpin from the node).
-    svc.load_balancer_source_ranges = Some(vec!["192.168.1.0/24".parse().unwrap()]);
+    svc.rare_mut().load_balancer_source_ranges = Some(vec!["192.168.1.0/24".parse().unwrap()]);
     let c = cluster(vec![svc], vec![slice("web-a", 8080, endpoints)]);
     let state = compile(&c, &ctx());
     assert_eq!(
@@ -863,12 +859,13 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
         let mut svc = web();
         svc.lb_algorithm = Some(algorithm);
         // By pod name, by address (which wins), and a quiesced endpoint.
-        svc.lb_weights.by_pod.insert("web-0".into(), 4);
-        svc.lb_weights.by_pod.insert("web-1".into(), 9);
-        svc.lb_weights
+        svc.rare_mut().lb_weights.by_pod.insert("web-0".into(), 4);
+        svc.rare_mut().lb_weights.by_pod.insert("web-1".into(), 9);
+        svc.rare_mut()
+            .lb_weights
             .by_address
             .insert("10.0.1.2".parse().unwrap(), 2);
-        svc.lb_weights.by_pod.insert("web-2".into(), 0);
+        svc.rare_mut().lb_weights.by_pod.insert("web-2".into(), 0);
         let state = compile(&cluster(vec![svc], slices.clone()), &ctx());
         Arc::unwrap_or_clone(state.frontends.values().next().cloned().unwrap())
     };
@@ -900,7 +897,7 @@ fn ipvs_schedulers_weigh_endpoints_and_build_their_tables() {
     // Every endpoint weighing 0: nothing takes connections (refused).
     let mut svc = web();
     svc.lb_algorithm = Some(LbAlgorithm::Wlc);
-    svc.lb_weights.default = 0;
+    svc.rare_mut().lb_weights.default = 0;
     let state = compile(&cluster(vec![svc], slices.clone()), &ctx());
     let entry = state.frontends.values().next().cloned().unwrap();
     assert!(entry.backends.is_empty() && !entry.no_local_backend);
@@ -930,10 +927,10 @@ fn a_frontend_claimed_twice_goes_to_the_oldest_service_in_any_order() {
         s.service_type = ServiceType::NodePort;
         s.ports[0].node_port = Some(30080);
     };
-    let external_ip: Claim = |s| s.external_ips = vec![EXTERNAL];
+    let external_ip: Claim = |s| s.rare_mut().external_ips = vec![EXTERNAL];
     let load_balancer: Claim = |s| {
         s.service_type = ServiceType::LoadBalancer;
-        s.load_balancer_ips = vec![INGRESS];
+        s.rare_mut().load_balancer_ips = vec![INGRESS];
     };
     let cluster_ip: Claim = |s| s.cluster_ips = vec![CLUSTER_IP];
     let claims: [(&str, Claim, Frontend, FrontendKind); 4] = [
@@ -1029,14 +1026,14 @@ fn claims_that_differ_in_port_protocol_or_address_do_not_conflict() {
     let mut b = claimant("b", 2, Some(2));
     for s in [&mut a, &mut b] {
         s.service_type = ServiceType::NodePort;
-        s.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
+        s.rare_mut().external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
     }
     a.ports[0].node_port = Some(30080);
     b.ports[0].node_port = Some(30080);
     b.ports[0].protocol = Protocol::Udp; // 30080/UDP is not 30080/TCP
     b.ports[0].port = 80;
     let mut c = claimant("c", 3, Some(3));
-    c.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
+    c.rare_mut().external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
     c.ports[0].port = 81; // another port on the same external IP
     let state = compile(&cluster(vec![a, b, c], vec![]), &ctx());
     assert!(state.conflicts.is_empty(), "{:?}", state.conflicts);

@@ -13,7 +13,7 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 
 use crate::model::{
     LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort, Namespace, Node, Pod, Protocol,
-    Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    RareServiceFields, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
 /// Per-Service (or per-namespace default) backend selection: `random`,
@@ -378,16 +378,16 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
         .collect();
     let lb_algorithm = lb_algorithm(&object.metadata)?;
     let lb_weights = lb_weights(&object.metadata)?;
+    let external_ips = service_ips(
+        "spec.externalIPs",
+        spec.external_ips.as_deref().unwrap_or_default(),
+        warnings,
+    )?;
+    let load_balancer_ips = service_ips("status.loadBalancer.ingress.ip", &ingress_ips, warnings)?;
     Ok(Service {
         key: ServiceKey::new(namespace, name),
         service_type,
         cluster_ips,
-        external_ips: service_ips(
-            "spec.externalIPs",
-            spec.external_ips.as_deref().unwrap_or_default(),
-            warnings,
-        )?,
-        load_balancer_ips: service_ips("status.loadBalancer.ingress.ip", &ingress_ips, warnings)?,
         ports: service_ports(&spec, service_type, warnings)?,
         session_affinity_timeout: session_affinity(&spec)?,
         external_traffic_policy: traffic_policy(
@@ -399,23 +399,28 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
             spec.internal_traffic_policy.as_deref(),
         )?,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
-        load_balancer_source_ranges: source_ranges(object, &spec, warnings)?,
-        health_check_node_port: match spec.health_check_node_port {
-            None | Some(0) => None,
-            Some(port) => Some(u16::try_from(port).map_err(|_| {
-                Refusal::new(
-                    RejectReason::InvalidPort,
-                    format!("spec.healthCheckNodePort {port} is not a port"),
-                )
-            })?),
-        },
         lb_algorithm,
-        lb_weights,
         created: object
             .metadata
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.as_second()),
+        rare: RareServiceFields {
+            external_ips,
+            load_balancer_ips,
+            health_check_node_port: match spec.health_check_node_port {
+                None | Some(0) => None,
+                Some(port) => Some(u16::try_from(port).map_err(|_| {
+                    Refusal::new(
+                        RejectReason::InvalidPort,
+                        format!("spec.healthCheckNodePort {port} is not a port"),
+                    )
+                })?),
+            },
+            load_balancer_source_ranges: source_ranges(object, &spec, warnings)?,
+            lb_weights,
+        }
+        .boxed(),
     })
 }
 

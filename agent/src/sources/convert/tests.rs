@@ -82,10 +82,10 @@ status:
     assert_eq!(svc.key.to_string(), "prod/shop");
     assert_eq!(svc.service_type, ServiceType::LoadBalancer);
     assert_eq!(svc.cluster_ips, [Ipv4Addr::new(10, 96, 12, 34)]);
-    assert_eq!(svc.external_ips, [Ipv4Addr::new(198, 51, 100, 9)]);
+    assert_eq!(svc.external_ips(), [Ipv4Addr::new(198, 51, 100, 9)]);
     // ipMode VIP (the default) is served, Proxy is the balancer's.
     assert_eq!(
-        svc.load_balancer_ips,
+        svc.load_balancer_ips(),
         [Ipv4Addr::new(203, 0, 113, 7), Ipv4Addr::new(203, 0, 113, 8)]
     );
     assert_eq!(svc.session_affinity_timeout, Some(300));
@@ -204,7 +204,7 @@ fn sctp_ports_and_ipv6_addresses_are_kept_out_with_a_warning() {
         "  clusterIPs: [10.96.0.7, fd00::7]\n  externalIPs: [2001:db8::1]\n  ports:\n  - name: sig\n    protocol: SCTP\n    port: 3868\n  - name: http\n    port: 80\n",
     )));
     assert_eq!(svc.cluster_ips, [Ipv4Addr::new(10, 96, 0, 7)]);
-    assert!(svc.external_ips.is_empty());
+    assert!(svc.external_ips().is_empty());
     assert_eq!(svc.ports[0].protocol, Protocol::Sctp);
     assert_eq!(warnings.len(), 3, "{warnings:?}");
     assert!(
@@ -505,25 +505,27 @@ fn load_balancer_source_ranges_come_from_the_field_or_the_annotation() {
     assert_eq!(
         accepted(service_from(&lb("")))
             .0
-            .load_balancer_source_ranges,
+            .load_balancer_source_ranges(),
         None
     );
     let (svc, warnings) = accepted(service_from(&lb(
         "  loadBalancerSourceRanges: [10.0.0.100/32, 192.0.2.7/24, \"2001:db8::/32\"]\n",
     )));
     assert_eq!(
-        svc.load_balancer_source_ranges,
-        Some(vec![
-            "10.0.0.100/32".parse().unwrap(),
-            "192.0.2.0/24".parse().unwrap()
-        ])
+        svc.load_balancer_source_ranges(),
+        Some(
+            &[
+                "10.0.0.100/32".parse().unwrap(),
+                "192.0.2.0/24".parse().unwrap()
+            ][..]
+        )
     );
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     // Only IPv6 ranges: no IPv4 client is allowed (not "every client").
     let (svc, _) = accepted(service_from(&lb(
         "  loadBalancerSourceRanges: [\"2001:db8::/32\"]\n",
     )));
-    assert_eq!(svc.load_balancer_source_ranges, Some(vec![]));
+    assert_eq!(svc.load_balancer_source_ranges(), Some(&[][..]));
     let annotated = lb("").replace(
             "  namespace: shop\n",
             "  namespace: shop\n  annotations:\n    service.beta.kubernetes.io/load-balancer-source-ranges: \"10.1.0.0/16, 10.2.0.0/16\"\n",
@@ -531,11 +533,13 @@ fn load_balancer_source_ranges_come_from_the_field_or_the_annotation() {
     assert_eq!(
         accepted(service_from(&annotated))
             .0
-            .load_balancer_source_ranges,
-        Some(vec![
-            "10.1.0.0/16".parse().unwrap(),
-            "10.2.0.0/16".parse().unwrap()
-        ])
+            .load_balancer_source_ranges(),
+        Some(
+            &[
+                "10.1.0.0/16".parse().unwrap(),
+                "10.2.0.0/16".parse().unwrap()
+            ][..]
+        )
     );
     let bad = lb("  loadBalancerSourceRanges: [not-a-cidr]\n");
     assert!(
@@ -552,7 +556,7 @@ fn every_ipvs_scheduler_and_endpoint_weights_convert() {
         );
         let (svc, _) = accepted(service_from(&yaml));
         assert_eq!(svc.lb_algorithm, Some(algorithm));
-        let weights = &svc.lb_weights;
+        let weights = &svc.lb_weights();
         assert_eq!(weights.default, 2);
         assert_eq!(
             weights.of(Ipv4Addr::new(10, 244, 1, 7), Some("web-0".into())),
@@ -570,9 +574,10 @@ fn every_ipvs_scheduler_and_endpoint_weights_convert() {
     }
     // No annotation: every endpoint weighs 1.
     let (svc, _) = accepted(service_from(&web_with("  clusterIP: 10.96.0.1\n")));
-    assert_eq!(svc.lb_weights, LbWeights::default());
+    assert_eq!(*svc.lb_weights(), LbWeights::default());
+    assert_eq!(svc.rare, None, "nothing rare set, nothing boxed");
     assert_eq!(
-        svc.lb_weights
+        svc.lb_weights()
             .of(Ipv4Addr::new(10, 0, 0, 1), Some("x".into())),
         1
     );
@@ -632,7 +637,7 @@ fn huge_label_sets_annotations_and_longest_names_are_taken() {
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     assert!(warnings.is_empty());
     assert_eq!(*svc.key.name, *name);
-    assert_eq!(svc.lb_weights.by_pod.len(), 50_000);
+    assert_eq!(svc.lb_weights().by_pod.len(), 50_000);
 
     // A megabyte of a bad lb-algorithm: refused, and the message is short.
     annotations.insert(LB_ALGORITHM_ANNOTATION.into(), "z".repeat(1 << 20));
