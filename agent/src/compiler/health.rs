@@ -60,6 +60,7 @@ mod tests {
     use super::*;
     use crate::model::{
         Endpoint, EndpointPort, Protocol, RareServiceFields, Service, ServicePort, TargetPort,
+        boxed_if_set,
     };
 
     fn service(name: &str, etp: TrafficPolicy, port: Option<u16>, ports: usize) -> Service {
@@ -82,11 +83,10 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             publish_not_ready_addresses: false,
             lb_algorithm: None,
-            rare: RareServiceFields {
+            rare: boxed_if_set(RareServiceFields {
                 health_check_node_port: port,
                 ..Default::default()
-            }
-            .boxed(),
+            }),
         }
     }
 

@@ -49,6 +49,13 @@ pub struct Cluster {
     pub network_policies: Map<(String, String), Arc<NetworkPolicy>>,
 }
 
+/// Rarely set fields (`RareEndpointFields`, `RareServiceFields`) boxed
+/// only when something is set, so that an object without any compares
+/// equal however it was built.
+pub fn boxed_if_set<T: Default + PartialEq>(rare: T) -> Option<Box<T>> {
+    (rare != T::default()).then(|| Box::new(rare))
+}
+
 impl Cluster {
     /// The slices that belong to `service`, in key order. A slice names its
     /// Service by label and lives in the Service's namespace.

@@ -273,14 +273,6 @@ pub struct RareServiceFields {
     pub lb_weights: LbWeights,
 }
 
-impl RareServiceFields {
-    /// Boxed only when something is set, so that a Service without any
-    /// compares equal however it was built.
-    pub fn boxed(self) -> Option<Box<RareServiceFields>> {
-        (self != RareServiceFields::default()).then(|| Box::new(self))
-    }
-}
-
 /// The weights of a Service without the annotation.
 static NO_WEIGHTS: LbWeights = LbWeights {
     by_pod: BTreeMap::new(),

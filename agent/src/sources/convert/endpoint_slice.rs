@@ -14,6 +14,7 @@ use super::{
 };
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, PodName, RareEndpointFields, ServiceKey, TopologyHints,
+    boxed_if_set,
 };
 
 /// `node_names` gives the endpoints of one node one shared name string.
@@ -178,7 +179,7 @@ fn endpoint(
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| r.name.as_deref())
             .map(PodName::from),
-        rare: (rare != RareEndpointFields::default()).then(|| Box::new(rare)),
+        rare: boxed_if_set(rare),
         ..Endpoint::new(address, ready, serving, terminating)
     }))
 }

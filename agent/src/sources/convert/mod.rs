@@ -14,6 +14,7 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use crate::model::{
     LbAlgorithm, LbWeights, NAMESPACE_NAME_LABEL, NamedPort, Namespace, Node, Pod, Protocol,
     RareServiceFields, Service, ServiceKey, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    boxed_if_set,
 };
 
 /// Per-Service (or per-namespace default) backend selection: `random`,
@@ -405,7 +406,7 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.as_second()),
-        rare: RareServiceFields {
+        rare: boxed_if_set(RareServiceFields {
             external_ips,
             load_balancer_ips,
             health_check_node_port: match spec.health_check_node_port {
@@ -419,8 +420,7 @@ fn convert_service(object: &core::Service, warnings: &mut Vec<String>) -> Result
             },
             load_balancer_source_ranges: source_ranges(object, &spec, warnings)?,
             lb_weights,
-        }
-        .boxed(),
+        }),
     })
 }
 
