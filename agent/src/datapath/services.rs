@@ -26,6 +26,7 @@ use tracing::warn;
 use super::ids::{ById, IdAllocator, KeyIds};
 use super::maps::{MapWriteError, ip_from_key, ip_to_key, remove_if_present, take};
 use crate::compiler::lb::{BackendAddr, Frontend, FrontendEntry, FrontendKind, LbState, Weights};
+use crate::model::boxed_if_set;
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -96,19 +97,12 @@ struct RareApplied {
 
 static NO_RANGES: BTreeSet<(u32, u8)> = BTreeSet::new();
 
-impl RareApplied {
-    /// `None` when nothing is set: no allocation for most frontends.
-    fn boxed(self) -> Option<Box<RareApplied>> {
-        (self != RareApplied::default()).then(|| Box::new(self))
-    }
-}
-
 impl Applied {
     fn new(value: ServiceValue, slots: Vec<u32>, rare: RareApplied) -> Self {
         Applied {
             value,
             slots: slots.into_boxed_slice(),
-            rare: RareApplied::boxed(rare),
+            rare: boxed_if_set(rare),
         }
     }
 
@@ -116,7 +110,7 @@ impl Applied {
     fn edit_rare(&mut self, edit: impl FnOnce(&mut RareApplied)) {
         let mut rare = self.rare.take().map_or_else(RareApplied::default, |r| *r);
         edit(&mut rare);
-        self.rare = RareApplied::boxed(rare);
+        self.rare = boxed_if_set(rare);
     }
 
     /// The weight of slot `i`.

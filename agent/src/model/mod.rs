@@ -49,8 +49,8 @@ pub struct Cluster {
     pub network_policies: Map<(String, String), Arc<NetworkPolicy>>,
 }
 
-/// Rarely set fields (`RareEndpointFields`, `RareServiceFields`) boxed
-/// only when something is set, so that an object without any compares
+/// Rarely set fields (`RareEndpointFields`, `RareServiceFields`, LbSync's
+/// per-frontend record) boxed only when something is set, so that an object without any compares
 /// equal however it was built.
 pub fn boxed_if_set<T: Default + PartialEq>(rare: T) -> Option<Box<T>> {
     (rare != T::default()).then(|| Box::new(rare))

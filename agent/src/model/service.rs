@@ -191,15 +191,18 @@ pub struct LbWeights {
 
 impl Default for LbWeights {
     fn default() -> Self {
-        LbWeights {
-            by_pod: Default::default(),
-            by_address: Default::default(),
-            default: 1,
-        }
+        LbWeights::NONE
     }
 }
 
 impl LbWeights {
+    /// No annotation: every endpoint weighs 1.
+    pub const NONE: LbWeights = LbWeights {
+        by_pod: BTreeMap::new(),
+        by_address: BTreeMap::new(),
+        default: 1,
+    };
+
     /// The weight of an endpoint address (of pod `pod`, if known): by
     /// address first, then by pod name.
     pub fn of(&self, address: Ipv4Addr, pod: Option<PodName>) -> u32 {
@@ -274,11 +277,7 @@ pub struct RareServiceFields {
 }
 
 /// The weights of a Service without the annotation.
-static NO_WEIGHTS: LbWeights = LbWeights {
-    by_pod: BTreeMap::new(),
-    by_address: BTreeMap::new(),
-    default: 1,
-};
+static NO_WEIGHTS: LbWeights = LbWeights::NONE;
 
 impl Service {
     /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -308,7 +307,9 @@ impl Service {
         self.rare.as_ref().map_or(&NO_WEIGHTS, |r| &r.lb_weights)
     }
 
-    /// The rarely set fields to fill in or edit, boxed on first use.
+    /// The rarely set fields to fill in or edit, boxed on first use (for
+    /// tests: sources build them whole and box them only when set).
+    #[cfg(test)]
     pub fn rare_mut(&mut self) -> &mut RareServiceFields {
         self.rare.get_or_insert_default()
     }

@@ -10,7 +10,7 @@ use k8s_openapi::api::discovery::v1 as discovery;
 
 use super::{
     Conversion, HEADLESS_LABEL, NodeNames, Refusal, RejectReason, SERVICE_NAME_LABEL,
-    SERVICE_PROXY_NAME_LABEL, check_name, identity, port_number, protocol, shortened,
+    SERVICE_PROXY_NAME_LABEL, check_name, identity, port_label, port_number, protocol, shortened,
 };
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, PodName, RareEndpointFields, ServiceKey, TopologyHints,
@@ -94,11 +94,7 @@ fn slice_ports(
     let mut ports = Vec::with_capacity(raw.len());
     for (index, p) in raw.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
-        let label = if name.is_empty() {
-            format!("ports[{index}]")
-        } else {
-            format!("port {name:?}")
-        };
+        let label = port_label(index, &name);
         if !names.insert(name.clone()) {
             return Err(Refusal::new(
                 RejectReason::DuplicatePort,

@@ -718,11 +718,7 @@ fn service_ports(
     let mut ports = Vec::with_capacity(raw.len());
     for (index, p) in raw.iter().enumerate() {
         let name = p.name.clone().unwrap_or_default();
-        let label = if name.is_empty() {
-            format!("ports[{index}]")
-        } else {
-            format!("port {name:?}")
-        };
+        let label = port_label(index, &name);
         if name.is_empty() && raw.len() > 1 {
             return Err(Refusal::new(
                 InvalidPort,
@@ -805,6 +801,15 @@ fn service_ports(
         });
     }
     Ok(ports)
+}
+
+/// How messages name a port: by its name, or by its place when unnamed.
+pub(super) fn port_label(index: usize, name: &str) -> String {
+    if name.is_empty() {
+        format!("ports[{index}]")
+    } else {
+        format!("port {name:?}")
+    }
 }
 
 pub(super) fn port_number(n: i32) -> Option<u16> {
