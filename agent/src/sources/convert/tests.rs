@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::model::{EndpointPort, EndpointSlice, PodName};
+use crate::model::{
+    EndpointPort, EndpointSlice, LbWeights, PodName, Service, ServiceKey, ServicePort, ServiceType,
+    TargetPort, TrafficPolicy,
+};
 
 fn service_from(yaml: &str) -> Conversion<Service> {
     service(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
